@@ -1,0 +1,219 @@
+"""The factory's configuration: pydantic models validated from YAML before any engine or Ray starts.
+
+Every model forbids unknown keys, so a typo fails loudly with the field's path. Relative paths in a
+config are resolved against the repository root (the folder holding ``pyproject.toml``), so a config
+means the same thing from any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path made absolute: relative paths are taken from the repository root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+class ToySource(_Strict):
+    """Generated multi-step arithmetic problems whose every step can be checked exactly."""
+
+    kind: Literal["toy"] = "toy"
+    num_problems: int = Field(64, ge=1)
+    seed: int = 0
+    min_steps: int = Field(2, ge=1, le=16)
+    max_steps: int = Field(8, ge=1, le=16)
+    max_operand: int = Field(9, ge=1, le=999, description="operands of + and - are drawn from 1..max_operand")
+    max_multiplier: int = Field(5, ge=2, le=99, description="multipliers are drawn from 2..max_multiplier")
+    max_value: int = Field(99, ge=10, le=10**6, description="no intermediate value leaves 0..max_value")
+    split: str = "train"
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> ToySource:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})")
+        return self
+
+
+class FileSource(_Strict):
+    """Problems read from a file: GSM8K / MATH JSONL, ProcessBench JSON, or the user's own JSONL/Parquet."""
+
+    kind: Literal["gsm8k", "math", "processbench", "jsonl", "parquet"]
+    path: str
+    split: str = "train"
+    limit: int | None = Field(None, ge=1)
+    # For the user's own files: which columns hold the question and the answer.
+    question_field: str = "question"
+    answer_field: str = "answer"
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: str) -> str:
+        if not resolve_path(v).exists():
+            raise ValueError(f"file not found: {v} (resolved to {resolve_path(v)})")
+        return v
+
+
+Source = Annotated[ToySource | FileSource, Field(discriminator="kind")]
+
+
+class PolicyConfig(_Strict):
+    """The policy model that writes solutions and rollouts."""
+
+    model_path: str = Field(description="HF-format model directory (local path; nothing is downloaded)")
+    backend: Literal["vllm", "transformers"] = "vllm"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    max_model_len: int = Field(512, ge=16)
+    # The prompt sent to the policy; {question} is replaced by the problem text.
+    prompt_template: str = "{question}\n"
+    # vLLM engine knobs (ignored by the transformers backend).
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    enforce_eager: bool = False
+    seed: int = 0
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_exists(cls, v: str) -> str:
+        p = resolve_path(v)
+        if not (p / "config.json").is_file():
+            raise ValueError(f"no HF model at {v} (expected {p / 'config.json'}); weights are never downloaded")
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("prompt_template must contain '{question}'")
+        return v
+
+
+class ClusterConfig(_Strict):
+    """Where the engines run: a local Ray (address None) or an existing cluster."""
+
+    address: str | None = None
+    num_engines: int = Field(1, ge=1)
+    cpus_per_engine: float = Field(1.0, ge=0)
+    gpus_per_engine: float = Field(0.0, ge=0)
+    max_in_flight: int = Field(4, ge=1, description="requests one engine actor accepts at once (backpressure)")
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_restarts: int = Field(2, ge=0)
+    namespace: str = "prm-factory"
+
+
+class PartitionConfig(_Strict):
+    """How a solution is cut into steps. EDU defaults are ours (the paper has no public code)."""
+
+    method: Literal["edu", "newline", "fixed"] = "edu"
+    tau: float = Field(1.0, ge=0, description="entropy threshold in nats for an anchor")
+    min_step_tokens: int = Field(4, ge=1)
+    max_anchors: int = Field(8, ge=1)
+    # Only cut where the previous token ends with one of these strings (None: anywhere).
+    boundary_whitelist: list[str] | None = None
+    fixed_chunk_tokens: int = Field(16, ge=1, description="step length of the 'fixed' baseline")
+    # exact: full-distribution entropy (transformers); topk_lower/topk_upper: vLLM top-k bounds.
+    entropy_source: Literal["exact", "topk_lower", "topk_upper"] = "exact"
+    top_logprobs: int = Field(20, ge=1, le=20)
+
+
+class TreeConfig(_Strict):
+    """EDU branching: at each anchor continue with the top-1 and top-2 tokens, within budgets."""
+
+    enabled: bool = True
+    branch_width: int = Field(2, ge=1, le=8)
+    max_depth: int = Field(3, ge=0)
+    max_leaves: int = Field(16, ge=1)
+    max_tree_tokens: int = Field(4096, ge=1)
+
+
+class RolloutConfig(_Strict):
+    """ER-PRM rollouts from every step prefix (paper defaults: N=16, T=1.0, 1024 new tokens)."""
+
+    n: int = Field(16, ge=1, description="rollouts per step prefix (N)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    prefix_caching: bool = True
+    early_stop_hard: bool = False
+    binary_search: bool = False
+    seed: int = 0
+
+
+class LabelConfig(_Strict):
+    """ER-PRM label: (1/eta) ln(1 - k/N + (k/N) e^eta), between soft (eta->0) and hard (eta->inf)."""
+
+    eta: float = Field(1.0, gt=0)
+
+
+class DatasetConfig(_Strict):
+    """Where and how the Parquet dataset is written."""
+
+    out_dir: str = "runs/toy/dataset"
+    problems_per_shard: int = Field(16, ge=1)
+    quarantine_dir: str | None = None
+
+
+class FactoryConfig(_Strict):
+    """One factory run: sources -> partition -> rollouts -> labels -> dataset."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    sources: list[Source] = Field(min_length=1)
+    policy: PolicyConfig
+    cluster: ClusterConfig = ClusterConfig()
+    partition: PartitionConfig = PartitionConfig()
+    tree: TreeConfig = TreeConfig()
+    rollouts: RolloutConfig = RolloutConfig()
+    labels: LabelConfig = LabelConfig()
+    dataset: DatasetConfig = DatasetConfig()
+
+    def config_hash(self) -> str:
+        """A stable hash of the whole config (for the dataset manifest and caching)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> FactoryConfig:
+    """Validate a config mapping; raises ConfigError naming every bad field."""
+    try:
+        return FactoryConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path) -> FactoryConfig:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML in {p}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}")
+    return parse_config(data, str(p))

