@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +32,11 @@ def resolve_path(path: str | Path) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+def _checking_paths(info: ValidationInfo) -> bool:
+    """False when validated with context {"check_paths": False} (a config meant for another machine)."""
+    return not isinstance(info.context, dict) or info.context.get("check_paths", True)
+
+
 class ToySource(_Strict):
     """Generated multi-step arithmetic problems whose every step can be checked exactly."""
 
@@ -45,11 +50,14 @@ class ToySource(_Strict):
     max_value: int = Field(99, ge=10, le=10**6, description="no intermediate value leaves 0..max_value")
     split: str = "train"
 
-    @model_validator(mode="after")
-    def _steps_ordered(self) -> ToySource:
-        if self.min_steps > self.max_steps:
-            raise ValueError(f"min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})")
-        return self
+    # A field validator (not a model validator) so the error's path names the field: sources.0.toy.max_steps.
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_ordered(cls, v: int, info: ValidationInfo) -> int:
+        min_steps = info.data.get("min_steps")
+        if min_steps is not None and min_steps > v:
+            raise ValueError(f"min_steps ({min_steps}) must be <= max_steps ({v})")
+        return v
 
 
 class FileSource(_Strict):
@@ -65,8 +73,8 @@ class FileSource(_Strict):
 
     @field_validator("path")
     @classmethod
-    def _path_exists(cls, v: str) -> str:
-        if not resolve_path(v).exists():
+    def _path_exists(cls, v: str, info: ValidationInfo) -> str:
+        if _checking_paths(info) and not resolve_path(v).exists():
             raise ValueError(f"file not found: {v} (resolved to {resolve_path(v)})")
         return v
 
@@ -86,13 +94,15 @@ class PolicyConfig(_Strict):
     # vLLM engine knobs (ignored by the transformers backend).
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     enforce_eager: bool = False
+    # Reuse the KV cache of shared prompt prefixes (rollouts from one step prefix share it). A cost control.
+    prefix_caching: bool = True
     seed: int = 0
 
     @field_validator("model_path")
     @classmethod
-    def _model_exists(cls, v: str) -> str:
+    def _model_exists(cls, v: str, info: ValidationInfo) -> str:
         p = resolve_path(v)
-        if not (p / "config.json").is_file():
+        if _checking_paths(info) and not (p / "config.json").is_file():
             raise ValueError(f"no HF model at {v} (expected {p / 'config.json'}); weights are never downloaded")
         return v
 
@@ -101,6 +111,11 @@ class PolicyConfig(_Strict):
     def _template_has_question(cls, v: str) -> str:
         if "{question}" not in v:
             raise ValueError("prompt_template must contain '{question}'")
+        try:  # it is filled with str.format: a literal brace (as in \boxed{}) must be written {{ }}
+            v.format(question="")
+        except (KeyError, IndexError, ValueError) as err:
+            msg = f"prompt_template is filled with str.format; write literal braces as {{{{ }}}} ({err!r})"
+            raise ValueError(msg) from None
         return v
 
 
@@ -149,7 +164,6 @@ class RolloutConfig(_Strict):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(1024, ge=1)
-    prefix_caching: bool = True
     early_stop_hard: bool = False
     binary_search: bool = False
     seed: int = 0
@@ -183,10 +197,29 @@ class FactoryConfig(_Strict):
     labels: LabelConfig = LabelConfig()
     dataset: DatasetConfig = DatasetConfig()
 
+    @model_validator(mode="after")
+    def _entropy_source_matches_backend(self) -> FactoryConfig:
+        src, backend = self.partition.entropy_source, self.policy.backend
+        if src == "exact" and backend != "transformers":
+            raise ValueError("partition.entropy_source 'exact' needs policy.backend 'transformers' "
+                             "(vLLM returns top-k logprobs: use 'topk_lower' or 'topk_upper')")
+        if src != "exact" and backend == "transformers":
+            raise ValueError(f"partition.entropy_source '{src}' is for vLLM; the transformers backend gives 'exact'")
+        return self
+
     def config_hash(self) -> str:
         """A stable hash of the whole config (for the dataset manifest and caching)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def labelling_hash(self) -> str:
+        """A hash of what decides a problem's rows (policy, partition, tree, rollouts, labels, seed).
+
+        Sources, cluster layout, dataset location and name are left out: a shard of the same problems
+        labelled under the same labelling hash has the same rows, so a refresh can reuse it.
+        """
+        part = self.model_dump(mode="json", include={"seed", "policy", "partition", "tree", "rollouts", "labels"})
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -197,16 +230,20 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict, source: str = "<dict>") -> FactoryConfig:
-    """Validate a config mapping; raises ConfigError naming every bad field."""
+def parse_config(data: dict, source: str = "<dict>", check_paths: bool = True) -> FactoryConfig:
+    """Validate a config mapping; raises ConfigError naming every bad field.
+
+    check_paths=False skips the existence checks of data files and model directories (a config for another
+    machine); everything else is still validated.
+    """
     try:
-        return FactoryConfig.model_validate(data)
+        return FactoryConfig.model_validate(data, context={"check_paths": check_paths})
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path) -> FactoryConfig:
-    """Read and validate a YAML config file."""
+def load_config(path: str | Path, check_paths: bool = True) -> FactoryConfig:
+    """Read and validate a YAML config file (check_paths: see parse_config)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -216,4 +253,4 @@ def load_config(path: str | Path) -> FactoryConfig:
         raise ConfigError(f"invalid YAML in {p}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {p}: the top level must be a mapping, got {type(data).__name__}")
-    return parse_config(data, str(p))
+    return parse_config(data, str(p), check_paths)

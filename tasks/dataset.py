@@ -1,0 +1,424 @@
+"""The Parquet dataset contract: atomic shards, a manifest, provenance, and η relabelling.
+
+A dataset version is one directory::
+
+    shards/part-00000.parquet ...   one file per shard, each written whole or not at all
+    manifest.json                   schema/config/code versions, rows and sha256 per shard, parents
+
+Rows are a superset of TRL's stepwise-supervision format (``prompt``, ``completions``, ``labels``), plus
+the rollout counts (k ``successes`` of N ``rollouts`` per step) from which ER-PRM (arXiv 2412.11006)
+labels are recomputed for any η (``relabel``), the EDU-PRM (arXiv 2503.22233) step entropies and
+partitioner provenance, and token costs. Partition values (``split``, ``source``, ``shard``) are plain
+columns: HF ``datasets`` ignores hive directories. The files load as-is in pandas, pyarrow, HF
+``datasets``, DuckDB and polars (tests/test_dataset.py runs each).
+
+A shard exists under its final name only once complete (temp file in the same directory, fsync, atomic
+rename, fsync of the directory), so ``shard_done`` is a safe resume marker: a crash and a re-run give
+the same rows and, for the same input, the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks.labels import er_label
+
+SCHEMA_VERSION = 1
+PROVENANCE_KEY = b"prm_factory"
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+
+ROW_SCHEMA = pa.schema(
+    [
+        # TRL stepwise supervision (trl<=1.13 PRMTrainer): one prompt, its steps, a hard label per step.
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("completions", pa.list_(pa.string()), nullable=False),
+        pa.field("labels", pa.list_(pa.bool_()), nullable=False),
+        # ER-PRM: per step, k of N rollouts reached the right answer; labels derived from them.
+        pa.field("successes", pa.list_(pa.int32()), nullable=False),
+        pa.field("rollouts", pa.list_(pa.int32()), nullable=False),
+        pa.field("soft_labels", pa.list_(pa.float64()), nullable=False),
+        pa.field("er_labels", pa.list_(pa.float64()), nullable=False),
+        pa.field("eta", pa.float64(), nullable=False),
+        # EDU-PRM: entropy (nats) at each step's first token, and how it was measured.
+        pa.field("step_entropies", pa.list_(pa.float64()), nullable=False),
+        pa.field("entropy_kind", pa.string(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("policy_model", pa.string(), nullable=False),
+        pa.field("partitioner", pa.string(), nullable=False),
+        pa.field("partitioner_params", pa.string(), nullable=False),  # JSON
+        # Per step: where the label came from ("rollout", "tree"/"estimated" from leaves, "final").
+        pa.field("step_origin", pa.list_(pa.string()), nullable=False),
+        pa.field("answer", pa.string()),
+        pa.field("final_correct", pa.bool_()),
+        pa.field("prompt_tokens", pa.int64(), nullable=False),
+        pa.field("completion_tokens", pa.int64(), nullable=False),
+        pa.field("rollout_tokens", pa.int64(), nullable=False),  # generated tokens spent to label this row
+        pa.field("tree_id", pa.string()),
+        pa.field("shard", pa.int32(), nullable=False),
+    ]
+)
+
+# Columns holding one entry per step: all of a row's must have the same length.
+STEP_COLUMNS = (
+    "completions",
+    "labels",
+    "successes",
+    "rollouts",
+    "soft_labels",
+    "er_labels",
+    "step_entropies",
+    "step_origin",
+)
+
+
+class DatasetError(ValueError):
+    """Rows or files that do not satisfy the dataset contract; the message names the column or file."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One complete shard file: where, how many rows, its sha256 and size in bytes."""
+
+    path: Path
+    rows: int
+    sha256: str
+    bytes: int
+
+
+def shard_path(dataset_dir: str | Path, shard_index: int) -> Path:
+    """``<dataset_dir>/shards/part-XXXXX.parquet``."""
+    if shard_index < 0:
+        raise ValueError(f"shard_index must be >= 0, got {shard_index}")
+    return Path(dataset_dir) / SHARDS_DIR / f"part-{shard_index:05d}.parquet"
+
+
+def _temp_glob(final: Path) -> str:
+    return f".{final.name}.tmp-*"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# -- rows -> table ------------------------------------------------------------------------------------
+
+
+def _column_array(name: str, values: list[Any], field: pa.Field) -> pa.Array:
+    try:
+        return pa.array(values, type=field.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as err:
+        for i, v in enumerate(values):  # name the first row that does not convert
+            try:
+                pa.array([v], type=field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+                raise DatasetError(f"row {i}: column {name!r} expects {field.type}, got {v!r:.200}: {err}") from None
+        raise DatasetError(f"column {name!r} expects {field.type}: {err}") from None
+
+
+def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Validate rows (dicts with exactly the ``ROW_SCHEMA`` columns) and build a table with that schema.
+
+    Checks, each failure a ``DatasetError`` naming the column (and row): missing or unknown columns,
+    values that do not convert to the column's type, nulls in non-nullable columns or inside step lists,
+    step lists of different lengths within a row, rows without steps, and counts outside
+    ``0 <= successes <= rollouts``.
+    """
+    names = ROW_SCHEMA.names
+    expected = set(names)
+    for i, row in enumerate(rows):
+        keys = set(row)
+        if keys != expected:
+            missing, unknown = sorted(expected - keys), sorted(keys - expected)
+            raise DatasetError(f"row {i}: missing columns {missing}, unknown columns {unknown}")
+    arrays = []
+    for field in ROW_SCHEMA:
+        values = [row[field.name] for row in rows]
+        arr = _column_array(field.name, values, field)
+        if not field.nullable and arr.null_count:
+            i = next(j for j, v in enumerate(values) if v is None)
+            raise DatasetError(f"row {i}: column {field.name!r} is null but the schema does not allow nulls")
+        if field.name in STEP_COLUMNS and arr.flatten().null_count:
+            i = next(j for j, v in enumerate(values) if any(x is None for x in v))
+            raise DatasetError(f"row {i}: column {field.name!r} holds a null step value")
+        arrays.append(arr)
+    table = pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
+    for i, row in enumerate(rows):
+        lengths = {c: len(row[c]) for c in STEP_COLUMNS}
+        if len(set(lengths.values())) != 1:
+            raise DatasetError(f"row {i}: step columns differ in length: {lengths}")
+        if lengths["completions"] == 0:
+            raise DatasetError(f"row {i}: column 'completions' is empty: a row needs at least one step")
+        for j, (k, n) in enumerate(zip(row["successes"], row["rollouts"], strict=True)):
+            if not 0 <= k <= n:
+                raise DatasetError(f"row {i} step {j}: columns 'successes'/'rollouts' need 0 <= k <= N, got {k}/{n}")
+    return table
+
+
+# -- shards -------------------------------------------------------------------------------------------
+
+
+def write_shard(
+    dataset_dir: str | Path, shard_index: int, rows: list[dict[str, Any]], provenance: dict[str, Any]
+) -> ShardInfo:
+    """Validate ``rows`` and write them atomically as ``shards/part-XXXXX.parquet``.
+
+    The ``shard`` column is filled with ``shard_index`` where a row leaves it out (a row that sets it to
+    another value is an error). ``provenance`` (JSON-serialisable: config hash, code version, ...) goes
+    into the file's schema metadata under ``b"prm_factory"`` (see ``read_provenance``); keep it free of
+    timestamps if re-runs should give byte-identical files. The file is written to a hidden temp name in
+    the same directory, fsynced, renamed over the final name and the directory fsynced: the final name
+    never holds a partial file. Returns the shard's ``ShardInfo``.
+    """
+    final = shard_path(dataset_dir, shard_index)
+    filled = []
+    for i, row in enumerate(rows):
+        if "shard" in row and row["shard"] != shard_index:
+            raise DatasetError(f"row {i}: column 'shard' is {row['shard']!r} but this is shard {shard_index}")
+        filled.append({**row, "shard": shard_index})
+    table = rows_to_table(filled)
+    try:
+        meta = json.dumps(provenance, sort_keys=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as err:
+        raise DatasetError(f"provenance is not JSON-serialisable: {err}") from None
+    table = table.replace_schema_metadata({PROVENANCE_KEY: meta})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue().to_pybytes()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(final, data)  # a SIGKILL mid-write can leave the temp file: shard_done cleans it up
+    return ShardInfo(final, table.num_rows, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def shard_done(dataset_dir: str | Path, shard_index: int) -> bool:
+    """Whether the shard's file exists and its Parquet footer reads; removes the shard's temp leftovers.
+
+    Only a writer that died leaves temp files, so do not call this for a shard another live process is
+    writing at the same moment (one shard has one writer in a run).
+    """
+    final = shard_path(dataset_dir, shard_index)
+    if final.parent.is_dir():
+        for leftover in final.parent.glob(_temp_glob(final)):
+            leftover.unlink(missing_ok=True)
+    if not final.is_file():
+        return False
+    try:
+        pq.read_metadata(final)
+    except (OSError, pa.ArrowException):
+        return False
+    return True
+
+
+def shard_info(dataset_dir: str | Path, shard_index: int) -> ShardInfo:
+    """The ``ShardInfo`` of a shard already on disk (for the manifest of a resumed run)."""
+    final = shard_path(dataset_dir, shard_index)
+    rows = pq.read_metadata(final).num_rows
+    return ShardInfo(final, rows, _sha256(final), final.stat().st_size)
+
+
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    """The provenance dict stored in a shard file's schema metadata (``{}`` if it has none)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+# -- manifest -----------------------------------------------------------------------------------------
+
+
+def _dataset_version(entries: list[dict[str, Any]]) -> str:
+    blob = "\n".join(f"{e['path']} {e['sha256']}" for e in entries).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_manifest(
+    dataset_dir: str | Path,
+    *,
+    schema_version: int,
+    config_hash: str,
+    code_version: str,
+    shards: list[ShardInfo],
+    parents: list[str],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Write ``manifest.json`` atomically and return it.
+
+    It records the versions, ``created_at`` (UTC), ``parents`` (dataset versions this one derives from),
+    the row schema, total ``num_rows`` and per shard its relative path, rows, sha256 and bytes (sorted by
+    path), and ``dataset_version``: the first 16 hex of the sha256 over the shards' paths and hashes, so
+    the same shards give the same version id whenever they are written.
+    """
+    root = Path(dataset_dir)
+    entries = []
+    for s in shards:
+        p = Path(s.path)
+        p = p if p.is_absolute() else root / p
+        try:
+            rel = p.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            raise DatasetError(f"shard {s.path} is not inside the dataset directory {root}") from None
+        entries.append({"path": rel, "rows": int(s.rows), "sha256": s.sha256, "bytes": int(s.bytes)})
+    entries.sort(key=lambda e: e["path"])
+    paths = [e["path"] for e in entries]
+    if len(set(paths)) != len(paths):
+        raise DatasetError(f"a shard is listed twice: {sorted(p for p in paths if paths.count(p) > 1)}")
+    manifest = {
+        "format": "prm_factory.dataset",
+        "schema_version": schema_version,
+        "dataset_version": _dataset_version(entries),
+        "config_hash": config_hash,
+        "code_version": code_version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "parents": list(parents),
+        "num_rows": sum(e["rows"] for e in entries),
+        "num_shards": len(entries),
+        "shards": entries,
+        "columns": {f.name: str(f.type) for f in ROW_SCHEMA},
+        "extra": extra,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(root / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``manifest.json``; ``FileNotFoundError`` if absent, ``DatasetError`` if not valid JSON."""
+    path = Path(dataset_dir) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path} is not valid JSON: {err}") from None
+
+
+def verify_dataset(dataset_dir: str | Path) -> list[str]:
+    """Problems found in a dataset directory (empty list: it matches its manifest).
+
+    Reports a missing or unreadable manifest, missing shards, sha256 / size / row-count mismatches,
+    shard files on disk that the manifest does not list, and a ``dataset_version`` or ``num_rows`` that
+    does not match the listed shards.
+    """
+    root = Path(dataset_dir)
+    try:
+        manifest = read_manifest(root)
+    except FileNotFoundError:
+        return [f"missing manifest: {root / MANIFEST_NAME}"]
+    except DatasetError as err:
+        return [str(err)]
+    problems = []
+    entries = manifest.get("shards", [])
+    for e in entries:
+        p = root / e["path"]
+        if not p.is_file():
+            problems.append(f"missing shard: {e['path']}")
+            continue
+        sha = _sha256(p)
+        if sha != e["sha256"]:
+            problems.append(f"sha256 mismatch: {e['path']} is {sha}, manifest says {e['sha256']}")
+            continue
+        if p.stat().st_size != e["bytes"]:
+            problems.append(f"size mismatch: {e['path']} is {p.stat().st_size} bytes, manifest says {e['bytes']}")
+        rows = pq.read_metadata(p).num_rows
+        if rows != e["rows"]:
+            problems.append(f"row count mismatch: {e['path']} has {rows} rows, manifest says {e['rows']}")
+    listed = {e["path"] for e in entries}
+    for p in sorted((root / SHARDS_DIR).glob("part-*.parquet")):
+        rel = p.relative_to(root).as_posix()
+        if rel not in listed:
+            problems.append(f"extra shard not in manifest: {rel}")
+    if manifest.get("dataset_version") != _dataset_version(entries):
+        problems.append(f"dataset_version {manifest.get('dataset_version')!r} does not match the listed shards")
+    if manifest.get("num_rows") != sum(e["rows"] for e in entries):
+        problems.append(f"num_rows {manifest.get('num_rows')!r} is not the sum of the shards' rows")
+    return problems
+
+
+def read_dataset(dataset_dir: str | Path) -> pa.Table:
+    """All rows as one table with ``ROW_SCHEMA`` (no provenance metadata; see ``read_provenance``).
+
+    Reads the shards the manifest lists, in its order; without a manifest (a run still in progress),
+    every complete ``shards/part-*.parquet`` in name order. A shard with another schema is an error.
+    """
+    root = Path(dataset_dir)
+    if (root / MANIFEST_NAME).is_file():
+        paths = [root / e["path"] for e in read_manifest(root)["shards"]]
+    else:
+        paths = sorted((root / SHARDS_DIR).glob("part-*.parquet"))
+    tables = []
+    for p in paths:
+        t = pq.ParquetFile(p).read().replace_schema_metadata(None)
+        if not t.schema.equals(ROW_SCHEMA):
+            raise DatasetError(f"{p} does not have the row schema (schema_version {SCHEMA_VERSION}):\n{t.schema}")
+        tables.append(t)
+    return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
+
+
+# -- relabelling --------------------------------------------------------------------------------------
+
+
+def relabel(table: pa.Table, eta: float) -> pa.Table:
+    """The table with ``er_labels`` recomputed from ``successes``/``rollouts`` for a new η, and ``eta`` set.
+
+    ER-PRM (arXiv 2412.11006) labels depend on the rollouts only through (k, N), so no rollout is
+    re-run. Steps whose ``step_origin`` is ``"final"`` keep the final-answer correctness (their hard
+    ``labels`` value, as 0.0/1.0), and so do ``"estimated"`` steps (labelled by the binary-search rule,
+    not by their own rollouts). Every other step needs N >= 1. Other columns are unchanged.
+    """
+    flat_k = pc.list_flatten(table["successes"]).to_numpy()
+    flat_n = pc.list_flatten(table["rollouts"]).to_numpy()
+    flat_origin = pc.list_flatten(table["step_origin"]).to_numpy(zero_copy_only=False)
+    flat_hard = pc.list_flatten(table["labels"]).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(table["successes"]).to_numpy(zero_copy_only=False)
+    for name in ("rollouts", "step_origin", "labels"):
+        if not np.array_equal(pc.list_value_length(table[name]).to_numpy(zero_copy_only=False), lengths):
+            raise DatasetError(f"column {name!r} and 'successes' differ in step counts")
+    final = (flat_origin == "final") | (flat_origin == "estimated")
+    er = np.empty(len(flat_k), dtype=np.float64)
+    er[final] = flat_hard[final].astype(np.float64)
+    er[~final] = er_label(flat_k[~final], flat_n[~final], eta)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+    er_col = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(er, pa.float64()))
+    i = table.schema.get_field_index("er_labels")
+    table = table.set_column(i, table.schema.field(i), er_col)
+    j = table.schema.get_field_index("eta")
+    return table.set_column(j, table.schema.field(j), pa.array(np.full(table.num_rows, float(eta)), pa.float64()))
