@@ -7,11 +7,21 @@ answer in well under a second.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+# Offline and quiet by default: nothing is downloaded, no usage statistics leave the machine.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+}
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 app = typer.Typer(
     help="Build step-labelled PRM training data: EDU partitioning, ER-PRM labels, Parquet datasets.",
@@ -30,25 +40,342 @@ def main() -> None:
     """Build step-labelled PRM training data: EDU partitioning, ER-PRM labels, Parquet datasets."""
 
 
-def _load(config: Path):
+def _load(config: Path, check_paths: bool = True):
     from configs.schema import ConfigError, load_config
 
     try:
-        return load_config(config)
+        return load_config(config, check_paths=check_paths)
     except ConfigError as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(2) from None
 
 
 @app.command()
-def validate(config: Annotated[Path, typer.Argument(help="YAML config to check")], json_out: JsonOpt = False) -> None:
+def validate(
+    config: Annotated[Path, typer.Argument(help="YAML config to check")],
+    json_out: JsonOpt = False,
+    check_paths: Annotated[bool, typer.Option(
+        "--check-paths/--no-check-paths",
+        help="check that data files and the model exist (--no-check-paths: a config for another machine)")] = True,
+) -> None:
     """Check a config without starting anything; exit 2 naming each bad field."""
-    cfg = _load(config)
+    cfg = _load(config, check_paths)
     if json_out:
         print(json.dumps({"ok": True, "name": cfg.name, "config_hash": cfg.config_hash()}))
     else:
         console.print(f"[green]ok[/green] {config}: '{cfg.name}' (hash {cfg.config_hash()})")
 
+
+@app.command()
+def ingest(
+    config: ConfigOpt,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory (default: runs/<name>/ingest)")]
+    = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Load every source of a config; write problems.parquet and quarantine.jsonl; print counts per source.
+
+    The model is not needed here, so its path is not checked (a missing data file still fails, exit 2).
+    """
+    from collections import Counter
+
+    from rich.table import Table
+
+    from configs.schema import resolve_path
+    from tasks.loaders import SourceError, load_sources, write_problems, write_quarantine
+
+    cfg = _load(config, check_paths=False)
+    out_dir = out or resolve_path(f"runs/{cfg.name}/ingest")
+    try:
+        loaded = load_sources(cfg.sources)
+    except SourceError as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(2) from None
+    problems = [p for _, result in loaded for p in result.problems]
+    quarantined = [q for _, result in loaded for q in result.quarantined]
+    problems_path = write_problems(problems, out_dir / "problems.parquet",
+                                   provenance={"config": cfg.name, "config_hash": cfg.config_hash()})
+    quarantine_path = write_quarantine(quarantined, out_dir / "quarantine.jsonl")
+    per_source = [
+        {"index": i, "kind": src.kind, "path": getattr(src, "path", ""), "kept": len(result.problems),
+         "quarantined": len(result.quarantined),
+         "reasons": dict(Counter(q.reason for q in result.quarantined).most_common())}
+        for i, (src, result) in enumerate(loaded)
+    ]
+    if json_out:
+        print(json.dumps({"ok": True, "problems": str(problems_path), "quarantine": str(quarantine_path),
+                          "kept": len(problems), "quarantined": len(quarantined), "sources": per_source}))
+        return
+    table = Table(title=f"ingest '{cfg.name}' -> {out_dir}")
+    for col, justify in (("#", "right"), ("source", "left"), ("path", "left"), ("kept", "right"),
+                         ("quarantined", "right"), ("top reasons", "left")):
+        table.add_column(col, justify=justify)
+    for row in per_source:
+        reasons = ", ".join(f"{r} {n}" for r, n in list(row["reasons"].items())[:3])
+        table.add_row(str(row["index"]), row["kind"], row["path"], f"{row['kept']:,}", f"{row['quarantined']:,}",
+                      reasons or "-")
+    console.print(table)
+    console.print(f"[green]wrote[/green] {problems_path} ({len(problems):,} problems) and {quarantine_path} "
+                  f"({len(quarantined):,} quarantined)")
+
+
+def _engine_factory(cfg, local: bool):
+    """A callable that starts the engines: in-process (local) or as named Ray actors (default)."""
+
+    def start():
+        if local:
+            from cluster.actors import make_engine
+
+            return make_engine(cfg.policy)
+        from cluster.actors import start_engines
+
+        return start_engines(cfg)
+
+    return start
+
+
+@app.command()
+def build(
+    config: ConfigOpt = Path("configs/toy.yaml"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="dataset directory (default: dataset.out_dir)")] = (
+        None
+    ),
+    local: Annotated[bool, typer.Option("--local", help="run the engine in this process instead of on Ray")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Ingest, partition, roll out, label and write the Parquet dataset (resumes an interrupted build)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from configs.schema import resolve_path
+    from tasks.build import BuildError
+    from tasks.build import build as run_build
+
+    cfg = _load(config)
+    out_dir = out or resolve_path(cfg.dataset.out_dir)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=json_out) as bar:
+        shards = bar.add_task("shards", total=None)
+        requests = bar.add_task("engine requests", total=None)
+
+        def on_shard(plan, status):
+            bar.update(shards, advance=1, description=f"shards (last: {plan.index} {status})")
+
+        def on_requests(stage, n):
+            bar.update(requests, advance=n, description=f"engine requests ({stage})")
+
+        try:
+            from tasks.build import ingest, plan_shards
+
+            bar.update(shards, total=len(plan_shards(ingest(cfg).problems, cfg)))
+            report = run_build(cfg, out_dir, _engine_factory(cfg, local), progress=on_requests, on_shard=on_shard)
+        except BuildError as err:
+            console.print(str(err), style="red", markup=False)
+            raise typer.Exit(2) from None
+    summary = {
+        "out_dir": str(report.out_dir), "version": report.manifest.get("dataset_version"), "rows": report.rows,
+        "shards": report.shards_total, "shards_built": report.shards_built, "shards_skipped": report.shards_skipped,
+        "quarantined": report.quarantined, "rejected": report.rejected, "cost": report.cost.to_dict(),
+    }
+    if json_out:
+        print(json.dumps(summary))
+        return
+    console.print(f"[green]dataset written[/green] {report.out_dir} ({report.rows} rows, "
+                  f"{report.shards_built} shards built, {report.shards_skipped} already done; "
+                  f"{report.quarantined} problems quarantined, {report.rejected} rejected while labelling)")
+    console.print(f"generated tokens this run: {report.cost.generated_tokens:,} "
+                  f"(generate {report.cost.generate_tokens:,}, branch {report.cost.branch_tokens:,}, "
+                  f"rollout {report.cost.rollout_tokens:,})")
+
+
+@app.command("eval-policy")
+def eval_policy(
+    config: ConfigOpt = Path("configs/toy.yaml"),
+    problems: Annotated[int, typer.Option("--problems", "-n", help="held-out toy problems to sample")] = 200,
+    seed: Annotated[int, typer.Option(help="problem and sampling seed (the policy trained on 1000003/1000033)")] = 7,
+    batch_size: Annotated[int, typer.Option(help="problems per generate() call")] = 50,
+    json_out: JsonOpt = False,
+) -> None:
+    """Sample one temperature-1.0 solution per held-out toy problem; print accuracy, first errors, entropy."""
+    from rich.table import Table
+
+    from tasks.policy_eval import TRAINING_SEEDS, eval_problems, evaluate_policy
+
+    cfg = _load(config)
+    if seed in TRAINING_SEEDS:
+        console.print(f"[yellow]warning[/yellow]: seed {seed} is one the shipped policy was trained/stopped on")
+    try:
+        held_out = eval_problems(cfg, problems, seed)
+    except ValueError as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(2) from None
+    report = evaluate_policy(cfg.policy.model_path, held_out, cfg.policy.prompt_template, seed=seed,
+                             batch_size=batch_size, max_new_tokens=cfg.rollouts.max_new_tokens,
+                             show_progress=not json_out)
+    if json_out:
+        print(json.dumps(report.to_dict()))
+        return
+    console.print(f"{report.model_path} on {report.problems} held-out toy problems (seed {seed}, T=1.0): "
+                  f"answer accuracy [bold]{report.accuracy:.1%}[/bold], every step right {report.fully_correct:.1%}, "
+                  f"mean entropy {report.mean_entropy:.3f} nats/token, {report.mean_generated_tokens:.1f} "
+                  f"tokens/solution ({report.seconds:.0f}s)")
+    table = Table(title="first error (ProcessBench index)")
+    table.add_column("where")
+    table.add_column("solutions", justify="right")
+    for where, count in report.first_error_by_position.items():
+        table.add_row(where, str(count))
+    console.print(table)
+
+
+@app.command()
+def partition(
+    config: ConfigOpt = Path("configs/toy.yaml"),
+    problems: Annotated[int, typer.Option("--problems", "-n", help="how many problems to show")] = 3,
+    html_out: Annotated[Path | None, typer.Option("--html", help="write the first problem's tree as HTML")] = None,
+    backend: Annotated[str | None, typer.Option(help="override policy.backend: vllm | transformers")] = None,
+) -> None:
+    """Grow EDU trees for a few problems and show their steps, high-entropy tokens highlighted."""
+    from configs.schema import parse_config
+    from tasks.build import ingest, load_tokenizer
+    from tasks.labelling import ShardCost, ShardLabeller
+    from tasks.tree_view import LeafView, leaf_text, tree_html
+
+    cfg = _load(config)
+    if backend:
+        data = cfg.model_dump(mode="json")
+        data["policy"]["backend"] = backend
+        data["partition"]["entropy_source"] = "exact" if backend == "transformers" else "topk_lower"
+        cfg = parse_config(data, f"{config} (backend {backend})")
+    chosen = ingest(cfg).problems[:problems]
+    from cluster.actors import make_engine
+
+    with console.status(f"starting the {cfg.policy.backend} engine"):
+        engine = make_engine(cfg.policy)
+    labeller = ShardLabeller(cfg, engine, load_tokenizer(cfg))
+    cost = ShardCost()
+    with console.status(f"growing {len(chosen)} trees"):
+        _, trees = labeller.grow_trees(chosen, cost)
+    tau = cfg.partition.tau
+    for n, problem in enumerate(chosen):
+        console.rule(f"problem {n}: {problem.question}  (answer {problem.answer})")
+        views = []
+        for leaf in trees[problem.problem_id]:
+            view = LeafView(labeller.token_texts(leaf.token_ids), leaf.entropy, labeller.boundaries(leaf),
+                            leaf.branch_at, leaf.depth, leaf.final_correct)
+            views.append(view)
+            console.print(leaf_text(view, tau))
+        if n == 0 and html_out:
+            html_out.write_text(tree_html(problem.question, views, tau, f"{cfg.name}: {problem.problem_id}"))
+            console.print(f"tree written to {html_out}")
+    console.print(f"partitioner {labeller.partitioner.name} {labeller.partitioner.params()}; "
+                  f"{sum(len(t) for t in trees.values())} leaves, {cost.generated_tokens:,} generated tokens")
+
+
+cluster_app = typer.Typer(help="A local single-node Ray cluster (dashboard on 127.0.0.1).", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    port: Annotated[int, typer.Option(help="GCS port")] = 6379,
+    dashboard_port: Annotated[int, typer.Option(help="dashboard port (bound to 127.0.0.1)")] = 8265,
+    metrics_export_port: Annotated[int, typer.Option(help="Prometheus metrics port")] = 8080,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs to offer (default: all)")] = None,
+    num_gpus: Annotated[int | None, typer.Option(help="GPUs to offer (default: all)")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Start a local Ray head node with the dashboard on 127.0.0.1 and token auth on."""
+    from cluster.local import LocalClusterError, up
+
+    try:
+        state = up(port=port, dashboard_port=dashboard_port, metrics_export_port=metrics_export_port,
+                   num_cpus=num_cpus, num_gpus=num_gpus)
+    except LocalClusterError as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(1) from None
+    if json_out:
+        print(json.dumps(state))
+        return
+    console.print(f"[green]cluster up[/green] at {state['address']}; dashboard {state['dashboard_url']} "
+                  f"(token: `ray get-auth-token`); metrics {state['metrics_url']}")
+
+
+@cluster_app.command("status")
+def cluster_status(
+    address: Annotated[str | None, typer.Option(help="a cluster address (default: the local one)")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print the dashboard URL, resources and the live prm-factory actors."""
+    from cluster.local import status
+
+    info = status(address=address)
+    if json_out:
+        print(json.dumps(info, default=str))
+        return
+    if not info.get("running"):
+        console.print(f"no cluster running {info.get('error', '')}", markup=False)
+        raise typer.Exit(1)
+    console.print(f"[green]running[/green] {info['address']} ({info['nodes']} node(s)); dashboard "
+                  f"{info['dashboard_url']} (auth: {info['auth']}); metrics {info['metrics_url']}")
+    for key in sorted(info["resources"]):
+        if not key.startswith("node:") and "_group_" not in key:
+            console.print(f"  {key}: {info['available'].get(key, 0):g} free of {info['resources'][key]:g}")
+    console.print(f"prm-factory actors: {len(info['actors'])}")
+    for actor in info["actors"]:
+        health = actor.get("health") or {}
+        detail = actor.get("error") or f"{health.get('backend', '?')} {health.get('model_path', '')}"
+        console.print(f"  {actor['name']}: {detail}", markup=False)
+
+
+@cluster_app.command("down")
+def cluster_down(json_out: JsonOpt = False) -> None:
+    """Stop the local cluster started by `cluster up` (no other Ray on this machine is touched)."""
+    from cluster.local import down
+
+    info = down()
+    if json_out:
+        print(json.dumps(info))
+    else:
+        console.print("stopped" if info["stopped"] else info["reason"], markup=False)
+
+
+
+@app.command()
+def inspect(
+    dataset_dir: Annotated[Path, typer.Argument(help="a dataset dir (manifest.json + shards/) or a refresh root")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Counts, label distributions, step entropies and cost per labelled step of a finished dataset."""
+    from tasks.report import dataset_stats, render_markdown
+    from tasks.versions import read_latest, version_dir
+
+    target = dataset_dir
+    if not (target / "manifest.json").is_file() and (target / "LATEST").is_file():
+        target = version_dir(target, read_latest(target))  # a refresh root: its latest version
+    if not (target / "manifest.json").is_file():
+        console.print(f"{dataset_dir} holds no manifest.json (not a finished dataset)", style="red", markup=False)
+        raise typer.Exit(2)
+    stats = dataset_stats(target)
+    if json_out:
+        print(json.dumps({k: v for k, v in stats.items() if k != "entropies"}, default=str))
+    else:
+        print(render_markdown(stats))
+
+
+@app.command()
+def serve(
+    check: Annotated[bool, typer.Option("--check", help="start the server, deploy prefect.yaml, list, stop")] = False,
+    port: Annotated[int | None, typer.Option("--port", help="Prefect server port (default: a free one)")] = None,
+) -> None:
+    """Local Prefect server + deployments + worker + Ray (dashboard on 127.0.0.1) until Ctrl-C."""
+    from flows.serve import ServeError
+    from flows.serve import serve as run_serve
+
+    try:
+        code = run_serve(check=check, port=port, echo=lambda line: console.print(line, markup=False, soft_wrap=True))
+    except ServeError as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,349 @@
+"""Turn a shard of problems into step-labelled dataset rows: generate, partition, branch, roll out, label.
+
+One procedure covers both methods we compare, one config switch apart:
+- EDU-PRM (arXiv 2503.22233): cut each solution where the policy's next-token entropy is high and, at
+  those anchors, branch with the other top tokens; leaves under a step prefix already estimate its value,
+  so extra rollouts only top the estimate up to N.
+- Math-Shepherd style baseline: newline (or fixed-size) steps, no branching, N rollouts per step prefix.
+
+Step labels follow ER-PRM (arXiv 2412.11006) from (successes k, rollouts N); the last step's label is the
+trajectory's own final-answer correctness. Work is batched across the whole shard in rounds (roots, one
+round per branching depth, then all rollouts), so an engine sees few large batches, and prompts are token
+IDs that share prefixes, so vLLM's prefix cache pays. Every request carries a seed derived from the
+problem and the prefix, so a shard labelled twice yields the same rows (what crash-resume relies on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cluster.engine import GenerationRequest, GenerationResult, Sample
+from configs.schema import FactoryConfig
+from tasks.answers import check_answer
+from tasks.labels import step_labels
+from tasks.partition import Partitioner, make_partitioner
+from tasks.problems import Problem
+
+
+class Generator(Protocol):
+    """Anything that serves generation batches: an engine or the Ray engine pool."""
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def request_seed(*parts: object) -> int:
+    """A 31-bit seed derived from the parts, stable across processes and runs."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+@dataclass
+class Trajectory:
+    """One complete solution (a leaf of the generation tree), with per-token entropy and alternatives."""
+
+    token_ids: list[int]
+    entropy: list[float]
+    top_alternatives: list[list[tuple[int, float]]]
+    finish_reason: str
+    branch_at: int = 0  # first position this leaf does not share with the leaf it branched from
+    depth: int = 0
+    final_correct: bool = False
+    text: str = ""
+
+
+@dataclass
+class ShardCost:
+    """Generated tokens per stage for one shard: the cost that matters."""
+
+    generate_tokens: int = 0
+    branch_tokens: int = 0
+    rollout_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    requests: int = 0
+    anchors: int = 0
+    capped_partitions: int = 0
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.generate_tokens + self.branch_tokens + self.rollout_tokens
+
+    def add(self, other: ShardCost) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict[str, int]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["generated_tokens"] = self.generated_tokens
+        return out
+
+
+@dataclass
+class Rejected:
+    """A problem that produced no row, and why (goes to the labelling quarantine)."""
+
+    problem_id: str
+    source: str
+    reason: str
+
+
+@dataclass
+class ShardResult:
+    rows: list[dict[str, Any]]
+    cost: ShardCost
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+def _entropy_track(sample: Sample, source: str) -> list[float]:
+    if source == "topk_upper":
+        if sample.entropy_upper is None:
+            raise ValueError("entropy_source 'topk_upper' needs an engine that returns top-k bounds (vLLM)")
+        return list(sample.entropy_upper)
+    if source == "exact" and sample.entropy_kind != "exact":
+        raise ValueError("entropy_source 'exact' needs the transformers backend; vLLM returns top-k bounds")
+    return list(sample.entropy)
+
+
+class ShardLabeller:
+    """Labels problems with one engine (or pool) and one config. Stateless between shards."""
+
+    def __init__(self, cfg: FactoryConfig, engine: Generator, tokenizer: Tokenizer,
+                 progress: Callable[[str, int], None] | None = None):
+        self.cfg = cfg
+        self.engine = engine
+        self.tok = tokenizer
+        self.partitioner: Partitioner = make_partitioner(cfg.partition)
+        self.progress = progress or (lambda stage, n: None)
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.branching = cfg.tree.enabled and cfg.partition.method == "edu" and cfg.tree.branch_width > 1
+
+    # -- engine rounds ---------------------------------------------------------------------------
+
+    def _run(self, requests: list[GenerationRequest], stage: str, cost: ShardCost) -> list[GenerationResult]:
+        if not requests:
+            return []
+        results = self.engine.generate(requests)
+        tokens = sum(r.generated_tokens for r in results)
+        setattr(cost, f"{stage}_tokens", getattr(cost, f"{stage}_tokens") + tokens)
+        cost.prompt_tokens += sum(r.prompt_tokens for r in results)
+        cost.cached_prompt_tokens += sum(r.cached_prompt_tokens for r in results)
+        cost.requests += len(requests)
+        self.progress(stage, len(requests))
+        return results
+
+    def _solution_request(self, prompt_ids: list[int], prefix: list[int], seed: int) -> GenerationRequest:
+        rc = self.cfg.rollouts
+        return GenerationRequest(
+            prompt_token_ids=prompt_ids + prefix,
+            n=1,
+            temperature=rc.temperature,
+            top_p=rc.top_p,
+            max_new_tokens=max(1, rc.max_new_tokens - len(prefix)),
+            top_logprobs=self.cfg.partition.top_logprobs,
+            seed=seed,
+            stop_token_ids=self.eos,
+        )
+
+    # -- the procedure -----------------------------------------------------------------------------
+
+    def label(self, problems: Sequence[Problem]) -> ShardResult:
+        """Rows for every leaf of every problem's tree, each step labelled from (successes, rollouts)."""
+        cost = ShardCost()
+        prompts, trees = self.grow_trees(problems, cost)
+        return self._label_rows(problems, prompts, trees, cost)
+
+    def grow_trees(self, problems: Sequence[Problem], cost: ShardCost
+                   ) -> tuple[dict[str, list[int]], dict[str, list[Trajectory]]]:
+        """Prompt token IDs and the generation tree (its leaves, root first) of every problem, answers checked."""
+        prompts = {p.problem_id: self.tok.encode(self.cfg.policy.prompt_template.format(question=p.question),
+                                                 add_special_tokens=False) for p in problems}
+        trees: dict[str, list[Trajectory]] = {}
+
+        # Round 0: one root solution per problem.
+        roots = self._run([self._solution_request(prompts[p.problem_id], [], request_seed(self.cfg.seed, p.problem_id,
+                                                                                          "root"))
+                           for p in problems], "generate", cost)
+        for p, res in zip(problems, roots, strict=True):
+            trees[p.problem_id] = [self._trajectory(res.samples[0], [], None, 0, 0)]
+
+        # Rounds 1..depth: branch at anchors of the leaves made in the previous round.
+        frontier = {pid: list(leaves) for pid, leaves in trees.items()}
+        for depth in range(1, self.cfg.tree.max_depth + 1 if self.branching else 1):
+            jobs: list[tuple[str, Trajectory, int, int]] = []
+            for p in problems:
+                leaves = trees[p.problem_id]
+                budget_leaves = self.cfg.tree.max_leaves - len(leaves)
+                budget_tokens = self.cfg.tree.max_tree_tokens - sum(len(t.token_ids) for t in leaves)
+                for parent in frontier[p.problem_id]:
+                    for anchor in self.boundaries(parent)[1:]:
+                        if anchor < parent.branch_at:
+                            continue  # shared with its parent: that parent already branched there
+                        for alt in self._alternatives(parent, anchor):
+                            if budget_leaves <= 0 or budget_tokens <= 0:
+                                break
+                            jobs.append((p.problem_id, parent, anchor, alt))
+                            budget_leaves -= 1
+                            budget_tokens -= len(parent.token_ids)
+            if not jobs:
+                break
+            requests = [self._solution_request(prompts[pid], parent.token_ids[:anchor] + [alt],
+                                               request_seed(self.cfg.seed, pid, "branch",
+                                                            *parent.token_ids[:anchor], alt))
+                        for pid, parent, anchor, alt in jobs]
+            results = self._run(requests, "branch", cost)
+            frontier = {pid: [] for pid in trees}
+            for (pid, parent, anchor, alt), res in zip(jobs, results, strict=True):
+                child = self._trajectory(res.samples[0], parent.token_ids[:anchor] + [alt], parent, anchor, depth)
+                trees[pid].append(child)
+                frontier[pid].append(child)
+
+        by_id = {p.problem_id: p for p in problems}
+        for pid, leaves in trees.items():
+            for leaf in leaves:
+                leaf.text = self.tok.decode(leaf.token_ids, skip_special_tokens=True)
+                leaf.final_correct = leaf.finish_reason == "stop" and check_answer(by_id[pid].source, leaf.text,
+                                                                                   by_id[pid].answer)
+        return prompts, trees
+
+    def _trajectory(self, sample: Sample, prefix: list[int], parent: Trajectory | None, anchor: int,
+                    depth: int) -> Trajectory:
+        entropy = _entropy_track(sample, self.cfg.partition.entropy_source)
+        if parent is None:
+            head_entropy: list[float] = []
+            head_alts: list[list[tuple[int, float]]] = []
+        else:
+            # The branch token was drawn from the same distribution as the parent's token at `anchor`.
+            head_entropy = parent.entropy[: anchor + 1]
+            head_alts = parent.top_alternatives[: anchor + 1]
+        return Trajectory(
+            token_ids=prefix + list(sample.token_ids),
+            entropy=head_entropy + entropy,
+            top_alternatives=head_alts + [list(a) for a in sample.top_logprobs],
+            finish_reason=sample.finish_reason,
+            branch_at=anchor + 1 if parent is not None else 0,
+            depth=depth,
+        )
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        return [self.tok.decode([t], skip_special_tokens=False) for t in token_ids]
+
+    def boundaries(self, traj: Trajectory) -> list[int]:
+        n = len(traj.token_ids)
+        if n and traj.token_ids[-1] in self.eos:
+            n -= 1  # the end-of-sequence token is never a step of its own
+        return self.partitioner.boundaries(self.token_texts(traj.token_ids[:n]), traj.entropy[:n])
+
+    def _alternatives(self, traj: Trajectory, anchor: int) -> list[int]:
+        """Tokens other than the one taken at `anchor`, best first, up to branch_width - 1."""
+        taken = traj.token_ids[anchor]
+        alts = [tid for tid, _ in traj.top_alternatives[anchor] if tid != taken and tid not in self.eos]
+        return alts[: self.cfg.tree.branch_width - 1]
+
+    # -- labels ------------------------------------------------------------------------------------
+
+    def _label_rows(self, problems: Sequence[Problem], prompts: dict[str, list[int]],
+                    trees: dict[str, list[Trajectory]], cost: ShardCost) -> ShardResult:
+        cfg = self.cfg
+        rejected: list[Rejected] = []
+        # Per leaf: its step boundaries; per unique step prefix: (successes, rollouts) from leaves under it.
+        plans: list[tuple[Problem, Trajectory, list[int]]] = []
+        prefix_stats: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        for p in problems:
+            leaves = trees[p.problem_id]
+            for leaf in leaves:
+                bounds = self.boundaries(leaf)
+                if not bounds:
+                    rejected.append(Rejected(p.problem_id, p.source, "empty generation: the policy wrote no tokens"))
+                    continue
+                cost.anchors += len(bounds) - 1
+                cost.capped_partitions += bool(getattr(self.partitioner, "capped", False))
+                plans.append((p, leaf, bounds))
+                for end in bounds[1:]:
+                    key = (p.problem_id, tuple(leaf.token_ids[:end]))
+                    if key not in prefix_stats:
+                        under = [other for other in leaves if other.token_ids[:end] == leaf.token_ids[:end]]
+                        tree_k = sum(o.final_correct for o in under) if self.branching else 0
+                        tree_n = len(under) if self.branching else 0
+                        prefix_stats[key] = [tree_k, tree_n]
+
+        from tasks.rollouts import run_rollouts
+
+        ledger = run_rollouts(self, plans, prompts, prefix_stats, cost)
+        rows: list[dict[str, Any]] = []
+        tree_tokens = {pid: sum(len(t.token_ids) - t.branch_at for t in leaves) for pid, leaves in trees.items()}
+        for p, leaf, bounds in plans:
+            ends = bounds[1:] + [len(leaf.token_ids)]
+            successes: list[int] = []
+            rollouts: list[int] = []
+            origin: list[str] = []
+            row_rollout_tokens = 0.0
+            hard: list[bool] = []
+            soft: list[float] = []
+            er: list[float] = []
+            for step, end in enumerate(ends[:-1]):
+                key = (p.problem_id, tuple(leaf.token_ids[:end]))
+                k, n = prefix_stats[key]
+                successes.append(k)
+                rollouts.append(n)
+                row_rollout_tokens += ledger.tokens.get(key, 0) / max(1, ledger.sharers.get(key, 1))
+                forced = ledger.forced.get((id(leaf), step))
+                if forced is None or key in ledger.rolled:
+                    lab = step_labels([k], [n], cfg.labels.eta, None)
+                    hard.append(bool(lab["hard"][0]))
+                    soft.append(float(lab["soft"][0]))
+                    er.append(float(lab["er"][0]))
+                    origin.append("rollout" if key in ledger.rolled else "tree")
+                else:  # binary search labelled this step by rule, not by its own rollouts
+                    hard.append(forced)
+                    soft.append(float(forced))
+                    er.append(float(forced))
+                    origin.append("estimated")
+            successes.append(int(leaf.final_correct))
+            rollouts.append(1)
+            origin.append("final")
+            hard.append(leaf.final_correct)
+            soft.append(float(leaf.final_correct))
+            er.append(float(leaf.final_correct))
+            steps = [self.tok.decode(leaf.token_ids[a:b], skip_special_tokens=True) for a, b in zip(bounds, ends,
+                                                                                                   strict=True)]
+            n_leaves = len(trees[p.problem_id])
+            rows.append({
+                "prompt": cfg.policy.prompt_template.format(question=p.question),
+                "completions": steps,
+                "labels": hard,
+                "successes": successes,
+                "rollouts": rollouts,
+                "soft_labels": soft,
+                "er_labels": er,
+                "eta": float(cfg.labels.eta),
+                "step_entropies": [float(leaf.entropy[b]) if b < len(leaf.entropy) else math.nan for b in bounds],
+                "entropy_kind": cfg.partition.entropy_source,
+                "problem_id": p.problem_id,
+                "source": p.source,
+                "split": p.split,
+                "policy_model": cfg.policy.model_path,
+                "partitioner": self.partitioner.name,
+                "partitioner_params": json.dumps(self.partitioner.params(), sort_keys=True),
+                "step_origin": origin,
+                "answer": p.answer,
+                "final_correct": bool(leaf.final_correct),
+                "prompt_tokens": len(prompts[p.problem_id]),
+                "completion_tokens": len(leaf.token_ids),
+                # This row's share of what was generated to label it: its tree (split over leaves) + rollouts.
+                "rollout_tokens": int(round(tree_tokens[p.problem_id] / n_leaves + row_rollout_tokens)),
+                "tree_id": f"{p.problem_id}-{cfg.labelling_hash()[:8]}",
+            })
+        return ShardResult(rows, cost, rejected)
