@@ -270,6 +270,32 @@ def partition(
                   f"{sum(len(t) for t in trees.values())} leaves, {cost.generated_tokens:,} generated tokens")
 
 
+@app.command()
+def relabel(
+    dataset: Annotated[Path, typer.Argument(help="dataset directory written by `build`")],
+    eta: Annotated[float, typer.Option("--eta", help="new ER-PRM eta (> 0)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for the relabelled dataset version")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Recompute ER labels for another eta from the stored (successes, rollouts): no engine, seconds."""
+    from tasks.dataset import DatasetError, relabel_dataset
+
+    if not eta > 0:
+        console.print(f"--eta must be > 0, got {eta}", style="red")
+        raise typer.Exit(2)
+    try:
+        manifest = relabel_dataset(dataset, out, eta)
+    except (DatasetError, FileNotFoundError) as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(2) from None
+    if json_out:
+        print(json.dumps({"out_dir": str(out), "dataset_version": manifest["dataset_version"],
+                          "parents": manifest["parents"], "rows": manifest["num_rows"], "eta": eta}))
+    else:
+        console.print(f"[green]relabelled[/green] {manifest['num_rows']} rows with eta={eta:g} into {out} "
+                      f"(version {manifest['dataset_version']}, parent {manifest['parents'][0]})")
+
+
 cluster_app = typer.Typer(help="A local single-node Ray cluster (dashboard on 127.0.0.1).", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 

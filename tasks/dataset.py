@@ -422,3 +422,31 @@ def relabel(table: pa.Table, eta: float) -> pa.Table:
     table = table.set_column(i, table.schema.field(i), er_col)
     j = table.schema.get_field_index("eta")
     return table.set_column(j, table.schema.field(j), pa.array(np.full(table.num_rows, float(eta)), pa.float64()))
+
+
+def relabel_dataset(src_dir: str | Path, out_dir: str | Path, eta: float) -> dict[str, Any]:
+    """A new dataset version in ``out_dir`` with ER labels recomputed for ``eta``; no engine, no rollouts.
+
+    Shard by shard (same indices), provenance kept and extended with the new η and the parent version;
+    the manifest lists the source's ``dataset_version`` as its parent. Returns the new manifest.
+    """
+    src, out = Path(src_dir), Path(out_dir)
+    problems = verify_dataset(src)
+    if problems:
+        raise DatasetError(f"{src} does not match its manifest, refusing to relabel: {'; '.join(problems)}")
+    if out.resolve() == src.resolve():
+        raise DatasetError("relabel writes a new version: --out must differ from the source directory")
+    if (out / MANIFEST_NAME).exists():
+        raise DatasetError(f"{out} already holds a dataset; choose a new --out")
+    parent = read_manifest(src)
+    infos = []
+    for entry in parent["shards"]:
+        path = src / entry["path"]
+        table = relabel(pq.read_table(path), eta)
+        prov = read_provenance(path) | {"eta": float(eta), "relabelled_from": parent["dataset_version"]}
+        index = int(Path(entry["path"]).stem.split("-")[-1])
+        infos.append(write_shard(out, index, table.to_pylist(), prov))
+    extra = dict(parent.get("extra", {})) | {"relabelled_eta": float(eta)}
+    return write_manifest(out, schema_version=parent["schema_version"], config_hash=parent["config_hash"],
+                          code_version=parent["code_version"], shards=infos, parents=[parent["dataset_version"]],
+                          extra=extra)

@@ -1,0 +1,128 @@
+"""`prm-factory build` end to end on the toy world with a real engine: rows, resume after a kill, relabel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from configs.schema import REPO_ROOT, parse_config
+from tasks.build import BuildError, build
+from tasks.dataset import read_dataset, read_manifest, relabel, relabel_dataset, verify_dataset
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "name": "tiny-build",
+    "seed": 3,
+    "sources": [{"kind": "toy", "num_problems": 6, "seed": 31, "min_steps": 2, "max_steps": 4}],
+    "policy": {"model_path": "assets/toy-policy", "backend": "transformers", "max_model_len": 256},
+    "partition": {"method": "edu", "tau": 0.3, "min_step_tokens": 3, "max_anchors": 3, "entropy_source": "exact"},
+    "tree": {"branch_width": 2, "max_depth": 1, "max_leaves": 3},
+    "rollouts": {"n": 2, "max_new_tokens": 64},
+    "dataset": {"problems_per_shard": 2},
+}
+
+
+def _engine_factory(calls: list):
+    def start():
+        from cluster.hf_engine import HFEngine
+
+        calls.append(1)
+        return HFEngine(str(REPO_ROOT / "assets" / "toy-policy"))
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "ds"
+    calls: list = []
+    report = build(parse_config(TINY), out, _engine_factory(calls))
+    return out, report, calls
+
+
+def test_build_writes_a_verified_dataset(built):
+    out, report, calls = built
+    assert calls == [1]
+    assert report.shards_total == 3 and report.shards_built == 3
+    assert verify_dataset(out) == []
+    table = read_dataset(out)
+    assert table.num_rows == report.rows == read_manifest(out)["num_rows"]
+    rows = table.to_pylist()
+    assert {r["shard"] for r in rows} == {0, 1, 2}
+    for row in rows:
+        assert all(h >= 0.3 for h in row["step_entropies"][1:]), "EDU cuts sit at entropy >= tau"
+        assert row["labels"][-1] == row["final_correct"]
+    prov = json.loads(pq.read_schema(out / "shards" / "part-00000.parquet").metadata[b"prm_factory"])
+    assert prov["config_hash"] == parse_config(TINY).config_hash() and prov["cost"]["generated_tokens"] > 0
+
+
+def test_rerun_does_no_engine_work(built):
+    out, first, _ = built
+    calls: list = []
+    again = build(parse_config(TINY), out, _engine_factory(calls))
+    assert calls == [], "every shard is done: the engine must not even start"
+    assert again.shards_skipped == 3 and again.shards_built == 0
+    assert again.manifest["dataset_version"] == first.manifest["dataset_version"]
+
+
+def test_other_config_refuses_the_directory(built):
+    out, _, _ = built
+    other = {**TINY, "rollouts": {"n": 3, "max_new_tokens": 64}}
+    with pytest.raises(BuildError, match="holds a build of config"):
+        build(parse_config(other), out, _engine_factory([]))
+
+
+def test_relabel_recomputes_er_labels_only(built, tmp_path):
+    out, _, _ = built
+    manifest = relabel_dataset(out, tmp_path / "eta5", 5.0)
+    assert manifest["parents"] == [read_manifest(out)["dataset_version"]]
+    before, after = read_dataset(out), read_dataset(tmp_path / "eta5")
+    assert after.column("labels").to_pylist() == before.column("labels").to_pylist()
+    assert after.column("er_labels").to_pylist() == relabel(before, 5.0).column("er_labels").to_pylist()
+    assert set(after.column("eta").to_pylist()) == {5.0}
+
+
+def _cli_build(config: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "prm_factory.cli", "build", "--config", str(config), "--out",
+                             str(out), "--local", "--json"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_killed_build_resumes_to_the_same_dataset(tmp_path, built):
+    """SIGKILL a build after its first shard, resume it; it must equal an uninterrupted build."""
+    reference_dir, _, _ = built
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "killed"
+    proc = _cli_build(config, out)
+    first = out / "shards" / "part-00000.parquet"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), "the build never finished its first shard"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "killed before the end: no manifest yet"
+    done_before = sorted(p.name for p in (out / "shards").glob("part-*.parquet"))
+    assert 1 <= len(done_before) < 3
+
+    resumed = _cli_build(config, out)
+    stdout, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert summary["shards_skipped"] == len(done_before) and summary["shards_built"] == 3 - len(done_before)
+    assert verify_dataset(out) == []
+    assert read_dataset(out).to_pylist() == read_dataset(reference_dir).to_pylist()
+    a, b = read_manifest(out), read_manifest(reference_dir)
+    assert [s["rows"] for s in a["shards"]] == [s["rows"] for s in b["shards"]]
+    assert a["dataset_version"] == b["dataset_version"], "same rows, same shard hashes"
