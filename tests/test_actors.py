@@ -1,0 +1,145 @@
+"""Engines in named Ray actors: the pool spreads work, survives an engine dying mid-batch without losing or
+duplicating a request, reattaches to live actors, and the metrics reach the node's Prometheus endpoint."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from cluster.engine import EngineRequestError, GenerationRequest
+from configs.schema import parse_config
+
+pytestmark = pytest.mark.slow
+
+
+def make_config(policy_model_path: str, namespace: str, **cluster) -> object:
+    return parse_config(
+        {
+            "name": "actortest",
+            "sources": [{"kind": "toy"}],
+            "policy": {"model_path": policy_model_path, "backend": "transformers", "max_model_len": 256},
+            "cluster": {
+                "num_engines": 2,
+                "cpus_per_engine": 0.5,
+                "max_in_flight": 2,
+                "max_restarts": 3,
+                "request_timeout_s": 120,
+                "namespace": namespace,
+                **cluster,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session, policy_model_path):
+    from cluster.actors import start_engines
+
+    cfg = make_config(policy_model_path, ray_session["namespace"])
+    engines = start_engines(cfg)
+    yield engines
+    engines.shutdown()
+
+
+def requests_for(pool, count: int, n: int = 2, max_new_tokens: int = 24) -> list[GenerationRequest]:
+    base = pool.tokenize("2+5=")
+    return [
+        GenerationRequest(base + [base[0]] * (i % 5), n=n, max_new_tokens=max_new_tokens, request_id=f"r{i}")
+        for i in range(count)
+    ]
+
+
+def test_pool_serves_a_batch_in_request_order(pool):
+    reqs = requests_for(pool, 12)
+    pool.max_chunk_requests = 3
+    results = pool.generate(reqs, stage="test")
+    assert [r.request_id for r in results] == [r.request_id for r in reqs]
+    assert all(len(r.samples) == 2 and r.generated_tokens > 0 for r in results)
+    served = [e["requests_served"] for e in pool.health()["engines"]]
+    assert all(count > 0 for count in served), f"work should spread over both engines: {served}"
+
+
+def test_named_actors_are_reattached_not_recreated(pool, ray_session, policy_model_path):
+    import ray
+
+    from cluster.actors import engine_name, start_engines
+
+    again = start_engines(make_config(policy_model_path, ray_session["namespace"]))
+    assert [a._actor_id for a in again.actors] == [a._actor_id for a in pool.actors]
+    handle = ray.get_actor(engine_name("actortest", 1), namespace=ray_session["namespace"])
+    assert handle._actor_id == pool.actors[1]._actor_id
+
+
+def test_bad_request_raises_through_the_pool_and_engines_keep_serving(pool):
+    with pytest.raises(EngineRequestError):
+        pool.generate([GenerationRequest(prompt_token_ids=[], request_id="empty")])
+    assert len(pool.generate(requests_for(pool, 2))) == 2
+
+
+def test_killed_engine_mid_batch_loses_and_duplicates_nothing(pool):
+    import ray
+
+    pid_before = ray.get(pool.actors[0].health.remote())["pid"]
+    reqs = requests_for(pool, 24, n=2, max_new_tokens=40)
+    pool.max_chunk_requests = 2
+    resubmitted_before = pool.resubmitted_chunks
+
+    def kill_soon():
+        time.sleep(1.0)
+        ray.kill(pool.actors[0], no_restart=False)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    results = pool.generate(reqs, stage="test")
+    killer.join()
+    assert [r.request_id for r in results] == [r.request_id for r in reqs]  # each answered once, in order
+    assert all(len(r.samples) == 2 for r in results)
+    assert pool.resubmitted_chunks > resubmitted_before
+
+    deadline = time.monotonic() + 120
+    while True:  # Ray restarts the actor (max_restarts): a new process under the same name
+        try:
+            health = ray.get(pool.actors[0].health.remote(), timeout=30)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    assert health["pid"] != pid_before
+    assert len(pool.generate(requests_for(pool, 4))) == 4
+
+
+def test_calls_past_their_deadline_are_abandoned(pool):
+    from cluster.actors import EnginePool, EnginePoolError
+
+    impatient = EnginePool(pool.actors, max_in_flight=1, request_timeout_s=0.01, max_attempts=2)
+    with pytest.raises(EnginePoolError, match="failed 2 times"):
+        impatient.generate(requests_for(pool, 2, max_new_tokens=200))
+
+
+def test_metrics_reach_the_prometheus_endpoint(pool, ray_session):
+    from cluster.metrics import record_anchors
+
+    pool.generate(requests_for(pool, 4), stage="rollouts")
+    record_anchors(5, stage="partition")
+    wanted = {
+        "ray_prm_factory_tokens_generated_total",
+        "ray_prm_factory_requests_total",
+        "ray_prm_factory_request_latency_seconds_bucket",
+        "ray_prm_factory_requests_in_flight",
+        "ray_prm_factory_anchors_found_total",
+    }
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + 90  # metrics are flushed to the agent every few seconds
+    while time.monotonic() < deadline:
+        body = urllib.request.urlopen(ray_session["metrics_url"], timeout=10).read().decode()
+        found = {line.split("{")[0]: line for line in body.splitlines() if line.startswith("ray_prm_factory")}
+        if wanted <= found.keys() and 'stage="rollouts"' in body:
+            break
+        time.sleep(2)
+    assert wanted <= found.keys(), sorted(found)
+    assert 'engine="actortest-engine-' in found["ray_prm_factory_tokens_generated_total"]
+    assert 'stage="partition"' in found["ray_prm_factory_anchors_found_total"]
