@@ -104,9 +104,11 @@ def run(label, cfg_dict, engine, tok, problems, by_id, results):
     return entry
 
 
-def matched_ratio(edu: dict, baselines: list[dict]) -> tuple[dict | None, float | None]:
-    """The cheapest baseline whose hard-label accuracy is at least the EDU run's, and the token ratio."""
-    good = [b for b in baselines if b["hard_acc"] >= edu["hard_acc"]]
+def matched_ratio(edu: dict, baselines: list[dict], metric: str = "hard_acc") -> tuple[dict | None, float | None]:
+    """The cheapest baseline whose `metric` is at least the EDU run's, and its token ratio to the EDU run."""
+    if not edu[metric] == edu[metric]:  # NaN: nothing labelled to compare
+        return None, None
+    good = [b for b in baselines if b[metric] >= edu[metric]]
     if not good:
         return None, None
     best = min(good, key=lambda b: b["generated_tokens"])
@@ -182,11 +184,12 @@ def main() -> None:
 
 def print_report(baselines, edus, controls, caching) -> None:
     print("\n## Label quality vs exact truth (non-final steps)")
-    print("| run | generated tokens | labelled steps | tokens/step | hard acc | soft AUROC | soft Brier |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| run | generated tokens | labelled steps | tokens/step | truth positive | hard acc | soft AUROC | "
+          "soft Brier |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in baselines + edus + controls:
         print(f"| {r['label']} | {r['generated_tokens']:,} | {r['steps']} | {r['tokens_per_step']:.1f} | "
-              f"{r['hard_acc']:.3f} | {r['soft_auroc']:.3f} | {r['soft_brier']:.3f} |")
+              f"{r['truth_positive']:.3f} | {r['hard_acc']:.3f} | {r['soft_auroc']:.3f} | {r['soft_brier']:.3f} |")
     print("\n## ER-PRM labels by eta (accuracy at 0.5 / AUROC / Brier)")
     print("| run | soft | " + " | ".join(f"eta={e:g}" for e in ETAS) + " | hard |")
     print("|---|---|" + "---|" * len(ETAS) + "---|")
@@ -195,16 +198,18 @@ def print_report(baselines, edus, controls, caching) -> None:
                            for e in ETAS)
         print(f"| {r['label']} | {r['soft_acc']:.3f} / {r['soft_auroc']:.3f} / {r['soft_brier']:.3f} | {cells} | "
               f"{r['hard_acc']:.3f} |")
-    print("\n## EDU vs baseline at matched accuracy")
-    print("| EDU run | hard acc | tokens | cheapest baseline with acc >= | its tokens | token ratio |")
-    print("|---|---:|---:|---|---:|---:|")
+    print("\n## EDU vs baseline at matched quality (cheapest baseline at least as good; token ratio baseline/EDU)")
+    print("| EDU run | tokens | hard acc | baseline (hard acc) | ratio | soft AUROC | baseline (AUROC) | ratio | "
+          "tokens/step ratio |")
+    print("|---|---:|---:|---|---:|---:|---|---:|---:|")
     for e in edus:
-        best, ratio = matched_ratio(e, baselines)
-        if best is None:
-            print(f"| {e['label']} | {e['hard_acc']:.3f} | {e['generated_tokens']:,} | none reaches it | - | - |")
-        else:
-            print(f"| {e['label']} | {e['hard_acc']:.3f} | {e['generated_tokens']:,} | {best['label']} "
-                  f"({best['hard_acc']:.3f}) | {best['generated_tokens']:,} | {ratio:.1f}x |")
+        cells = []
+        for metric in ("hard_acc", "soft_auroc"):
+            best, ratio = matched_ratio(e, baselines, metric)
+            cells.append(f"{e[metric]:.3f} | " + (f"{best['label']} ({best[metric]:.3f}) | {ratio:.1f}x"
+                                                   if best else "none reaches it | -"))
+        per_step = min(b["tokens_per_step"] for b in baselines) / max(1e-9, e["tokens_per_step"])
+        print(f"| {e['label']} | {e['generated_tokens']:,} | {cells[0]} | {cells[1]} | {per_step:.1f}x |")
     base8 = next((b for b in baselines if b["label"] == "newline N=8"), None)
     if base8:
         print("\n## Cost controls (vs newline N=8)")

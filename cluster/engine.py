@@ -62,8 +62,8 @@ class EngineProtocol(Protocol):
 
     model_path: str
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Serve a batch; results come back in request order."""
+    def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
+        """Serve a batch; results come back in request order. `stage` only tags metrics (generate/branch/rollout)."""
         ...
 
     def tokenize(self, text: str) -> list[int]: ...

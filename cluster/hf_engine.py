@@ -94,7 +94,7 @@ class HFEngine:
         self._request_counter = itertools.count()
 
     # -- EngineProtocol ------------------------------------------------------------------------------
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
         """Serve a batch; results come back in request order. A bad request raises before any work."""
         for req in requests:
             check_request(req, vocab_size=self.vocab_size, max_model_len=self.max_model_len)

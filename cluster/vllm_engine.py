@@ -91,7 +91,7 @@ class VLLMEngine:
         self._batches = itertools.count()
 
     # -- EngineProtocol ------------------------------------------------------------------------------
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
         """Serve a batch in one ``LLM.generate`` call; results in request order.
 
         Every request is checked first, so a bad one raises EngineRequestError before vLLM sees the batch.

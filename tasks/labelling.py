@@ -135,7 +135,7 @@ class ShardLabeller:
     def _run(self, requests: list[GenerationRequest], stage: str, cost: ShardCost) -> list[GenerationResult]:
         if not requests:
             return []
-        results = self.engine.generate(requests)
+        results = self.engine.generate(requests, stage=stage)
         tokens = sum(r.generated_tokens for r in results)
         setattr(cost, f"{stage}_tokens", getattr(cost, f"{stage}_tokens") + tokens)
         cost.prompt_tokens += sum(r.prompt_tokens for r in results)
@@ -279,7 +279,10 @@ class ShardLabeller:
                         tree_n = len(under) if self.branching else 0
                         prefix_stats[key] = [tree_k, tree_n]
 
+        from cluster.metrics import record_anchors
         from tasks.rollouts import run_rollouts
+
+        record_anchors(cost.anchors)
 
         ledger = run_rollouts(self, plans, prompts, prefix_stats, cost)
         rows: list[dict[str, Any]] = []

@@ -125,12 +125,10 @@ def test_evaluate_policy_report_adds_up() -> None:
 
 
 @pytest.fixture(scope="module")
-def llm():
-    from vllm import LLM
-
-    engine = LLM(model=str(POLICY), gpu_memory_utilization=0.3, max_model_len=256, enable_prefix_caching=True, seed=0)
-    yield engine
-    engine.llm_engine.engine_core.shutdown()  # free the engine core process and its KV cache now, not at exit
+def llm(vllm_engine):
+    """vLLM's own `LLM` object, the session engine's (loaded from the shipped model; one start per session)."""
+    assert vllm_engine.model_path == str(POLICY)
+    return vllm_engine.llm
 
 
 @pytest.mark.slow
