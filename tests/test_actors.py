@@ -83,7 +83,8 @@ def test_killed_engine_mid_batch_loses_and_duplicates_nothing(pool):
     import ray
 
     pid_before = ray.get(pool.actors[0].health.remote())["pid"]
-    reqs = requests_for(pool, 24, n=2, max_new_tokens=40)
+    # Big enough to take several seconds even on an idle machine, so the kill lands mid-batch.
+    reqs = requests_for(pool, 96, n=2, max_new_tokens=64)
     pool.max_chunk_requests = 2
     resubmitted_before = pool.resubmitted_chunks
 
