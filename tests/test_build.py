@@ -126,3 +126,29 @@ def test_killed_build_resumes_to_the_same_dataset(tmp_path, built):
     a, b = read_manifest(out), read_manifest(reference_dir)
     assert [s["rows"] for s in a["shards"]] == [s["rows"] for s in b["shards"]]
     assert a["dataset_version"] == b["dataset_version"], "same rows, same shard hashes"
+
+
+def test_trl_prm_trainer_trains_on_the_dataset_as_written(built, tmp_path):
+    """TRL's stepwise-supervision PRMTrainer (trl 1.13.0) runs a few steps on the shards, read as-is."""
+    import datasets
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from trl.experimental.prm import PRMConfig, PRMTrainer
+
+    out, report, _ = built
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path / "hf-cache")
+    train = datasets.load_dataset("parquet", data_files=str(out / "shards" / "*.parquet"), split="train")
+    assert len(train) == report.rows and {"prompt", "completions", "labels"} <= set(train.column_names)
+    policy = str(REPO_ROOT / "assets" / "toy-policy")
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForTokenClassification.from_pretrained(policy, num_labels=2)
+    before = [p.detach().clone() for p in model.score.parameters()]
+    args = PRMConfig(output_dir=str(tmp_path / "trl"), max_steps=3, per_device_train_batch_size=4, use_cpu=True,
+                     report_to=[], max_length=256, step_separator="|", logging_steps=1, save_strategy="no",
+                     dataset_num_proc=None)
+    trainer = PRMTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    result = trainer.train()
+    assert result.global_step == 3 and result.training_loss > 0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.score.parameters(), strict=True))
