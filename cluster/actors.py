@@ -80,6 +80,7 @@ class EngineActor:
 
         self.engine_name = engine_name
         self.started_at = time.time()
+        self.policy_json = policy.model_dump_json()
         self.engine = make_engine(policy)
         self.metrics = EngineMetrics(engine_name)
         self._engine_lock = threading.Lock()
@@ -116,6 +117,7 @@ class EngineActor:
             "node_id": ray.get_runtime_context().get_node_id(),
             "started_at": self.started_at,
             "requests_served": self._served,
+            "policy": self.policy_json,
         }
 
     def tokenize(self, text: str) -> list[int]:
@@ -150,9 +152,23 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
     cluster: ClusterConfig = cfg.cluster
     name = engine_name(cfg.name, index)
     try:
-        return ray.get_actor(name, namespace=cluster.namespace)
+        live = ray.get_actor(name, namespace=cluster.namespace)
     except ValueError:
-        pass
+        live = None
+    if live is not None:
+        served = ray.get(live.health.remote(), timeout=cluster.request_timeout_s).get("policy")
+        if served == cfg.policy.model_dump_json():
+            return live
+        # Same config name, another policy (a new model path, dtype, ...): never serve from the stale engine.
+        log.warning("engine %s serves another policy; replacing it", name)
+        ray.kill(live, no_restart=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=cluster.namespace)
+            except ValueError:
+                break
+            time.sleep(0.2)
     pg = pg if pg is not None else _placement_group(cfg)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     return (

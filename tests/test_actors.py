@@ -144,3 +144,26 @@ def test_metrics_reach_the_prometheus_endpoint(pool, ray_session):
     assert wanted <= found.keys(), sorted(found)
     assert 'engine="actortest-engine-' in found["ray_prm_factory_tokens_generated_total"]
     assert 'stage="partition"' in found["ray_prm_factory_anchors_found_total"]
+
+
+def test_a_changed_policy_never_reuses_the_old_engine(ray_session, policy_model_path):
+    """Engines are found by config name; one that serves another policy is replaced, not reused."""
+    import json
+
+    import ray
+
+    from cluster.actors import start_engines
+
+    first_cfg = make_config(policy_model_path, ray_session["namespace"], num_engines=1)
+    first_cfg = first_cfg.model_copy(update={"name": "policyswap"})
+    first = start_engines(first_cfg)
+    changed = first_cfg.model_copy(update={"policy": first_cfg.policy.model_copy(update={"seed": 7})})
+    second = start_engines(changed)
+    try:
+        assert second.actors[0]._actor_id != first.actors[0]._actor_id
+        served = ray.get(second.actors[0].health.remote())["policy"]
+        assert json.loads(served)["seed"] == 7
+        same = start_engines(changed)
+        assert same.actors[0]._actor_id == second.actors[0]._actor_id, "an unchanged policy is reattached"
+    finally:
+        second.shutdown()

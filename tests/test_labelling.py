@@ -142,3 +142,39 @@ def test_early_stop_stops_at_first_success(engine, tokenizer, problems):
         for k, n in zip(row["successes"][:-1], row["rollouts"][:-1], strict=True):
             assert n <= 8
             assert k > 0 or n == 8, "a prefix without success is rolled out to the full N"
+
+
+class _EmptyThenRealEngine:
+    """Engine double for one edge case: the first problem's root solution comes back empty (EOS at once)."""
+
+    def __init__(self, engine, eos_id: int):
+        self.engine, self.eos_id, self.calls = engine, eos_id, 0
+
+    def generate(self, requests, stage="generate"):
+        from cluster.engine import Sample
+
+        results = self.engine.generate(requests, stage=stage)
+        if self.calls == 0:
+            results[0].samples[0] = Sample(token_ids=[self.eos_id], text="", finish_reason="stop", logprobs=[0.0],
+                                           top_logprobs=[[(self.eos_id, 0.0)]], entropy=[0.0])
+        self.calls += 1
+        return results
+
+
+def test_empty_generation_is_rejected_with_a_reason(engine, tokenizer, problems):
+    cfg = parse_config(_config(partition={"method": "newline"}, tree={"enabled": False}))
+    result = ShardLabeller(cfg, _EmptyThenRealEngine(engine, tokenizer.eos_token_id), tokenizer).label(problems)
+    assert [r.problem_id for r in result.rejected] == [problems[0].problem_id]
+    assert "empty generation" in result.rejected[0].reason
+    assert {r["problem_id"] for r in result.rows} == {p.problem_id for p in problems[1:]}
+
+
+def test_unfinished_solution_is_a_negative_final_step(engine, tokenizer, problems):
+    """A policy cut off by max_new_tokens never reached an answer: kept, final label False."""
+    cfg = parse_config(_config(partition={"method": "newline"}, tree={"enabled": False},
+                               rollouts={"n": 2, "max_new_tokens": 6}))
+    result = ShardLabeller(cfg, engine, tokenizer).label(problems)
+    assert result.rows and not result.rejected
+    for row in result.rows:
+        assert row["final_correct"] is False and row["labels"][-1] is False
+        assert row["completion_tokens"] <= 6

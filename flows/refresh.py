@@ -1,0 +1,81 @@
+"""Flow: incremental refresh of a versioned dataset root (scheduled by the `refresh` deployment).
+
+validate config -> plan (current sources vs the LATEST version) -> if nothing changed: record
+"up to date" and stop (no engine, no new version) -> else prepare a new version -> reuse unchanged
+shards from the parent (hard links, sha256-checked) -> label only new or changed shards -> manifest with
+parents and lineage -> move LATEST -> report artifacts.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+
+from configs.schema import resolve_path
+from flows.steps import (
+    artifact_key,
+    label_shards,
+    load,
+    plan_refresh,
+    point_latest,
+    prepare_shards,
+    publish_report,
+    reuse_shards,
+    run_summary,
+    validate_config,
+    write_manifest,
+)
+from tasks.versions import version_dir
+
+
+def default_root(config_path: str) -> str:
+    """Where a config's versions live when no root is given: `datasets/` beside its dataset.out_dir."""
+    return str(resolve_path(load(config_path).dataset.out_dir).parent / "datasets")
+
+
+@flow(name="refresh-dataset", log_prints=True)
+def refresh(config_path: str = "configs/toy.yaml", root: str | None = None) -> dict:
+    """Bring the dataset root up to date with the config's sources, labelling only what changed."""
+    started = time.perf_counter()
+    log = get_run_logger()
+    validate_config(config_path)
+    cfg = load(config_path)
+    root = str(resolve_path(root or default_root(config_path)))
+    key = artifact_key(cfg.name, "refresh")
+
+    plan = plan_refresh(config_path, root)
+    if plan["up_to_date"]:
+        summary = run_summary([], started, status="up_to_date", version=plan["parent"],
+                              dataset_dir=str(version_dir(root, plan["parent"])), engine_started=False)
+        point_latest(root, "", {"status": "up_to_date", "version": plan["parent"], "shards": plan["shards"]})
+        publish_report(summary["dataset_dir"], summary, artifact_key=key, write_files=False)
+        log.info("up to date: version %s has every shard of the current sources", plan["parent"])
+        return summary
+
+    out = str(version_dir(root, plan["version"]))
+    shards = prepare_shards(config_path, out)
+    reused = reuse_shards(out, plan["reuse"])
+    reused_at = {r["index"] for r in reused}
+    results = label_shards([s for s in shards if s.index not in reused_at], max_in_flight=cfg.cluster.num_engines)
+    lineage = {"version": plan["version"], "parent": plan["parent"],
+               "reused_shards": [{k: r[k] for k in ("index", "parent_index", "key", "how")} for r in reused],
+               "labelled_shards": [r["index"] for r in results]}
+    parents = [plan["parent"]] if plan["parent"] else []
+    manifest = write_manifest(config_path, out, parents=parents, extra={"lineage": lineage})
+    point_latest(root, plan["version"], {"status": "new_version", "version": plan["version"],
+                                         "parents": parents, "reused": len(reused), "labelled": len(results)})
+
+    summary = run_summary(results, started, status="new_version", version=plan["version"], dataset_dir=out,
+                          dataset_version=manifest["dataset_version"], parents=parents, reused_shards=len(reused),
+                          engine_started=any(r["status"] == "built" for r in results))
+    publish_report(out, summary, artifact_key=key)
+    log.info("version %s: %d shards reused from %s, %d labelled; LATEST -> %s", plan["version"], len(reused),
+             plan["parent"], len(results), plan["version"])
+    return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    refresh(*sys.argv[1:])

@@ -1,0 +1,239 @@
+"""`prm-factory serve`: a local Prefect server, the deployments of prefect.yaml, a worker and a Ray cluster.
+
+What it starts, in order (each a child process in its own session, stopped on Ctrl-C, and only those):
+
+1. ``prefect server start --host 127.0.0.1 --port <free>`` with ``PREFECT_HOME=runs/prefect``; waits for
+   ``/api/health``. A real server, not Prefect's ephemeral API: flow-run subprocesses and Ray workers all
+   talk to this one through ``PREFECT_API_URL``.
+2. a ``process`` work pool (``prm-factory-local``) and ``prefect --no-prompt deploy --all`` from prefect.yaml.
+3. a local Ray head (cluster/local.py: dashboard on 127.0.0.1, token auth on), unless ``RAY_ADDRESS``
+   names a running cluster: flow runs attach to it, and the engine actors outlive every flow run.
+4. ``prefect worker start --pool prm-factory-local``, whose flow runs inherit ``PREFECT_API_URL``,
+   ``RAY_ADDRESS`` and ``PRM_FACTORY_ROOT`` (prefect.yaml's pull step changes into that directory).
+
+``--check`` does 1-2, lists the deployments and stops: a quick test that prefect.yaml deploys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from configs.schema import REPO_ROOT
+
+WORK_POOL = "prm-factory-local"
+PREFECT_HOME = REPO_ROOT / "runs" / "prefect"
+QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
+             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+
+
+class ServeError(RuntimeError):
+    """A piece of the local stack did not start; the message names it and its log file."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment for Prefect children: their own PREFECT_HOME, the server's URL, offline and quiet."""
+    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home), "PRM_FACTORY_ROOT": str(REPO_ROOT), **extra}
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+@dataclass
+class Child:
+    """A process we started (own session, so we can stop its whole group and nothing else)."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=timeout_s)
+        except ProcessLookupError:
+            pass
+
+
+def spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> Child:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                                start_new_session=True)
+    return Child(name, proc, log)
+
+
+def wait_healthy(api_url: str, child: Child | None = None, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child is not None and child.proc.poll() is not None:
+            raise ServeError(f"{child.name} exited with {child.proc.returncode}; see {child.log}")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise ServeError(f"no healthy Prefect API at {api_url} after {timeout_s:.0f}s" +
+                     (f"; see {child.log}" if child else ""))
+
+
+def start_server(home: Path, port: int | None = None, *, ui: bool = True, extra_env: dict[str, str] | None = None,
+                 timeout_s: float = 90.0) -> tuple[Child, str]:
+    """A real Prefect server on 127.0.0.1; returns it and its API URL once /api/health answers."""
+    port = port or free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = prefect_env(home, **(extra_env or {}), PREFECT_UI_ENABLED="true" if ui else "false")
+    env.pop("PREFECT_API_URL", None)  # the server must not think it is a client of another one
+    child = spawn("prefect-server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                  env, home / "logs")
+    try:
+        wait_healthy(api_url, child, timeout_s)
+    except BaseException:
+        child.stop()
+        raise
+    return child, api_url
+
+
+def _run(cmd: list[str], env: dict[str, str], what: str, prefect_file: Path | None = None) -> str:
+    result = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ServeError(f"{what} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def deploy(env: dict[str, str], *, pool: str = WORK_POOL, prefect_file: Path | None = None) -> str:
+    """Create (or keep) the process work pool and deploy every deployment of prefect.yaml."""
+    check = subprocess.run([_bin("prefect"), "work-pool", "inspect", pool], env=env, cwd=REPO_ROOT,
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        _run([_bin("prefect"), "work-pool", "create", pool, "--type", "process"], env, f"work-pool create {pool}")
+    cmd = [_bin("prefect"), "--no-prompt", "deploy", "--all"]
+    if prefect_file is not None:
+        cmd += ["--prefect-file", str(prefect_file)]
+    return _run(cmd, env, "prefect deploy --all")
+
+
+def start_worker(env: dict[str, str], log_dir: Path, *, pool: str = WORK_POOL, name: str = "prefect-worker") -> Child:
+    return spawn(name, [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process"], env, log_dir)
+
+
+@dataclass
+class LocalStack:
+    """What `serve` started; `stop()` ends it in reverse order."""
+
+    api_url: str
+    ui_url: str
+    ray_address: str | None = None
+    ray_dashboard: str | None = None
+    children: list[Child] = field(default_factory=list)
+    stop_ray: Callable[[], None] | None = None
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        if self.stop_ray is not None:
+            self.stop_ray()
+
+
+def start_stack(*, home: Path = PREFECT_HOME, port: int | None = None, with_ray: bool = True,
+                with_worker: bool = True, prefect_file: Path | None = None,
+                echo: Callable[[str], None] = print) -> LocalStack:
+    """Server, deployments, Ray and a worker (see the module docstring); stops what it started on failure."""
+    home.mkdir(parents=True, exist_ok=True)
+    server, api_url = start_server(home, port)
+    stack = LocalStack(api_url, api_url.removesuffix("/api"), children=[server])
+    try:
+        echo(f"Prefect server healthy at {stack.ui_url} (PREFECT_HOME={home})")
+        env = prefect_env(home, api_url)
+        deploy(env, prefect_file=prefect_file)
+        echo("deployed every deployment of prefect.yaml to work pool " + WORK_POOL)
+        if with_ray:
+            if os.environ.get("RAY_ADDRESS"):
+                stack.ray_address = os.environ["RAY_ADDRESS"]
+            else:
+                from cluster import local
+
+                state_file = home / "ray" / "cluster.json"
+                ray_state = local.up(port=free_port(), dashboard_port=free_port(), metrics_export_port=free_port(),
+                                     state_file=state_file)
+                stack.ray_address, stack.ray_dashboard = ray_state["address"], ray_state["dashboard_url"]
+                stack.stop_ray = lambda: local.down(state_file=state_file)
+                env["RAY_AUTH_MODE"] = "token"  # cluster/local.py starts Ray with token auth: drivers need it too
+            env["RAY_ADDRESS"] = stack.ray_address
+            echo(f"Ray at {stack.ray_address}; dashboard {stack.ray_dashboard or '(the cluster you gave)'} "
+                 "(token auth: `ray get-auth-token` prints the token)")
+        if with_worker:
+            stack.children.append(start_worker(env, home / "logs"))
+            echo(f"worker polling {WORK_POOL} (log: {home / 'logs' / 'prefect-worker.log'})")
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def list_deployments(api_url: str) -> list[dict]:
+    """Every deployment on the server (name, flow id, schedules, concurrency) through the REST API."""
+    req = urllib.request.Request(f"{api_url}/deployments/filter", data=b"{}", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def serve(*, check: bool = False, port: int | None = None, echo: Callable[[str], None] = print) -> int:
+    """Run the local stack until Ctrl-C or SIGTERM (or, with `check`, deploy, list the deployments and stop)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Both end the stack cleanly (a background job may start with SIGINT ignored; SIGTERM comes from kill).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    stack = start_stack(port=port, with_ray=not check, with_worker=not check, echo=echo)
+    try:
+        deployments = list_deployments(stack.api_url)
+        for d in deployments:
+            limit = (d.get("global_concurrency_limit") or {}).get("limit")
+            strategy = (d.get("concurrency_options") or {}).get("collision_strategy")
+            crons = [s["schedule"].get("cron") for s in d.get("schedules", [])]
+            echo(f"deployment {d['name']}: cron {crons or '-'}, concurrency limit {limit or '-'} ({strategy or '-'})")
+        if check:
+            return 0
+        echo(f"Prefect UI: {stack.ui_url}   Ray dashboard: {stack.ray_dashboard or stack.ray_address}")
+        echo("Ctrl-C stops the worker, the server and the Ray cluster started here.")
+        while all(c.proc.poll() is None for c in stack.children):
+            time.sleep(1.0)
+        dead = [c for c in stack.children if c.proc.poll() is not None]
+        echo(f"{dead[0].name} exited ({dead[0].proc.returncode}); see {dead[0].log}")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()

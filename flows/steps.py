@@ -1,0 +1,280 @@
+"""The Prefect tasks the flows are made of: thin wrappers over tasks/build.py, tasks/versions.py, tasks/report.py.
+
+Tasks receive small references (config path, output directory, shard index and key), never problems or
+rows, so Prefect can hash their inputs for caching and the API never carries data. The engines live in
+named, detached Ray actors (cluster/actors.py): a shard task attaches to them by name (starting them if
+they are not there), sends its shard's requests and writes its Parquet shard. The pool enforces the
+per-request timeouts; Prefect's task timeouts are not used.
+
+Why a thread pool and not ``prefect_ray.RayTaskRunner``: a shard task is a thin client that waits on
+the engine actors, which are already Ray's to schedule. Running the task itself as a Ray task would take
+a CPU slot from the engines (on a 2-core machine, half the cluster), ship the task's Prefect context to a
+Ray worker, and with an ephemeral API start one Prefect server per Ray worker. Threads in the flow-run
+process cost nothing and the engine pool already provides backpressure; the flow keeps at most
+``cluster.num_engines`` shards in flight.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.futures import PrefectFuture, as_completed
+
+from configs.schema import FactoryConfig, load_config, resolve_path
+
+SHARD_CACHE = INPUTS + TASK_SOURCE
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """What a shard task needs to find its work: small, hashable, JSON-able."""
+
+    config_path: str
+    out_dir: str
+    index: int
+    key: str
+
+
+# -- per-process state shared by the shard tasks of one flow run (threads) ---------------------------
+
+_lock = threading.Lock()
+_problems: dict[tuple[str, str, str], dict[str, Any]] = {}
+_labellers: dict[tuple[str, str], Any] = {}
+
+
+def load(config_path: str) -> FactoryConfig:
+    return load_config(resolve_path(config_path))
+
+
+def _problems_by_id(config_path: str, cfg: FactoryConfig) -> dict[str, Any]:
+    """The config's problems by id, ingested once per flow run (cheap next to labelling a shard)."""
+    from prefect.runtime import flow_run
+
+    from tasks.build import ingest
+
+    key = (str(flow_run.id), config_path, cfg.config_hash())
+    with _lock:
+        if key not in _problems:
+            _problems[key] = {p.problem_id: p for p in ingest(cfg).problems}
+        return _problems[key]
+
+
+def _labeller(cfg: FactoryConfig):
+    """A ShardLabeller over the config's engine pool, attached (or started) once per flow run."""
+    from prefect.runtime import flow_run
+
+    from cluster.actors import start_engines
+    from tasks.build import load_tokenizer
+    from tasks.labelling import ShardLabeller
+
+    key = (str(flow_run.id), cfg.config_hash())
+    with _lock:
+        if key not in _labellers:
+            pool = start_engines(cfg)
+            _labellers[key] = ShardLabeller(cfg, pool, load_tokenizer(cfg))
+            get_run_logger().info("engine pool ready: %s; Ray dashboard: %s", ", ".join(pool.names),
+                                  ray_dashboard_url() or "(not available)")
+        return _labellers[key]
+
+
+def artifact_key(config_name: str, kind: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]", "-", f"{config_name}-{kind}".lower())
+
+
+def ray_dashboard_url() -> str | None:
+    """The dashboard URL of the Ray cluster this process is connected to (None when not connected)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray._private.worker import get_dashboard_url
+
+    url = get_dashboard_url()
+    return f"http://{url}" if url and not url.startswith("http") else url or None
+
+
+# -- tasks ---------------------------------------------------------------------------------------------
+
+
+@task(name="validate-config")
+def validate_config(config_path: str) -> dict[str, str]:
+    """Consumes a YAML path; produces the config's name and hashes, or fails naming each bad field."""
+    cfg = load(config_path)
+    return {"name": cfg.name, "config_hash": cfg.config_hash(), "labelling_hash": cfg.labelling_hash()}
+
+
+@task(name="prepare")
+def prepare_shards(config_path: str, out_dir: str) -> list[ShardRef]:
+    """Consumes the config's sources; produces the output dir (ingest report, quarantine) and one ref per shard."""
+    from tasks.build import prepare
+
+    cfg = load(config_path)
+    ingested, plans = prepare(cfg, out_dir)
+    get_run_logger().info("%d problems (%d quarantined) in %d shards -> %s", len(ingested.problems),
+                          len(ingested.quarantined), len(plans), out_dir)
+    return [ShardRef(config_path, str(out_dir), p.index, p.key) for p in plans]
+
+
+@task(name="label-shard", retries=2, retry_delay_seconds=2, cache_policy=SHARD_CACHE, persist_result=True,
+      task_run_name="shard-{index:05d}")
+def label_shard(config_path: str, out_dir: str, index: int, key: str) -> dict[str, Any]:
+    """Consumes one shard reference; produces `shards/part-<index>.parquet` (skipped when already done).
+
+    Idempotent: a done shard returns at once, and a shard is written whole or not at all, so retries and
+    re-runs after a crash never duplicate rows. Returns the shard's status, rows and engine cost.
+    """
+    from tasks.build import label_shard as label_and_write
+    from tasks.build import plan_shards
+    from tasks.dataset import shard_done, shard_info
+
+    started = time.perf_counter()
+    if shard_done(out_dir, index):
+        return {"index": index, "status": "skipped", "rows": shard_info(out_dir, index).rows, "cost": {},
+                "seconds": time.perf_counter() - started}
+    cfg = load(config_path)
+    by_id = _problems_by_id(config_path, cfg)
+    plan = plan_shards(list(by_id.values()), cfg)[index]
+    if plan.key != key:
+        raise ValueError(f"shard {index}: the sources changed since planning (key {plan.key}, expected {key})")
+    cost = label_and_write(cfg, out_dir, plan, [by_id[pid] for pid in plan.problem_ids], _labeller(cfg))
+    return {"index": index, "status": "built", "rows": shard_info(out_dir, index).rows, "cost": cost.to_dict(),
+            "seconds": time.perf_counter() - started}
+
+
+def label_shards(refs: Sequence[ShardRef], max_in_flight: int) -> list[dict[str, Any]]:
+    """Run `label_shard` for each ref, at most `max_in_flight` at once; results in ref order.
+
+    Results persist in Prefect's local result storage (``$PREFECT_HOME/storage``; `serve` puts PREFECT_HOME
+    under runs/prefect). A cache entry is only trusted while the shard it vouches for is on disk: a
+    missing shard (a deleted dataset) refreshes its entry instead of returning a stale "done".
+    """
+    from tasks.dataset import shard_done
+
+    results: dict[int, dict[str, Any]] = {}
+    pending: list[PrefectFuture] = []
+
+    def collect(future: PrefectFuture) -> None:
+        result = future.result()
+        if future.state.name == "Cached":
+            result = {**result, "status": "cached", "cost": {}}
+        results[result["index"]] = result
+
+    for ref in refs:
+        shard_task = label_shard.with_options(refresh_cache=not shard_done(ref.out_dir, ref.index))
+        if len(pending) >= max_in_flight:
+            done = next(as_completed(pending))
+            pending.remove(done)
+            collect(done)
+        pending.append(shard_task.submit(ref.config_path, ref.out_dir, ref.index, ref.key))
+    for future in pending:
+        collect(future)
+    return [results[ref.index] for ref in refs]
+
+
+@task(name="write-manifest")
+def write_manifest(config_path: str, out_dir: str, parents: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """Consumes the finished shards; produces manifest.json (row counts, sha256 per shard, parents, lineage)."""
+    from tasks.build import finalize, ingest, plan_shards
+
+    cfg = load(config_path)
+    ingested = ingest(cfg)
+    return finalize(cfg, out_dir, plan_shards(ingested.problems, cfg), ingested, parents=parents, extra=extra)
+
+
+@task(name="publish-report")
+def publish_report(dataset_dir: str, run: dict[str, Any], artifact_key: str,
+                   write_files: bool = True) -> dict[str, Any]:
+    """Consumes a dataset dir and this run's figures; produces reports/*.png, reports/report.md and artifacts.
+
+    `write_files=False` leaves the directory untouched (an "up to date" refresh never writes into a version).
+    """
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.report import build_report
+
+    report = build_report(dataset_dir, run=run, embed_images=True, write_files=write_files)
+    create_markdown_artifact(report.markdown, key=artifact_key, description=f"dataset report: {dataset_dir}")
+    create_table_artifact(report.table_rows(), key=f"{artifact_key}-shards",
+                          description="per shard: rows, labelled steps, generated tokens, cost per labelled step")
+    get_run_logger().info("report: %s", report.markdown_path)
+    return {"markdown": str(report.markdown_path), "images": [str(p) for p in report.images.values()],
+            "stats": {k: v for k, v in report.stats.items() if k != "entropies"}}
+
+
+def run_summary(results: Sequence[dict[str, Any]], started: float, **extra: Any) -> dict[str, Any]:
+    """This run's figures from the shard results: shards built / skipped, tokens spent per stage."""
+    cost: dict[str, int] = {}
+    for r in results:
+        for name, value in r.get("cost", {}).items():
+            cost[name] = cost.get(name, 0) + int(value)
+    by_status: dict[str, int] = {}
+    for r in results:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    return {"shards_by_status": by_status, "cost": cost, "seconds": round(time.perf_counter() - started, 2),
+            "ray_dashboard": ray_dashboard_url(), **extra}
+
+
+
+# -- refresh: versions under a dataset root --------------------------------------------------------------
+
+
+@task(name="plan-refresh")
+def plan_refresh(config_path: str, root: str) -> dict[str, Any]:
+    """Consumes the current sources and LATEST; produces which shards to reuse and which to label (no writes)."""
+    from tasks.build import ingest, plan_shards
+    from tasks.versions import next_version_id, plan_reuse, read_latest, version_dir
+
+    cfg = load(config_path)
+    keys = [p.key for p in plan_shards(ingest(cfg).problems, cfg)]
+    parent = read_latest(root)
+    reuse = plan_reuse(parent, version_dir(root, parent) if parent else None, keys)
+    plan = {
+        "parent": parent,
+        "up_to_date": reuse.up_to_date,
+        "version": None if reuse.up_to_date else next_version_id(root, keys + [cfg.config_hash()]),
+        "shards": len(keys),
+        "reuse": [{"index": r.index, "parent_index": r.parent_index, "key": r.key, "parent_path": str(r.parent_path),
+                   "sha256": r.sha256} for r in reuse.reuse],
+        "label": reuse.label,
+    }
+    get_run_logger().info("refresh plan: parent %s, %d shards: %d reusable, %d to label%s", parent, len(keys),
+                          len(reuse.reuse), len(reuse.label), " (up to date)" if reuse.up_to_date else "")
+    return plan
+
+
+@task(name="reuse-shards")
+def reuse_shards(out_dir: str, reuse: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consumes the parent's shards with unchanged keys; produces them in `out_dir` (hard link, sha256-checked)."""
+    from tasks.dataset import shard_done
+    from tasks.versions import ReusableShard, VersionError, link_shard
+
+    done = []
+    for r in reuse:
+        if shard_done(out_dir, r["index"]):  # a resumed refresh linked it already
+            done.append({**r, "how": "present"})
+            continue
+        shard = ReusableShard(r["index"], r["key"], r["parent_index"], Path(r["parent_path"]), r["sha256"])
+        try:
+            done.append({**r, "how": link_shard(shard, out_dir)})
+        except VersionError as err:  # a parent file that does not match its manifest is relabelled instead
+            get_run_logger().warning("%s", err)
+    return done
+
+
+@task(name="point-latest")
+def point_latest(root: str, version: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Consumes a complete version; produces LATEST pointing at it and a line in refresh.jsonl."""
+    from tasks.versions import append_refresh_log, write_latest
+
+    if version:
+        write_latest(root, version)
+    return append_refresh_log(root, record)

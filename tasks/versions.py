@@ -1,0 +1,230 @@
+"""Dataset versions under one root, and what a refresh can reuse from the latest one.
+
+A dataset root holds complete dataset directories and a pointer to the newest::
+
+    <root>/versions/<version-id>/   shards/part-XXXXX.parquet + manifest.json (tasks/dataset.py)
+    <root>/LATEST                   the id of the newest complete version (replaced atomically)
+    <root>/refresh.jsonl            one line per refresh: what it did (also "up to date" runs)
+
+A version id is ``<seq>-<content>``: a sequence number that sorts, and 8 hex of the hash over the
+planned shard keys, so an interrupted refresh finds its own unfinished directory again and resumes it.
+
+A shard is reused when the parent version holds a shard with the same key (the key hashes the labelling
+config and the shard's problem ids: same key, same rows). The file is hard-linked (copied across file
+systems) and its sha256 checked against the parent's manifest; a parent shard whose bytes do not match
+its manifest is not reused but relabelled. Everything here is plain file I/O: no engine, no Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tasks.dataset import MANIFEST_NAME, read_manifest, shard_path
+
+VERSIONS_DIR = "versions"
+LATEST_NAME = "LATEST"
+REFRESH_LOG = "refresh.jsonl"
+
+
+class VersionError(RuntimeError):
+    """A dataset root or version that cannot be used as asked (the message says which file)."""
+
+
+@dataclass(frozen=True)
+class ReusableShard:
+    """A parent shard that a planned shard can take as is: same key; `index` may differ from the parent's."""
+
+    index: int
+    key: str
+    parent_index: int
+    parent_path: Path
+    sha256: str
+
+
+@dataclass
+class ReusePlan:
+    """For each planned shard: reuse it from the parent, or label it."""
+
+    parent: str | None
+    reuse: list[ReusableShard] = field(default_factory=list)
+    label: list[int] = field(default_factory=list)
+    parent_shards: int = 0
+
+    @property
+    def up_to_date(self) -> bool:
+        """Every planned shard is in the parent at the same index, and the parent has no others."""
+        return (self.parent is not None and not self.label and len(self.reuse) == self.parent_shards
+                and all(r.index == r.parent_index for r in self.reuse))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def versions_dir(root: str | Path) -> Path:
+    return Path(root) / VERSIONS_DIR
+
+
+def version_dir(root: str | Path, version_id: str) -> Path:
+    return versions_dir(root) / version_id
+
+
+def read_latest(root: str | Path) -> str | None:
+    """The id LATEST points to, or None for a root without versions. A dangling pointer is an error."""
+    pointer = Path(root) / LATEST_NAME
+    if not pointer.is_file():
+        return None
+    version_id = pointer.read_text().strip()
+    if not (version_dir(root, version_id) / MANIFEST_NAME).is_file():
+        raise VersionError(f"{pointer} names version {version_id!r}, which has no {MANIFEST_NAME}")
+    return version_id
+
+
+def write_latest(root: str | Path, version_id: str) -> None:
+    """Point LATEST at a complete version (temp file, fsync, rename: readers see the old or the new id)."""
+    if not (version_dir(root, version_id) / MANIFEST_NAME).is_file():
+        raise VersionError(f"version {version_id!r} under {root} is not complete (no {MANIFEST_NAME})")
+    _write_atomic(Path(root) / LATEST_NAME, version_id + "\n")
+
+
+def content_id(shard_keys: Sequence[str]) -> str:
+    """8 hex over the ordered shard keys: the same plan gets the same suffix."""
+    return hashlib.sha256("\n".join(shard_keys).encode()).hexdigest()[:8]
+
+
+def next_version_id(root: str | Path, shard_keys: Sequence[str]) -> str:
+    """The version a refresh of this plan writes into: its own unfinished directory if one exists, else a new one."""
+    suffix = content_id(shard_keys)
+    existing = sorted(p.name for p in versions_dir(root).glob("*-*") if p.is_dir())
+    for name in existing:
+        if name.endswith("-" + suffix) and not (versions_dir(root) / name / MANIFEST_NAME).is_file():
+            return name  # an interrupted refresh of the same plan: resume it
+    seqs = [int(name.split("-", 1)[0]) for name in existing if name.split("-", 1)[0].isdigit()]
+    return f"{max(seqs, default=0) + 1:04d}-{suffix}"
+
+
+def plan_reuse(parent: str | None, parent_dir: Path | None, shard_keys: Sequence[str]) -> ReusePlan:
+    """Which planned shards (given by their keys, in index order) the parent version already holds.
+
+    The parent's keys come from its manifest (``extra.shard_keys``, in index order) and its shard hashes
+    from the manifest's shard list; a planned key seen twice in the parent is taken from its first index.
+    """
+    plan = ReusePlan(parent)
+    if parent is None or parent_dir is None:
+        plan.label = list(range(len(shard_keys)))
+        return plan
+    manifest = read_manifest(parent_dir)
+    parent_keys: list[str] = manifest.get("extra", {}).get("shard_keys", [])
+    plan.parent_shards = len(parent_keys)
+    sha_by_path = {e["path"]: e["sha256"] for e in manifest.get("shards", [])}
+    where: dict[str, int] = {}
+    for j, key in enumerate(parent_keys):
+        where.setdefault(key, j)
+    for i, key in enumerate(shard_keys):
+        j = where.get(key)
+        rel = shard_path("", j).as_posix() if j is not None else None
+        if j is None or rel not in sha_by_path:
+            plan.label.append(i)
+            continue
+        plan.reuse.append(ReusableShard(i, key, j, parent_dir / rel, sha_by_path[rel]))
+    return plan
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def link_shard(shard: ReusableShard, dest_dir: str | Path) -> str:
+    """Put a parent shard into `dest_dir` as shard `shard.index`; returns "link", "copy" or "rewrite".
+
+    Same index: hard link (a copy where linking fails, e.g. across file systems), then the sha256 is
+    checked against the parent's manifest. Another index: the rows are rewritten with the new ``shard``
+    column (a new file, no engine work). A parent file that does not match its manifest raises
+    VersionError before anything is written.
+    """
+    src = shard.parent_path
+    _copy_rejects(src.parent.parent, shard.parent_index, Path(dest_dir), shard.index)
+    actual = sha256_file(src)
+    if actual != shard.sha256:
+        raise VersionError(f"{src} has sha256 {actual}, its manifest says {shard.sha256}: not reusing it")
+    dest = shard_path(dest_dir, shard.index)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if shard.index != shard.parent_index:
+        import pyarrow.parquet as pq
+
+        from tasks.dataset import read_provenance, write_shard
+
+        rows = pq.read_table(src).replace_schema_metadata(None).to_pylist()
+        for row in rows:
+            row["shard"] = shard.index
+        write_shard(dest_dir, shard.index, rows, read_provenance(src))
+        return "rewrite"
+    tmp = dest.with_name(f".{dest.name}.tmp-link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+        how = "link"
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        how = "copy"
+    if sha256_file(tmp) != shard.sha256:
+        tmp.unlink(missing_ok=True)
+        raise VersionError(f"{how} of {src} to {dest} does not match sha256 {shard.sha256}")
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+    return how
+
+
+def _copy_rejects(parent_dir: Path, parent_index: int, dest_dir: Path, index: int) -> None:
+    """The problems that produced no row in a reused shard stay on record (rejected/part-XXXXX.jsonl)."""
+    src = parent_dir / "rejected" / f"part-{parent_index:05d}.jsonl"
+    if src.is_file():
+        (dest_dir / "rejected").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest_dir / "rejected" / f"part-{index:05d}.jsonl")
+
+
+def append_refresh_log(root: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Append one JSON line to ``<root>/refresh.jsonl`` (with a UTC timestamp) and return the record."""
+    record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), **record}
+    path = Path(root) / REFRESH_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return record
+
+
+def read_refresh_log(root: str | Path) -> list[dict[str, Any]]:
+    path = Path(root) / REFRESH_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,237 @@
+"""The Prefect deployments end to end, against a real Prefect server, a real process worker and the session Ray.
+
+One Prefect server (own PREFECT_HOME in tmp) and one worker serve the whole module. prefect.yaml is deployed
+as shipped, from a copy whose parameters point at a tiny toy config (8 problems, 2 per shard, N=2, 16 new
+tokens, transformers backend): flow runs are real subprocesses of the worker that attach to the test
+session's Ray by address, exactly as under `prm-factory serve`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from configs.schema import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+BUILD = "build-dataset/build-dataset"
+REFRESH = "refresh-dataset/refresh"
+CONFIG_NAME = "flows-tiny"
+
+
+def tiny_config(path: Path, model_path: str, num_problems: int) -> str:
+    path.write_text(yaml.safe_dump({
+        "name": CONFIG_NAME,
+        "sources": [{"kind": "toy", "num_problems": num_problems, "seed": 7, "min_steps": 2, "max_steps": 3}],
+        "policy": {"model_path": model_path, "backend": "transformers", "max_model_len": 128},
+        "cluster": {"num_engines": 1, "cpus_per_engine": 1, "request_timeout_s": 120},
+        "partition": {"method": "edu", "tau": 1.0, "min_step_tokens": 3, "max_anchors": 3},
+        "tree": {"branch_width": 2, "max_depth": 1, "max_leaves": 3},
+        "rollouts": {"n": 2, "max_new_tokens": 16},
+        "dataset": {"out_dir": str(path.parent / "dataset"), "problems_per_shard": 2},
+    }))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, ray_session, policy_model_path):
+    """A real Prefect server + deployments from (a copy of) prefect.yaml + a process worker on the session Ray."""
+    import ray
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import deploy, prefect_env, start_server, start_worker
+
+    tmp = tmp_path_factory.mktemp("flows")
+    home = tmp / "prefect-home"
+    home.mkdir()
+    configs = {n: tiny_config(tmp / f"tiny-{n}.yaml", policy_model_path, n) for n in (8, 11)}
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    for d in spec["deployments"]:
+        d["parameters"]["config_path"] = configs[8]
+    prefect_file = tmp / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    t0 = time.monotonic()
+    server, api_url = start_server(home, ui=False, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"})
+    env = prefect_env(home, api_url, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+                      PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="2")
+    worker = None
+    try:
+        deploy(env, prefect_file=prefect_file)
+        worker = start_worker(env, home / "logs")
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield {"api_url": api_url, "tmp": tmp, "configs": configs, "worker": worker, "home": home,
+                   "startup_s": time.monotonic() - t0}
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
+
+
+def run(name: str, timeout: float = 150, **parameters):
+    from prefect.deployments import run_deployment
+
+    return run_deployment(name, parameters=parameters, timeout=timeout, poll_interval=1)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_deployments_have_cron_schedule_and_cancel_new_limit(stack):
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with client() as c:
+        refresh = c.read_deployment_by_name(REFRESH)
+        assert [s.schedule.cron for s in refresh.schedules] == ["0 */6 * * *"]
+        assert refresh.global_concurrency_limit.limit == 1
+        assert refresh.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+        assert c.read_deployment_by_name(BUILD).schedules == []
+
+        def scheduled():
+            return c.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[refresh.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                    any_=[StateType.SCHEDULED]))))
+
+        runs = wait_for(scheduled, 30, "the scheduler to create the cron runs", interval=1)
+    assert all(r.expected_start_time.hour % 6 == 0 and r.expected_start_time.minute == 0 for r in runs)
+
+
+def _planned_ids(config_path: str) -> list[str]:
+    from configs.schema import load_config
+    from tasks.build import ingest
+
+    return [p.problem_id for p in ingest(load_config(config_path)).problems]
+
+
+def test_build_via_deployment_resumes_after_its_flow_run_is_killed(stack):
+    """Kill the worker's flow-run process after the first shard; a second run finishes without redoing it."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.deployments import run_deployment
+
+    from tasks.dataset import read_dataset, read_manifest, shard_path, verify_dataset
+
+    out = stack["tmp"] / "build"
+    killed = run_deployment(BUILD, parameters={"out_dir": str(out)}, timeout=0)
+    with client() as c:
+        wait_for(shard_path(out, 0).exists, 150, "the first shard")
+        pid = int(wait_for(lambda: c.read_flow_run(killed.id).infrastructure_pid, 10, "the flow-run pid"))
+        assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+        os.kill(pid, signal.SIGKILL)
+        crashed = wait_for(lambda: (s := c.read_flow_run(killed.id).state).is_final() and s, 60, "the crash")
+    assert crashed.is_crashed(), crashed
+    written = sorted(p.name for p in (out / "shards").glob("part-*.parquet"))
+    assert 1 <= len(written) < 4
+    before = {name: (sha256(out / "shards" / name), (out / "shards" / name).stat().st_mtime_ns) for name in written}
+
+    flow_run = run(BUILD, out_dir=str(out))
+    assert flow_run.state.is_completed(), flow_run.state
+    for name, (digest, mtime) in before.items():  # shards done before the kill were not rewritten
+        assert (sha256(out / "shards" / name), (out / "shards" / name).stat().st_mtime_ns) == (digest, mtime)
+    manifest = read_manifest(out)
+    assert manifest["num_shards"] == 4 and manifest["num_rows"] > 0
+    assert verify_dataset(out) == []
+    shard_of: dict[str, set[int]] = {}
+    for row in read_dataset(out).select(["problem_id", "shard"]).to_pylist():
+        shard_of.setdefault(row["problem_id"], set()).add(row["shard"])
+    assert all(len(s) == 1 for s in shard_of.values())  # no problem's rows in two shards
+    assert sorted(shard_of) == sorted(_planned_ids(stack["configs"][8]))
+    stack["build_version"] = manifest["dataset_version"]
+
+    assert {p.name for p in (out / "reports").iterdir()} >= {"entropy.png", "labels.png", "cost.png", "report.md"}
+    with client() as c:
+        artifacts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
+            f"{CONFIG_NAME}-dataset"])))
+    md = [a for a in artifacts if a.flow_run_id == flow_run.id and a.type == "markdown"]
+    assert md, [a.key for a in artifacts]
+    assert "Tokens per labelled step" in md[0].data and "data:image/png;base64," in md[0].data
+    assert f"| rows / shards | {manifest['num_rows']} / 4 |" in md[0].data
+    # This run labelled only what the killed one had not written (the rest: cached or skipped).
+    assert f"'built': {4 - len(written)}" in md[0].data
+
+
+def test_refresh_reuses_shards_and_noop_does_no_engine_work(stack, ray_session):
+    import ray
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.dataset import read_manifest, shard_path
+    from tasks.versions import read_latest, read_refresh_log, version_dir
+
+    root = stack["tmp"] / "root"
+    first = run(REFRESH, root=str(root))
+    assert first.state.is_completed(), first.state
+    v1 = read_latest(root)
+    assert read_manifest(version_dir(root, v1))["parents"] == []
+    if "build_version" in stack:  # same config and seeds: the same rows as the (killed and resumed) build
+        assert read_manifest(version_dir(root, v1))["dataset_version"] == stack["build_version"]
+
+    # More problems, same seed: the first 8 are the same, so shards 0-3 are reused and 4-5 labelled.
+    # Two runs at once: the deployment's concurrency limit (1, CANCEL_NEW) cancels one of them.
+    from prefect.deployments import run_deployment
+
+    runs = [run_deployment(REFRESH, parameters={"config_path": stack["configs"][11], "root": str(root)}, timeout=0)
+            for _ in range(2)]
+    with client() as c:
+        final = [wait_for(lambda r=r: (s := c.read_flow_run(r.id).state).is_final() and s, 150, "refresh runs")
+                 for r in runs]
+    assert sorted(s.type.value for s in final) == ["CANCELLED", "COMPLETED"], final
+    v2 = read_latest(root)
+    assert v2 != v1
+    manifest = read_manifest(version_dir(root, v2))
+    assert manifest["parents"] == [v1] and manifest["num_shards"] == 6
+    lineage = manifest["extra"]["lineage"]
+    assert [r["index"] for r in lineage["reused_shards"]] == [0, 1, 2, 3]
+    assert sorted(lineage["labelled_shards"]) == [4, 5]
+    for i in range(4):  # hard links: the same file, not a copy
+        assert shard_path(version_dir(root, v2), i).stat().st_ino == shard_path(version_dir(root, v1), i).stat().st_ino
+
+    # Nothing changed since v2: no engine work. Kill the engine first; an up-to-date refresh must not start it.
+    from cluster.actors import engine_name
+
+    ray.kill(ray.get_actor(engine_name(CONFIG_NAME, 0), namespace="prm-factory"), no_restart=True)
+    noop = run(REFRESH, config_path=stack["configs"][11], root=str(root))
+    assert noop.state.is_completed(), noop.state
+    assert read_latest(root) == v2
+    assert sorted(p.name for p in (root / "versions").iterdir()) == sorted([v1, v2])
+    assert read_refresh_log(root)[-1]["status"] == "up_to_date"
+    with client() as c:  # no shard task ran at all (task runs are recorded from events: wait for them)
+        def task_names():
+            runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[noop.id])))
+            names = [t.name for t in runs]
+            return names if any(n.startswith("publish-report") for n in names) else None
+
+        names = wait_for(task_names, 30, "the no-op refresh's task runs", interval=0.5)
+    assert not any(n.startswith("shard-") for n in names), names
+    with pytest.raises(ValueError):
+        ray.get_actor(engine_name(CONFIG_NAME, 0), namespace="prm-factory")

@@ -1,0 +1,95 @@
+"""Dataset reports: the numbers from a hand-made dataset, the markdown, the PNG plots and `prm-factory inspect`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.dataset import write_manifest, write_shard
+from tasks.report import build_report, dataset_stats, render_markdown
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def row(problem_id: str, labels: list[bool], er: list[float], entropies: list[float], final: bool) -> dict:
+    n = len(labels)
+    return {
+        "prompt": "q\n", "completions": [f"s{i}" for i in range(n)], "labels": labels,
+        "successes": [1] * (n - 1) + [int(final)], "rollouts": [2] * (n - 1) + [1], "soft_labels": er,
+        "er_labels": er, "eta": 1.0, "step_entropies": entropies, "entropy_kind": "exact",
+        "problem_id": problem_id, "source": "toy", "split": "train", "policy_model": "m", "partitioner": "edu",
+        "partitioner_params": "{}", "step_origin": ["rollout"] * (n - 1) + ["final"], "answer": "1",
+        "final_correct": final, "prompt_tokens": 3, "completion_tokens": 4, "rollout_tokens": 5, "tree_id": "t",
+    }
+
+
+def make_dataset(out: Path) -> Path:
+    # Shard 0: 2 rows, 3 labelled steps (good, bad, good); shard 1: 1 row, 1 labelled step (bad).
+    s0 = write_shard(out, 0, [
+        row("a", [True, False, True], [0.95, 0.05, 1.0], [0.2, 1.5, 2.5], True),
+        row("b", [True, False], [0.55, 0.0], [0.1, 0.5], False),
+    ], {"cost": {"generate_tokens": 10, "branch_tokens": 20, "rollout_tokens": 30, "generated_tokens": 60}})
+    s1 = write_shard(out, 1, [row("c", [False, False], [0.0, 0.0], [0.3, 3.0], False)],
+                     {"cost": {"generate_tokens": 4, "branch_tokens": 0, "rollout_tokens": 6, "generated_tokens": 10}})
+    write_manifest(out, schema_version=1, config_hash="cafe", code_version="0.1.0", shards=[s0, s1], parents=["p1"],
+                   extra={"name": "hand", "problems": 3, "quarantined": 1, "shard_keys": ["k0", "k1"],
+                          "lineage": {"version": "0002-abcd", "parent": "p1", "reused_shards": [],
+                                      "labelled_shards": [0, 1]}})
+    (out / "build.json").write_text(json.dumps({"config": {"partition": {"tau": 1.0}}}))
+    return out
+
+
+def test_stats_count_labels_entropies_and_cost(tmp_path):
+    stats = dataset_stats(make_dataset(tmp_path / "ds"))
+    assert stats["rows"] == 3 and stats["shards"] == 2 and stats["steps"] == 7
+    assert stats["labelled_steps"] == 4  # the final step of each row is not a labelled step
+    assert stats["hard_labels"] == {"good": 2, "bad": 2}
+    assert stats["step_origin"] == {"final": 3, "rollout": 4}
+    assert stats["er_label_histogram"] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 1]  # 0.05 and 0.0; 0.55; 0.95
+    assert sorted(stats["entropies"]) == [0.5, 1.5, 2.5, 3.0]  # step 0 starts the solution: not an anchor
+    assert stats["step_entropy"]["at_or_above_tau"] == 3 and stats["tau"] == 1.0
+    assert stats["cost"] == {"generate_tokens": 14, "branch_tokens": 20, "rollout_tokens": 36,
+                             "generated_tokens": 70}
+    assert stats["tokens_per_labelled_step"] == 17.5
+    assert [(p["shard"], p["labelled_steps"], p["tokens_per_labelled_step"]) for p in stats["per_shard"]] == [
+        (0, 3, 20.0), (1, 1, 10.0)]
+    assert stats["final_correct"] == 1 and stats["parents"] == ["p1"] and stats["version"] == "0002-abcd"
+
+
+def test_markdown_names_counts_cost_and_this_run(tmp_path):
+    stats = dataset_stats(make_dataset(tmp_path / "ds"))
+    md = render_markdown(stats, {"status": "up_to_date", "version": "0002-abcd", "cost": {}, "seconds": 1.0})
+    assert "**Up to date**" in md
+    assert "| rows / shards | 3 / 2 |" in md
+    assert "| generated | 70 | 0 |" in md
+    assert "**Tokens per labelled step**: 17.5" in md
+    assert "`p1`" in md
+
+
+def test_build_report_writes_pngs_and_embeds_them(tmp_path):
+    out = make_dataset(tmp_path / "ds")
+    report = build_report(out, run={"cost": {"generated_tokens": 70}}, embed_images=True)
+    assert set(report.images) == {"entropy", "labels", "cost"}
+    for path in report.images.values():
+        assert path.parent == out / "reports" and path.read_bytes().startswith(PNG)
+    assert report.markdown.count("](data:image/png;base64,") == 3
+    assert (out / "reports" / "report.md").read_text().count(".png)") == 3
+    assert json.loads((out / "reports" / "stats.json").read_text())["rows"] == 3
+
+
+def test_build_report_without_files_leaves_the_directory_alone(tmp_path):
+    out = make_dataset(tmp_path / "ds")
+    report = build_report(out, write_files=False)
+    assert report.images == {} and not (out / "reports").exists()
+    assert "reports/entropy.png" in report.markdown
+
+
+def test_inspect_cli_prints_json(tmp_path):
+    out = make_dataset(tmp_path / "ds")
+    result = subprocess.run([sys.executable, "-m", "prm_factory.cli", "inspect", str(out), "--json"],
+                            capture_output=True, text=True, check=True)
+    stats = json.loads(result.stdout)
+    assert stats["labelled_steps"] == 4 and stats["tokens_per_labelled_step"] == 17.5
+    assert "entropies" not in stats
