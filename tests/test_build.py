@@ -152,3 +152,34 @@ def test_trl_prm_trainer_trains_on_the_dataset_as_written(built, tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.score.parameters(), strict=True))
+
+
+def test_build_through_vllm_engines_in_ray_actors(ray_session, tmp_path):
+    """The card's shape end to end: a vLLM engine in a named Ray actor serves the whole build."""
+    import ray
+
+    from cluster.actors import engine_name, start_engines
+
+    data = {**TINY, "name": "vllm-ray-build",
+            "policy": {**TINY["policy"], "backend": "vllm"},
+            "partition": {**TINY["partition"], "entropy_source": "topk_lower"},
+            "cluster": {"num_engines": 1, "cpus_per_engine": 1, "namespace": ray_session["namespace"]}}
+    cfg = parse_config(data)
+    pools = []
+
+    def factory():
+        pools.append(start_engines(cfg))
+        return pools[0]
+
+    try:
+        report = build(cfg, tmp_path / "ds", factory)
+        actor = ray.get_actor(engine_name(cfg.name, 0), namespace=ray_session["namespace"])
+        health = ray.get(actor.health.remote())
+        assert health["requests_served"] == report.cost.requests > 0
+    finally:
+        for pool in pools:
+            pool.shutdown()
+    assert verify_dataset(tmp_path / "ds") == [] and report.rows > 0
+    rows = read_dataset(tmp_path / "ds").to_pylist()
+    assert {r["entropy_kind"] for r in rows} == {"topk_lower"}
+    assert all(h >= 0.3 for r in rows for h in r["step_entropies"][1:])
