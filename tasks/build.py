@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,15 @@ from typing import Any
 
 from configs.schema import FactoryConfig, resolve_path
 from prm_factory import __version__
-from tasks.dataset import SCHEMA_VERSION, read_manifest, shard_done, shard_info, write_manifest, write_shard
+from tasks.dataset import (
+    SCHEMA_VERSION,
+    atomic_write_bytes,
+    read_manifest,
+    shard_done,
+    shard_info,
+    write_manifest,
+    write_shard,
+)
 from tasks.labelling import Generator, ShardCost, ShardLabeller
 from tasks.problems import Problem
 
@@ -94,12 +101,7 @@ def plan_shards(problems: Sequence[Problem], cfg: FactoryConfig) -> list[ShardPl
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
 def _check_out_dir(out: Path, cfg: FactoryConfig) -> None:
@@ -200,12 +202,7 @@ def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], 
 
 
 def _write_lines_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.writelines(line + "\n" for line in lines)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
 
 
 def _manifest_extra(cfg: FactoryConfig, out: Path, plans: list[ShardPlan], ingested: IngestResult) -> dict:

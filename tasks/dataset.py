@@ -112,7 +112,7 @@ def _temp_glob(final: Path) -> str:
     return f".{final.name}.tmp-*"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -128,7 +128,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` never holds a partial file: temp file, fsync, rename, fsync dir."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
@@ -139,7 +140,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # -- rows -> table ------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def write_shard(
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue().to_pybytes()
     final.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(final, data)  # a SIGKILL mid-write can leave the temp file: shard_done cleans it up
+    atomic_write_bytes(final, data)  # a SIGKILL mid-write can leave the temp file: shard_done cleans it up
     return ShardInfo(final, table.num_rows, hashlib.sha256(data).hexdigest(), len(data))
 
 
@@ -318,7 +319,7 @@ def write_manifest(
         "extra": extra,
     }
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(root / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(root / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest
 
 

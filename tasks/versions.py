@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.dataset import MANIFEST_NAME, read_manifest, shard_path
+from tasks.dataset import MANIFEST_NAME, atomic_write_bytes, fsync_dir, read_manifest, shard_path
 
 VERSIONS_DIR = "versions"
 LATEST_NAME = "LATEST"
@@ -65,22 +65,8 @@ class ReusePlan:
                 and all(r.index == r.parent_index for r in self.reuse))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, text.encode())
 
 
 def versions_dir(root: str | Path) -> Path:
@@ -199,7 +185,7 @@ def link_shard(shard: ReusableShard, dest_dir: str | Path) -> str:
         tmp.unlink(missing_ok=True)
         raise VersionError(f"{how} of {src} to {dest} does not match sha256 {shard.sha256}")
     os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return how
 
 
