@@ -55,6 +55,12 @@ def stack(tmp_path_factory, ray_session, policy_model_path):
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     for d in spec["deployments"]:
         d["parameters"]["config_path"] = configs[8]
+    # A copy of the refresh deployment on an every-minute cron, into its own root: the scheduler and the
+    # worker must run it with nobody asking (the shipped schedule is every 6 hours, too slow for a test).
+    minutely = {**next(d for d in spec["deployments"] if d["name"] == "refresh"), "name": "refresh-minutely"}
+    minutely["schedules"] = [{"cron": "* * * * *", "timezone": "UTC"}]
+    minutely["parameters"] = {"config_path": configs[8], "root": str(tmp / "minutely-root")}
+    spec["deployments"].append(minutely)
     prefect_file = tmp / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
@@ -126,6 +132,25 @@ def test_deployments_have_cron_schedule_and_cancel_new_limit(stack):
 
         runs = wait_for(scheduled, 30, "the scheduler to create the cron runs", interval=1)
     assert all(r.expected_start_time.hour % 6 == 0 and r.expected_start_time.minute == 0 for r in runs)
+
+
+def test_cron_scheduled_refresh_runs_by_itself(stack):
+    """Nobody triggers it: the scheduler creates the run, the worker picks it up, a version appears."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with client() as c:
+        minutely = c.read_deployment_by_name("refresh-dataset/refresh-minutely")
+
+        def completed():
+            runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[minutely.id])))
+            return [r for r in runs if r.state is not None and r.state.is_completed()]
+
+        runs = wait_for(completed, 200, "a cron-scheduled refresh to complete", interval=2)
+    assert runs[0].auto_scheduled, "the run came from the schedule, not from a trigger"
+    root = stack["tmp"] / "minutely-root"
+    assert (root / "LATEST").is_file()
+    version = (root / "LATEST").read_text().strip()
+    assert (root / "versions" / version / "manifest.json").is_file()
 
 
 def _planned_ids(config_path: str) -> list[str]:
