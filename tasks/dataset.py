@@ -293,8 +293,7 @@ def write_manifest(
     root = Path(dataset_dir)
     entries = []
     for s in shards:
-        p = Path(s.path)
-        p = p if p.is_absolute() else root / p
+        p = Path(s.path)  # as write_shard/shard_info return it: absolute, or relative to the working directory
         try:
             rel = p.resolve().relative_to(root.resolve()).as_posix()
         except ValueError:

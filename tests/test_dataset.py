@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -271,6 +272,17 @@ def test_manifest_rejects_outside_shards(dataset_dir, tmp_path):
         write_manifest(
             dataset_dir, schema_version=1, config_hash="c", code_version="x", shards=[outside], parents=[], extra={}
         )
+
+
+def test_relative_dataset_dir_gives_root_relative_manifest_paths(tmp_path, monkeypatch):
+    """A dataset written to a path relative to the working directory lists its shards relative to its root."""
+    monkeypatch.chdir(tmp_path)
+    rel = Path("runs") / "ds"
+    info = write_shard(rel, 0, ROWS_A, PROVENANCE)
+    m = write_manifest(rel, schema_version=1, config_hash="c", code_version="x", shards=[info], parents=[], extra={})
+    assert [s["path"] for s in m["shards"]] == ["shards/part-00000.parquet"]
+    assert verify_dataset(rel) == [] and verify_dataset(tmp_path / rel) == []
+    assert read_dataset(tmp_path / rel).num_rows == 3
 
 
 def test_verify_catches_tampered_shard(dataset_dir, tmp_path):
