@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,9 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-for key, value in {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-                   "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}.items():
-    os.environ.setdefault(key, value)
+from prm_factory import set_offline_env  # noqa: E402 - needs the repo on sys.path first
+
+set_offline_env()
 
 ETAS = (0.1, 1.0, 2.0, 5.0, 10.0)
 

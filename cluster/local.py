@@ -126,9 +126,10 @@ def status(*, state_file: Path | None = None, address: str | None = None, namesp
     address = address or state.get("address")
     if not address:
         return {"running": False, "state_file": str(state_file)}
+    # Ray reads its auth mode when it is imported: set it first.
+    os.environ.update({k: v for k, v in _auth_env().items() if k in ("RAY_AUTH_MODE",)})
     import ray
 
-    os.environ.update({k: v for k, v in _auth_env().items() if k in ("RAY_AUTH_MODE",)})
     try:
         ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
     except Exception as err:  # noqa: BLE001 - any connection failure means "not reachable"

@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from configs.schema import REPO_ROOT
+from prm_factory import OFFLINE_ENV
 
 WORK_POOL = "prm-factory-local"
 PREFECT_HOME = REPO_ROOT / "runs" / "prefect"
-QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0",
-             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 
 
 class ServeError(RuntimeError):
@@ -53,7 +52,7 @@ def _bin(name: str) -> str:
 
 def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[str, str]:
     """The environment for Prefect children: their own PREFECT_HOME, the server's URL, offline and quiet."""
-    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home), "PRM_FACTORY_ROOT": str(REPO_ROOT), **extra}
+    env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(home), "PRM_FACTORY_ROOT": str(REPO_ROOT), **extra}
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env

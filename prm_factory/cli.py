@@ -7,21 +7,15 @@ answer in well under a second.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-# Offline and quiet by default: nothing is downloaded, no usage statistics leave the machine.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-}
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
+from prm_factory import set_offline_env
+
+set_offline_env()
 
 app = typer.Typer(
     help="Build step-labelled PRM training data: EDU partitioning, ER-PRM labels, Parquet datasets.",

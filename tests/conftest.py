@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
 from engine_fixtures import SHIPPED_POLICY, make_tiny_policy, shipped_policy_ready
 
-# The engines' processes inherit these; scripts/offline-env.sh sets the same for the CLI.
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "VLLM_NO_USAGE_STATS": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
+from prm_factory import set_offline_env
+
+set_offline_env()  # the engines' processes inherit these
 
 
 def free_port() -> int:
