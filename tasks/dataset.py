@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.labels import er_label
+from tasks.labels import FINAL_ORIGIN, SAMPLED_ORIGINS, STEP_ORIGINS, UNSAMPLED_ORIGINS, er_label
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tree_value column; null soft/ER for early-stop and rule-estimated steps
 PROVENANCE_KEY = b"prm_factory"
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -47,11 +47,15 @@ ROW_SCHEMA = pa.schema(
         pa.field("prompt", pa.string(), nullable=False),
         pa.field("completions", pa.list_(pa.string()), nullable=False),
         pa.field("labels", pa.list_(pa.bool_()), nullable=False),
-        # ER-PRM: per step, k of N rollouts reached the right answer; labels derived from them.
+        # ER-PRM: per step, k of N completions sampled from the step prefix reached the right answer;
+        # soft/ER labels derived from them, null where the counts are no fixed-size sample (early stop,
+        # rule-estimated steps; see tasks.labels.origin_soft_er).
         pa.field("successes", pa.list_(pa.int32()), nullable=False),
         pa.field("rollouts", pa.list_(pa.int32()), nullable=False),
         pa.field("soft_labels", pa.list_(pa.float64()), nullable=False),
         pa.field("er_labels", pa.list_(pa.float64()), nullable=False),
+        # The generation tree's own value estimate per step (policy-probability-weighted sub-tree outcomes).
+        pa.field("tree_value", pa.list_(pa.float64()), nullable=False),
         pa.field("eta", pa.float64(), nullable=False),
         # EDU-PRM: entropy (nats) at each step's first token, and how it was measured.
         pa.field("step_entropies", pa.list_(pa.float64()), nullable=False),
@@ -62,7 +66,8 @@ ROW_SCHEMA = pa.schema(
         pa.field("policy_model", pa.string(), nullable=False),
         pa.field("partitioner", pa.string(), nullable=False),
         pa.field("partitioner_params", pa.string(), nullable=False),  # JSON
-        # Per step: where the label came from ("rollout", "tree"/"estimated" from leaves, "final").
+        # Per step: where the label came from: "rollout"/"tree" (N policy samples), "early_stop",
+        # "estimated" (binary-search rule), "final" (the outcome). See tasks.labels.STEP_ORIGINS.
         pa.field("step_origin", pa.list_(pa.string()), nullable=False),
         pa.field("answer", pa.string()),
         pa.field("final_correct", pa.bool_()),
@@ -82,9 +87,12 @@ STEP_COLUMNS = (
     "rollouts",
     "soft_labels",
     "er_labels",
+    "tree_value",
     "step_entropies",
     "step_origin",
 )
+# Step columns whose entries may be null: soft and ER labels of steps without a fixed-size policy sample.
+NULLABLE_STEP_COLUMNS = ("soft_labels", "er_labels")
 
 
 class DatasetError(ValueError):
@@ -180,7 +188,7 @@ def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
         if not field.nullable and arr.null_count:
             i = next(j for j, v in enumerate(values) if v is None)
             raise DatasetError(f"row {i}: column {field.name!r} is null but the schema does not allow nulls")
-        if field.name in STEP_COLUMNS and arr.flatten().null_count:
+        if field.name in STEP_COLUMNS and field.name not in NULLABLE_STEP_COLUMNS and arr.flatten().null_count:
             i = next(j for j, v in enumerate(values) if any(x is None for x in v))
             raise DatasetError(f"row {i}: column {field.name!r} holds a null step value")
         arrays.append(arr)
@@ -194,6 +202,19 @@ def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
         for j, (k, n) in enumerate(zip(row["successes"], row["rollouts"], strict=True)):
             if not 0 <= k <= n:
                 raise DatasetError(f"row {i} step {j}: columns 'successes'/'rollouts' need 0 <= k <= N, got {k}/{n}")
+        for j, origin in enumerate(row["step_origin"]):
+            if origin not in STEP_ORIGINS:
+                raise DatasetError(f"row {i} step {j}: column 'step_origin' is {origin!r}, "
+                                   f"expected one of {sorted(STEP_ORIGINS)}")
+            if origin in SAMPLED_ORIGINS and row["rollouts"][j] < 1:
+                raise DatasetError(f"row {i} step {j}: a {origin!r} step needs rollouts >= 1, "
+                                   f"got {row['rollouts'][j]}")
+            unsampled = origin in UNSAMPLED_ORIGINS
+            for name in NULLABLE_STEP_COLUMNS:
+                if (row[name][j] is None) != unsampled:
+                    raise DatasetError(f"row {i} step {j}: column {name!r} must be null exactly for "
+                                       f"{sorted(UNSAMPLED_ORIGINS)} steps "
+                                       f"(origin {origin!r}, value {row[name][j]!r})")
     return table
 
 
@@ -400,9 +421,9 @@ def relabel(table: pa.Table, eta: float) -> pa.Table:
     """The table with ``er_labels`` recomputed from ``successes``/``rollouts`` for a new η, and ``eta`` set.
 
     ER-PRM (arXiv 2412.11006) labels depend on the rollouts only through (k, N), so no rollout is
-    re-run. Steps whose ``step_origin`` is ``"final"`` keep the final-answer correctness (their hard
-    ``labels`` value, as 0.0/1.0), and so do ``"estimated"`` steps (labelled by the binary-search rule,
-    not by their own rollouts). Every other step needs N >= 1. Other columns are unchanged.
+    re-run. The rule is tasks.labels.origin_soft_er: steps sampled N times get ER(k, N, η), the
+    ``"final"`` step keeps the outcome (its hard ``labels`` value as 0.0/1.0), early-stop and
+    rule-estimated steps stay null. Other columns are unchanged.
     """
     flat_k = pc.list_flatten(table["successes"]).to_numpy()
     flat_n = pc.list_flatten(table["rollouts"]).to_numpy()
@@ -412,12 +433,17 @@ def relabel(table: pa.Table, eta: float) -> pa.Table:
     for name in ("rollouts", "step_origin", "labels"):
         if not np.array_equal(pc.list_value_length(table[name]).to_numpy(zero_copy_only=False), lengths):
             raise DatasetError(f"column {name!r} and 'successes' differ in step counts")
-    final = (flat_origin == "final") | (flat_origin == "estimated")
-    er = np.empty(len(flat_k), dtype=np.float64)
+    unknown = sorted(set(flat_origin.tolist()) - STEP_ORIGINS)
+    if unknown:
+        raise DatasetError(f"column 'step_origin' holds unknown origins {unknown}")
+    sampled = np.isin(flat_origin, list(SAMPLED_ORIGINS))
+    final = flat_origin == FINAL_ORIGIN
+    er = np.zeros(len(flat_k), dtype=np.float64)
     er[final] = flat_hard[final].astype(np.float64)
-    er[~final] = er_label(flat_k[~final], flat_n[~final], eta)
+    er[sampled] = er_label(flat_k[sampled], flat_n[sampled], eta)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
-    er_col = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(er, pa.float64()))
+    values = pa.array(er, pa.float64(), mask=~(sampled | final))
+    er_col = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
     i = table.schema.get_field_index("er_labels")
     table = table.set_column(i, table.schema.field(i), er_col)
     j = table.schema.get_field_index("eta")

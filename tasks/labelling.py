@@ -2,12 +2,15 @@
 
 One procedure covers both methods we compare, one config switch apart:
 - EDU-PRM (arXiv 2503.22233): cut each solution where the policy's next-token entropy is high and, at
-  those anchors, branch with the other top tokens; leaves under a step prefix already estimate its value,
-  so extra rollouts only top the estimate up to N.
+  those anchors, keep the sampled token and branch with the best other tokens, so one tree holds many
+  step prefixes (and the wrong turns a PRM must learn from);
 - Math-Shepherd style baseline: newline (or fixed-size) steps, no branching, N rollouts per step prefix.
 
-Step labels follow ER-PRM (arXiv 2412.11006) from (successes k, rollouts N); the last step's label is the
-trajectory's own final-answer correctness. Work is batched across the whole shard in rounds (roots, one
+Step labels follow ER-PRM (arXiv 2412.11006) from (successes k, rollouts N), where the N outcomes are
+completions the policy sampled from that exact prefix: the one tree leaf that continued from it by
+sampling, plus fresh rollouts. A leaf with a forced branch token after the prefix is not a sample from it
+and is never counted; the tree's own (biased) value estimate goes to `tree_value` instead. The last
+step's label is the trajectory's own final-answer correctness. Work is batched across the whole shard in rounds (roots, one
 round per branching depth, then all rollouts), so an engine sees few large batches, and prompts are token
 IDs that share prefixes, so vLLM's prefix cache pays. Every request carries a seed derived from the
 problem and the prefix, so a shard labelled twice yields the same rows (what crash-resume relies on).
@@ -25,7 +28,7 @@ from typing import Any, Protocol
 from cluster.engine import GenerationRequest, GenerationResult, Sample
 from configs.schema import FactoryConfig
 from tasks.answers import check_answer
-from tasks.labels import step_labels
+from tasks.labels import origin_soft_er
 from tasks.partition import Partitioner, make_partitioner
 from tasks.problems import Problem
 
@@ -62,6 +65,16 @@ class Trajectory:
     depth: int = 0
     final_correct: bool = False
     text: str = ""
+    token_logprobs: list[float] = field(default_factory=list)  # log p of each token under the policy
+    # Positions of forced (not sampled) branch tokens on this leaf: its own at branch_at - 1 and its
+    # ancestors'. Every other token is a policy sample given the tokens before it.
+    forced_at: tuple[int, ...] = ()
+    parent: Trajectory | None = field(default=None, repr=False, compare=False)
+
+    def sampled_after(self, end: int) -> bool:
+        """True when every token from position `end` on is a policy sample: then this leaf is one
+        completion sampled from the prefix token_ids[:end]."""
+        return all(pos < end for pos in self.forced_at)
 
 
 @dataclass
@@ -115,6 +128,37 @@ def _entropy_track(sample: Sample, source: str) -> list[float]:
     if source == "exact" and sample.entropy_kind != "exact":
         raise ValueError("entropy_source 'exact' needs the transformers backend; vLLM returns top-k bounds")
     return list(sample.entropy)
+
+
+def tree_value(leaf: Trajectory, pos: int, children: dict[int, list[Trajectory]],
+               memo: dict[tuple[int, int], float] | None = None) -> float:
+    """The tree's estimate of P(right answer | leaf.token_ids[:pos]), for a leaf sampled from `pos` on.
+
+    At the first anchor a >= pos where the tree branched off this leaf, the value is the mean of the
+    sub-tree values of the tokens tried there (the leaf's own sampled token and each forced branch
+    token), weighted by the policy's probability of that token; past the last such anchor it is the
+    leaf's outcome. Tokens never tried at an anchor get no weight, so this is a biased estimate (the
+    benchmark measures how biased): it lives in `tree_value`, never in successes/rollouts. `children` maps
+    id(leaf) to the leaves that branched off it; `memo` caches values by (id(leaf), pos).
+    """
+    memo = {} if memo is None else memo
+    key = (id(leaf), pos)
+    if key in memo:
+        return memo[key]
+    kids = [c for c in children.get(id(leaf), []) if c.branch_at - 1 >= pos]
+    if not kids:
+        value = float(leaf.final_correct)
+    else:
+        anchor = min(c.branch_at - 1 for c in kids)
+        tried = [(leaf.token_logprobs[anchor], tree_value(leaf, anchor + 1, children, memo))]
+        tried += [(c.token_logprobs[anchor], tree_value(c, anchor + 1, children, memo))
+                  for c in kids if c.branch_at - 1 == anchor]
+        weights = [math.exp(lp) if math.isfinite(lp) else 0.0 for lp, _ in tried]
+        total = sum(weights)
+        value = (sum(w * v for w, (_, v) in zip(weights, tried, strict=True)) / total if total > 0
+                 else sum(v for _, v in tried) / len(tried))
+    memo[key] = value
+    return value
 
 
 class ShardLabeller:
@@ -224,10 +268,14 @@ class ShardLabeller:
         if parent is None:
             head_entropy: list[float] = []
             head_alts: list[list[tuple[int, float]]] = []
+            head_logprobs: list[float] = []
         else:
-            # The branch token was drawn from the same distribution as the parent's token at `anchor`.
+            # The branch token comes from the same distribution as the parent's token at `anchor`, but it
+            # was chosen, not sampled: its position goes into forced_at.
             head_entropy = parent.entropy[: anchor + 1]
             head_alts = parent.top_alternatives[: anchor + 1]
+            alt_logprob = dict(parent.top_alternatives[anchor]).get(prefix[anchor], math.nan)
+            head_logprobs = parent.token_logprobs[:anchor] + [alt_logprob]
         return Trajectory(
             token_ids=prefix + list(sample.token_ids),
             entropy=head_entropy + entropy,
@@ -235,6 +283,9 @@ class ShardLabeller:
             finish_reason=sample.finish_reason,
             branch_at=anchor + 1 if parent is not None else 0,
             depth=depth,
+            token_logprobs=head_logprobs + list(sample.logprobs),
+            forced_at=(*parent.forced_at, anchor) if parent is not None else (),
+            parent=parent,
         )
 
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
@@ -258,11 +309,19 @@ class ShardLabeller:
                     trees: dict[str, list[Trajectory]], cost: ShardCost) -> ShardResult:
         cfg = self.cfg
         rejected: list[Rejected] = []
-        # Per leaf: its step boundaries; per unique step prefix: (successes, rollouts) from leaves under it.
+        # Per leaf: its step boundaries; per unique step prefix: (successes, rollouts) from the leaves that are
+        # policy samples from that prefix, i.e. no forced branch token after it (a leaf reaching the
+        # prefix's future through a chosen alternative token is not a sample of the policy from it).
         plans: list[tuple[Problem, Trajectory, list[int]]] = []
         prefix_stats: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        tree_values: dict[tuple[str, tuple[int, ...]], float] = {}
         for p in problems:
             leaves = trees[p.problem_id]
+            children: dict[int, list[Trajectory]] = {}
+            for other in leaves:
+                if other.parent is not None:
+                    children.setdefault(id(other.parent), []).append(other)
+            memo: dict[tuple[int, int], float] = {}
             for leaf in leaves:
                 bounds = self.boundaries(leaf)
                 if not bounds:
@@ -274,10 +333,11 @@ class ShardLabeller:
                 for end in bounds[1:]:
                     key = (p.problem_id, tuple(leaf.token_ids[:end]))
                     if key not in prefix_stats:
-                        under = [other for other in leaves if other.token_ids[:end] == leaf.token_ids[:end]]
-                        tree_k = sum(o.final_correct for o in under) if self.branching else 0
-                        tree_n = len(under) if self.branching else 0
-                        prefix_stats[key] = [tree_k, tree_n]
+                        head = leaf.token_ids[:end]
+                        sampled = [o for o in leaves if o.sampled_after(end) and o.token_ids[:end] == head]
+                        prefix_stats[key] = [sum(o.final_correct for o in sampled), len(sampled)]
+                        # Exactly one leaf generated this prefix's future by sampling: the tree's value starts there.
+                        tree_values[key] = tree_value(sampled[0], end, children, memo) if sampled else math.nan
 
         from cluster.metrics import record_anchors
         from tasks.rollouts import run_rollouts
@@ -294,32 +354,37 @@ class ShardLabeller:
             origin: list[str] = []
             row_rollout_tokens = 0.0
             hard: list[bool] = []
-            soft: list[float] = []
-            er: list[float] = []
+            soft: list[float | None] = []
+            er: list[float | None] = []
+            step_tree_value: list[float] = []
             for step, end in enumerate(ends[:-1]):
                 key = (p.problem_id, tuple(leaf.token_ids[:end]))
                 k, n = prefix_stats[key]
                 successes.append(k)
                 rollouts.append(n)
+                step_tree_value.append(tree_values[key])
                 row_rollout_tokens += ledger.tokens.get(key, 0) / max(1, ledger.sharers.get(key, 1))
                 forced = ledger.forced.get((id(leaf), step))
-                if forced is None or key in ledger.rolled:
-                    lab = step_labels([k], [n], cfg.labels.eta, None)
-                    hard.append(bool(lab["hard"][0]))
-                    soft.append(float(lab["soft"][0]))
-                    er.append(float(lab["er"][0]))
-                    origin.append("rollout" if key in ledger.rolled else "tree")
-                else:  # binary search labelled this step by rule, not by its own rollouts
-                    hard.append(forced)
-                    soft.append(float(forced))
-                    er.append(float(forced))
-                    origin.append("estimated")
+                if forced is not None and key not in ledger.rolled:
+                    # Binary search labelled this step by rule; its counts are what the tree gave, not N samples.
+                    step_origin, label = "estimated", forced
+                elif ledger.early_stop:
+                    # Counts drawn until the first success: k/n is biased upward, only 1[k > 0] is kept.
+                    step_origin, label = "early_stop", k > 0
+                else:
+                    step_origin, label = ("rollout" if key in ledger.rolled else "tree"), k > 0
+                s, e = origin_soft_er(k, n, step_origin, label, cfg.labels.eta)
+                hard.append(bool(label))
+                soft.append(s)
+                er.append(e)
+                origin.append(step_origin)
             successes.append(int(leaf.final_correct))
             rollouts.append(1)
             origin.append("final")
             hard.append(leaf.final_correct)
             soft.append(float(leaf.final_correct))
             er.append(float(leaf.final_correct))
+            step_tree_value.append(float(leaf.final_correct))
             steps = [self.tok.decode(leaf.token_ids[a:b], skip_special_tokens=True) for a, b in zip(bounds, ends,
                                                                                                    strict=True)]
             n_leaves = len(trees[p.problem_id])
@@ -331,6 +396,7 @@ class ShardLabeller:
                 "rollouts": rollouts,
                 "soft_labels": soft,
                 "er_labels": er,
+                "tree_value": step_tree_value,
                 "eta": float(cfg.labels.eta),
                 "step_entropies": [float(leaf.entropy[b]) if b < len(leaf.entropy) else math.nan for b in bounds],
                 "entropy_kind": cfg.partition.entropy_source,

@@ -121,3 +121,29 @@ def step_labels(
         er.append(float(final_correct))
         origin.append("final")
     return {"hard": hard, "soft": soft, "er": er, "origin": origin}
+
+
+# -- which steps get which labels ------------------------------------------------------------------------
+#
+# One rule, used when rows are labelled (tasks/labelling.py) and when they are relabelled for a new η
+# (tasks/dataset.py): soft and ER labels are k/N statistics, so they exist only where (k, N) are N policy
+# samples drawn from the step prefix with a fixed N. Every step keeps a hard label (TRL trains on it).
+
+SAMPLED_ORIGINS = frozenset({"rollout", "tree"})  # k of N completions sampled from this exact prefix
+FINAL_ORIGIN = "final"  # the whole solution: its label is the outcome (final answer right)
+# Counts real but not a fixed-size sample (early stop) or no sample behind the label (binary-search rule):
+# the hard label is kept, soft and ER are null.
+UNSAMPLED_ORIGINS = frozenset({"early_stop", "estimated"})
+STEP_ORIGINS = SAMPLED_ORIGINS | UNSAMPLED_ORIGINS | {FINAL_ORIGIN}
+
+
+def origin_soft_er(k: int, n: int, origin: str, hard: bool, eta: float) -> tuple[float | None, float | None]:
+    """(soft, ER) of one step by the rule above: from (k, N) for sampled origins, the outcome for the final
+    step, ``(None, None)`` for early-stop and rule-estimated steps."""
+    if origin in SAMPLED_ORIGINS:
+        return soft_label(k, n), er_label(k, n, eta)
+    if origin == FINAL_ORIGIN:
+        return float(hard), float(hard)
+    if origin in UNSAMPLED_ORIGINS:
+        return None, None
+    raise ValueError(f"unknown step origin {origin!r}; expected one of {sorted(STEP_ORIGINS)}")

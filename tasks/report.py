@@ -4,7 +4,8 @@ Everything is computed from the directory alone (manifest.json, the shards, buil
 rebuilt for any version at any time. Cost is the engine's generated tokens (per stage, summed from each
 shard's provenance); "cost per labelled step" divides them by the steps that got a label from the
 policy's rollouts or tree (every step but the last of each row, whose label is the final answer's
-correctness and costs nothing extra).
+correctness and costs nothing extra). Soft and ER labels are null on early-stop and rule-estimated steps
+(tasks.labels.origin_soft_er); the ER histogram counts the steps that have one and says how many do not.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def dataset_stats(dataset_dir: str | Path) -> dict[str, Any]:
     origins: dict[str, int] = {}
     hard = {"good": 0, "bad": 0}
     er_hist = [0] * ER_BINS
+    er_null = 0
     entropies: list[float] = []
     per_shard_steps: dict[int, int] = {}
     for row in cols:
@@ -72,7 +74,10 @@ def dataset_stats(dataset_dir: str | Path) -> dict[str, Any]:
             if origin == "final":
                 continue
             hard["good" if label else "bad"] += 1
-            er_hist[min(ER_BINS - 1, int(er * ER_BINS))] += 1
+            if er is None:
+                er_null += 1
+            else:
+                er_hist[min(ER_BINS - 1, int(er * ER_BINS))] += 1
             per_shard_steps[row["shard"]] = per_shard_steps.get(row["shard"], 0) + 1
         entropies.extend(h for h in row["step_entropies"][1:] if h is not None and not math.isnan(h))
     labelled_steps = hard["good"] + hard["bad"]
@@ -110,6 +115,7 @@ def dataset_stats(dataset_dir: str | Path) -> dict[str, Any]:
         "hard_labels": hard,
         "good_step_fraction": round(hard["good"] / labelled_steps, 4) if labelled_steps else None,
         "er_label_histogram": er_hist,
+        "er_label_null_steps": er_null,
         "final_correct": final_correct,
         "final_correct_fraction": round(final_correct / len(cols), 4) if cols else None,
         "tau": tau,
@@ -162,7 +168,8 @@ def render_plots(stats: dict[str, Any]) -> dict[str, bytes]:
     left.tick_params(axis="x", labelrotation=20)
     edges = [i / ER_BINS for i in range(ER_BINS)]
     right.bar(edges, stats["er_label_histogram"], width=1 / ER_BINS, align="edge", color="tab:purple")
-    right.set(title="ER-PRM labels (non-final steps)", xlabel="label", ylabel="steps")
+    null_note = f", {stats['er_label_null_steps']:,} null" if stats.get("er_label_null_steps") else ""
+    right.set(title=f"ER-PRM labels (non-final steps{null_note})", xlabel="label", ylabel="steps")
     save(fig, "labels")
 
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -206,6 +213,7 @@ def render_markdown(stats: dict[str, Any], run: dict[str, Any] | None = None,
         f"| rows / shards | {_fmt(stats['rows'])} / {_fmt(stats['shards'])} |",
         f"| steps / labelled steps | {_fmt(stats['steps'])} / {_fmt(stats['labelled_steps'])} |",
         f"| good-step fraction (hard) | {_fmt(stats['good_step_fraction'])} |",
+        f"| steps without soft/ER label (early stop, estimated) | {_fmt(stats.get('er_label_null_steps'))} |",
         f"| final answer correct | {_fmt(stats['final_correct_fraction'])} |",
         f"| step origin | {', '.join(f'{k}: {v:,}' for k, v in stats['step_origin'].items()) or '–'} |",
         f"| entropy at step starts | mean {_fmt(stats['step_entropy']['mean'])}, "

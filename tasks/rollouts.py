@@ -1,13 +1,16 @@
 """ER-PRM rollouts from step prefixes (arXiv 2412.11006), with the cost controls the config can switch on.
 
-- plain: every step prefix is topped up to N outcomes in one request with n = N - (leaves already under
-  it), so a prefix costs one prefill and the N samples share its KV cache;
+- plain: every step prefix is topped up to N outcomes in one request with n = N - (tree leaves that are
+  policy samples from it: the one leaf that generated the prefix's future by sampling), so a prefix costs
+  one prefill and the N samples share its KV cache;
 - early_stop_hard: rollouts go out in waves (N/4, N/4, N/2) and a prefix stops as soon as one succeeds:
-  enough for the hard label k > 0, cheaper on the many prefixes that are clearly fine;
+  enough for the hard label k > 0, cheaper on the many prefixes that are clearly fine. The stopping rule
+  biases k/n upward, so these steps are marked "early_stop": real counts, hard label, null soft/ER;
 - binary_search (OmegaPRM, arXiv 2406.06592): for each trajectory that ended wrong, find its first bad
-  step by bisection, rolling out only the probed prefixes (about log2 M instead of M); steps before it
-  are labelled positive and steps from it on negative by rule, marked "estimated". A trajectory whose own
-  answer is right reached the answer from each of its prefixes, so all its steps are positive by rule.
+  step by bisection, rolling out only the probed prefixes (about log2 M instead of M; they are "rollout"
+  steps with N samples); steps before it are labelled positive and steps from it on negative by rule,
+  marked "estimated" (real counts: only the tree's own sample, if any; null soft/ER). A trajectory whose
+  own answer is right reached the answer from each of its prefixes, so all its steps are positive by rule.
 Every request's seed derives from the problem and the prefix, so the same shard gives the same rows.
 """
 
@@ -34,6 +37,7 @@ class RolloutLedger:
     tokens: dict[PrefixKey, int] = field(default_factory=dict)
     sharers: dict[PrefixKey, int] = field(default_factory=dict)
     forced: dict[tuple[int, int], bool] = field(default_factory=dict)  # (id(leaf), step) -> label
+    early_stop: bool = False  # counts were drawn under the stop-at-first-success rule
 
 
 def _roll(labeller: ShardLabeller, problems: dict[str, Problem], prompts: dict[str, list[int]],
@@ -94,6 +98,7 @@ def run_rollouts(labeller: ShardLabeller, plans: list[tuple[Problem, Trajectory,
         _roll(labeller, problems, prompts, wanted, prefix_stats, ledger, cost, wave=0)
         return ledger
 
+    ledger.early_stop = True
     quarter = max(1, n_target // 4)
     waves = [quarter, quarter, n_target]  # the last wave tops up to N whatever is left
     for wave, size in enumerate(waves):

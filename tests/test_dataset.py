@@ -46,6 +46,7 @@ def make_row(i: int, successes: list[int], rollouts: list[int], final_correct: b
         "rollouts": rollouts,
         "soft_labels": labels["soft"],
         "er_labels": labels["er"],
+        "tree_value": labels["soft"],
         "eta": eta,
         "step_entropies": [1.0 + 0.25 * j for j in range(n)],
         "entropy_kind": "exact",
@@ -344,8 +345,11 @@ def test_relabel_sliced_and_chunked_tables(dataset_dir):
 def test_relabel_needs_rollouts_for_non_final_steps():
     row = make_row(0, [1, 1], [1, 1], final_correct=True)
     row["successes"], row["rollouts"] = [0, 1], [0, 1]  # step 0 claims a rollout origin with N = 0
+    with pytest.raises(DatasetError, match="'rollout' step needs rollouts >= 1, got 0"):
+        rows_to_table([{**row, "shard": 0}])
+    table = pa.Table.from_pylist([{**row, "shard": 0}], schema=ROW_SCHEMA)  # unvalidated: relabel checks too
     with pytest.raises(ValueError, match="N"):
-        relabel(rows_to_table([{**row, "shard": 0}]), 1.0)
+        relabel(table, 1.0)
 
 
 # -- interop: each library really reads the dataset ------------------------------------------------------------
@@ -406,3 +410,40 @@ def test_interop_polars(glob_path):
     assert df["successes"].to_list() == ALL_SUCCESSES
     lazy = pl.scan_parquet(glob_path).select(pl.len(), pl.col("labels").list.len().sum()).collect()
     assert lazy.row(0) == (N_ROWS, N_STEPS)
+
+
+# -- steps without a fixed-size policy sample: null soft/ER, real counts --------------------------------------
+
+
+def _unsampled_row() -> dict:
+    """Step 0 early-stopped at its first success (1 of 2 drawn), step 1 estimated by rule with the tree's
+    single sample (0 of 1), step 2 sampled N = 4 times, step 3 the outcome."""
+    row = make_row(7, [1, 0, 3, 1], [2, 1, 4, 1], final_correct=True)
+    row["step_origin"] = ["early_stop", "estimated", "rollout", "final"]
+    row["labels"] = [True, False, True, True]
+    row["soft_labels"] = [None, None, 0.75, 1.0]
+    row["er_labels"] = [None, None, er_label(3, 4, 1.0), 1.0]
+    return {**row, "shard": 0}
+
+
+def test_unsampled_steps_store_real_counts_and_null_soft_er(tmp_path):
+    write_shard(tmp_path, 0, [_unsampled_row()], PROVENANCE)
+    back = read_dataset(tmp_path).to_pylist()[0]
+    assert back["successes"] == [1, 0, 3, 1] and back["rollouts"] == [2, 1, 4, 1]
+    assert back["soft_labels"] == [None, None, 0.75, 1.0]
+    assert back["labels"] == [True, False, True, True]  # hard labels stay complete for TRL
+    relabelled = relabel(read_dataset(tmp_path), 5.0).to_pylist()[0]["er_labels"]
+    assert relabelled[:2] == [None, None]
+    assert relabelled[2] == pytest.approx(er_label(3, 4, 5.0), abs=1e-15) and relabelled[3] == 1.0
+
+
+@pytest.mark.parametrize("column, step, value, match", [
+    ("soft_labels", 0, 0.5, "must be null exactly for"),  # an early-stop step claiming a soft label
+    ("er_labels", 2, None, "must be null exactly for"),  # a sampled step without its ER label
+    ("step_origin", 1, "guess", "unknown|expected one of"),
+])
+def test_null_rule_is_enforced(column, step, value, match):
+    row = _unsampled_row()
+    row[column] = [*row[column][:step], value, *row[column][step + 1:]]
+    with pytest.raises(DatasetError, match=match):
+        rows_to_table([row])

@@ -1,19 +1,22 @@
 """The labelling procedure end to end on toy problems with a real engine (transformers, in process).
 
-Checks the contracts the dataset relies on: EDU cuts sit at high-entropy tokens, counts add up to N,
-the last step is the final answer's correctness, a shard labelled twice gives the same rows, and the
-cost controls really spend fewer tokens.
+Checks the contracts the dataset relies on: EDU cuts sit at high-entropy tokens, counts are exactly N
+policy samples from the prefix (the one tree leaf sampled from it plus fresh rollouts), the last step is
+the final answer's correctness, a shard labelled twice gives the same rows, the cost controls really spend
+fewer tokens and mark their steps (early stop, estimated) with real counts and null soft/ER labels.
+Label quality against the toy truth is measured on the default build in tests/test_label_quality.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from configs.schema import REPO_ROOT, ToySource, parse_config
-from tasks.labelling import ShardLabeller
-from tasks.toy_world import check_solution, generate_problems, prefix_is_correct
+from tasks.labelling import ShardLabeller, Trajectory, tree_value
+from tasks.toy_world import check_solution, generate_problems
 
 POLICY = REPO_ROOT / "assets" / "toy-policy"
 
@@ -70,36 +73,50 @@ def test_edu_rows_are_consistent(edu, problems):
     assert len(result.rows) > len(problems), "branching at anchors should give more than one leaf per problem"
     for row in result.rows:
         n_steps = len(row["completions"])
-        for column in ("labels", "successes", "rollouts", "soft_labels", "er_labels", "step_entropies",
-                       "step_origin"):
+        for column in ("labels", "successes", "rollouts", "soft_labels", "er_labels", "tree_value",
+                       "step_entropies", "step_origin"):
             assert len(row[column]) == n_steps, column
         solution = "".join(row["completions"])
         truth = check_solution(by_id[row["problem_id"]], solution)
         assert row["final_correct"] == truth.final_correct
         assert row["labels"][-1] == truth.final_correct and row["step_origin"][-1] == "final"
-        for k, n, origin in zip(row["successes"][:-1], row["rollouts"][:-1], row["step_origin"][:-1], strict=True):
+        for k, n, origin, soft, tv in zip(row["successes"][:-1], row["rollouts"][:-1], row["step_origin"][:-1],
+                                          row["soft_labels"][:-1], row["tree_value"][:-1], strict=True):
             assert 0 <= k <= n
-            assert n >= cfg.rollouts.n, "tree leaves plus top-up rollouts make at least N outcomes"
-            assert origin in ("rollout", "tree")
+            # Exactly N: the one leaf sampled from the prefix plus N - 1 fresh rollouts. Counting every leaf
+            # under the prefix (forced branch tokens included) would make n > N on branched prefixes.
+            assert n == cfg.rollouts.n
+            assert origin == "rollout" and soft == k / n
+            assert 0.0 <= tv <= 1.0
         # EDU: every cut after the first step sits at a token whose entropy reached tau.
         assert all(h >= cfg.partition.tau for h in row["step_entropies"][1:])
         assert len(row["completions"]) - 1 <= cfg.partition.max_anchors
         assert json.loads(row["partitioner_params"])["tau"] == cfg.partition.tau
 
 
-def test_labels_track_the_truth(edu, problems):
-    """Hard labels from rollouts should agree with the exact prefix truth far more often than chance."""
-    result, _ = edu
-    by_id = {p.problem_id: p for p in problems}
-    agree = total = 0
-    for row in result.rows:
-        prefix = ""
-        for step, label in zip(row["completions"][:-1], row["labels"][:-1], strict=True):
-            prefix += step
-            agree += label == prefix_is_correct(by_id[row["problem_id"]], prefix)
-            total += 1
-    assert total > 0
-    assert agree / total >= 0.6
+def _leaf(tokens, logprobs, final, parent=None, anchor=0):
+    return Trajectory(token_ids=tokens, entropy=[0.0] * len(tokens), top_alternatives=[[]] * len(tokens),
+                      finish_reason="stop", branch_at=anchor + 1 if parent else 0, final_correct=final,
+                      token_logprobs=logprobs, forced_at=(*parent.forced_at, anchor) if parent else (), parent=parent)
+
+
+def test_forced_tokens_and_tree_value_on_a_hand_built_tree():
+    """Root R samples token 3 at position 2 (p = 0.6); child C is forced to token 7 there (p = 0.3) and samples
+    token 8 at position 3 (p = 0.8), where grandchild G is forced to token 6 (p = 0.2)."""
+    ln = math.log
+    root = _leaf([1, 2, 3, 4, 5], [ln(0.9), ln(0.9), ln(0.6), ln(0.9), ln(0.9)], True)
+    child = _leaf([1, 2, 7, 8, 9], [ln(0.9), ln(0.9), ln(0.3), ln(0.8), ln(0.9)], False, root, 2)
+    grand = _leaf([1, 2, 7, 6, 0], [ln(0.9), ln(0.9), ln(0.3), ln(0.2), ln(0.9)], True, child, 3)
+    # A leaf is a sample from token_ids[:end] only when no forced token sits at or after `end`.
+    assert [root.sampled_after(e) for e in (1, 2, 3)] == [True, True, True]
+    assert [child.sampled_after(e) for e in (2, 3, 4)] == [False, True, True]
+    assert [grand.sampled_after(e) for e in (3, 4)] == [False, True]
+    children = {id(root): [child], id(child): [grand]}
+    # v(C, 3) = (0.8 * 0 + 0.2 * 1) / 1.0 = 0.2; v(R, 0) = (0.6 * 1 + 0.3 * 0.2) / 0.9
+    assert tree_value(child, 3, children) == pytest.approx(0.2)
+    assert tree_value(root, 0, children) == pytest.approx((0.6 + 0.3 * 0.2) / 0.9)
+    assert tree_value(root, 3, children) == 1.0  # past the last branch: the leaf's own outcome
+    assert tree_value(grand, 4, children) == 1.0
 
 
 def test_same_shard_same_rows(edu, engine, tokenizer, problems):
@@ -123,8 +140,14 @@ def test_binary_search_spends_fewer_rollout_tokens(engine, tokenizer, problems):
                        rollouts={"n": 4, "binary_search": True})
     assert bisect.cost.rollout_tokens < plain.cost.rollout_tokens
     origins = [o for row in bisect.rows for o in row["step_origin"][:-1]]
-    assert "estimated" in origins
+    assert "estimated" in origins and set(origins) <= {"estimated", "rollout"}
     for row in bisect.rows:
+        for k, n, origin, soft, er in zip(row["successes"][:-1], row["rollouts"][:-1], row["step_origin"][:-1],
+                                          row["soft_labels"][:-1], row["er_labels"][:-1], strict=True):
+            if origin == "estimated":  # labelled by rule: its only sample is the trajectory itself
+                assert (k, n) == (int(row["final_correct"]), 1) and soft is None and er is None
+            else:  # a bisection probe: N samples from the prefix
+                assert n == 4 and soft == k / 4 and er is not None
         labels = row["labels"][:-1]
         if row["final_correct"]:
             assert all(labels), "a trajectory that reached the answer is positive at every prefix"
@@ -138,10 +161,18 @@ def test_early_stop_stops_at_first_success(engine, tokenizer, problems):
     early, _ = _label(engine, tokenizer, problems, partition={"method": "newline"},
                       rollouts={"n": 8, "early_stop_hard": True})
     assert early.cost.rollout_tokens <= full.cost.rollout_tokens
+    stopped = 0
     for row in early.rows:
-        for k, n in zip(row["successes"][:-1], row["rollouts"][:-1], strict=True):
-            assert n <= 8
+        for k, n, origin, hard, soft, er in zip(row["successes"][:-1], row["rollouts"][:-1], row["step_origin"][:-1],
+                                                row["labels"][:-1], row["soft_labels"][:-1], row["er_labels"][:-1],
+                                                strict=True):
+            assert origin == "early_stop" and soft is None and er is None and hard == (k > 0)
+            assert 1 <= n <= 8
             assert k > 0 or n == 8, "a prefix without success is rolled out to the full N"
+            # Waves of 1 (the trajectory itself), then 2, 2, 4 (N/4, N/4, the rest): a success stops it.
+            assert n in (1, 3, 5, 8)
+            stopped += n < 8
+    assert stopped > 0, "some prefixes should stop early"
 
 
 class _EmptyThenRealEngine:

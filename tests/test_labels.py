@@ -150,3 +150,15 @@ def test_step_labels_validation():
         step_labels([1, 2], [4], 1.0, None)
     with pytest.raises(ValueError, match="eta"):
         step_labels([0], [0], 0.0, final_correct=True)
+
+
+def test_origin_rule_gives_soft_er_only_for_sampled_steps():
+    from tasks.labels import origin_soft_er
+
+    assert origin_soft_er(1, 4, "rollout", True, 1.0) == pytest.approx((0.25, math.log(0.75 + 0.25 * math.e)))
+    assert origin_soft_er(1, 1, "tree", True, 2.0) == (1.0, 1.0)
+    assert origin_soft_er(1, 3, "early_stop", True, 1.0) == (None, None)
+    assert origin_soft_er(0, 0, "estimated", False, 1.0) == (None, None)
+    assert origin_soft_er(0, 1, "final", True, 1.0) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="unknown step origin"):
+        origin_soft_er(1, 4, "tree_leaves", True, 1.0)

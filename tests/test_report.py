@@ -18,7 +18,7 @@ def row(problem_id: str, labels: list[bool], er: list[float], entropies: list[fl
     return {
         "prompt": "q\n", "completions": [f"s{i}" for i in range(n)], "labels": labels,
         "successes": [1] * (n - 1) + [int(final)], "rollouts": [2] * (n - 1) + [1], "soft_labels": er,
-        "er_labels": er, "eta": 1.0, "step_entropies": entropies, "entropy_kind": "exact",
+        "er_labels": er, "tree_value": er, "eta": 1.0, "step_entropies": entropies, "entropy_kind": "exact",
         "problem_id": problem_id, "source": "toy", "split": "train", "policy_model": "m", "partitioner": "edu",
         "partitioner_params": "{}", "step_origin": ["rollout"] * (n - 1) + ["final"], "answer": "1",
         "final_correct": final, "prompt_tokens": 3, "completion_tokens": 4, "rollout_tokens": 5, "tree_id": "t",

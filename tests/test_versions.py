@@ -27,7 +27,7 @@ from tasks.versions import (
 def row(problem_id: str, shard: int) -> dict:
     return {
         "prompt": f"q {problem_id}\n", "completions": ["a", "b"], "labels": [True, False], "successes": [2, 0],
-        "rollouts": [2, 1], "soft_labels": [1.0, 0.0], "er_labels": [1.0, 0.0], "eta": 1.0,
+        "rollouts": [2, 1], "soft_labels": [1.0, 0.0], "er_labels": [1.0, 0.0], "tree_value": [1.0, 0.0], "eta": 1.0,
         "step_entropies": [0.1, 1.5], "entropy_kind": "exact", "problem_id": problem_id, "source": "toy",
         "split": "train", "policy_model": "m", "partitioner": "edu", "partitioner_params": "{}",
         "step_origin": ["rollout", "final"], "answer": "1", "final_correct": False, "prompt_tokens": 3,
