@@ -1,6 +1,6 @@
 """Engines benchmark: raw vLLM vs the Ray actor pool, prefix caching on vs off, and entropy bounds vs exact.
 
-    python benchmarks/bench_engines.py            # prints a table; --json for machines
+    python benchmarks/bench_engines.py            # prints a table, writes benchmarks/results/engines.json
 
 Workload (the rollout shape of ER-PRM): 32 step prefixes of one problem (a long shared stem + a distinct
 step), N=16 rollouts each (`n=16` in one request), temperature 1.0, top-20 logprobs, fixed new-token budget.
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
-import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,11 +33,17 @@ BOUND_TOL = 1e-4
 
 
 def model_path() -> str:
-    from engine_fixtures import SHIPPED_POLICY, make_tiny_policy, shipped_policy_ready
+    from engine_fixtures import SHIPPED_POLICY, shipped_policy_ready
 
-    if shipped_policy_ready():
-        return str(SHIPPED_POLICY)
-    return str(make_tiny_policy(Path(tempfile.mkdtemp(prefix="bench-policy-"))))
+    if not shipped_policy_ready():  # figures for a random model would be meaningless: refuse
+        raise SystemExit(f"the shipped policy is missing: {SHIPPED_POLICY} (restore it from git)")
+    return str(SHIPPED_POLICY)
+
+
+def machine_context() -> dict:
+    """What else the machine was doing: the figures are only comparable with this in view."""
+    load1, load5, load15 = os.getloadavg()
+    return {"cpus": os.cpu_count(), "load_avg_1_5_15": [round(load1, 2), round(load5, 2), round(load15, 2)]}
 
 
 def workload(tokenize, args) -> list:
@@ -99,8 +106,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--entropy-samples", type=int, default=128)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    parser.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "engines.json")
     args = parser.parse_args()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    context_start = machine_context()
 
     from cluster.vllm_engine import VLLMEngine
 
@@ -169,7 +179,19 @@ def main() -> None:
         "pool_over_raw": rows["vllm in Ray actor pool (1 engine), caching on"]["tokens_per_s"] / raw,
         "caching_on_over_off": raw / rows["vllm raw, prefix caching off"]["tokens_per_s"],
         "entropy": entropy,
+        "measured": {
+            "started": started,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine_start": context_start,
+            "machine_end": machine_context(),
+            "note": "shared, busy machine: other jobs (tests, builds of parallel sessions) ran during the "
+            "measurement; load averages above show how busy. Best of the repeats is the headline, all runs "
+            "are listed; compare ratios measured in the same run, not absolute tokens/s across runs.",
+        },
+        "args": {k: str(v) for k, v in vars(args).items()},
     }
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(summary, indent=2) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
         return

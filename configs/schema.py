@@ -148,10 +148,18 @@ class PartitionConfig(_Strict):
 
 
 class TreeConfig(_Strict):
-    """EDU branching: at each anchor continue with the top-1 and top-2 tokens, within budgets."""
+    """EDU branching: at each anchor keep the token the policy sampled and add the best other tokens.
+
+    Why not a literal top-1/top-2: with width 2 both give the same pair whenever the sampled token is ranked
+    1st or 2nd; when it is ranked lower, top-1/top-2 needs two new branches and drops the sampled path,
+    which is the one completion that is a policy sample from the anchor's prefix (the only tree leaf that
+    counts in successes/rollouts). Keeping it costs one branch per anchor and keeps that sample
+    (benchmarks/README.md has the rank measurements).
+    """
 
     enabled: bool = True
-    branch_width: int = Field(2, ge=1, le=8)
+    branch_width: int = Field(2, ge=1, le=8, description="tokens tried per anchor: the sampled one plus "
+                              "branch_width - 1 forced alternatives, best first (most probable other tokens)")
     max_depth: int = Field(3, ge=0)
     max_leaves: int = Field(16, ge=1)
     max_tree_tokens: int = Field(4096, ge=1)
@@ -160,12 +168,15 @@ class TreeConfig(_Strict):
 class RolloutConfig(_Strict):
     """ER-PRM rollouts from every step prefix (paper defaults: N=16, T=1.0, 1024 new tokens)."""
 
-    n: int = Field(16, ge=1, description="rollouts per step prefix (N)")
+    n: int = Field(16, ge=1, description="policy samples per step prefix (N): the tree leaf sampled from the "
+                   "prefix, if any, plus fresh rollouts up to N; leaves behind a forced branch token never count")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(1024, ge=1)
-    early_stop_hard: bool = False
-    binary_search: bool = False
+    early_stop_hard: bool = Field(False, description="stop a prefix's rollouts at its first success: hard labels "
+                                  "only; steps get origin 'early_stop', real counts and null soft/ER labels")
+    binary_search: bool = Field(False, description="OmegaPRM bisection for the first bad step: probed prefixes get "
+                                "N rollouts, the rest origin 'estimated' (rule label, null soft/ER)")
     seed: int = 0
 
 
