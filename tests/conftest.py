@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from engine_fixtures import SHIPPED_POLICY, make_tiny_policy, shipped_policy_ready
+from engine_fixtures import SHIPPED_POLICY, shipped_policy_ready
 
 from prm_factory import set_offline_env
 
@@ -19,11 +19,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def policy_model_path(tmp_path_factory) -> str:
-    """The shipped tiny policy once it exists, else a random tiny Llama with the same shape."""
-    if shipped_policy_ready():
-        return str(SHIPPED_POLICY)
-    return str(make_tiny_policy(tmp_path_factory.mktemp("tiny-policy")))
+def policy_model_path() -> str:
+    """The shipped tiny policy. Missing weights are a failure, never a silent random stand-in: label-quality
+    tests against the toy truth mean nothing on a random model (tests that want one call make_tiny_policy)."""
+    if not shipped_policy_ready():
+        pytest.fail(f"the shipped policy is missing: {SHIPPED_POLICY} needs config.json and model.safetensors "
+                    "(restore it from git, or retrain it with scripts/train_policy.py)")
+    return str(SHIPPED_POLICY)
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +54,18 @@ def vllm_engine(policy_model_path):
     engine = VLLMEngine(policy_model_path, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3, seed=0)
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toy_build(vllm_engine, tmp_path_factory):
+    """The default build (configs/toy.yaml, 64 problems) written once per session by the session vLLM
+    engine in process (~1.5 min of engine time), read back from its Parquet shards; shared by the label
+    quality and Monte-Carlo consistency tests."""
+    from configs.schema import REPO_ROOT, load_config
+    from tasks.build import build
+    from tasks.dataset import read_dataset
+
+    cfg = load_config(REPO_ROOT / "configs" / "toy.yaml")
+    out = tmp_path_factory.mktemp("toy-build") / "dataset"
+    report = build(cfg, out, lambda: vllm_engine)
+    return {"config": cfg, "dir": out, "report": report, "rows": read_dataset(out).to_pylist()}
