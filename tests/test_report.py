@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tasks.dataset import write_manifest, write_shard
-from tasks.report import build_report, dataset_stats, render_markdown
+from tasks.report import build_report, dataset_stats, render_markdown, render_plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -93,3 +93,23 @@ def test_inspect_cli_prints_json(tmp_path):
     stats = json.loads(result.stdout)
     assert stats["labelled_steps"] == 4 and stats["tokens_per_labelled_step"] == 17.5
     assert "entropies" not in stats
+
+
+def test_stats_and_markdown_handle_null_soft_and_er_labels(tmp_path):
+    """Early-stop and rule-estimated steps have null soft/ER labels: counted, not binned, not a crash."""
+    out = tmp_path / "ds"
+    r = row("e", [True, False, True], [0.0, 0.0, 1.0], [0.2, 1.5, 2.5], True)
+    r["step_origin"] = ["early_stop", "estimated", "final"]
+    r["soft_labels"] = r["er_labels"] = [None, None, 1.0]
+    r["successes"], r["rollouts"] = [1, 0, 1], [3, 1, 1]
+    s0 = write_shard(out, 0, [r, row("f", [True, True], [0.75, 1.0], [0.1, 0.5], True)],
+                     {"cost": {"generated_tokens": 12}})
+    write_manifest(out, schema_version=2, config_hash="cafe", code_version="0.1.0", shards=[s0], parents=[],
+                   extra={"name": "nulls"})
+    stats = dataset_stats(out)
+    assert stats["step_origin"] == {"early_stop": 1, "estimated": 1, "final": 2, "rollout": 1}
+    assert stats["hard_labels"] == {"good": 2, "bad": 1}
+    assert stats["er_label_null_steps"] == 2
+    assert stats["er_label_histogram"] == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0]  # only the rollout step's 0.75
+    assert "| steps without soft/ER label (early stop, estimated) | 2 |" in render_markdown(stats)
+    assert set(render_plots(stats)) == {"entropy", "labels", "cost"}
