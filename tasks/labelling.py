@@ -10,9 +10,9 @@ Step labels follow ER-PRM (arXiv 2412.11006) from (successes k, rollouts N), whe
 completions the policy sampled from that exact prefix: the one tree leaf that continued from it by
 sampling, plus fresh rollouts. A leaf with a forced branch token after the prefix is not a sample from it
 and is never counted; the tree's own (biased) value estimate goes to `tree_value` instead. The last
-step's label is the trajectory's own final-answer correctness. Work is batched across the whole shard in rounds (roots, one
-round per branching depth, then all rollouts), so an engine sees few large batches, and prompts are token
-IDs that share prefixes, so vLLM's prefix cache pays. Every request carries a seed derived from the
+step's label is the trajectory's own final-answer correctness. Work is batched across the whole shard in
+rounds (roots, one round per branching depth, then all rollouts), so an engine sees few large batches, and
+prompts are token IDs that share prefixes, so vLLM's prefix cache pays. Every request carries a seed derived from the
 problem and the prefix, so a shard labelled twice yields the same rows (what crash-resume relies on).
 """
 
