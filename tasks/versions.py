@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.dataset import MANIFEST_NAME, atomic_write_bytes, fsync_dir, read_manifest, shard_path
+from tasks.dataset import MANIFEST_NAME, SCHEMA_VERSION, atomic_write_bytes, fsync_dir, read_manifest, shard_path
 
 VERSIONS_DIR = "versions"
 LATEST_NAME = "LATEST"
@@ -116,12 +116,16 @@ def plan_reuse(parent: str | None, parent_dir: Path | None, shard_keys: Sequence
 
     The parent's keys come from its manifest (``extra.shard_keys``, in index order) and its shard hashes
     from the manifest's shard list; a planned key seen twice in the parent is taken from its first index.
+    A parent written with another row schema version is not reused at all.
     """
     plan = ReusePlan(parent)
     if parent is None or parent_dir is None:
         plan.label = list(range(len(shard_keys)))
         return plan
     manifest = read_manifest(parent_dir)
+    if manifest.get("schema_version") != SCHEMA_VERSION:  # rows of another schema cannot join this version
+        plan.label = list(range(len(shard_keys)))
+        return plan
     parent_keys: list[str] = manifest.get("extra", {}).get("shard_keys", [])
     plan.parent_shards = len(parent_keys)
     sha_by_path = {e["path"]: e["sha256"] for e in manifest.get("shards", [])}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.dataset import read_dataset, shard_info, shard_path, write_manifest, write_shard
+from tasks.dataset import SCHEMA_VERSION, read_dataset, shard_info, shard_path, write_manifest, write_shard
 from tasks.versions import (
     ReusableShard,
     VersionError,
@@ -35,11 +35,11 @@ def row(problem_id: str, shard: int) -> dict:
     }
 
 
-def make_version(root: Path, version_id: str, keys: list[str]) -> Path:
+def make_version(root: Path, version_id: str, keys: list[str], schema_version: int = SCHEMA_VERSION) -> Path:
     """A complete version whose shard i holds one row for problem `p<key>` and is keyed `keys[i]`."""
     out = version_dir(root, version_id)
     infos = [write_shard(out, i, [row(f"p{k}", i)], {"shard_key": k}) for i, k in enumerate(keys)]
-    write_manifest(out, schema_version=1, config_hash="c", code_version="0", shards=infos, parents=[],
+    write_manifest(out, schema_version=schema_version, config_hash="c", code_version="0", shards=infos, parents=[],
                    extra={"shard_keys": keys})
     return out
 
@@ -98,6 +98,12 @@ def test_plan_reuse_same_keys_is_up_to_date_but_not_when_parent_has_more(tmp_pat
     assert shrunk.label == [] and not shrunk.up_to_date
     moved = plan_reuse("0001-x", parent, ["k1", "k0"])  # same shards, other order: a rewrite, not up to date
     assert [(r.index, r.parent_index) for r in moved.reuse] == [(0, 1), (1, 0)] and not moved.up_to_date
+
+
+def test_plan_reuse_never_reuses_a_parent_of_another_schema_version(tmp_path):
+    parent = make_version(tmp_path, "0001-x", ["k0", "k1"], schema_version=SCHEMA_VERSION - 1)
+    plan = plan_reuse("0001-x", parent, ["k0", "k1"])
+    assert plan.reuse == [] and plan.label == [0, 1] and not plan.up_to_date
 
 
 def test_link_shard_hard_links_and_checks_sha256(tmp_path):
