@@ -13,9 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from prm_factory import set_offline_env
+from prm_factory import set_quiet_env, use_hub_offline
 
-set_offline_env()
+set_quiet_env()  # telemetry off always; hub offline-ness follows each config (`offline:`), set in _load
 
 app = typer.Typer(
     help="Build step-labelled PRM training data: EDU partitioning, ER-PRM labels, Parquet datasets.",
@@ -38,10 +38,12 @@ def _load(config: Path, check_paths: bool = True):
     from configs.schema import ConfigError, load_config
 
     try:
-        return load_config(config, check_paths=check_paths)
+        cfg = load_config(config, check_paths=check_paths)
     except ConfigError as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(2) from None
+    use_hub_offline(cfg.offline)
+    return cfg
 
 
 @app.command()
@@ -120,7 +122,7 @@ def _engine_factory(cfg, local: bool):
         if local:
             from cluster.actors import make_engine
 
-            return make_engine(cfg.policy)
+            return make_engine(cfg.policy, cfg.offline)
         from cluster.actors import start_engines
 
         return start_engines(cfg)
