@@ -399,5 +399,24 @@ def serve(
         raise typer.Exit(1) from None
     raise typer.Exit(code)
 
+
+@app.command()
+def doctor(
+    config: Annotated[Path, typer.Argument(help="YAML config to check a run of")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Preflight: data, model (path or id), torch/vLLM, GPUs, Ray, disk; one line per check; exit 1 on a failure."""
+    from cluster.preflight import report, run_checks
+
+    cfg = _load(config, check_paths=False)  # missing files are reported as checks, not as a config error
+    checks = run_checks(cfg)
+    if json_out:
+        print(json.dumps(report(checks)))
+    else:
+        for check in checks:
+            console.print(check.line(), style=None if check.ok else "red", markup=False, soft_wrap=True)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
 if __name__ == "__main__":
     app()
