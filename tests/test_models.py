@@ -157,3 +157,25 @@ def test_vllm_engine_loads_a_hub_id_from_the_cache(hub_cache, vllm_engine, polic
         assert tokens and tokens == _greedy(vllm_engine)
     finally:
         engine.shutdown()
+
+
+def test_hub_offline_follows_the_config_not_the_cli(tmp_path):
+    """Importing the CLI turns telemetry off but not the hub; loading an `offline: true` config turns it off."""
+    import os
+
+    code = (
+        "import os\n"
+        "for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'DO_NOT_TRACK'): os.environ.pop(k, None)\n"
+        "from prm_factory import cli\n"
+        "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('DO_NOT_TRACK'))\n"
+        "cli._load(cli.Path(%r))\n"
+        "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('TRANSFORMERS_OFFLINE'))\n"
+    )
+    online = tmp_path / "online.yaml"
+    online.write_text(yaml.safe_dump(_toy_config("assets/toy-policy", offline=False)))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    for config, expected in [(online, "None None"), (REPO_ROOT / "configs" / "toy.yaml", "1 1")]:
+        proc = subprocess.run([sys.executable, "-c", code % str(config)], capture_output=True, text=True,
+                              timeout=60, cwd=REPO_ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split("\n")[:2] == ["None 1", expected]
