@@ -142,9 +142,11 @@ def build(
     """Ingest, partition, roll out, label and write the Parquet dataset (resumes an interrupted build)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from configs.models import ModelNotFoundError
     from configs.schema import resolve_path
     from tasks.build import BuildError
     from tasks.build import build as run_build
+    from tasks.prompts import PromptTemplateError
 
     cfg = _load(config)
     out_dir = out or resolve_path(cfg.dataset.out_dir)
@@ -164,7 +166,7 @@ def build(
 
             bar.update(shards, total=len(plan_shards(ingest(cfg).problems, cfg)))
             report = run_build(cfg, out_dir, _engine_factory(cfg, local), progress=on_requests, on_shard=on_shard)
-        except BuildError as err:
+        except (BuildError, ModelNotFoundError, PromptTemplateError) as err:
             console.print(str(err), style="red", markup=False)
             raise typer.Exit(2) from None
     summary = {

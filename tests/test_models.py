@@ -111,6 +111,18 @@ def test_unknown_id_stops_build_before_ray_starts(tmp_path, hub_cache):
     assert elapsed < 30, elapsed
 
 
+def test_online_unknown_id_stops_the_cli_build_in_one_line(tmp_path, hub_cache):
+    """Online (no hub here), the build's preflight fails before Ray: exit 2, the reason, no traceback."""
+    cfg = tmp_path / "online.yaml"
+    cfg.write_text(yaml.safe_dump(_toy_config("prm-factory-tests/missing", offline=False)))
+    cmd = [sys.executable, "-m", "prm_factory.cli", "build", "-c", str(cfg), "-o", str(tmp_path / "out"), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    stderr = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model 'prm-factory-tests/missing'" in stderr and "Traceback" not in stderr
+    assert "Connecting to" not in stderr and "Started a local Ray" not in stderr
+
+
 def test_online_unknown_id_fails_in_the_preflight_before_ray(hub_cache):
     """Online, start_engines looks the id up before ray.init; here (no hub access) it fails in one line."""
     import ray
