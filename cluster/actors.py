@@ -27,7 +27,8 @@ from ray.util.placement_group import get_placement_group, placement_group, remov
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.engine import EngineRequestError, GenerationRequest, GenerationResult
-from configs.schema import ClusterConfig, FactoryConfig, PolicyConfig, resolve_path
+from configs.models import check_model
+from configs.schema import ClusterConfig, FactoryConfig, PolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,17 @@ class EnginePoolError(RuntimeError):
     """The pool could not serve a batch: every engine is dead, or a chunk failed too many times."""
 
 
-def make_engine(policy: PolicyConfig):
-    """The engine a PolicyConfig asks for, built in this process (HFEngine or VLLMEngine)."""
-    model_path = str(resolve_path(policy.model_path))
+def make_engine(policy: PolicyConfig, offline: bool = False):
+    """The engine a PolicyConfig asks for, built in this process (HFEngine or VLLMEngine).
+
+    `offline` (the config's): a model given by hub id comes from the local HF cache only.
+    """
+    model_path = policy.model_path  # a directory or a hub id: the engine resolves it on this node
     if policy.backend == "transformers":
         from cluster.hf_engine import HFEngine
 
-        return HFEngine(model_path, dtype=policy.dtype, max_model_len=policy.max_model_len, seed=policy.seed)
+        return HFEngine(model_path, dtype=policy.dtype, max_model_len=policy.max_model_len, seed=policy.seed,
+                        offline=offline)
     from cluster.vllm_engine import VLLMEngine
 
     return VLLMEngine(
@@ -64,6 +69,7 @@ def make_engine(policy: PolicyConfig):
         enable_prefix_caching=policy.prefix_caching,
         seed=policy.seed,
         enforce_eager=policy.enforce_eager,
+        offline=offline,
     )
 
 
@@ -75,13 +81,13 @@ class EngineActor:
     through the engine one at a time (neither backend is thread-safe; each chunk is already a batch).
     """
 
-    def __init__(self, policy: PolicyConfig, engine_name: str):
+    def __init__(self, policy: PolicyConfig, engine_name: str, offline: bool = False):
         from cluster.metrics import EngineMetrics
 
         self.engine_name = engine_name
         self.started_at = time.time()
         self.policy_json = policy.model_dump_json()
-        self.engine = make_engine(policy)
+        self.engine = make_engine(policy, offline)
         self.metrics = EngineMetrics(engine_name)
         self._engine_lock = threading.Lock()
         self._served = 0
@@ -142,7 +148,10 @@ def _placement_group(cfg: FactoryConfig):
     if cfg.cluster.gpus_per_engine > 0:
         bundle["GPU"] = cfg.cluster.gpus_per_engine
     pg = placement_group(
-        [dict(bundle) for _ in range(cfg.cluster.num_engines)], strategy="PACK", name=name, lifetime="detached"
+        [dict(bundle) for _ in range(cfg.cluster.num_engines)],
+        strategy=cfg.cluster.placement_strategy,
+        name=name,
+        lifetime="detached",
     )
     return pg
 
@@ -171,6 +180,8 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
             time.sleep(0.2)
     pg = pg if pg is not None else _placement_group(cfg)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if cfg.offline:  # the config's offline switch holds on every node, whatever the driver's environment says
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return (
         ray.remote(EngineActor)
         .options(
@@ -188,7 +199,7 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
             ),
             runtime_env={"env_vars": env} if env else None,
         )
-        .remote(cfg.policy, name)
+        .remote(cfg.policy, name, cfg.offline)
     )
 
 
@@ -404,6 +415,8 @@ def start_engines(cfg: FactoryConfig) -> EnginePool:
     Connects to Ray first when needed (``cfg.cluster.address``; None starts or joins a local one).
     """
     cluster = cfg.cluster
+    # Preflight before Ray: a missing directory or an unknown hub id fails here, in one line, not in an actor.
+    check_model(cfg.policy.model_path, offline=cfg.offline)
     if not ray.is_initialized():
         ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=True)
     pg = _placement_group(cfg)
@@ -417,7 +430,7 @@ def start_engines(cfg: FactoryConfig) -> EnginePool:
         max_attempts=cluster.max_restarts + 2,
         names=names,
         placement_group=pg,
-        model_path=str(resolve_path(cfg.policy.model_path)),
+        model_path=cfg.policy.model_path,
     )
     return pool
 

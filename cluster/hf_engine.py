@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
 
 import torch
 
 from cluster.engine import EngineRequestError, GenerationRequest, GenerationResult, Sample, check_request
+from configs.models import resolve_model
 
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below this sample greedily
 
@@ -71,12 +71,12 @@ class HFEngine:
     so the same engine seed and the same calls give the same tokens.
     """
 
-    def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int | None = None, seed: int = 0):
+    def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int | None = None, seed: int = 0,
+                 offline: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no HF model at {model_path} (expected {path / 'config.json'})")
+        # A directory or a hub id (offline: from the local HF cache only); loaded from the local directory.
+        path = resolve_model(model_path, offline=offline)
         self.model_path = str(model_path)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()

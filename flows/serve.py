@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from configs.schema import REPO_ROOT
-from prm_factory import OFFLINE_ENV
+from prm_factory import QUIET_ENV
 
 WORK_POOL = "prm-factory-local"
 PREFECT_HOME = REPO_ROOT / "runs" / "prefect"
@@ -51,8 +51,11 @@ def _bin(name: str) -> str:
 
 
 def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[str, str]:
-    """The environment for Prefect children: their own PREFECT_HOME, the server's URL, offline and quiet."""
-    env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(home), "PRM_FACTORY_ROOT": str(REPO_ROOT), **extra}
+    """The environment for Prefect children: their own PREFECT_HOME, the server's URL, quiet.
+
+    Hub offline-ness is not set here: it follows each config's `offline` switch.
+    """
+    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home), "PRM_FACTORY_ROOT": str(REPO_ROOT), **extra}
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env

@@ -13,9 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from prm_factory import set_offline_env
+from prm_factory import set_quiet_env, use_hub_offline
 
-set_offline_env()
+set_quiet_env()  # telemetry off always; hub offline-ness follows each config (`offline:`), set in _load
 
 app = typer.Typer(
     help="Build step-labelled PRM training data: EDU partitioning, ER-PRM labels, Parquet datasets.",
@@ -38,10 +38,12 @@ def _load(config: Path, check_paths: bool = True):
     from configs.schema import ConfigError, load_config
 
     try:
-        return load_config(config, check_paths=check_paths)
+        cfg = load_config(config, check_paths=check_paths)
     except ConfigError as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(2) from None
+    use_hub_offline(cfg.offline)
+    return cfg
 
 
 @app.command()
@@ -120,7 +122,7 @@ def _engine_factory(cfg, local: bool):
         if local:
             from cluster.actors import make_engine
 
-            return make_engine(cfg.policy)
+            return make_engine(cfg.policy, cfg.offline)
         from cluster.actors import start_engines
 
         return start_engines(cfg)
@@ -140,9 +142,11 @@ def build(
     """Ingest, partition, roll out, label and write the Parquet dataset (resumes an interrupted build)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from configs.models import ModelNotFoundError
     from configs.schema import resolve_path
     from tasks.build import BuildError
     from tasks.build import build as run_build
+    from tasks.prompts import PromptTemplateError
 
     cfg = _load(config)
     out_dir = out or resolve_path(cfg.dataset.out_dir)
@@ -162,7 +166,7 @@ def build(
 
             bar.update(shards, total=len(plan_shards(ingest(cfg).problems, cfg)))
             report = run_build(cfg, out_dir, _engine_factory(cfg, local), progress=on_requests, on_shard=on_shard)
-        except BuildError as err:
+        except (BuildError, ModelNotFoundError, PromptTemplateError) as err:
             console.print(str(err), style="red", markup=False)
             raise typer.Exit(2) from None
     summary = {
@@ -396,6 +400,25 @@ def serve(
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def doctor(
+    config: Annotated[Path, typer.Argument(help="YAML config to check a run of")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Preflight: data, model (path or id), torch/vLLM, GPUs, Ray, disk; one line per check; exit 1 on a failure."""
+    from cluster.preflight import report, run_checks
+
+    cfg = _load(config, check_paths=False)  # missing files are reported as checks, not as a config error
+    checks = run_checks(cfg)
+    if json_out:
+        print(json.dumps(report(checks)))
+    else:
+        for check in checks:
+            console.print(check.line(), style=None if check.ok else "red", markup=False, soft_wrap=True)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
 
 if __name__ == "__main__":
     app()

@@ -1,5 +1,5 @@
-# Sourced by the scripts: no downloads, no telemetry, everything under the repo.
+# Sourced by the scripts and tests: no downloads, no telemetry (prm_factory.OFFLINE_ENV's shell twin).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false RAY_USAGE_STATS_ENABLED=0 VLLM_NO_USAGE_STATS=1
+export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false RAY_USAGE_STATS_ENABLED=0 VLLM_NO_USAGE_STATS=1 HF_HUB_DISABLE_TELEMETRY=1
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export TOKENIZERS_PARALLELISM=false

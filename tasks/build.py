@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.schema import FactoryConfig, resolve_path
+from configs.schema import FactoryConfig
 from prm_factory import __version__
 from tasks.dataset import (
     SCHEMA_VERSION,
@@ -124,7 +124,10 @@ def _check_out_dir(out: Path, cfg: FactoryConfig) -> None:
 def load_tokenizer(cfg: FactoryConfig):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_path(cfg.policy.model_path)))
+    from configs.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(str(resolve_model(cfg.policy.model_path, offline=cfg.offline,
+                                                           tokenizer_only=True)))
 
 
 def prepare(cfg: FactoryConfig, out_dir: str | Path) -> tuple[IngestResult, list[ShardPlan]]:

@@ -31,6 +31,7 @@ from tasks.answers import check_answer
 from tasks.labels import origin_soft_er
 from tasks.partition import Partitioner, make_partitioner
 from tasks.problems import Problem
+from tasks.prompts import render_prompt
 
 
 class Generator(Protocol):
@@ -212,7 +213,9 @@ class ShardLabeller:
     def grow_trees(self, problems: Sequence[Problem], cost: ShardCost
                    ) -> tuple[dict[str, list[int]], dict[str, list[Trajectory]]]:
         """Prompt token IDs and the generation tree (its leaves, root first) of every problem, answers checked."""
-        prompts = {p.problem_id: self.tok.encode(self.cfg.policy.prompt_template.format(question=p.question),
+        pol = self.cfg.policy
+        prompts = {p.problem_id: self.tok.encode(render_prompt(pol.prompt_template, p.question, self.tok,
+                                                               pol.system_prompt),
                                                  add_special_tokens=False) for p in problems}
         trees: dict[str, list[Trajectory]] = {}
 
@@ -389,7 +392,7 @@ class ShardLabeller:
                                                                                                    strict=True)]
             n_leaves = len(trees[p.problem_id])
             rows.append({
-                "prompt": cfg.policy.prompt_template.format(question=p.question),
+                "prompt": render_prompt(cfg.policy.prompt_template, p.question, self.tok, cfg.policy.system_prompt),
                 "completions": steps,
                 "labels": hard,
                 "successes": successes,

