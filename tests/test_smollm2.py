@@ -16,7 +16,6 @@ import pytest
 
 from configs.schema import REPO_ROOT, load_config, resolve_path
 
-pytestmark = [pytest.mark.slow, pytest.mark.smollm2]
 SMOKE_CONFIG = REPO_ROOT / "configs" / "gsm8k-smollm2-smoke.yaml"
 
 
@@ -32,6 +31,22 @@ def smollm2_dir():
     return path
 
 
+def test_is_prepared_reads_the_marker(tmp_path):
+    from tasks.smollm2 import MARKER, is_prepared
+
+    assert not is_prepared(tmp_path, "abc")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / MARKER).write_text(json.dumps({"gguf_sha256": "abc", "files": ["model.safetensors"]}))
+    assert is_prepared(tmp_path, "abc")
+    assert not is_prepared(tmp_path, "def")  # another GGUF: redo
+    (tmp_path / "model.safetensors").unlink()
+    assert not is_prepared(tmp_path, "abc")  # a file it wrote is gone: redo
+    (tmp_path / MARKER).write_text("{half a json")
+    assert not is_prepared(tmp_path, "abc")
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
 def test_prepared_model_is_the_gguf_model_and_preparing_is_idempotent(smollm2_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,6 +71,8 @@ def test_prepared_model_is_the_gguf_model_and_preparing_is_idempotent(smollm2_di
     assert torch.allclose(plain, quant, atol=1e-4)  # the saved weights are the dequantized GGUF weights
 
 
+@pytest.mark.slow
+@pytest.mark.smollm2
 def test_four_problem_gsm8k_build_writes_real_steps(smollm2_dir, tmp_path):
     out = tmp_path / "dataset"
     t0 = time.time()
