@@ -55,7 +55,8 @@ def smollm2_smoke() -> dict:
         build_s = time.time() - t0
         if res.returncode != 0:
             return {"ok": False, "stderr_tail": res.stderr[-2000:]}
-        summary = json.loads(res.stdout.strip().splitlines()[-1])
+        # vLLM logs to stdout too (its shutdown lines come after ours): the summary is the last JSON line.
+        summary = json.loads(next(line for line in reversed(res.stdout.splitlines()) if line.startswith("{")))
     return {"ok": True, "prepare_seconds": round(prepare_s, 1), "prepared_before": was_there,
             "build_seconds": round(build_s, 1), "rows": summary["rows"], "cost": summary["cost"],
             "backend": "vllm (in-process, --local)"}

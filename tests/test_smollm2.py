@@ -80,7 +80,8 @@ def test_four_problem_gsm8k_build_writes_real_steps(smollm2_dir, tmp_path):
                           "--out", str(out), "--local", "--json"], capture_output=True, text=True, cwd=REPO_ROOT,
                          timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too (its shutdown lines come after ours): the summary is the last JSON line.
+    summary = json.loads(next(line for line in reversed(res.stdout.splitlines()) if line.startswith("{")))
     rows = [r for p in sorted((out / "shards").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
     print(f"smollm2 smoke build: {time.time() - t0:.0f}s, {summary['rows']} rows, "
           f"{summary['cost']['generated_tokens']} generated tokens")
