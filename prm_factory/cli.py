@@ -420,5 +420,191 @@ def doctor(
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 
+
+@app.command("ruler")
+def ruler_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write it (default: the shipped assets/toy-ruler)")]
+    = Path("assets/toy-ruler"),
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if a valid ruler is there")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build the toy ruler (fixed, seeded, held-out trajectories with exact step truth) or check the one there."""
+    from rich.progress import Progress
+
+    from configs.schema import resolve_path
+    from tasks.evaluation import EvaluationError
+    from tasks.ruler import TOY_RULER, build_ruler, load_ruler
+
+    target = resolve_path(out)
+    manifest = None
+    if not force and (target / "manifest.json").is_file():
+        try:
+            manifest = load_ruler(target).manifest
+        except EvaluationError as err:
+            console.print(f"{err}; rebuild with --force", style="red", markup=False)
+            raise typer.Exit(2) from None
+    if manifest is None:
+        with Progress(console=console, disable=json_out, transient=True) as bar:
+            task = bar.add_task(f"sampling {TOY_RULER.version}", total=TOY_RULER.num_problems)
+            manifest = build_ruler(target, TOY_RULER, progress=lambda n: bar.advance(task, n))
+    keys = ("ruler_version", "spec_hash", "content_hash", "problems", "trajectories", "steps", "correct_steps",
+            "final_correct")
+    summary = {"path": str(target), **{k: manifest[k] for k in keys}}
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        console.print(f"[green]ruler[/green] {summary['ruler_version']} at {target}: {summary['problems']} problems, "
+                      f"{summary['trajectories']} trajectories, {summary['steps']} steps "
+                      f"({summary['correct_steps']} correct), content {summary['content_hash'][:16]}")
+
+
+def _parse_ns(text: str) -> list[int]:
+    if text.strip().lower() in ("", "none", "0"):
+        return []
+    try:
+        ns = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        ns = [0]
+    if not ns or min(ns) < 1:
+        console.print(f"--bon must be a comma-separated list of N >= 1 (or 'none'), got {text!r}", style="red",
+                      markup=False)
+        raise typer.Exit(2)
+    return ns
+
+
+def _load_scorer(checkpoint: Path | None, scorer: str | None, device: str):
+    """The StepScorer for `eval`: a trained PRM checkpoint, or a reference scorer on the toy truth."""
+    if (checkpoint is None) == (scorer is None):
+        console.print("give exactly one of --checkpoint RUN or --scorer oracle|constant", style="red")
+        raise typer.Exit(2)
+    if scorer is not None:
+        from tasks.ruler import REFERENCE_SCORERS
+
+        if scorer not in REFERENCE_SCORERS:
+            console.print(f"--scorer must be one of {sorted(REFERENCE_SCORERS)}, got {scorer!r}", style="red",
+                          markup=False)
+            raise typer.Exit(2)
+        return REFERENCE_SCORERS[scorer](), scorer
+    try:
+        from tasks.prm_model import CheckpointError, load_prm
+    except ImportError as err:
+        console.print(f"cannot load {checkpoint}: the PRM checkpoint loader tasks.prm_model.load_prm is not in this "
+                      f"build ({err}); use --scorer oracle|constant for the toy ruler and best-of-N",
+                      style="red", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        return load_prm(checkpoint, device=device), str(checkpoint)
+    except (CheckpointError, FileNotFoundError) as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(2) from None
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="PRM run directory written by `train`")]
+    = None,
+    scorer: Annotated[str | None, typer.Option(
+        "--scorer", help="a reference scorer instead of a checkpoint: oracle | constant (toy ruler/BoN only)")] = None,
+    processbench: Annotated[Path | None, typer.Option(
+        "--processbench", help="ProcessBench directory (gsm8k/math/olympiadbench/omnimath .json)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="ProcessBench samples per subset (half erroneous)")]
+    = None,
+    ruler: Annotated[Path, typer.Option("--ruler", help="toy ruler directory")] = Path("assets/toy-ruler"),
+    no_ruler: Annotated[bool, typer.Option("--no-ruler", help="skip the toy ruler and best-of-N")] = False,
+    ruler_problems: Annotated[int | None, typer.Option("--ruler-problems", help="use the ruler's first K problems")]
+    = None,
+    bon: Annotated[str, typer.Option("--bon", help="best-of-N sizes, comma-separated ('none' to skip)")]
+    = "1,2,4,8,16",
+    dataset: Annotated[Path | None, typer.Option(
+        "--dataset", help="the PRM's training dataset: refuse if it shares a problem with the ruler")] = None,
+    threshold: Annotated[float, typer.Option(help="a step scoring below this is judged wrong")] = 0.5,
+    batch_size: Annotated[int, typer.Option(help="trajectories per scorer batch")] = 16,
+    device: Annotated[str, typer.Option(help="device for a checkpoint: cpu | cuda")] = "cpu",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write the report as JSON here")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate a PRM: ProcessBench F1, step AUROC/accuracy on the toy ruler, best-of-N accuracy per selector."""
+    import time
+
+    from tasks.evaluation import EvaluationError, evaluate_processbench
+    from tasks.ruler import check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler
+
+    ns = _parse_ns(bon)
+    if scorer is not None and processbench is not None:
+        console.print("--scorer oracle|constant knows only the toy truth; ProcessBench needs --checkpoint",
+                      style="red")
+        raise typer.Exit(2)
+    if no_ruler and processbench is None:
+        console.print("nothing to evaluate: --no-ruler without --processbench", style="red")
+        raise typer.Exit(2)
+    t0 = time.time()
+    report: dict = {"threshold": threshold}
+    try:
+        loaded_ruler = None
+        if not no_ruler:
+            loaded_ruler = load_ruler(ruler).limited(ruler_problems)
+            if dataset is not None:
+                check_disjoint(loaded_ruler, dataset_problem_ids(dataset), f"dataset {dataset}")
+            per_problem = loaded_ruler.manifest["spec"]["samples_per_problem"]
+            if ns and max(ns) > per_problem:
+                raise EvaluationError(f"--bon {max(ns)} exceeds the ruler's {per_problem} samples per problem")
+        if processbench is not None and not processbench.is_dir():
+            raise EvaluationError(f"ProcessBench directory not found: {processbench}")
+        step_scorer, scorer_name = _load_scorer(checkpoint, scorer, device)
+        report["scorer"] = scorer_name
+        if loaded_ruler is not None:
+            report["ruler"] = evaluate_ruler(step_scorer, loaded_ruler, ns, threshold, batch_size)
+        if processbench is not None:
+            report["processbench"] = evaluate_processbench(step_scorer, processbench, limit=limit,
+                                                           threshold=threshold, batch_size=batch_size)
+    except EvaluationError as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(2) from None
+    report["seconds"] = round(time.time() - t0, 1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    if json_out:
+        print(json.dumps(report))
+        return
+    _print_eval(report)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _print_eval(report: dict) -> None:
+    from rich.table import Table
+
+    if "ruler" in report:
+        st = report["ruler"]["steps"]
+        auc = "-" if st["step_auroc"] is None else f"{st['step_auroc']:.3f}"
+        acc = "-" if st["step_accuracy"] is None else f"{st['step_accuracy']:.3f}"
+        console.print(f"ruler {st['ruler_version']} ({st['problems']} problems, {st['trajectories']} trajectories, "
+                      f"{st['steps']} steps, {st['correct_steps']} correct): step AUROC [bold]{auc}[/bold], "
+                      f"step accuracy@{st['threshold']:g} [bold]{acc}[/bold]"
+                      + (f"; {st['unscored_steps']} steps unscored (truncated)" if st["unscored_steps"] else ""))
+        if "best_of_n" in report["ruler"]:
+            b = report["ruler"]["best_of_n"]
+            table = Table(title=f"best-of-N accuracy, scorer {report['scorer']}")
+            table.add_column("selector")
+            for n in b["ns"]:
+                table.add_column(f"N={n}", justify="right")
+            for name, accs in b["accuracy"].items():
+                table.add_row(name, *[f"{a:.3f}" for a in accs])
+            table.add_row("(any right)", *[f"{a:.3f}" for a in b["oracle_any_correct"]])
+            console.print(table)
+    if "processbench" in report:
+        pb = report["processbench"]
+        table = Table(title=f"ProcessBench (limit {pb['limit']}, threshold {pb['threshold']:g}), percent")
+        for col in ("subset", "samples", "error acc", "correct acc", "F1", "truncated"):
+            table.add_column(col, justify="left" if col == "subset" else "right")
+        for r in pb["subsets"]:
+            table.add_row(r["subset"], str(r["samples"]), _pct(r["error_acc"]), _pct(r["correct_acc"]), _pct(r["f1"]),
+                          str(r["truncated"]))
+        table.add_row("mean", "", "", "", _pct(pb["mean_f1"]), "")
+        console.print(table)
+
 if __name__ == "__main__":
     app()

