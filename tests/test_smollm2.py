@@ -13,6 +13,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from configs.schema import REPO_ROOT, load_config, resolve_path
 
@@ -75,8 +76,13 @@ def test_prepared_model_is_the_gguf_model_and_preparing_is_idempotent(smollm2_di
 @pytest.mark.smollm2
 def test_four_problem_gsm8k_build_writes_real_steps(smollm2_dir, tmp_path):
     out = tmp_path / "dataset"
+    # The shipped config reads data/ (where a user puts GSM8K); the test reads the CI copy in ../shared/data.
+    raw = yaml.safe_load(SMOKE_CONFIG.read_text())
+    raw["sources"][0]["path"] = str(REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl")
+    config = tmp_path / "smoke.yaml"
+    config.write_text(yaml.safe_dump(raw))
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "prm_factory.cli", "build", "--config", str(SMOKE_CONFIG),
+    res = subprocess.run([sys.executable, "-m", "prm_factory.cli", "build", "--config", str(config),
                           "--out", str(out), "--local", "--json"], capture_output=True, text=True, cwd=REPO_ROOT,
                          timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
