@@ -1,0 +1,93 @@
+"""Ray Train end to end on a small toy dataset: 2 gloo workers, a fault after the first checkpoint, a resume that
+continues where it stopped (same step count, no epoch twice), and `score` giving the trainer's own eval numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cluster.train import TrainError, is_held_out, train_prm
+from configs.schema import parse_config
+from prm_factory.cli import app
+from tasks.prm_model import load_prm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def resumed_run(ray_session, toy_prm_dataset, tmp_path_factory):
+    cfg = parse_config(toy_prm_dataset["config"])
+    run = tmp_path_factory.mktemp("train") / "prm-run"
+    with pytest.raises(TrainError, match="injected fault in epoch 1"):
+        train_prm(cfg, toy_prm_dataset["dir"], run, fault_after_epoch=0)
+    first = json.loads((run / "epoch-0000" / "train_state.json").read_text())
+    assert not (run / "model").exists() and not (run / "epoch-0001").exists()
+    result = train_prm(cfg, toy_prm_dataset["dir"], run)
+    return cfg, run, first, result
+
+
+def test_killed_run_resumes_from_its_checkpoint(resumed_run):
+    cfg, run, first, result = resumed_run
+    steps_per_epoch = first["global_step"]
+    assert first["history"][0]["batches_per_worker"] >= 2  # the fault hit mid-epoch (after batch 0 of epoch 1)
+    assert result.resumed_from_epoch == 0
+    assert [h["epoch"] for h in result.history] == list(range(cfg.train.epochs))  # every epoch once
+    assert result.global_step == cfg.train.epochs * steps_per_epoch == [h["global_step"] for h in result.history][-1]
+    assert result.history[0] == first["history"][0]  # epoch 0 was not trained again
+    assert all(h["world_size"] == 2 for h in result.history)
+    assert result.history[-1]["train_pull"] > 0  # the heads moved away from their init and are pulled back
+    assert (run / "model" / "model.safetensors").is_file() and not (run / "model" / "optimizer.safetensors").exists()
+
+
+def test_score_equals_the_trainers_last_eval(resumed_run, tmp_path):
+    cfg, run, _, result = resumed_run
+    held = json.loads((run / "model" / "eval_scores.json").read_text())
+    assert held and all(is_held_out(r["problem_id"], cfg.train.eval_fraction, cfg.train.seed) for r in held)
+    assert result.last_eval["eval_rows"] == len(held)
+    prm = load_prm(run)
+    again = prm.score([r["prompt"] for r in held], [r["completions"] for r in held], batch_size=3)
+    for row, s in zip(held, again, strict=True):
+        assert s.mean == pytest.approx(row["mean"], abs=1e-6) and s.std == pytest.approx(row["std"], abs=1e-6)
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": r["prompt"], "completions": r["completions"], "tag": i}) + "\n"
+                           for i, r in enumerate(held)))
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(app, ["score", str(src), "--checkpoint", str(run), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["rows"] == len(held)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["tag"] for r in rows] == list(range(len(held)))
+    for row, ref in zip(rows, held, strict=True):
+        assert row["step_scores"] == pytest.approx(ref["mean"], abs=1e-6)
+        assert row["step_std"] == pytest.approx(ref["std"], abs=1e-6)
+
+
+def test_score_parquet_keeps_every_column(resumed_run, toy_prm_dataset, tmp_path):
+    _, run, _, _ = resumed_run
+    shard = sorted((toy_prm_dataset["dir"] / "shards").glob("*.parquet"))[0]
+    out = tmp_path / "scored.parquet"
+    res = CliRunner().invoke(app, ["score", str(shard), "--checkpoint", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    before, after = pq.read_table(shard), pq.read_table(out)
+    assert after.column_names == before.column_names + ["step_scores", "step_std"]
+    assert after.select(before.column_names).to_pylist() == before.to_pylist()
+    assert [len(s) for s in after.column("step_scores").to_pylist()] == [len(c) for c in
+                                                                          before.column("completions").to_pylist()]
+
+
+def test_bad_inputs_fail_before_ray(resumed_run, toy_prm_dataset, tmp_path):
+    cfg, run, _, _ = resumed_run
+    other = parse_config({**toy_prm_dataset["config"], "train": {**toy_prm_dataset["config"]["train"], "lr": 0.5}})
+    with pytest.raises(TrainError, match="another train_hash"):
+        train_prm(other, toy_prm_dataset["dir"], run)
+    res = CliRunner().invoke(app, ["train", "--config", str(toy_prm_dataset["config_path"]), "--dataset",
+                                   str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "dataset directory not found" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Q", "completions": "not a list"}) + "\n")
+    res = CliRunner().invoke(app, ["score", str(bad), "--checkpoint", str(run), "--out", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 2 and "row 0: 'completions' must be a list of strings" in " ".join(res.output.split())
