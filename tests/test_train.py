@@ -91,3 +91,64 @@ def test_bad_inputs_fail_before_ray(resumed_run, toy_prm_dataset, tmp_path):
     bad.write_text(json.dumps({"prompt": "Q", "completions": "not a list"}) + "\n")
     res = CliRunner().invoke(app, ["score", str(bad), "--checkpoint", str(run), "--out", str(tmp_path / "o.jsonl")])
     assert res.exit_code == 2 and "row 0: 'completions' must be a list of strings" in " ".join(res.output.split())
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server (own PREFECT_HOME) for this module's flow runs."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import start_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    server, api_url = start_server(home, ui=False)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        server.stop()
+
+
+def test_train_prm_flow_publishes_its_report(resumed_run, toy_prm_dataset, prefect_server):
+    """The flow on the real server: the run dir already holds this run, so Ray Train restores its last checkpoint,
+    trains nothing twice, and the flow scores the held-out problems and publishes the report."""
+    from prefect.client.orchestration import get_client
+
+    from flows.train_prm import train_prm as train_prm_flow
+    from flows.train_prm import trigger_training
+
+    cfg, run, _, result = resumed_run
+    out = train_prm_flow(str(toy_prm_dataset["config_path"]), str(toy_prm_dataset["dir"]), str(run))
+    assert out["train"]["global_step"] == result.global_step and len(out["train"]["history"]) == cfg.train.epochs
+    held = out["held_out"]
+    assert held["rows"] == result.last_eval["eval_rows"] and held["steps"] == result.last_eval["eval_steps"]
+    assert held["loss"] == pytest.approx(result.last_eval["eval_loss"], abs=1e-6)  # same checkpoint, same rows
+    assert 0 <= held["auroc_vs_truth"] <= 1 and held["truth_steps"] == held["steps"]  # toy rows: exact truth
+    markdown = (run / "report.md").read_text()
+    assert markdown.count("data:image/png;base64,") == 2 and "| epoch | step |" in markdown
+
+    async def read():
+        async with get_client() as client:
+            arts = await client.read_artifacts()
+            runs = await client.read_flow_runs()
+            return arts, runs
+
+    import asyncio
+
+    arts, runs = asyncio.run(read())
+    prm_art = [a for a in arts if a.key == "prm-tiny-prm"]
+    assert prm_art and "PRM training: prm-tiny" in prm_art[0].data
+    assert any(r.name and r.state and r.state.is_completed() for r in runs)
+
+    # The refresh's hook: with the deployment registered, a new version starts a train-prm flow run on it.
+    train_prm_flow.to_deployment(name="train-prm").apply()
+    run_id = trigger_training(str(toy_prm_dataset["config_path"]), str(toy_prm_dataset["dir"]))
+
+    async def read_run():
+        async with get_client() as client:
+            return await client.read_flow_run(run_id)
+
+    scheduled = asyncio.run(read_run())
+    assert scheduled.parameters == {"config_path": str(toy_prm_dataset["config_path"]),
+                                    "dataset_dir": str(toy_prm_dataset["dir"])}
+    assert scheduled.state.is_scheduled()
