@@ -254,7 +254,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     start_epoch, global_step, history, resumed_from = 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
+    restore_seconds = None
     if checkpoint is not None:
+        restore_started = time.perf_counter()
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / STATE_FILE).read_text())
             if state["config_hash"] != prm_config["config_hash"] or state["train_hash"] != prm_config["train_hash"]:
@@ -263,6 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _restore_optimizer(optimizer, load_file(str(Path(d) / OPTIM_FILE)))
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
         resumed_from = state["epoch"]
+        restore_seconds = round(time.perf_counter() - restore_started, 3)
 
     model = ray.train.torch.prepare_model(model)
     device = str(ray.train.torch.get_device())
@@ -299,14 +302,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   "samples": int(sums[3]), "train_seconds": round(train_seconds, 3),
                   "samples_per_s": float(sums[3]) / train_seconds if train_seconds > 0 else math.nan,
                   "truncated": truncated, "world_size": world}
+        if restore_seconds is not None and epoch == start_epoch:
+            record["restore_seconds"] = restore_seconds
         if rank == 0:
             eval_rows = held_out_rows(config["shards"], target, train["eval_fraction"], train["seed"])
             ev = _evaluate(bare, tokenizer, eval_rows, target, max_length, device) if eval_rows else {}
             record.update({k: v for k, v in ev.items() if k != "scores"})
-            history = [*history, record]
             tmp = Path(tempfile.mkdtemp(prefix="prm-ckpt-"))
+            write_started = time.perf_counter()
             save_checkpoint(bare, prm_config, tmp, tokenizer)
             save_file({k: v.contiguous() for k, v in _optimizer_tensors(optimizer).items()}, str(tmp / OPTIM_FILE))
+            record["checkpoint_seconds"] = round(time.perf_counter() - write_started, 3)  # local write, before upload
+            history = [*history, record]
             (tmp / STATE_FILE).write_text(json.dumps({
                 "epoch": epoch, "global_step": global_step, "history": history, "resumed_from": resumed_from,
                 "config_hash": prm_config["config_hash"], "train_hash": prm_config["train_hash"],

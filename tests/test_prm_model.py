@@ -227,3 +227,29 @@ def test_failure_line_names_the_workers_error():
                                "epoch 0, global step 3 (problem_ids ['a'])") from inner
     except RuntimeError as err:
         assert _failure_line(err) == "non-finite loss nan at epoch 0, global step 3 (problem_ids ['a'])"
+
+
+@pytest.mark.parametrize("size", ["1.5b", "7b"])
+def test_gpu_prm_configs_follow_actprm(size):
+    from configs.schema import load_config
+
+    cfg = load_config(REPO_ROOT / "configs" / f"prm-qwen2.5-math-{size}.yaml", check_paths=False)
+    t = cfg.train
+    assert t.use_gpu and t.num_workers == 8 and t.dtype == "bfloat16" and t.lr == 1e-5
+    assert (t.num_heads, t.head_hidden, t.pull_lambda) == (8, [128, 128], 0.5)
+    assert f"Qwen2.5-Math-{size.upper()}" in t.model_path
+
+
+def test_train_section_errors_name_the_field():
+    from configs.schema import ConfigError, load_config, parse_config
+
+    data = load_config(REPO_ROOT / "configs" / "toy.yaml").model_dump(mode="json")
+    for key, value, field in (("target", "soft", "train.target"), ("num_heads", 0, "train.num_heads"),
+                              ("lernrate", 1.0, "train.lernrate"), ("model_path", "/nowhere", "train.model_path")):
+        bad = {**data, "train": {**data["train"], key: value}}
+        with pytest.raises(ConfigError, match=field):
+            parse_config(bad)
+    # The trainer section does not change the dataset's config hash (a dataset is the same whoever trains on it).
+    other = {**data, "train": {**data["train"], "lr": 0.5}}
+    assert parse_config(other).config_hash() == parse_config(data).config_hash()
+    assert parse_config(other).train.train_hash() != parse_config(data).train.train_hash()
