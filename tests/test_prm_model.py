@@ -253,3 +253,31 @@ def test_train_section_errors_name_the_field():
     other = {**data, "train": {**data["train"], "lr": 0.5}}
     assert parse_config(other).config_hash() == parse_config(data).config_hash()
     assert parse_config(other).train.train_hash() != parse_config(data).train.train_hash()
+
+
+def test_calibration_bins_and_ece_by_hand():
+    from tasks.prm_report import calibration_bins, expected_calibration_error
+
+    bins = calibration_bins([0.05, 0.15, 0.12, 0.95, 1.0], [False, True, False, True, True], bins=10)
+    assert [(b["lo"], b["count"]) for b in bins] == [(0.0, 1), (0.1, 2), (0.9, 2)]
+    assert bins[1]["mean_score"] == pytest.approx(0.135) and bins[1]["fraction_true"] == 0.5
+    # |0.05-0| * 1 + |0.135-0.5| * 2 + |0.975-1| * 2, over 5 steps
+    assert expected_calibration_error(bins) == pytest.approx((0.05 + 0.73 + 0.05) / 5)
+
+
+def test_toy_truth_and_held_out_metrics():
+    from tasks.prm_model import StepScores
+    from tasks.prm_report import held_out_metrics, toy_step_truth
+
+    prompt = "Start at 2. Apply in order: *4, -1.\n"
+    steps = ["2*4=8\n", "8-1=6\n", "Answer: 6"]
+    assert toy_step_truth(prompt, steps, "{question}\n") == [True, False, False]
+    assert toy_step_truth("What is 2+2?\n", ["4"], "{question}\n") is None
+    rows = [{"prompt": prompt, "completions": steps, "labels": [True, True, False],
+             "soft_labels": [0.5, None, 0.0]}]
+    scores = [StepScores([0.9, 0.2, math.nan], [0.0, 0.0, math.nan], truncated=True)]
+    m = held_out_metrics(rows, scores, "soft_labels", "{question}\n")
+    assert m["steps"] == 2 and m["truncated_rows"] == 1
+    assert m["loss"] == pytest.approx(-(0.5 * math.log(0.9) + 0.5 * math.log(0.1)))  # the null target is skipped
+    assert m["auroc_vs_truth"] == 1.0 and m["accuracy_vs_truth"] == 1.0  # 0.9 true step, 0.2 false step
+    assert m["accuracy_vs_labels"] == 0.5  # the labels call step 2 good
