@@ -193,7 +193,7 @@ def ensemble_loss(logits: torch.Tensor, targets: torch.Tensor, pull: torch.Tenso
     else:
         bce_per_head = logits.sum(0) * 0.0  # keeps the graph (DDP needs every parameter to get a gradient)
     loss = (bce_per_head + pull_lambda * pull).mean()
-    return loss, {"bce": float(bce_per_head.mean()), "pull": float(pull.mean()), "steps": steps}
+    return loss, {"bce": float(bce_per_head.detach().mean()), "pull": float(pull.detach().mean()), "steps": steps}
 
 
 class ProcessRewardModel(nn.Module):

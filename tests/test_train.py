@@ -18,35 +18,59 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def resumed_run(ray_session, toy_prm_dataset, tmp_path_factory):
+def prefect_server(tmp_path_factory):
+    """A real Prefect server (own PREFECT_HOME) for this module's flow runs."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import start_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    server, api_url = start_server(home, ui=False)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def resumed_run(ray_session, toy_prm_dataset, prefect_server, tmp_path_factory):
+    """A 2-worker run killed early in epoch 1, then started again with the same RUN by the train-prm flow.
+
+    (One Ray Train run fewer than a separate resume and flow test: the suite must stay cheap on 2 cores.)
+    """
+    from flows.train_prm import train_prm as train_prm_flow
+
     cfg = parse_config(toy_prm_dataset["config"])
     run = tmp_path_factory.mktemp("train") / "prm-run"
     with pytest.raises(TrainError, match="injected fault in epoch 1"):
         train_prm(cfg, toy_prm_dataset["dir"], run, fault_after_epoch=0)
     first = json.loads((run / "epoch-0000" / "train_state.json").read_text())
     assert not (run / "model").exists() and not (run / "epoch-0001").exists()
-    result = train_prm(cfg, toy_prm_dataset["dir"], run)
-    return cfg, run, first, result
+    flow_out = train_prm_flow(str(toy_prm_dataset["config_path"]), str(toy_prm_dataset["dir"]), str(run))
+    return cfg, run, first, flow_out
 
 
 def test_killed_run_resumes_from_its_checkpoint(resumed_run):
-    cfg, run, first, result = resumed_run
+    cfg, run, first, flow_out = resumed_run
+    result = flow_out["train"]
     steps_per_epoch = first["global_step"]
     assert first["history"][0]["batches_per_worker"] >= 2  # the fault hit mid-epoch (after batch 0 of epoch 1)
-    assert result.resumed_from_epoch == 0
-    assert [h["epoch"] for h in result.history] == list(range(cfg.train.epochs))  # every epoch once
-    assert result.global_step == cfg.train.epochs * steps_per_epoch == [h["global_step"] for h in result.history][-1]
-    assert result.history[0] == first["history"][0]  # epoch 0 was not trained again
-    assert all(h["world_size"] == 2 for h in result.history)
-    assert result.history[-1]["train_pull"] > 0  # the heads moved away from their init and are pulled back
+    assert result["resumed_from_epoch"] == 0
+    assert [h["epoch"] for h in result["history"]] == list(range(cfg.train.epochs))  # every epoch once
+    assert result["global_step"] == cfg.train.epochs * steps_per_epoch == result["history"][-1]["global_step"]
+    assert result["history"][0] == first["history"][0]  # epoch 0 was not trained again
+    assert "restore_seconds" in result["history"][1] and "restore_seconds" not in result["history"][0]
+    assert all(h["world_size"] == 2 for h in result["history"])
+    assert result["history"][-1]["train_pull"] > 0  # the heads moved away from their init and are pulled back
     assert (run / "model" / "model.safetensors").is_file() and not (run / "model" / "optimizer.safetensors").exists()
 
 
 def test_score_equals_the_trainers_last_eval(resumed_run, tmp_path):
-    cfg, run, _, result = resumed_run
+    cfg, run, _, flow_out = resumed_run
     held = json.loads((run / "model" / "eval_scores.json").read_text())
     assert held and all(is_held_out(r["problem_id"], cfg.train.eval_fraction, cfg.train.seed) for r in held)
-    assert result.last_eval["eval_rows"] == len(held)
+    assert flow_out["train"]["last_eval"]["eval_rows"] == len(held)
     prm = load_prm(run)
     again = prm.score([r["prompt"] for r in held], [r["completions"] for r in held], batch_size=3)
     for row, s in zip(held, again, strict=True):
@@ -80,7 +104,7 @@ def test_score_parquet_keeps_every_column(resumed_run, toy_prm_dataset, tmp_path
 
 
 def test_bad_inputs_fail_before_ray(resumed_run, toy_prm_dataset, tmp_path):
-    cfg, run, _, _ = resumed_run
+    _, run, _, _ = resumed_run
     other = parse_config({**toy_prm_dataset["config"], "train": {**toy_prm_dataset["config"]["train"], "lr": 0.5}})
     with pytest.raises(TrainError, match="another train_hash"):
         train_prm(other, toy_prm_dataset["dir"], run)
@@ -93,36 +117,20 @@ def test_bad_inputs_fail_before_ray(resumed_run, toy_prm_dataset, tmp_path):
     assert res.exit_code == 2 and "row 0: 'completions' must be a list of strings" in " ".join(res.output.split())
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server (own PREFECT_HOME) for this module's flow runs."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.serve import start_server
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    server, api_url = start_server(home, ui=False)
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            yield api_url
-    finally:
-        server.stop()
-
-
-def test_train_prm_flow_publishes_its_report(resumed_run, toy_prm_dataset, prefect_server):
-    """The flow on the real server: the run dir already holds this run, so Ray Train restores its last checkpoint,
-    trains nothing twice, and the flow scores the held-out problems and publishes the report."""
+def test_train_prm_flow_publishes_its_report(resumed_run, toy_prm_dataset):
+    """The flow ran on the real server (it resumed the killed run); it scored the held-out problems with the saved
+    checkpoint and published the report. Then the refresh's trigger starts it through its deployment."""
     from prefect.client.orchestration import get_client
 
     from flows.train_prm import train_prm as train_prm_flow
     from flows.train_prm import trigger_training
 
-    cfg, run, _, result = resumed_run
-    out = train_prm_flow(str(toy_prm_dataset["config_path"]), str(toy_prm_dataset["dir"]), str(run))
-    assert out["train"]["global_step"] == result.global_step and len(out["train"]["history"]) == cfg.train.epochs
+    _, run, _, out = resumed_run
+    last = out["train"]["last_eval"]
     held = out["held_out"]
-    assert held["rows"] == result.last_eval["eval_rows"] and held["steps"] == result.last_eval["eval_steps"]
-    assert held["loss"] == pytest.approx(result.last_eval["eval_loss"], abs=1e-6)  # same checkpoint, same rows
+    assert held["rows"] == last["eval_rows"] and held["steps"] == last["eval_steps"]
+    assert held["loss"] == pytest.approx(last["eval_loss"], abs=1e-6)  # same checkpoint, same rows
     assert 0 <= held["auroc_vs_truth"] <= 1 and held["truth_steps"] == held["steps"]  # toy rows: exact truth
     markdown = (run / "report.md").read_text()
     assert markdown.count("data:image/png;base64,") == 2 and "| epoch | step |" in markdown
