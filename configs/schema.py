@@ -213,6 +213,51 @@ class DatasetConfig(_Strict):
     quarantine_dir: str | None = None
 
 
+class TrainConfig(_Strict):
+    """The PRM trainer: an ActPRM-style (arXiv 2504.10559) ensemble of heads on a causal-LM backbone, on Ray Train.
+
+    Defaults train on the toy world with the shipped toy policy as backbone on 2 CPU workers.
+    ``lr``/``batch_size`` here suit that few-MB backbone; the paper's run used lr 1e-5, batch 64 (GPU configs).
+    """
+
+    model_path: str = Field("assets/toy-policy", description="a local HF-format backbone directory or a Hugging Face "
+                            "model id (resolved like policy.model_path, honouring `offline`)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_length: int | None = Field(None, ge=8, description="token cap per trajectory (None: the backbone's context)")
+    num_heads: int = Field(8, ge=1, le=64, description="ensemble heads E")
+    head_hidden: list[int] = Field([128, 128], min_length=1, max_length=4, description="hidden widths of each head")
+    target: Literal["labels", "soft_labels", "er_labels"] = Field(
+        "labels", description="training target column: hard, soft (k/N) or ER-PRM labels; null steps are masked")
+    pull_lambda: float = Field(0.5, ge=0, description="weight of ||head - head_init||^2 (ActPRM, lambda ~0.5)")
+    train_backbone: bool = True
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1, description="trajectories per worker per step")
+    epochs: int = Field(3, ge=1)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP: gloo on CPU, NCCL on GPU)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of problems held out (by problem_id hash)")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0, description="worker-group restarts Ray Train may do inside one run")
+    seed: int = 0
+
+    @field_validator("model_path")
+    @classmethod
+    def _backbone_exists(cls, v: str, info: ValidationInfo) -> str:
+        from configs.models import classify_model_path
+
+        ref = classify_model_path(v)
+        # A hub id is checked against the cache by FactoryConfig (it needs `offline`); a directory here.
+        if _checking_paths(info) and ref.kind == "local" and not (ref.local_dir / "config.json").is_file():
+            raise ValueError(f"no HF model at {v} (expected {ref.local_dir / 'config.json'})")
+        return v
+
+    def train_hash(self) -> str:
+        """A stable hash of the trainer section (a resumed run must have the same one)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
 class FactoryConfig(_Strict):
     """One factory run: sources -> partition -> rollouts -> labels -> dataset."""
 
@@ -229,6 +274,7 @@ class FactoryConfig(_Strict):
     rollouts: RolloutConfig = RolloutConfig()
     labels: LabelConfig = LabelConfig()
     dataset: DatasetConfig = DatasetConfig()
+    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _hub_model_cached_when_offline(self, info: ValidationInfo) -> FactoryConfig:
@@ -236,11 +282,15 @@ class FactoryConfig(_Strict):
 
         # Offline, a hub id must be in the cache: checked here (on disk, milliseconds). Online, the id is
         # looked up by the preflight before Ray starts (configs.models.check_model), not by validation.
-        if _checking_paths(info) and self.offline and classify_model_path(self.policy.model_path).kind == "hub":
-            try:
-                resolve_model(self.policy.model_path, offline=True)
-            except ModelNotFoundError as err:
-                raise ValueError(f"policy.model_path: {err}") from None
+        if not (_checking_paths(info) and self.offline):
+            return self
+        for field, model_path in (("policy.model_path", self.policy.model_path),
+                                  ("train.model_path", self.train.model_path)):
+            if classify_model_path(model_path).kind == "hub":
+                try:
+                    resolve_model(model_path, offline=True)
+                except ModelNotFoundError as err:
+                    raise ValueError(f"{field}: {err}") from None
         return self
 
     @model_validator(mode="after")
@@ -254,8 +304,11 @@ class FactoryConfig(_Strict):
         return self
 
     def config_hash(self) -> str:
-        """A stable hash of the whole config (for the dataset manifest and caching)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A stable hash of the config that makes the dataset (for its manifest and caching).
+
+        The trainer section is left out: training another PRM on a dataset does not change the dataset.
+        """
+        blob = json.dumps(self.model_dump(mode="json", exclude={"train"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def labelling_hash(self) -> str:

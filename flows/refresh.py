@@ -3,7 +3,7 @@
 validate config -> plan (current sources vs the LATEST version) -> if nothing changed: record
 "up to date" and stop (no engine, no new version) -> else prepare a new version -> reuse unchanged
 shards from the parent (hard links, sha256-checked) -> label only new or changed shards -> manifest with
-parents and lineage -> move LATEST -> report artifacts.
+parents and lineage -> move LATEST -> report artifacts -> (train_after) start the train-prm deployment on it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from flows.steps import (
     validate_config,
     write_manifest,
 )
+from flows.train_prm import trigger_training
 from tasks.versions import version_dir
 
 
@@ -35,8 +36,11 @@ def default_root(config_path: str) -> str:
 
 
 @flow(name="refresh-dataset", log_prints=True)
-def refresh(config_path: str = "configs/toy.yaml", root: str | None = None) -> dict:
-    """Bring the dataset root up to date with the config's sources, labelling only what changed."""
+def refresh(config_path: str = "configs/toy.yaml", root: str | None = None, train_after: bool = False) -> dict:
+    """Bring the dataset root up to date with the config's sources, labelling only what changed.
+
+    ``train_after``: when a new version was written, start the ``train-prm`` deployment on it (not awaited).
+    """
     started = time.perf_counter()
     log = get_run_logger()
     validate_config(config_path)
@@ -72,6 +76,8 @@ def refresh(config_path: str = "configs/toy.yaml", root: str | None = None) -> d
     publish_report(out, summary, artifact_key=key)
     log.info("version %s: %d shards reused from %s, %d labelled; LATEST -> %s", plan["version"], len(reused),
              plan["parent"], len(results), plan["version"])
+    if train_after:
+        summary["train_flow_run"] = trigger_training(config_path, out)
     return summary
 
 

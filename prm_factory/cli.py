@@ -606,5 +606,95 @@ def _print_eval(report: dict) -> None:
         table.add_row("mean", "", "", "", _pct(pb["mean_f1"]), "")
         console.print(table)
 
+
+@app.command("train")
+def train_cmd(
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="a dataset version dir (manifest.json + shards/)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run dir; the same dir again resumes from its checkpoint")],
+    config: ConfigOpt = Path("configs/toy.yaml"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Train the PRM of the config's `train:` section on Ray Train; RUN/model is the scorer's checkpoint.
+
+    Exit 2: bad config or dataset (checked before Ray starts); exit 1: the run failed (a NaN loss names its batch).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cluster.train import TrainError, dataset_shards, train_prm
+
+    cfg = _load(config)
+    try:
+        dataset_shards(dataset)
+    except TrainError as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(2) from None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=json_out) as bar:
+        epochs = bar.add_task(f"Ray Train: {cfg.train.num_workers} workers, PRM on {cfg.train.target}",
+                              total=cfg.train.epochs)
+
+        def on_epoch(record: dict) -> None:
+            bar.update(epochs, completed=record["epoch"] + 1,
+                       description=f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, "
+                                   f"held-out AUROC {record.get('eval_auroc', float('nan')):.3f}")
+
+        try:
+            result = train_prm(cfg, dataset, out, on_epoch=on_epoch)
+        except TrainError as err:
+            console.print(str(err), style="red", markup=False)
+            raise typer.Exit(1) from None
+    if json_out:
+        print(json.dumps(result.to_dict()))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"PRM run {result.run_dir} ({result.global_step} steps, {result.seconds:.0f}s)")
+    for col in ("epoch", "step", "train loss", "held-out loss", "held-out AUROC", "held-out acc", "samples/s"):
+        table.add_column(col, justify="right")
+    for r in result.history:
+        table.add_row(str(r["epoch"]), str(r["global_step"]), f"{r['train_loss']:.4f}",
+                      f"{r.get('eval_loss', float('nan')):.4f}", f"{r.get('eval_auroc', float('nan')):.3f}",
+                      f"{r.get('eval_acc', float('nan')):.3f}", f"{r['samples_per_s']:.1f}")
+    console.print(table)
+    resumed = "" if result.resumed_from_epoch is None else f" (resumed after epoch {result.resumed_from_epoch})"
+    console.print(f"[green]model[/green] {result.model_dir}{resumed}", markup=True)
+
+
+@app.command("score")
+def score_cmd(
+    input_path: Annotated[Path, typer.Argument(help="JSONL or Parquet with `prompt` and `completions` columns")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="a run dir from `train` (or its model/ dir)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output file, same format as the input")],
+    batch_size: Annotated[int, typer.Option(help="trajectories per forward pass")] = 16,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    json_out: JsonOpt = False,
+) -> None:
+    """Add `step_scores` (ensemble mean per step) and `step_std` to every row; other columns pass through."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks.prm_model import CheckpointError, load_prm
+    from tasks.prm_score import ScoreInputError, read_trajectories, score_file
+
+    if batch_size < 1:
+        console.print(f"--batch-size must be >= 1, got {batch_size}", style="red")
+        raise typer.Exit(2)
+    try:
+        _, _, prompts, _ = read_trajectories(input_path)
+        prm = load_prm(checkpoint, device=device)
+    except (CheckpointError, ScoreInputError) as err:
+        console.print(str(err), style="red", markup=False)
+        raise typer.Exit(2) from None
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  disable=json_out) as bar:
+        task = bar.add_task("rows", total=len(prompts))
+        summary = score_file(prm, input_path, out, batch_size=batch_size,
+                             progress=lambda n: bar.update(task, advance=n))
+    if json_out:
+        print(json.dumps(summary))
+        return
+    console.print(f"[green]scored[/green] {summary['rows']} rows ({summary['steps']} steps) into {summary['output']}; "
+                  f"{summary['truncated_rows']} truncated to the backbone's {prm.max_length} tokens")
+
+
 if __name__ == "__main__":
     app()

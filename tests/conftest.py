@@ -69,3 +69,34 @@ def toy_build(vllm_engine, tmp_path_factory):
     out = tmp_path_factory.mktemp("toy-build") / "dataset"
     report = build(cfg, out, lambda: vllm_engine)
     return {"config": cfg, "dir": out, "report": report, "rows": read_dataset(out).to_pylist()}
+
+
+# A small toy dataset for the PRM trainer tests (issue 13): 12 problems, newline steps, N=4, transformers backend.
+TOY_PRM_DATASET = {
+    "name": "prm-tiny",
+    "seed": 0,
+    "sources": [{"kind": "toy", "num_problems": 12, "seed": 2024, "min_steps": 2, "max_steps": 4}],
+    "policy": {"model_path": "assets/toy-policy", "backend": "transformers", "max_model_len": 256},
+    "partition": {"method": "newline", "entropy_source": "exact"},
+    "tree": {"enabled": False},
+    "rollouts": {"n": 4, "max_new_tokens": 64},
+    "dataset": {"problems_per_shard": 4},
+    "train": {"num_heads": 4, "head_hidden": [32, 32], "epochs": 2, "batch_size": 2, "num_workers": 2,
+              "cpus_per_worker": 0.5, "lr": 1e-3, "eval_fraction": 0.25},
+}
+
+
+@pytest.fixture(scope="session")
+def toy_prm_dataset(tmp_path_factory) -> dict:
+    """Built once per session (~30 s on an idle 2-core CPU): {"dir", "config" (dict), "config_path"}."""
+    import yaml
+
+    from cluster.hf_engine import HFEngine
+    from configs.schema import REPO_ROOT, parse_config
+    from tasks.build import build
+
+    root = tmp_path_factory.mktemp("prm-dataset")
+    build(parse_config(TOY_PRM_DATASET), root / "ds", lambda: HFEngine(str(REPO_ROOT / "assets" / "toy-policy")))
+    config_path = root / "prm-tiny.yaml"
+    config_path.write_text(yaml.safe_dump(TOY_PRM_DATASET))
+    return {"dir": root / "ds", "config": TOY_PRM_DATASET, "config_path": config_path}

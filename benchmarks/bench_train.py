@@ -1,0 +1,119 @@
+"""Ray Train PRM trainer: samples/s with 1 vs 2 workers, checkpoint and resume cost, held-out step AUROC vs toy truth.
+
+    python benchmarks/bench_train.py --dataset DIR --json-out benchmarks/results/train.json
+
+DIR is a finished toy dataset version (e.g. `prm-factory build --config configs/toy.yaml --local --out DIR`).
+All runs share one local Ray (2 CPUs, workers at 0.5 CPU each so Ray Data keeps a core). Per run: the config's
+`train:` section with the overrides below. samples/s is the median over epochs after the first (epoch 0 pays
+for the data pipeline start and first-touch costs); the held-out AUROC is the 2-worker run's final model
+scored on the held-out problems against the exact toy truth (`tasks.toy_world.prefix_is_correct`) and
+against the dataset's own hard labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prm_factory import set_offline_env  # noqa: E402
+
+set_offline_env()
+
+
+def _cfg(base: str, **train):
+    from configs.schema import load_config, parse_config
+
+    data = load_config(base).model_dump(mode="json")
+    data["train"].update(train)
+    return parse_config(data)
+
+
+def _median_rate(history: list[dict]) -> float:
+    later = [h["samples_per_s"] for h in history[1:]] or [history[0]["samples_per_s"]]
+    return statistics.median(later)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--config", default="configs/toy.yaml")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+
+    import ray
+
+    from cluster.train import TrainError, dataset_shards, held_out_rows, train_prm
+    from tasks.prm_model import load_prm
+    from tasks.prm_report import held_out_metrics
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    shards, version = dataset_shards(args.dataset)
+    out: dict = {"dataset": str(args.dataset), "dataset_version": version, "epochs": args.epochs,
+                 "batch_size_per_worker": args.batch_size, "runs": {}}
+
+    for workers in (1, 2):
+        cfg = _cfg(args.config, num_workers=workers, cpus_per_worker=0.5, epochs=args.epochs,
+                   batch_size=args.batch_size)
+        t0 = time.perf_counter()
+        res = train_prm(cfg, args.dataset, tmp / f"run-{workers}w")
+        wall = time.perf_counter() - t0
+        out["runs"][f"{workers}_workers"] = {
+            "wall_s": round(wall, 1), "global_step": res.global_step,
+            "samples_per_s_median": round(_median_rate(res.history), 2),
+            "samples_per_s_by_epoch": [round(h["samples_per_s"], 2) for h in res.history],
+            "train_loss_by_epoch": [round(h["train_loss"], 4) for h in res.history],
+            "eval_auroc_vs_labels_by_epoch": [round(h.get("eval_auroc", float("nan")), 4) for h in res.history],
+            "checkpoint_write_s": [h.get("checkpoint_seconds") for h in res.history]}
+        print(f"{workers} worker(s): {out['runs'][f'{workers}_workers']['samples_per_s_median']} samples/s, "
+              f"{wall:.0f}s wall", flush=True)
+        if workers == 2:
+            cfg2, model_run = cfg, tmp / "run-2w"
+    one, two = out["runs"]["1_workers"], out["runs"]["2_workers"]
+    out["speedup_2_vs_1"] = round(two["samples_per_s_median"] / one["samples_per_s_median"], 3)
+
+    # Checkpoint + resume: fail early in epoch 1 (after the epoch 0 checkpoint), start again with the same run dir.
+    run = tmp / "run-resume"
+    t0 = time.perf_counter()
+    try:
+        train_prm(cfg2, args.dataset, run, fault_after_epoch=0)
+    except TrainError as err:
+        assert "injected fault" in str(err), err
+    to_fault = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    resumed = train_prm(cfg2, args.dataset, run)
+    resume_wall = time.perf_counter() - t0
+    trained = sum(h["train_seconds"] for h in resumed.history[1:])
+    out["resume"] = {"wall_to_fault_s": round(to_fault, 1), "resumed_run_wall_s": round(resume_wall, 1),
+                     "resumed_epochs": [h["epoch"] for h in resumed.history[1:]],
+                     "resumed_from_epoch": resumed.resumed_from_epoch,
+                     "restore_s": resumed.history[1].get("restore_seconds"),
+                     "resumed_run_overhead_s": round(resume_wall - trained, 1),
+                     "global_step": resumed.global_step, "uninterrupted_global_step": two["global_step"]}
+
+    # Held-out quality of the 2-worker model, against the exact toy truth and the hard labels.
+    prm = load_prm(model_run)
+    rows = held_out_rows([str(p) for p in shards], cfg2.train.target, cfg2.train.eval_fraction, cfg2.train.seed)
+    metrics = held_out_metrics(rows, prm.score([r["prompt"] for r in rows], [r["completions"] for r in rows]),
+                               cfg2.train.target, cfg2.policy.prompt_template)
+    out["held_out"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
+                       if k != "calibration"}
+    out["held_out"]["calibration"] = metrics["calibration"]
+    ray.shutdown()
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,461 @@
+"""Distributed PRM training with Ray Train: ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) over Ray Data.
+
+The driver never loads the dataset: it checks that the dataset version exists, lists its Parquet shards from
+the manifest and hands ``ray.data.read_parquet`` to the trainer; each worker reads its own streaming split
+(``ray.train.get_dataset_shard("train")``). Problems are held out by a hash of ``problem_id`` (the same split
+every run and every worker), so the eval rows never reach the optimizer.
+
+The run directory RUN is Ray Train's experiment directory (``storage_path`` = RUN's parent, ``name`` = RUN's
+name). Every epoch, rank 0 writes a checkpoint (model + optimizer as safetensors, ``train_state.json`` with
+the epoch, global step and loss history, ``eval_scores.json`` with the held-out scores) and reports it through
+``ray.train.report``. Started again with the same RUN, Ray Train V2 finds its checkpoint snapshot there and
+``ray.train.get_checkpoint()`` returns the last one: the loop continues at the next epoch with the same
+optimizer state and step counter. RUN/run.json pins the train config and dataset version, so a RUN is never
+resumed under another config. When training ends, the last checkpoint's model is copied to RUN/model, which is
+what ``prm-factory score --checkpoint RUN`` loads.
+
+A non-finite loss stops the run at once (``NaNLossError``, naming epoch, step, rank and the batch's problem
+ids). The run shows in the Ray dashboard's Train view like any Ray Train run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from configs.models import ModelNotFoundError, resolve_model
+from configs.schema import FactoryConfig, TrainConfig
+
+RUN_FILE = "run.json"
+MODEL_DIR = "model"
+STATE_FILE = "train_state.json"
+EVAL_FILE = "eval_scores.json"
+OPTIM_FILE = "optimizer.safetensors"
+READ_COLUMNS = ("prompt", "completions", "labels", "problem_id")
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or did not finish; the message says why in one line."""
+
+
+class NaNLossError(FloatingPointError):
+    """Raised inside a worker when a batch's loss is not finite."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced: where, how many steps, the per-epoch history and the last eval."""
+
+    run_dir: Path
+    model_dir: Path
+    global_step: int
+    epochs: int
+    history: list[dict[str, Any]]
+    resumed_from_epoch: int | None
+    seconds: float
+    dataset_version: str | None
+    config_hash: str
+    last_eval: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "model_dir": str(self.model_dir), "global_step": self.global_step,
+                "epochs": self.epochs, "history": self.history, "resumed_from_epoch": self.resumed_from_epoch,
+                "seconds": round(self.seconds, 2), "dataset_version": self.dataset_version,
+                "config_hash": self.config_hash, "last_eval": self.last_eval}
+
+
+def is_held_out(problem_id: str, fraction: float, seed: int) -> bool:
+    """True for the ``fraction`` of problems whose seeded sha256 falls lowest: a split stable across runs."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def dataset_shards(dataset_dir: str | Path) -> tuple[list[Path], str | None]:
+    """The Parquet shards of a dataset version (from its manifest) and its version id; TrainError if absent."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise TrainError(f"dataset directory not found: {root}")
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        raise TrainError(f"{root} is not a finished dataset version (no manifest.json; build or refresh it first)")
+    try:
+        data = json.loads(manifest.read_text())
+    except json.JSONDecodeError as err:
+        raise TrainError(f"{manifest} is not valid JSON: {err}") from None
+    paths = [root / e["path"] for e in data.get("shards", [])]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise TrainError(f"{root}: shards listed in the manifest are missing: {missing[:3]}")
+    if not paths:
+        raise TrainError(f"{root}: the manifest lists no shards (an empty dataset)")
+    return paths, data.get("dataset_version")
+
+
+def _prm_config(train: TrainConfig, backbone: Path, dataset_version: str | None) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from tasks.prm_model import backbone_context, make_prm_config
+
+    context = backbone_context(backbone)
+    max_length = min(train.max_length or context, context)
+    return make_prm_config(train.model_path, AutoConfig.from_pretrained(str(backbone)).hidden_size,
+                           train.num_heads, train.head_hidden, train.target, max_length, train.seed,
+                           train=train.model_dump(mode="json"), train_hash=train.train_hash(),
+                           dataset_version=dataset_version)
+
+
+def _check_run_dir(run_dir: Path, pinned: dict[str, Any]) -> bool:
+    """Pin (or check) RUN/run.json; True when RUN already holds a run of this config (a resume)."""
+    path = run_dir / RUN_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in ("train_hash", "config_hash", "dataset_version"):
+            if old.get(key) != pinned.get(key):
+                raise TrainError(f"{run_dir} holds a run with another {key} ({old.get(key)} vs {pinned.get(key)}); "
+                                 "give another --out or delete it")
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(pinned, indent=2, sort_keys=True) + "\n")
+    return False
+
+
+# -- the per-worker loop ------------------------------------------------------------------------------------
+
+
+def _optimizer_tensors(optimizer: Any) -> dict[str, Any]:
+    import torch
+
+    out = {}
+    for pid, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _restore_optimizer(optimizer: Any, tensors: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    sd = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def _batch_rows(batch: Any, target: str) -> list[dict[str, Any]]:
+    cols = {name: batch.column(name).to_pylist() for name in {*READ_COLUMNS, target}}
+    return [{k: cols[k][i] for k in cols} for i in range(batch.num_rows)]
+
+
+def held_out_rows(shards: list[str], target: str, fraction: float, seed: int) -> list[dict[str, Any]]:
+    """The held-out rows, read from the shards with pyarrow (a few problems: no Ray Data pipeline needed)."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path in shards:
+        table = pq.read_table(path, columns=sorted({*READ_COLUMNS, target}))
+        rows.extend(r for r in _batch_rows(table, target) if is_held_out(r["problem_id"], fraction, seed))
+    return rows
+
+
+def _evaluate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str, max_length: int,
+              device: str) -> dict[str, Any]:
+    """Held-out loss (BCE of the ensemble mean vs the target), step AUROC and accuracy vs the hard labels."""
+    from tasks.metrics import accuracy, auroc
+    from tasks.prm_model import score_trajectories
+
+    scores = score_trajectories(model, tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows],
+                                max_length, batch_size=16, device=device)
+    means, hard, losses = [], [], []
+    for row, s in zip(rows, scores, strict=True):
+        for j, m in enumerate(s.mean):
+            if math.isnan(m):
+                continue
+            means.append(m)
+            hard.append(bool(row["labels"][j]))
+            y = row[target][j]
+            if y is not None and not math.isnan(float(y)):
+                p = min(max(m, 1e-7), 1 - 1e-7)
+                losses.append(-(float(y) * math.log(p) + (1 - float(y)) * math.log(1 - p)))
+    return {
+        "eval_rows": len(rows), "eval_steps": len(means),
+        "eval_loss": float(sum(losses) / len(losses)) if losses else math.nan,
+        "eval_auroc": auroc(means, hard) if means else math.nan,
+        "eval_acc": accuracy(means, hard) if means else math.nan,
+        "eval_truncated": sum(s.truncated for s in scores),
+        "scores": [{"problem_id": r["problem_id"], "prompt": r["prompt"], "completions": r["completions"],
+                    "mean": s.mean, "std": s.std} for r, s in zip(rows, scores, strict=True)],
+    }
+
+
+def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str,
+               max_length: int, pull_lambda: float, device: str, where: str) -> tuple[float, dict[str, float], int]:
+    """One optimizer step on a batch of rows; returns (loss, its parts, truncated rows).
+
+    Raises ``NaNLossError`` naming ``where`` and the batch's problem ids when the loss is not finite (before
+    the step, so the weights stay as they were).
+    """
+    import torch
+
+    from tasks.prm_model import collate, encode_trajectory, ensemble_loss, pad_token_id, target_tensor
+
+    bare = model.module if hasattr(model, "module") else model
+    encoded = [encode_trajectory(tokenizer, r["prompt"], r["completions"], max_length) for r in rows]
+    tensors = {k: v.to(device) for k, v in collate(encoded, pad_token_id(tokenizer)).items()}
+    targets = target_tensor([r[target] for r in rows], encoded, tensors["step_ends"].shape[1]).to(device)
+    logits = model(tensors["input_ids"], tensors["attention_mask"], tensors["step_ends"])
+    loss, parts = ensemble_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), bare.heads.pull(),
+                                pull_lambda)
+    if not torch.isfinite(loss):
+        ids = [r["problem_id"] for r in rows]
+        raise NaNLossError(f"non-finite loss {float(loss.detach())} at {where} (problem_ids {ids})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach()), parts, sum(e.truncated for e in encoded)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build or restore the PRM, train the remaining epochs, checkpoint each one."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from tasks.prm_model import build_prm, load_state_into, save_checkpoint
+
+    prm_config, train = config["prm_config"], config["train"]
+    target, max_length = prm_config["target"], prm_config["max_length"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(train["seed"])
+    torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
+
+    model = build_prm({**prm_config, "backbone": config["backbone_path"]}, train["dtype"])
+    if not train["train_backbone"]:
+        model.backbone.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(config["backbone_path"])
+    tokenizer.model_max_length = 10**9  # we cut at max_length ourselves; silence the tokenizer's warning
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+
+    start_epoch, global_step, history, resumed_from = 0, 0, [], None
+    checkpoint = ray.train.get_checkpoint()
+    restore_seconds = None
+    if checkpoint is not None:
+        restore_started = time.perf_counter()
+        with checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            if state["config_hash"] != prm_config["config_hash"] or state["train_hash"] != prm_config["train_hash"]:
+                raise RuntimeError(f"checkpoint {d} is from another config ({state['config_hash']})")
+            load_state_into(model, load_file(str(Path(d) / "model.safetensors")), str(d))
+            _restore_optimizer(optimizer, load_file(str(Path(d) / OPTIM_FILE)))
+        start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
+        resumed_from = state["epoch"]
+        restore_seconds = round(time.perf_counter() - restore_started, 3)
+
+    model = ray.train.torch.prepare_model(model)
+    device = str(ray.train.torch.get_device())
+    bare = model.module if hasattr(model, "module") else model
+    fault_after = config.get("fault_after_epoch")
+
+    for epoch in range(start_epoch, train["epochs"]):
+        model.train()
+        started = time.perf_counter()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, bce, pull (all x batches), samples
+        batches = 0
+        truncated = 0
+        shard = ray.train.get_dataset_shard("train")
+        for batch_index, batch in enumerate(shard.iter_batches(batch_size=train["batch_size"],
+                                                                batch_format="pyarrow")):
+            if fault_after is not None and epoch == fault_after + 1 and batch_index == 1:
+                raise RuntimeError(f"injected fault in epoch {epoch} (after the epoch {fault_after} checkpoint)")
+            rows = _batch_rows(batch, target)
+            where = f"epoch {epoch}, global step {global_step + 1}, rank {rank} batch {batch_index}"
+            loss, parts, cut = train_step(model, optimizer, tokenizer, rows, target, max_length, train["pull_lambda"],
+                                          device, where)
+            truncated += cut
+            global_step += 1
+            batches += 1
+            sums += torch.tensor([loss, parts["bce"], parts["pull"], len(rows)], dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(sums)
+        train_seconds = time.perf_counter() - started
+        per_worker_batches = max(1, batches)
+        record = {"epoch": epoch, "global_step": global_step, "batches_per_worker": batches,
+                  "train_loss": float(sums[0] / (per_worker_batches * world)),
+                  "train_bce": float(sums[1] / (per_worker_batches * world)),
+                  "train_pull": float(sums[2] / (per_worker_batches * world)),
+                  "samples": int(sums[3]), "train_seconds": round(train_seconds, 3),
+                  "samples_per_s": float(sums[3]) / train_seconds if train_seconds > 0 else math.nan,
+                  "truncated": truncated, "world_size": world}
+        if restore_seconds is not None and epoch == start_epoch:
+            record["restore_seconds"] = restore_seconds
+        if rank == 0:
+            eval_rows = held_out_rows(config["shards"], target, train["eval_fraction"], train["seed"])
+            ev = _evaluate(bare, tokenizer, eval_rows, target, max_length, device) if eval_rows else {}
+            record.update({k: v for k, v in ev.items() if k != "scores"})
+            tmp = Path(tempfile.mkdtemp(prefix="prm-ckpt-"))
+            write_started = time.perf_counter()
+            save_checkpoint(bare, prm_config, tmp, tokenizer)
+            save_file({k: v.contiguous() for k, v in _optimizer_tensors(optimizer).items()}, str(tmp / OPTIM_FILE))
+            record["checkpoint_seconds"] = round(time.perf_counter() - write_started, 3)  # local write, before upload
+            history = [*history, record]
+            (tmp / STATE_FILE).write_text(json.dumps({
+                "epoch": epoch, "global_step": global_step, "history": history, "resumed_from": resumed_from,
+                "config_hash": prm_config["config_hash"], "train_hash": prm_config["train_hash"],
+                "dataset_version": prm_config["dataset_version"]}, indent=2))
+            (tmp / EVAL_FILE).write_text(json.dumps(ev.get("scores", [])))
+            metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            history = [*history, record]
+            ray.train.report({k: v for k, v in record.items() if isinstance(v, int | float)})
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+
+
+def _failure_line(err: BaseException) -> str:
+    """The worker's own error line out of Ray's wrapped traceback (a NaN loss first, then the last error)."""
+    text = "\n".join(str(e) for e in _chain(err))
+    for pattern in (r"NaNLossError: (.+)", r"RuntimeError: (injected fault.+)"):
+        found = re.findall(pattern, text)
+        if found:
+            return found[0].strip()
+    found = re.findall(r"(\w+Error: .+)", text)
+    return found[-1].strip() if found else (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _chain(err: BaseException | None) -> list[BaseException]:
+    out = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def _connect(cfg: FactoryConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.cluster.address, namespace=cfg.cluster.namespace, log_to_driver=True)
+
+
+def train_prm(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, *,
+              on_epoch: Callable[[dict[str, Any]], None] | None = None,
+              fault_after_epoch: int | None = None) -> TrainResult:
+    """Train (or resume) the PRM of ``cfg.train`` on a dataset version; returns the finished run.
+
+    Everything that can be checked without Ray is checked first (dataset exists, target column present,
+    RUN belongs to this config). ``on_epoch`` is called from a watcher thread with each new epoch record.
+    ``fault_after_epoch`` (tests only) makes the workers fail early in the epoch after that checkpoint.
+    """
+    import pyarrow.parquet as pq
+
+    train = cfg.train
+    shards, version = dataset_shards(dataset_dir)
+    columns = set(pq.read_schema(shards[0]).names)
+    missing = [c for c in {*READ_COLUMNS, train.target} if c not in columns]
+    if missing:
+        raise TrainError(f"{dataset_dir}: the shards lack column(s) {missing} needed to train on '{train.target}'")
+    run = Path(run_dir).resolve()
+    try:  # a hub id is fetched (or read from the cache when offline) here, before Ray starts
+        backbone = resolve_model(train.model_path, offline=cfg.offline)
+    except ModelNotFoundError as err:
+        raise TrainError(f"train.model_path: {err}") from None
+    prm_config = _prm_config(train, backbone, version)
+    _check_run_dir(run, {"train_hash": train.train_hash(), "config_hash": prm_config["config_hash"],
+                                    "dataset_version": version, "dataset_dir": str(Path(dataset_dir).resolve()),
+                                    "train": train.model_dump(mode="json")})
+
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    _connect(cfg)
+    fraction, seed = train.eval_fraction, train.seed
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch is enough
+    # Read once into the object store (on the cluster, not in this process): each epoch then streams the
+    # materialized blocks instead of re-reading and re-filtering the Parquet files. The held-out rows are
+    # few; rank 0 reads them straight from the shards (held_out_rows).
+    source = ray.data.read_parquet([str(p) for p in shards], columns=sorted({*READ_COLUMNS, train.target}))
+    train_ds = source.filter(lambda row: not is_held_out(row["problem_id"], fraction, seed)).materialize()
+    if train_ds.count() < train.num_workers:
+        raise TrainError(f"{dataset_dir}: {train_ds.count()} training rows for {train.num_workers} workers")
+    loop_config = {"prm_config": prm_config, "train": train.model_dump(mode="json"),
+                   "backbone_path": str(backbone), "fault_after_epoch": fault_after_epoch,
+                   "shards": [str(p) for p in shards]}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker,
+                                                           **({"GPU": 1} if train.use_gpu else {})}),
+        run_config=RunConfig(name=run.name, storage_path=str(run.parent),
+                             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=train.max_failures)),
+        datasets={"train": train_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    started = time.perf_counter()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_epochs, args=(run, stop, on_epoch), daemon=True) if on_epoch else None
+    if watcher:
+        watcher.start()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; report the worker's own line
+        raise TrainError(f"training failed: {_failure_line(err)} (checkpoints, if any, are in {run})") from err
+    finally:
+        stop.set()
+        if watcher:
+            watcher.join(timeout=5)
+    if result.checkpoint is None:
+        raise TrainError(f"training finished without a checkpoint in {run}")
+    model_dir = run / MODEL_DIR
+    with result.checkpoint.as_directory() as d:
+        tmp = run / f".{MODEL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(d, tmp, ignore=shutil.ignore_patterns(OPTIM_FILE))
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tmp.rename(model_dir)
+    state = json.loads((model_dir / STATE_FILE).read_text())
+    history = state["history"]
+    summary = TrainResult(run, model_dir, state["global_step"], len(history), history,
+                          state.get("resumed_from"), time.perf_counter() - started, version,
+                          prm_config["config_hash"], history[-1] if history else {})
+    (run / "train_summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    return summary
+
+
+def _watch_epochs(run: Path, stop: threading.Event, on_epoch: Callable[[dict[str, Any]], None]) -> None:
+    """Report each epoch checkpoint as it appears in RUN (Ray Train writes them there)."""
+    seen: set[str] = {p.name for p in run.glob("epoch-*")}
+    while not stop.wait(1.0):
+        for path in sorted(run.glob("epoch-*")):
+            state = path / STATE_FILE
+            if path.name not in seen and state.is_file():
+                try:
+                    record = json.loads(state.read_text())["history"][-1]
+                except (json.JSONDecodeError, KeyError, IndexError):
+                    continue  # still being written
+                seen.add(path.name)
+                on_epoch(record)
