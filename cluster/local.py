@@ -222,6 +222,14 @@ def status(*, state_file: Path | None = None, address: str | None = None, namesp
         ray.shutdown()
 
 
+def format_resource(name: str, value: float) -> str:
+    """A Ray resource amount for people: bytes (memory, object_store_memory) in GiB/MiB, counts as numbers."""
+    if "memory" in name:
+        gib = value / 2**30
+        return f"{gib:.2f} GiB" if gib >= 1 else f"{value / 2**20:.0f} MiB"
+    return f"{value:g}"
+
+
 def down(*, state_file: Path | None = None, timeout_s: float = 60.0) -> dict:
     """Stop the cluster `up` started (only that one) and forget it."""
     state_file = state_path(state_file)

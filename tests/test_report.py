@@ -93,3 +93,32 @@ def test_inspect_cli_prints_json(tmp_path):
     stats = json.loads(result.stdout)
     assert stats["labelled_steps"] == 4 and stats["tokens_per_labelled_step"] == 17.5
     assert "entropies" not in stats
+
+
+def test_key_value_tables_have_a_header_and_run_counts_are_readable(tmp_path):
+    stats = dataset_stats(make_dataset(tmp_path / "ds"))
+    md = render_markdown(stats, {"status": "new_version", "shards_by_status": {"built": 2, "skipped": 1},
+                                 "engine_started": True, "ray_dashboard": "http://127.0.0.1:4321", "cost": {}})
+    assert "| | |" not in md  # an empty header row renders as a blank first row
+    assert "| dataset | value |" in md and "| this run | value |" in md
+    assert "| shards by status | built: 2, skipped: 1 |" in md
+    assert "| engine started | yes |" in md
+    # The dashboard's port changes on restart: shown as text with where to find the live one, never a link.
+    assert "](http://127.0.0.1:4321" not in md and "`http://127.0.0.1:4321` at run time" in md
+
+
+def test_cost_plot_legend_covers_no_bar(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from tasks.report import cost_figure
+
+    fig = cost_figure(dataset_stats(make_dataset(tmp_path / "ds")))
+    fig.tight_layout()
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    bars = [p.get_window_extent() for p in ax.patches if p.get_height() > 0]
+    assert len(bars) == 5  # shard 0: three stages, shard 1: generate and rollout (no branch tokens)
+    assert not any(legend.overlaps(b) for b in bars)
+    assert legend.x0 >= ax.get_window_extent().x1  # right of the plot area
+    plt.close(fig)
