@@ -71,7 +71,7 @@ def open_log(path: Path, what: str):
     if path.is_file() and path.stat().st_size > LOG_ROTATE_BYTES:
         path.replace(path.with_name(path.name + ".1"))
     fh = open(path, "a")
-    fh.write(f"\n===== {what} started {time.strftime('%Y-%m-%d %H:%M:%S %z')} (pid {os.getpid()}) =====\n")
+    fh.write(f"\n===== {what} started {time.strftime('%Y-%m-%d %H:%M:%S %z')} by pid {os.getpid()} =====\n")
     fh.flush()
     return fh
 
