@@ -412,6 +412,8 @@ def test_browser_markdown_artifact_images_load(served, build_run, page):
     widths = page.evaluate("[...document.images].filter(i => i.src.startsWith('data:image/png'))"
                            ".map(i => i.naturalWidth)")
     shoot(page, "prefect-artifact")
+    page.locator("img[alt=cost]").scroll_into_view_if_needed()
+    shoot(page, "prefect-artifact-plots")
     assert len(widths) == 3 and all(w > 0 for w in widths), widths
     assert "| |" not in page.inner_text("body")
 
