@@ -81,8 +81,8 @@ def _labeller(cfg: FactoryConfig):
             log = get_run_logger()
             t0 = time.perf_counter()
             pool = start_engines(cfg)
-            log.info("engine actors %s placed; waiting for the engines to load the model (vLLM on 2 CPU cores: "
-                     "~45 s)", ", ".join(pool.names))
+            log.info("engine actors %s placed; waiting for them to load the model%s", ", ".join(pool.names),
+                     " (vLLM: ~45 s on 2 CPU cores)" if cfg.policy.backend == "vllm" else "")
             health = wait_engines_ready(pool, cfg.cluster.request_timeout_s)
             waited = time.perf_counter() - t0
             started = [h for h in health if h.get("started_at", 0) >= time.time() - waited - 1]
@@ -259,9 +259,11 @@ class ShardProgress:
 
 def shard_tokens(cost: dict[str, Any]) -> int:
     """Generated tokens of one shard's cost record (its total when present, else the sum of the stages)."""
+    from tasks.report import COST_STAGES
+
     if "generated_tokens" in cost:
         return int(cost["generated_tokens"])
-    return sum(int(v) for k, v in cost.items() if k.endswith("_tokens"))
+    return sum(int(cost.get(stage, 0)) for stage in COST_STAGES)  # prompt tokens are not generated
 
 
 @task(name="write-manifest")

@@ -68,7 +68,7 @@ def test_format_resource_prints_memory_in_gib_and_counts_as_numbers():
 
 def test_shard_tokens_prefers_the_total_else_sums_the_stages():
     assert shard_tokens({"generate_tokens": 3, "branch_tokens": 4, "rollout_tokens": 5, "generated_tokens": 12}) == 12
-    assert shard_tokens({"generate_tokens": 3, "rollout_tokens": 5, "requests": 9}) == 8
+    assert shard_tokens({"generate_tokens": 3, "rollout_tokens": 5, "prompt_tokens": 100, "requests": 9}) == 8
     assert shard_tokens({}) == 0
 
 
