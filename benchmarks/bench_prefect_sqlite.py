@@ -1,9 +1,10 @@
 """Prefect 3.7.7 on SQLite: how many "database is locked" errors a local server logs, per server setting.
 
 For each setting a fresh Prefect server (its own PREFECT_HOME and SQLite file in a temp dir) serves the same
-load for `--minutes`: a process worker polling a work pool (as under `prm-factory serve`; every
-`--worker-query-seconds`, Prefect's default 10), and `--flows` flow-run processes at once, each running
-shard-like tasks (4 at a time) that log lines and update a progress artifact, the way a build flow does.
+load for `--minutes`: prefect.yaml's deployments and a process worker polling their work pool (as under
+`prm-factory serve`; every `--worker-query-seconds`, Prefect's default 10), and `--flows` flow-run processes
+at once, each running shard-like tasks (4 at a time) that log lines and update a progress artifact, as a
+build flow does.
 Counted: the server log's failed background jobs ("database is locked" tracebacks), and the time of every
 progress update the clients made (the slowest shows lock stalls: Prefect sets SQLite's busy_timeout to 60 s).
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.serve import SQLITE_SETTINGS, prefect_env, start_server, start_worker  # noqa: E402
+from flows.serve import WORK_POOL, deploy, prefect_env, start_server, start_worker  # noqa: E402
 
 SERVICES_OFF = {f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false"
                 for s in ("CANCELLATION_CLEANUP", "FOREMAN", "LATE_RUNS", "PAUSE_EXPIRATIONS", "TRIGGERS")}
@@ -33,7 +34,6 @@ SETTINGS: dict[str, dict[str, str]] = {
     "prefect defaults": {},
     "services a local run does not need off": SERVICES_OFF,
     "one pooled connection": ONE_CONNECTION,
-    "serve's SQLite settings": dict(SQLITE_SETTINGS),
 }
 
 # The load: one flow-run process. Timings of each client call go to stdout as JSON lines.
@@ -81,9 +81,8 @@ def run_setting(name: str, env_extra: dict[str, str], seconds: float, flows: int
         worker = None
         try:
             wenv = prefect_env(home, api_url, PREFECT_WORKER_QUERY_SECONDS=str(query_s))
-            subprocess.run([str(Path(sys.executable).with_name("prefect")), "work-pool", "create", "bench",
-                            "--type", "process"], env=wenv, check=True, capture_output=True)
-            worker = start_worker(wenv, home / "logs", pool="bench")
+            deploy(wenv)  # prefect.yaml's deployments, as `serve` does: the worker's polls mark them ready
+            worker = start_worker(wenv, home / "logs", pool=WORK_POOL)
             script = Path(tmp) / "load.py"
             script.write_text(LOAD)
             env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home),
@@ -132,13 +131,20 @@ def main() -> None:
     ap.add_argument("--flows", type=int, default=2)
     ap.add_argument("--worker-query-seconds", type=float, default=10.0)
     ap.add_argument("--only", nargs="*", help="names of SETTINGS to run (default: all)")
+    ap.add_argument("--postgres-url", help="also run on this (empty) PostgreSQL database, e.g. "
+                    "postgresql+asyncpg://prefect:pw@127.0.0.1:5433/prefect")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     results = []
-    for name, env_extra in SETTINGS.items():
+    settings = dict(SETTINGS)
+    if args.postgres_url:
+        settings["PostgreSQL (serve --database-url)"] = {"PREFECT_SERVER_DATABASE_CONNECTION_URL": args.postgres_url}
+    for name, env_extra in settings.items():
         if args.only and name not in args.only:
             continue
         res = run_setting(name, env_extra, args.minutes * 60, args.flows, args.worker_query_seconds)
+        if args.postgres_url:
+            res["env"] = {k: ("<postgres url>" if "CONNECTION_URL" in k else v) for k, v in res["env"].items()}
         print(json.dumps(res), flush=True)
         results.append(res)
     record = {"benchmark": "prefect_sqlite", "prefect": __import__("prefect").__version__,

@@ -16,9 +16,9 @@ What it starts, in order (each a child process in its own session, stopped on Ct
 
 The UI is served by the API server itself; ``PREFECT_UI_API_URL`` tells the browser where the API is (the
 default is port 4200, wrong for any other port). The database is SQLite under PREFECT_HOME unless
-``database_url`` names another (PostgreSQL for a real deployment); on SQLite the server gets
-SQLITE_SETTINGS (see benchmarks/README.md for what they change). Logs go to ``PREFECT_HOME/logs``,
-appended per start.
+``database_url`` names another: PostgreSQL for a real deployment. On SQLite, Prefect 3.7.7 logs "database is
+locked" tracebacks while a worker polls, and no server setting tried removed them (benchmarks/README.md).
+Logs go to ``PREFECT_HOME/logs``, appended per start.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from prm_factory import OFFLINE_ENV
 
 WORK_POOL = "prm-factory-local"
 PREFECT_HOME = REPO_ROOT / "runs" / "prefect"
-# Server settings for SQLite, measured by benchmarks/bench_prefect_sqlite.py (benchmarks/README.md).
-SQLITE_SETTINGS: dict[str, str] = {}
 
 
 class ServeError(RuntimeError):
@@ -117,13 +115,11 @@ def wait_healthy(api_url: str, child: Child | None = None, timeout_s: float = 90
 
 def server_env(home: Path, api_url: str, *, ui: bool = True, database_url: str | None = None,
                extra_env: dict[str, str] | None = None) -> dict[str, str]:
-    """The Prefect server's environment: UI pointed at this API URL, the database, SQLite settings."""
+    """The Prefect server's environment: the UI pointed at this API URL, and the database."""
     env = prefect_env(home, PREFECT_UI_ENABLED="true" if ui else "false", PREFECT_UI_API_URL=api_url)
     env.pop("PREFECT_API_URL", None)  # the server must not think it is a client of another one
     if database_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
-    if not database_url or database_url.startswith("sqlite"):
-        env.update(SQLITE_SETTINGS)
     env.update(extra_env or {})
     return env
 

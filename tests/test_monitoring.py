@@ -437,16 +437,14 @@ def test_browser_ray_dashboard_actors_after_token_login(served, build_run, page)
 
 
 def test_server_env_points_the_ui_at_this_api_and_takes_a_database_url(tmp_path):
-    from flows.serve import SQLITE_SETTINGS, server_env
+    from flows.serve import server_env
 
     env = server_env(tmp_path, "http://127.0.0.1:5123/api")
     assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:5123/api" and "PREFECT_API_URL" not in env
-    assert "PREFECT_SERVER_DATABASE_CONNECTION_URL" not in env
-    assert all(env[k] == v for k, v in SQLITE_SETTINGS.items())
+    assert "PREFECT_SERVER_DATABASE_CONNECTION_URL" not in env and env["PREFECT_HOME"] == str(tmp_path)
     pg = "postgresql+asyncpg://prefect:pw@db:5432/prefect"
     env = server_env(tmp_path, "http://127.0.0.1:5123/api", database_url=pg, ui=False)
     assert env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] == pg and env["PREFECT_UI_ENABLED"] == "false"
-    assert not any(k in env and env[k] == v for k, v in SQLITE_SETTINGS.items() if k not in os.environ)
 
 
 def test_logs_are_appended_per_start_and_rotated_when_large(tmp_path, monkeypatch):
