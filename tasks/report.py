@@ -144,13 +144,7 @@ def render_plots(stats: dict[str, Any]) -> dict[str, bytes]:
         plt.close(fig)
         pngs[name] = buf.getvalue()
 
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.hist(stats["entropies"] or [0.0], bins=30, color="tab:blue")
-    if stats["tau"] is not None:
-        ax.axvline(stats["tau"], color="tab:red", linestyle="--", label=f"τ = {stats['tau']}")
-        ax.legend(loc="best", framealpha=0.6)
-    ax.set(title="entropy at step starts (EDU anchors)", xlabel="entropy (nats)", ylabel="steps")
-    save(fig, "entropy")
+    save(entropy_figure(stats), "entropy")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     hard = stats["hard_labels"]
@@ -167,6 +161,22 @@ def render_plots(stats: dict[str, Any]) -> dict[str, bytes]:
 
     save(cost_figure(stats), "cost")
     return pngs
+
+
+def entropy_figure(stats: dict[str, Any]):
+    """Histogram of step-start entropies with the τ line; the legend right of the axes, clear of every bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(stats["entropies"] or [0.0], bins=30, color="tab:blue")
+    if stats["tau"] is not None:
+        ax.axvline(stats["tau"], color="tab:red", linestyle="--", label=f"τ = {stats['tau']}")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set(title="entropy at step starts (EDU anchors)", xlabel="entropy (nats)", ylabel="steps")
+    return fig
 
 
 def cost_figure(stats: dict[str, Any]):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tasks.dataset import write_manifest, write_shard
 from tasks.report import build_report, dataset_stats, render_markdown
 
@@ -107,18 +109,20 @@ def test_key_value_tables_have_a_header_and_run_counts_are_readable(tmp_path):
     assert "](http://127.0.0.1:4321" not in md and "`http://127.0.0.1:4321` at run time" in md
 
 
-def test_cost_plot_legend_covers_no_bar(tmp_path):
+@pytest.mark.parametrize("figure, bars", [("cost_figure", 5), ("entropy_figure", 4)])
+def test_plot_legends_cover_no_bar(tmp_path, figure, bars):
     import matplotlib.pyplot as plt
 
-    from tasks.report import cost_figure
+    from tasks import report
 
-    fig = cost_figure(dataset_stats(make_dataset(tmp_path / "ds")))
+    fig = getattr(report, figure)(dataset_stats(make_dataset(tmp_path / "ds")))
     fig.tight_layout()
     fig.canvas.draw()
     ax = fig.axes[0]
     legend = ax.get_legend().get_window_extent()
-    bars = [p.get_window_extent() for p in ax.patches if p.get_height() > 0]
-    assert len(bars) == 5  # shard 0: three stages, shard 1: generate and rollout (no branch tokens)
-    assert not any(legend.overlaps(b) for b in bars)
+    # cost: shard 0 has three stages, shard 1 two (no branch tokens); entropy: 4 entropies, 4 non-empty bins
+    drawn = [p.get_window_extent() for p in ax.patches if p.get_height() > 0]
+    assert len(drawn) == bars
+    assert not any(legend.overlaps(b) for b in drawn)
     assert legend.x0 >= ax.get_window_extent().x1  # right of the plot area
     plt.close(fig)
