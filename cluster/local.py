@@ -10,11 +10,12 @@ status`` finds it.
 
 Interfaces: by default the node's IP is 127.0.0.1. ``ray start`` 2.60 replaces a loopback
 ``--node-ip-address`` by the machine's routable address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
-(its single-machine mode, the default on macOS); with it, the metrics endpoint, the dashboard agent, the
-runtime-env agent, the autoscaler's metrics and the Ray client server bind 127.0.0.1 too. What Ray still
-binds on every interface (its C++ gRPC servers: GCS, raylet node and object managers, the dashboard
-agent's gRPC port, and the dashboard head's own metrics port) is listed by tests/test_monitoring.py.
-A multi-node head names its interface with ``node_ip`` (``--node-ip`` on the command line).
+(its single-machine mode, the default on macOS). With both, every listener of the cluster binds 127.0.0.1:
+GCS, raylet (node and object manager), dashboard and its metrics port, dashboard agent (HTTP, gRPC,
+metrics export), runtime-env agent, autoscaler metrics, Ray client server and the workers' gRPC ports
+(tests/test_monitoring.py lists them with ``ss -ltnp``). Without the switch, the C++ gRPC servers and the
+metrics endpoint listen on every interface. A multi-node head names its interface with ``node_ip``
+(``--node-ip`` on the command line).
 """
 
 from __future__ import annotations
