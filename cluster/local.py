@@ -5,6 +5,17 @@ to 127.0.0.1, token authentication on (Ray 2.60's dashboard API wants the token;
 prints it) and a Prometheus endpoint on ``--metrics-export-port``. Its pid and addresses go to a state
 file, so ``down`` stops exactly that cluster (SIGTERM to the ``ray start`` process, whose handler stops the
 processes it started) and never another Ray on the same machine, which a bare ``ray stop`` would.
+``prm-factory serve`` starts its Ray through the same function and the same state file, so ``cluster
+status`` finds it.
+
+Interfaces: by default the node's IP is 127.0.0.1. ``ray start`` 2.60 replaces a loopback
+``--node-ip-address`` by the machine's routable address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+(its single-machine mode, the default on macOS). With both, every listener of the cluster binds 127.0.0.1:
+GCS, raylet (node and object manager), dashboard and its metrics port, dashboard agent (HTTP, gRPC,
+metrics export), runtime-env agent, autoscaler metrics, Ray client server and the workers' gRPC ports
+(tests/test_monitoring.py lists them with ``ss -ltnp``). Without the switch, the C++ gRPC servers and the
+metrics endpoint listen on every interface. A multi-node head names its interface with ``node_ip``
+(``--node-ip`` on the command line).
 """
 
 from __future__ import annotations
@@ -22,6 +33,10 @@ from configs.schema import REPO_ROOT
 
 DEFAULT_STATE_FILE = REPO_ROOT / "runs" / "ray-local" / "cluster.json"
 NAMESPACE = "prm-factory"
+LOOPBACK = "127.0.0.1"
+LOG_ROTATE_BYTES = 20 * 2**20
+# Ray's single-machine mode: without it `ray start` turns --node-ip-address=127.0.0.1 into the routable IP.
+SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 class LocalClusterError(RuntimeError):
@@ -38,6 +53,34 @@ def _auth_env() -> dict[str, str]:
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
     subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     return env
+
+
+def driver_env(state: dict | None) -> dict[str, str]:
+    """Variables a driver (a flow run, `cluster status`) needs to join the cluster of `state`."""
+    env = {"RAY_AUTH_MODE": "token"}
+    if state and state.get("node_ip") == LOOPBACK:
+        env.update(SINGLE_MACHINE_ENV)  # else the driver announces the routable IP and finds no raylet there
+    return env
+
+
+def open_log(path: Path, what: str):
+    """Open `path` for appending, after a header line; a log past LOG_ROTATE_BYTES moves to `<path>.1` first.
+
+    Each start appends, so the log of the run before a restart is still there to read.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size > LOG_ROTATE_BYTES:
+        path.replace(path.with_name(path.name + ".1"))
+    fh = open(path, "a")
+    fh.write(f"\n===== {what} started {time.strftime('%Y-%m-%d %H:%M:%S %z')} by pid {os.getpid()} =====\n")
+    fh.flush()
+    return fh
+
+
+def read_state(state_file: Path | None = None) -> dict | None:
+    """The recorded cluster when its `ray start` process still runs, else None."""
+    state = _read_state(state_path(state_file))
+    return state if state and _alive(state["pid"]) else None
 
 
 def state_path(state_file: Path | None = None) -> Path:
@@ -70,10 +113,17 @@ def up(
     metrics_export_port: int = 8080,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
+    node_ip: str = LOOPBACK,
+    ray_client_server_port: int | None = None,
     state_file: Path | None = None,
+    started_by: str = "prm-factory cluster up",
     timeout_s: float = 120.0,
 ) -> dict:
-    """Start the head node; returns the cluster's addresses. Refuses when one started here still runs."""
+    """Start the head node; returns the cluster's addresses. Refuses when one started here still runs.
+
+    `node_ip` is the interface every Ray listener that can be told binds to: 127.0.0.1 (one machine) or the
+    address other nodes reach this head at (several machines).
+    """
     state_file = state_path(state_file)
     state = _read_state(state_file)
     if state and _alive(state["pid"]):
@@ -83,6 +133,7 @@ def up(
     cmd = [
         _ray_bin(), "start", "--head", "--block",
         f"--port={port}",
+        f"--node-ip-address={node_ip}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         f"--metrics-export-port={metrics_export_port}",
@@ -92,14 +143,22 @@ def up(
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_auth_env(), start_new_session=True)
+    if ray_client_server_port is not None:
+        cmd.append(f"--ray-client-server-port={ray_client_server_port}")
+    env = _auth_env()
+    if node_ip == LOOPBACK:
+        env.update(SINGLE_MACHINE_ENV)
+    with open_log(log_path, "ray start") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     state = {
         "pid": proc.pid,
-        "address": f"127.0.0.1:{port}",
+        "address": f"{node_ip}:{port}",
+        "node_ip": node_ip,
         "dashboard_url": f"http://127.0.0.1:{dashboard_port}",
-        "metrics_url": f"http://127.0.0.1:{metrics_export_port}/metrics",
+        "metrics_url": f"http://{node_ip}:{metrics_export_port}/metrics",
+        "auth_token_command": "ray get-auth-token",
         "log": str(log_path),
+        "started_by": started_by,
         "started_at": time.time(),
     }
     state_file.write_text(json.dumps(state, indent=2))
@@ -126,8 +185,9 @@ def status(*, state_file: Path | None = None, address: str | None = None, namesp
     address = address or state.get("address")
     if not address:
         return {"running": False, "state_file": str(state_file)}
-    # Ray reads its auth mode when it is imported: set it first.
-    os.environ.update({k: v for k, v in _auth_env().items() if k in ("RAY_AUTH_MODE",)})
+    # Ray reads its auth mode (and the single-machine switch) when it is imported: set them first.
+    _auth_env()
+    os.environ.update(driver_env(state))
     import ray
 
     try:
@@ -152,6 +212,8 @@ def status(*, state_file: Path | None = None, address: str | None = None, namesp
             "dashboard_url": state.get("dashboard_url") or ray.get_runtime_context().dashboard_url,
             "metrics_url": state.get("metrics_url"),
             "auth": "token (print it with `ray get-auth-token`)",
+            "started_by": state.get("started_by"),
+            "state_file": str(state_file),
             "resources": ray.cluster_resources(),
             "available": ray.available_resources(),
             "nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
@@ -159,6 +221,14 @@ def status(*, state_file: Path | None = None, address: str | None = None, namesp
         }
     finally:
         ray.shutdown()
+
+
+def format_resource(name: str, value: float) -> str:
+    """A Ray resource amount for people: bytes (memory, object_store_memory) in GiB/MiB, counts as numbers."""
+    if "memory" in name:
+        gib = value / 2**30
+        return f"{gib:.2f} GiB" if gib >= 1 else f"{value / 2**20:.0f} MiB"
+    return f"{value:g}"
 
 
 def down(*, state_file: Path | None = None, timeout_s: float = 60.0) -> dict:

@@ -1,7 +1,8 @@
 """Flow: build (or resume) one dataset directory from a config.
 
-validate config -> prepare (ingest + plan shards) -> label each shard (one task per shard, on the Ray
-engine pool) -> manifest -> report artifacts. A re-run after a crash skips the shards already written.
+validate config -> prepare (ingest + plan shards) -> start the engine pool (when a shard needs it) -> label
+each shard (one task per shard, on the Ray engine pool; a progress artifact follows) -> manifest -> report
+artifacts. A re-run after a crash skips the shards already written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flows.steps import (
     prepare_shards,
     publish_report,
     run_summary,
+    start_engines_task,
     validate_config,
     write_manifest,
 )
@@ -32,7 +34,9 @@ def build_dataset(config_path: str = "configs/toy.yaml", out_dir: str | None = N
     out = str(resolve_path(out_dir or cfg.dataset.out_dir))
 
     shards = prepare_shards(config_path, out)
-    results = label_shards(shards, max_in_flight=cfg.cluster.num_engines)
+    start_engines_task(config_path, shards)
+    results = label_shards(shards, max_in_flight=cfg.cluster.num_engines,
+                           progress_key=artifact_key(cfg.name, "dataset-progress"))
     manifest = write_manifest(config_path, out, parents=[], extra={})
 
     summary = run_summary(results, started, dataset_dir=out, version=manifest["dataset_version"])

@@ -23,6 +23,7 @@ from flows.steps import (
     publish_report,
     reuse_shards,
     run_summary,
+    start_engines_task,
     validate_config,
     write_manifest,
 )
@@ -61,7 +62,10 @@ def refresh(config_path: str = "configs/toy.yaml", root: str | None = None, trai
     shards = prepare_shards(config_path, out)
     reused = reuse_shards(out, plan["reuse"])
     reused_at = {r["index"] for r in reused}
-    results = label_shards([s for s in shards if s.index not in reused_at], max_in_flight=cfg.cluster.num_engines)
+    to_label = [s for s in shards if s.index not in reused_at]
+    start_engines_task(config_path, to_label)
+    results = label_shards(to_label, max_in_flight=cfg.cluster.num_engines,
+                           progress_key=artifact_key(cfg.name, "refresh-progress"))
     lineage = {"version": plan["version"], "parent": plan["parent"],
                "reused_shards": [{k: r[k] for k in ("index", "parent_index", "key", "how")} for r in reused],
                "labelled_shards": [r["index"] for r in results]}

@@ -6,12 +6,19 @@ What it starts, in order (each a child process in its own session, stopped on Ct
    ``/api/health``. A real server, not Prefect's ephemeral API: flow-run subprocesses and Ray workers all
    talk to this one through ``PREFECT_API_URL``.
 2. a ``process`` work pool (``prm-factory-local``) and ``prefect --no-prompt deploy --all`` from prefect.yaml.
-3. a local Ray head (cluster/local.py: dashboard on 127.0.0.1, token auth on), unless ``RAY_ADDRESS``
-   names a running cluster: flow runs attach to it, and the engine actors outlive every flow run.
+3. a local Ray head (cluster/local.py: every listener on 127.0.0.1, token auth on, the state file that
+   ``prm-factory cluster status`` reads), unless ``RAY_ADDRESS`` names a running cluster or ``cluster up``
+   already started one: flow runs attach to it, and the engine actors outlive every flow run.
 4. ``prefect worker start --pool prm-factory-local``, whose flow runs inherit ``PREFECT_API_URL``,
    ``RAY_ADDRESS`` and ``PRM_FACTORY_ROOT`` (prefect.yaml's pull step changes into that directory).
 
 ``--check`` does 1-2, lists the deployments and stops: a quick test that prefect.yaml deploys.
+
+The UI is served by the API server itself; ``PREFECT_UI_API_URL`` tells the browser where the API is (the
+default is port 4200, wrong for any other port). The database is SQLite under PREFECT_HOME unless
+``database_url`` names another: PostgreSQL for a real deployment. On SQLite, Prefect 3.7.7 logs "database is
+locked" tracebacks while a worker polls, and no server setting tried removed them (benchmarks/README.md).
+Logs go to ``PREFECT_HOME/logs``, appended per start.
 """
 
 from __future__ import annotations
@@ -83,9 +90,11 @@ class Child:
 
 
 def spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> Child:
-    log_dir.mkdir(parents=True, exist_ok=True)
+    """Start `cmd` in its own session; output appended to `log_dir/<name>.log` (rotated past 20 MiB)."""
+    from cluster.local import open_log
+
     log = log_dir / f"{name}.log"
-    with open(log, "w") as fh:
+    with open_log(log, name) as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
                                 start_new_session=True)
     return Child(name, proc, log)
@@ -107,13 +116,23 @@ def wait_healthy(api_url: str, child: Child | None = None, timeout_s: float = 90
                      (f"; see {child.log}" if child else ""))
 
 
+def server_env(home: Path, api_url: str, *, ui: bool = True, database_url: str | None = None,
+               extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The Prefect server's environment: the UI pointed at this API URL, and the database."""
+    env = prefect_env(home, PREFECT_UI_ENABLED="true" if ui else "false", PREFECT_UI_API_URL=api_url)
+    env.pop("PREFECT_API_URL", None)  # the server must not think it is a client of another one
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    env.update(extra_env or {})
+    return env
+
+
 def start_server(home: Path, port: int | None = None, *, ui: bool = True, extra_env: dict[str, str] | None = None,
-                 timeout_s: float = 90.0) -> tuple[Child, str]:
+                 database_url: str | None = None, timeout_s: float = 90.0) -> tuple[Child, str]:
     """A real Prefect server on 127.0.0.1; returns it and its API URL once /api/health answers."""
     port = port or free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = prefect_env(home, **(extra_env or {}), PREFECT_UI_ENABLED="true" if ui else "false")
-    env.pop("PREFECT_API_URL", None)  # the server must not think it is a client of another one
+    env = server_env(home, api_url, ui=ui, database_url=database_url, extra_env=extra_env)
     child = spawn("prefect-server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                   env, home / "logs")
     try:
@@ -155,6 +174,7 @@ class LocalStack:
     ui_url: str
     ray_address: str | None = None
     ray_dashboard: str | None = None
+    metrics_url: str | None = None
     children: list[Child] = field(default_factory=list)
     stop_ray: Callable[[], None] | None = None
 
@@ -166,11 +186,11 @@ class LocalStack:
 
 
 def start_stack(*, home: Path = PREFECT_HOME, port: int | None = None, with_ray: bool = True,
-                with_worker: bool = True, prefect_file: Path | None = None,
-                echo: Callable[[str], None] = print) -> LocalStack:
+                with_worker: bool = True, prefect_file: Path | None = None, database_url: str | None = None,
+                ray_state_file: Path | None = None, echo: Callable[[str], None] = print) -> LocalStack:
     """Server, deployments, Ray and a worker (see the module docstring); stops what it started on failure."""
     home.mkdir(parents=True, exist_ok=True)
-    server, api_url = start_server(home, port)
+    server, api_url = start_server(home, port, database_url=database_url)
     stack = LocalStack(api_url, api_url.removesuffix("/api"), children=[server])
     try:
         echo(f"Prefect server healthy at {stack.ui_url} (PREFECT_HOME={home})")
@@ -178,20 +198,26 @@ def start_stack(*, home: Path = PREFECT_HOME, port: int | None = None, with_ray:
         deploy(env, prefect_file=prefect_file)
         echo("deployed every deployment of prefect.yaml to work pool " + WORK_POOL)
         if with_ray:
+            from cluster import local
+
             if os.environ.get("RAY_ADDRESS"):
                 stack.ray_address = os.environ["RAY_ADDRESS"]
             else:
-                from cluster import local
-
-                state_file = home / "ray" / "cluster.json"
-                ray_state = local.up(port=free_port(), dashboard_port=free_port(), metrics_export_port=free_port(),
-                                     state_file=state_file)
+                # The state file `prm-factory cluster up|status|down` use: status finds this cluster, and a
+                # cluster already started by `cluster up` is joined (and left running) instead of a second one.
+                ray_state = local.read_state(ray_state_file)
+                if ray_state is not None:
+                    echo(f"joining the Ray cluster recorded in {local.state_path(ray_state_file)}")
+                else:
+                    ray_state = local.up(port=free_port(), dashboard_port=free_port(),
+                                         metrics_export_port=free_port(), ray_client_server_port=free_port(),
+                                         state_file=ray_state_file, started_by="prm-factory serve")
+                    stack.stop_ray = lambda: local.down(state_file=ray_state_file)
                 stack.ray_address, stack.ray_dashboard = ray_state["address"], ray_state["dashboard_url"]
-                stack.stop_ray = lambda: local.down(state_file=state_file)
-                env["RAY_AUTH_MODE"] = "token"  # cluster/local.py starts Ray with token auth: drivers need it too
+                stack.metrics_url = ray_state.get("metrics_url")
+                env.update(local.driver_env(ray_state))  # token auth, single-machine mode: drivers need both
             env["RAY_ADDRESS"] = stack.ray_address
-            echo(f"Ray at {stack.ray_address}; dashboard {stack.ray_dashboard or '(the cluster you gave)'} "
-                 "(token auth: `ray get-auth-token` prints the token)")
+            echo(f"Ray at {stack.ray_address}")
         if with_worker:
             stack.children.append(start_worker(env, home / "logs"))
             echo(f"worker polling {WORK_POOL} (log: {home / 'logs' / 'prefect-worker.log'})")
@@ -209,7 +235,19 @@ def list_deployments(api_url: str) -> list[dict]:
         return json.loads(resp.read())
 
 
-def serve(*, check: bool = False, port: int | None = None, echo: Callable[[str], None] = print) -> int:
+def urls_text(stack: LocalStack) -> list[str]:
+    """The three places a user watches a run: the Prefect UI, the Ray dashboard, the metrics endpoint."""
+    return [
+        f"Prefect UI:      {stack.ui_url}",
+        f"Ray dashboard:   {stack.ray_dashboard or '(the cluster at ' + str(stack.ray_address) + ')'}"
+        "   (token login: `ray get-auth-token` prints the token)",
+        f"Metrics (Prometheus format): {stack.metrics_url or '(see the cluster you gave)'}"
+        "   (scrape config: cluster/monitoring/prometheus.yml)",
+    ]
+
+
+def serve(*, check: bool = False, port: int | None = None, database_url: str | None = None,
+          echo: Callable[[str], None] = print) -> int:
     """Run the local stack until Ctrl-C or SIGTERM (or, with `check`, deploy, list the deployments and stop)."""
 
     def interrupt(signum, frame):
@@ -218,7 +256,7 @@ def serve(*, check: bool = False, port: int | None = None, echo: Callable[[str],
     # Both end the stack cleanly (a background job may start with SIGINT ignored; SIGTERM comes from kill).
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
-    stack = start_stack(port=port, with_ray=not check, with_worker=not check, echo=echo)
+    stack = start_stack(port=port, with_ray=not check, with_worker=not check, database_url=database_url, echo=echo)
     try:
         deployments = list_deployments(stack.api_url)
         for d in deployments:
@@ -228,7 +266,8 @@ def serve(*, check: bool = False, port: int | None = None, echo: Callable[[str],
             echo(f"deployment {d['name']}: cron {crons or '-'}, concurrency limit {limit or '-'} ({strategy or '-'})")
         if check:
             return 0
-        echo(f"Prefect UI: {stack.ui_url}   Ray dashboard: {stack.ray_dashboard or stack.ray_address}")
+        for line in urls_text(stack):
+            echo(line)
         echo("Ctrl-C stops the worker, the server and the Ray cluster started here.")
         while all(c.proc.poll() is None for c in stack.children):
             time.sleep(1.0)

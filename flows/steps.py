@@ -78,11 +78,30 @@ def _labeller(cfg: FactoryConfig):
     key = (str(flow_run.id), cfg.config_hash())
     with _lock:
         if key not in _labellers:
+            log = get_run_logger()
+            t0 = time.perf_counter()
             pool = start_engines(cfg)
+            log.info("engine actors %s placed; waiting for them to load the model%s", ", ".join(pool.names),
+                     " (vLLM: ~45 s on 2 CPU cores)" if cfg.policy.backend == "vllm" else "")
+            health = wait_engines_ready(pool, cfg.cluster.request_timeout_s)
+            waited = time.perf_counter() - t0
+            started = [h for h in health if h.get("started_at", 0) >= time.time() - waited - 1]
             _labellers[key] = ShardLabeller(cfg, pool, load_tokenizer(cfg))
-            get_run_logger().info("engine pool ready: %s; Ray dashboard: %s", ", ".join(pool.names),
-                                  ray_dashboard_url() or "(not available)")
+            log.info("engine pool ready after %.1f s (%d started, %d already running): %s; Ray dashboard: %s",
+                     waited, len(started), len(health) - len(started),
+                     ", ".join(f"{h['engine']} ({h.get('backend', '?')})" for h in health),
+                     ray_dashboard_url() or "(not available)")
         return _labellers[key]
+
+
+def wait_engines_ready(pool, timeout_s: float) -> list[dict[str, Any]]:
+    """Block until every engine actor answers `health`, i.e. its constructor (model load, vLLM warm-up) is done.
+
+    Creating a Ray actor returns at once; only a method call waits for the constructor.
+    """
+    import ray
+
+    return ray.get([actor.health.remote() for actor in pool.actors], timeout=timeout_s)
 
 
 def artifact_key(config_name: str, kind: str) -> str:
@@ -124,6 +143,22 @@ def prepare_shards(config_path: str, out_dir: str) -> list[ShardRef]:
     return [ShardRef(config_path, str(out_dir), p.index, p.key) for p in plans]
 
 
+@task(name="start-engines")
+def start_engines_task(config_path: str, refs: Sequence[ShardRef]) -> dict[str, Any]:
+    """Consumes the shard refs; starts (or attaches to) the engine pool when a shard still needs labelling.
+
+    Its own task so that the flow's timeline shows engine start-up as such, not inside the first shard.
+    """
+    from tasks.dataset import shard_done
+
+    todo = [r.index for r in refs if not shard_done(r.out_dir, r.index)]
+    if not todo:
+        return {"started": False, "shards_to_label": 0}
+    t0 = time.perf_counter()
+    _labeller(load(config_path))
+    return {"started": True, "shards_to_label": len(todo), "seconds": round(time.perf_counter() - t0, 1)}
+
+
 @task(name="label-shard", retries=2, retry_delay_seconds=2, cache_policy=SHARD_CACHE, persist_result=True,
       task_run_name="shard-{index:05d}")
 def label_shard(config_path: str, out_dir: str, index: int, key: str) -> dict[str, Any]:
@@ -150,8 +185,13 @@ def label_shard(config_path: str, out_dir: str, index: int, key: str) -> dict[st
             "seconds": time.perf_counter() - started}
 
 
-def label_shards(refs: Sequence[ShardRef], max_in_flight: int) -> list[dict[str, Any]]:
+def label_shards(refs: Sequence[ShardRef], max_in_flight: int,
+                 progress_key: str | None = None) -> list[dict[str, Any]]:
     """Run `label_shard` for each ref, at most `max_in_flight` at once; results in ref order.
+
+    With `progress_key`, a Prefect progress artifact under that key follows the run: percent of shards
+    finished, and in its description the shard counts by status and the tokens generated so far. Each
+    finished shard also gets a line in the flow-run log.
 
     Results persist in Prefect's local result storage (``$PREFECT_HOME/storage``; `serve` puts PREFECT_HOME
     under runs/prefect). A cache entry is only trusted while the shard it vouches for is on disk: a
@@ -161,12 +201,14 @@ def label_shards(refs: Sequence[ShardRef], max_in_flight: int) -> list[dict[str,
 
     results: dict[int, dict[str, Any]] = {}
     pending: list[PrefectFuture] = []
+    progress = ShardProgress(len(refs), progress_key)
 
     def collect(future: PrefectFuture) -> None:
         result = future.result()
         if future.state.name == "Cached":
             result = {**result, "status": "cached", "cost": {}}
         results[result["index"]] = result
+        progress.shard_done(result)
 
     for ref in refs:
         shard_task = label_shard.with_options(refresh_cache=not shard_done(ref.out_dir, ref.index))
@@ -178,6 +220,50 @@ def label_shards(refs: Sequence[ShardRef], max_in_flight: int) -> list[dict[str,
     for future in pending:
         collect(future)
     return [results[ref.index] for ref in refs]
+
+
+class ShardProgress:
+    """Shard counts and tokens so far, pushed to a Prefect progress artifact and the flow-run log."""
+
+    def __init__(self, total: int, key: str | None):
+        self.total = total
+        self.by_status: dict[str, int] = {}
+        self.tokens = 0
+        self.started = time.perf_counter()
+        self.artifact_id = None
+        if key is not None:
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact_id = create_progress_artifact(0.0, key=key, description=self.describe())
+
+    def describe(self) -> str:
+        done = sum(self.by_status.values())
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(self.by_status.items())) or "none yet"
+        return (f"**{done} of {self.total} shards** finished ({statuses}); **{self.tokens:,} tokens** generated "
+                f"so far; {time.perf_counter() - self.started:,.0f} s since the first shard was sent.")
+
+    def shard_done(self, result: dict[str, Any]) -> None:
+        self.by_status[result["status"]] = self.by_status.get(result["status"], 0) + 1
+        tokens = shard_tokens(result.get("cost", {}))
+        self.tokens += tokens
+        done = sum(self.by_status.values())
+        get_run_logger().info("shard %05d %s: %s rows, %s tokens; %d/%d shards done, %s tokens so far",
+                              result["index"], result["status"], result.get("rows"), f"{tokens:,}", done,
+                              self.total, f"{self.tokens:,}")
+        if self.artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, progress=100.0 * done / max(1, self.total),
+                                     description=self.describe())
+
+
+def shard_tokens(cost: dict[str, Any]) -> int:
+    """Generated tokens of one shard's cost record (its total when present, else the sum of the stages)."""
+    from tasks.report import COST_STAGES
+
+    if "generated_tokens" in cost:
+        return int(cost["generated_tokens"])
+    return sum(int(cost.get(stage, 0)) for stage in COST_STAGES)  # prompt tokens are not generated
 
 
 @task(name="write-manifest")

@@ -305,6 +305,9 @@ def cluster_up(
     metrics_export_port: Annotated[int, typer.Option(help="Prometheus metrics port")] = 8080,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs to offer (default: all)")] = None,
     num_gpus: Annotated[int | None, typer.Option(help="GPUs to offer (default: all)")] = None,
+    node_ip: Annotated[str, typer.Option(
+        help="interface the Ray listeners bind (127.0.0.1: this machine only; the head's address for multi-node)",
+    )] = "127.0.0.1",
     json_out: JsonOpt = False,
 ) -> None:
     """Start a local Ray head node with the dashboard on 127.0.0.1 and token auth on."""
@@ -312,7 +315,7 @@ def cluster_up(
 
     try:
         state = up(port=port, dashboard_port=dashboard_port, metrics_export_port=metrics_export_port,
-                   num_cpus=num_cpus, num_gpus=num_gpus)
+                   num_cpus=num_cpus, num_gpus=num_gpus, node_ip=node_ip)
     except LocalClusterError as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(1) from None
@@ -338,11 +341,17 @@ def cluster_status(
     if not info.get("running"):
         console.print(f"no cluster running {info.get('error', '')}", markup=False)
         raise typer.Exit(1)
-    console.print(f"[green]running[/green] {info['address']} ({info['nodes']} node(s)); dashboard "
-                  f"{info['dashboard_url']} (auth: {info['auth']}); metrics {info['metrics_url']}")
+    from cluster.local import format_resource
+
+    console.print(f"[green]running[/green] {info['address']} ({info['nodes']} node(s)"
+                  f"{', started by ' + info['started_by'] if info.get('started_by') else ''})", markup=True)
+    console.print(f"  dashboard {info['dashboard_url']} (auth: {info['auth']})", markup=False)
+    console.print(f"  metrics   {info['metrics_url'] or '-'}", markup=False)
     for key in sorted(info["resources"]):
         if not key.startswith("node:") and "_group_" not in key:
-            console.print(f"  {key}: {info['available'].get(key, 0):g} free of {info['resources'][key]:g}")
+            free, total = info["available"].get(key, 0), info["resources"][key]
+            console.print(f"  {key}: {format_resource(key, free)} free of {format_resource(key, total)}",
+                          markup=False)
     console.print(f"prm-factory actors: {len(info['actors'])}")
     for actor in info["actors"]:
         health = actor.get("health") or {}
@@ -389,13 +398,18 @@ def inspect(
 def serve(
     check: Annotated[bool, typer.Option("--check", help="start the server, deploy prefect.yaml, list, stop")] = False,
     port: Annotated[int | None, typer.Option("--port", help="Prefect server port (default: a free one)")] = None,
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url",
+        help="Prefect database (default: SQLite under runs/prefect; e.g. postgresql+asyncpg://user:pw@host/prefect)",
+    )] = None,
 ) -> None:
-    """Local Prefect server + deployments + worker + Ray (dashboard on 127.0.0.1) until Ctrl-C."""
+    """Local Prefect server + deployments + worker + Ray (every listener on 127.0.0.1) until Ctrl-C."""
     from flows.serve import ServeError
     from flows.serve import serve as run_serve
 
     try:
-        code = run_serve(check=check, port=port, echo=lambda line: console.print(line, markup=False, soft_wrap=True))
+        code = run_serve(check=check, port=port, database_url=database_url,
+                         echo=lambda line: console.print(line, markup=False, soft_wrap=True))
     except ServeError as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(1) from None

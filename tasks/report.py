@@ -150,13 +150,7 @@ def render_plots(stats: dict[str, Any]) -> dict[str, bytes]:
         plt.close(fig)
         pngs[name] = buf.getvalue()
 
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.hist(stats["entropies"] or [0.0], bins=30, color="tab:blue")
-    if stats["tau"] is not None:
-        ax.axvline(stats["tau"], color="tab:red", linestyle="--", label=f"τ = {stats['tau']}")
-        ax.legend()
-    ax.set(title="entropy at step starts (EDU anchors)", xlabel="entropy (nats)", ylabel="steps")
-    save(fig, "entropy")
+    save(entropy_figure(stats), "entropy")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     hard = stats["hard_labels"]
@@ -172,7 +166,34 @@ def render_plots(stats: dict[str, Any]) -> dict[str, bytes]:
     right.set(title=f"ER-PRM labels (non-final steps{null_note})", xlabel="label", ylabel="steps")
     save(fig, "labels")
 
+    save(cost_figure(stats), "cost")
+    return pngs
+
+
+def entropy_figure(stats: dict[str, Any]):
+    """Histogram of step-start entropies with the τ line; the legend right of the axes, clear of every bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(stats["entropies"] or [0.0], bins=30, color="tab:blue")
+    if stats["tau"] is not None:
+        ax.axvline(stats["tau"], color="tab:red", linestyle="--", label=f"τ = {stats['tau']}")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set(title="entropy at step starts (EDU anchors)", xlabel="entropy (nats)", ylabel="steps")
+    return fig
+
+
+def cost_figure(stats: dict[str, Any]):
+    """Stacked bars of generated tokens per labelled step, per shard and stage; the legend outside the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3))
     shards = [str(p["shard"]) for p in stats["per_shard"]]
     bottom = [0.0] * len(shards)
     for stage, color in zip(COST_STAGES, ("tab:blue", "tab:orange", "tab:green"), strict=True):
@@ -180,9 +201,9 @@ def render_plots(stats: dict[str, Any]) -> dict[str, bytes]:
         ax.bar(shards, values, bottom=bottom, label=stage.removesuffix("_tokens"), color=color)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set(title="generated tokens per labelled step", xlabel="shard", ylabel="tokens")
-    ax.legend()
-    save(fig, "cost")
-    return pngs
+    # Outside the axes, right of them: inside, it covered a shard's bar.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, title="stage")
+    return fig
 
 
 def _fmt(value: Any) -> str:
@@ -195,6 +216,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _fmt_run(key: str, value: Any) -> str:
+    """A value of the run summary for a markdown cell: counts as `a: 1, b: 2`, a dashboard as text, not a link."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in sorted(value.items())) or "–"
+    if key == "ray_dashboard":
+        # Its port changes when the cluster restarts, so it is not a link; `cluster status` prints the live one.
+        return (f"`{value}` at run time (after a restart: `prm-factory cluster status`)" if value
+                else "– (no Ray dashboard)")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return _fmt(value)
+
+
 def render_markdown(stats: dict[str, Any], run: dict[str, Any] | None = None,
                     images: dict[str, str] | None = None) -> str:
     """A markdown report; `images` maps plot names to URLs (file names, or data: URIs to embed them)."""
@@ -204,7 +238,7 @@ def render_markdown(stats: dict[str, Any], run: dict[str, Any] | None = None,
         lines += [f"**Up to date**: version `{run.get('version')}` already holds every shard of the current "
                   "sources; no engine work, no new version.", ""]
     lines += [
-        "| | |", "|---|---|",
+        "| dataset | value |", "|---|---|",
         f"| path | `{stats['dataset_dir']}` |",
         f"| version | `{stats.get('version') or '–'}` (content `{stats['dataset_version']}`) |",
         f"| parents | {', '.join(f'`{p}`' for p in stats['parents']) or '–'} |",
@@ -228,10 +262,10 @@ def render_markdown(stats: dict[str, Any], run: dict[str, Any] | None = None,
                      f"{_fmt(run_cost.get(stage, 0)) if run else '–'} |")
     lines += ["", f"**Tokens per labelled step**: {_fmt(stats['tokens_per_labelled_step'])}", ""]
     if run:
-        lines += ["## This run", "", "| | |", "|---|---|"]
+        lines += ["## This run", "", "| this run | value |", "|---|---|"]
         for k in ("status", "shards_by_status", "reused_shards", "engine_started", "seconds", "ray_dashboard"):
             if k in run:
-                lines.append(f"| {k} | {run[k]} |")
+                lines.append(f"| {k.replace('_', ' ')} | {_fmt_run(k, run[k])} |")
         lines.append("")
     if stats.get("lineage"):
         lin = stats["lineage"]

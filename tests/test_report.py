@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tasks.dataset import write_manifest, write_shard
 from tasks.report import build_report, dataset_stats, render_markdown, render_plots
 
@@ -113,3 +115,34 @@ def test_stats_and_markdown_handle_null_soft_and_er_labels(tmp_path):
     assert stats["er_label_histogram"] == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0]  # only the rollout step's 0.75
     assert "| steps without soft/ER label (early stop, estimated) | 2 |" in render_markdown(stats)
     assert set(render_plots(stats)) == {"entropy", "labels", "cost"}
+
+
+def test_key_value_tables_have_a_header_and_run_counts_are_readable(tmp_path):
+    stats = dataset_stats(make_dataset(tmp_path / "ds"))
+    md = render_markdown(stats, {"status": "new_version", "shards_by_status": {"built": 2, "skipped": 1},
+                                 "engine_started": True, "ray_dashboard": "http://127.0.0.1:4321", "cost": {}})
+    assert "| | |" not in md  # an empty header row renders as a blank first row
+    assert "| dataset | value |" in md and "| this run | value |" in md
+    assert "| shards by status | built: 2, skipped: 1 |" in md
+    assert "| engine started | yes |" in md
+    # The dashboard's port changes on restart: shown as text with where to find the live one, never a link.
+    assert "](http://127.0.0.1:4321" not in md and "`http://127.0.0.1:4321` at run time" in md
+
+
+@pytest.mark.parametrize("figure, bars", [("cost_figure", 5), ("entropy_figure", 4)])
+def test_plot_legends_cover_no_bar(tmp_path, figure, bars):
+    import matplotlib.pyplot as plt
+
+    from tasks import report
+
+    fig = getattr(report, figure)(dataset_stats(make_dataset(tmp_path / "ds")))
+    fig.tight_layout()
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    # cost: shard 0 has three stages, shard 1 two (no branch tokens); entropy: 4 entropies, 4 non-empty bins
+    drawn = [p.get_window_extent() for p in ax.patches if p.get_height() > 0]
+    assert len(drawn) == bars
+    assert not any(legend.overlaps(b) for b in drawn)
+    assert legend.x0 >= ax.get_window_extent().x1  # right of the plot area
+    plt.close(fig)
