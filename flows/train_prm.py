@@ -2,7 +2,7 @@
 
 validate config -> find the dataset version (given, or LATEST of the config's refresh root) -> train on Ray
 Train (resumes when the run dir already holds this run) -> score the held-out problems with the saved
-checkpoint -> [evaluation hook] -> markdown artifact (loss curve, tables, calibration plot).
+checkpoint -> evaluate it on the toy ruler (toy datasets) -> markdown artifact (loss curve, tables, calibration plot).
 A refresh that produced a new version starts this flow through its deployment (``trigger_training``).
 """
 
@@ -63,8 +63,39 @@ def score_held_out(config_path: str, dataset_dir: str, run_dir: str) -> dict[str
     return held_out_metrics(rows, scores, cfg.train.target, cfg.policy.prompt_template)
 
 
+@task(name="evaluate-on-ruler")
+def evaluate_on_ruler(dataset_dir: str, run_dir: str, ruler_problems: int | None) -> dict[str, Any]:
+    """Consumes the saved checkpoint; produces step AUROC/accuracy against the exact toy truth on the held-out
+    toy ruler and best-of-N accuracy per selector (refuses a dataset that shares a problem with the ruler)."""
+    from tasks.prm_model import load_prm
+    from tasks.ruler import check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler
+
+    ruler = load_ruler().limited(ruler_problems)
+    check_disjoint(ruler, dataset_problem_ids(dataset_dir), f"dataset {dataset_dir}")
+    return evaluate_ruler(load_prm(run_dir), ruler)
+
+
+def ruler_markdown(report: dict[str, Any]) -> str:
+    """The ruler's tables for the training report."""
+    st = report["steps"]
+    lines = ["## Toy ruler (held-out policy trajectories, exact step truth)", "",
+             f"Ruler `{st['ruler_version']}`: {st['problems']} problems, {st['trajectories']} trajectories, "
+             f"{st['steps']} steps ({st['correct_steps']} correct).", "",
+             "| step AUROC | step accuracy |", "|---:|---:|",
+             f"| {st['step_auroc']:.3f} | {st['step_accuracy']:.3f} |", ""]
+    if "best_of_n" in report:
+        bon = report["best_of_n"]
+        lines += ["| best-of-N accuracy | " + " | ".join(f"N={n}" for n in bon["ns"]) + " |",
+                  "|---|" + "---:|" * len(bon["ns"])]
+        rows = {**bon["accuracy"], "(some sample right)": bon["oracle_any_correct"]}
+        lines += [f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + " |" for name, accs in rows.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 @task(name="publish-training-report")
-def publish_training_report(title: str, summary: dict[str, Any], metrics: dict[str, Any], key: str) -> str:
+def publish_training_report(title: str, summary: dict[str, Any], metrics: dict[str, Any], key: str,
+                            extra_markdown: str = "") -> str:
     """Consumes the run summary and held-out metrics; produces RUN/report.md and a markdown artifact."""
     from pathlib import Path
 
@@ -73,6 +104,7 @@ def publish_training_report(title: str, summary: dict[str, Any], metrics: dict[s
     from tasks.prm_report import render_training_report
 
     markdown, pngs = render_training_report(title, summary, metrics)
+    markdown += ("\n" + extra_markdown) if extra_markdown else ""
     run = Path(summary["run_dir"])
     for name, data in pngs.items():
         (run / f"{name}.png").write_bytes(data)
@@ -93,8 +125,9 @@ def trigger_training(config_path: str, dataset_dir: str) -> str:
 
 @flow(name="train-prm", log_prints=True)
 def train_prm(config_path: str = "configs/toy.yaml", dataset_dir: str | None = None,
-              run_dir: str | None = None) -> dict[str, Any]:
-    """Train the config's PRM on a dataset version (default: the latest), score its held-out set, report."""
+              run_dir: str | None = None, ruler_problems: int | None = None) -> dict[str, Any]:
+    """Train the config's PRM on a dataset version (default: the latest), score its held-out set, evaluate it on
+    the toy ruler (toy datasets; ``ruler_problems`` limits it to the first K problems), report."""
     started = time.perf_counter()
     validate_config(config_path)
     cfg = load(config_path)
@@ -106,15 +139,16 @@ def train_prm(config_path: str = "configs/toy.yaml", dataset_dir: str | None = N
 
     summary = train(config_path, dataset, run)
     held_out = score_held_out(config_path, dataset, run)
-    # ---- EVALUATION HOOK (issue 13): the evaluation half (ProcessBench F1, best-of-N, the toy ruler) is
-    # called here with `run` once merged, and its tables are passed to the report. Until then the report
-    # carries this flow's own held-out loss / AUROC / calibration. -------------------------------------------
+    ruler = None
+    if all(src.kind == "toy" for src in cfg.sources):  # the ruler's truth is the toy world's
+        ruler = evaluate_on_ruler(dataset, run, ruler_problems)
     report = publish_training_report(f"PRM training: {cfg.name} on {version}", summary, held_out,
-                                     key=artifact_key(cfg.name, "prm"))
+                                     key=artifact_key(cfg.name, "prm"),
+                                     extra_markdown=ruler_markdown(ruler) if ruler else "")
     get_run_logger().info("PRM %s: held-out AUROC vs labels %.3f (truth %s), report %s", run,
                           held_out["auroc_vs_labels"], held_out.get("auroc_vs_truth"), report)
     return {"run_dir": run, "dataset_dir": dataset, "dataset_version": version, "train": summary,
-            "held_out": {k: v for k, v in held_out.items() if k != "calibration"}, "report": report,
+            "held_out": {k: v for k, v in held_out.items() if k != "calibration"}, "ruler": ruler, "report": report,
             "seconds": round(time.perf_counter() - started, 2)}
 
 

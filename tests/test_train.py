@@ -47,7 +47,8 @@ def resumed_run(ray_session, toy_prm_dataset, prefect_server, tmp_path_factory):
         train_prm(cfg, toy_prm_dataset["dir"], run, fault_after_epoch=0)
     first = json.loads((run / "epoch-0000" / "train_state.json").read_text())
     assert not (run / "model").exists() and not (run / "epoch-0001").exists()
-    flow_out = train_prm_flow(str(toy_prm_dataset["config_path"]), str(toy_prm_dataset["dir"]), str(run))
+    flow_out = train_prm_flow(str(toy_prm_dataset["config_path"]), str(toy_prm_dataset["dir"]), str(run),
+                              ruler_problems=8)
     return cfg, run, first, flow_out
 
 
@@ -134,6 +135,12 @@ def test_train_prm_flow_publishes_its_report(resumed_run, toy_prm_dataset):
     assert 0 <= held["auroc_vs_truth"] <= 1 and held["truth_steps"] == held["steps"]  # toy rows: exact truth
     markdown = (run / "report.md").read_text()
     assert markdown.count("data:image/png;base64,") == 2 and "| epoch | step |" in markdown
+    # The toy ruler, scored by the same checkpoint (the flow's evaluation step), is in the report.
+    ruler = out["ruler"]
+    assert ruler["steps"]["problems"] == 8 and ruler["steps"]["trajectories"] == 8 * 16
+    assert 0 <= ruler["steps"]["step_auroc"] <= 1
+    assert set(ruler["best_of_n"]["accuracy"]) == {"min_step", "last_step", "majority", "random"}
+    assert f"| {ruler['steps']['step_auroc']:.3f} |" in markdown
 
     async def read():
         async with get_client() as client:
