@@ -40,11 +40,10 @@ _DISK_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
 EXIT_UNWRITABLE = 3
 
 
-def _unwritable(err: OSError) -> typer.Exit:
+def _unwritable(err: OSError, out_dir: Path | str) -> typer.Exit:
     """Print why the output cannot be written, in one line; the caller raises the returned Exit."""
-    where = f" {err.filename}" if err.filename else ""
-    console.print(f"cannot write{where}: {err.strerror or err} (make the output writable or free space, then "
-                  "re-run: finished shards are kept)", style="red", markup=False)
+    console.print(f"cannot write {err.filename or out_dir}: {err.strerror or err} (make the output writable or "
+                  "free space, then re-run: finished shards are kept)", style="red", markup=False, soft_wrap=True)
     return typer.Exit(EXIT_UNWRITABLE)
 
 
@@ -108,7 +107,7 @@ def ingest(
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:
             raise
-        raise _unwritable(err) from None
+        raise _unwritable(err, out_dir) from None
     per_source = [
         {"index": i, "kind": src.kind, "path": getattr(src, "path", ""), "kept": len(result.problems),
          "quarantined": len(result.quarantined),
@@ -187,7 +186,7 @@ def build(
         except OSError as err:
             if err.errno not in _DISK_ERRNOS:
                 raise
-            raise _unwritable(err) from None
+            raise _unwritable(err, out_dir) from None
     summary = {
         "out_dir": str(report.out_dir), "version": report.manifest.get("dataset_version"), "rows": report.rows,
         "shards": report.shards_total, "shards_built": report.shards_built, "shards_skipped": report.shards_skipped,
@@ -308,7 +307,7 @@ def relabel(
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:
             raise
-        raise _unwritable(err) from None
+        raise _unwritable(err, out) from None
     if json_out:
         print(json.dumps({"out_dir": str(out), "dataset_version": manifest["dataset_version"],
                           "parents": manifest["parents"], "rows": manifest["num_rows"], "eta": eta}))
