@@ -52,3 +52,35 @@ def vllm_engine(policy_model_path):
     engine = VLLMEngine(policy_model_path, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3, seed=0)
     yield engine
     engine.shutdown()
+
+
+# -- issue 12: integrity and fault-injection tests share one engine and one uninterrupted reference build ------
+
+
+@pytest.fixture(scope="session")
+def integrity_engine():
+    """The shipped toy policy on the transformers backend, in this process (128-token context)."""
+    from cluster.hf_engine import HFEngine
+    from configs.schema import REPO_ROOT
+
+    return HFEngine(str(REPO_ROOT / "assets" / "toy-policy"), max_model_len=128)
+
+
+@pytest.fixture(scope="session")
+def integrity_reference(tmp_path_factory, integrity_engine):
+    """An uninterrupted build of 4 toy problems from JSONL (4 shards): what every resumed build must equal."""
+    from integrity_helpers import build_config, problem_counts, rows_digest, toy_questions, write_jsonl
+
+    from configs.schema import parse_config
+    from tasks.build import build
+    from tasks.dataset import read_dataset, verify_dataset
+
+    tmp = tmp_path_factory.mktemp("integrity-reference")
+    source = write_jsonl(tmp / "problems.jsonl", toy_questions(4))
+    config = build_config(source)
+    cfg = parse_config(config)
+    report = build(cfg, tmp / "ds", lambda: integrity_engine)
+    assert report.shards_built == 4 and verify_dataset(tmp / "ds") == []
+    table = read_dataset(tmp / "ds")
+    return {"dir": tmp / "ds", "cfg": cfg, "config": config, "source": source, "digest": rows_digest(table),
+            "counts": problem_counts(table), "rows": table.num_rows, "version": report.manifest["dataset_version"]}

@@ -14,10 +14,10 @@ from configs.schema import REPO_ROOT, ToySource
 
 
 def toy_questions(n: int, seed: int = 31) -> list[dict[str, str]]:
-    """`n` toy-world problems as user JSONL rows (`question`, `answer`): the shipped policy solves some."""
+    """`n` two-step toy-world problems as user JSONL rows (`question`, `answer`): the shipped policy solves some."""
     from tasks.toy_world import generate_problems
 
-    problems = generate_problems(ToySource(num_problems=n, seed=seed, min_steps=2, max_steps=3))
+    problems = generate_problems(ToySource(num_problems=n, seed=seed, min_steps=2, max_steps=2))
     return [{"question": p.question, "answer": p.answer} for p in problems]
 
 
@@ -27,7 +27,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def build_config(source: Path, name: str = "integrity", **overrides: Any) -> dict[str, Any]:
-    """Cheapest real build: newline steps, no tree, N=2, 40 new tokens, 2 problems per shard, HF engine."""
+    """Cheapest real build: newline steps, no tree, N=1, 32 new tokens, 1 problem per shard, HF engine."""
     cfg = {
         "name": name,
         "seed": 3,
@@ -36,8 +36,8 @@ def build_config(source: Path, name: str = "integrity", **overrides: Any) -> dic
                    "max_model_len": 128},
         "partition": {"method": "newline"},
         "tree": {"enabled": False},
-        "rollouts": {"n": 2, "max_new_tokens": 40},
-        "dataset": {"problems_per_shard": 2},
+        "rollouts": {"n": 1, "max_new_tokens": 32},
+        "dataset": {"problems_per_shard": 1},
     }
     cfg.update(overrides)
     return cfg

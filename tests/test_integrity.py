@@ -1,7 +1,7 @@
 """Shard identity and integrity (issue 12): stale or corrupted shards are rebuilt, never blessed; `verify`.
 
-The engine tests build a 5-problem JSONL source with the shipped toy policy on the transformers backend
-(newline steps, no tree, N = 2): a few seconds per shard. One engine serves the whole module.
+The engine tests build a 4-problem JSONL source (one problem per shard) with the shipped toy policy on the
+transformers backend (newline steps, no tree, N = 1), against the session's reference build (conftest.py).
 """
 
 from __future__ import annotations
@@ -178,89 +178,70 @@ def test_relabel_refuses_a_folder_it_did_not_write(tmp_path):
 # -- real builds (transformers engine) ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def engine():
-    from cluster.hf_engine import HFEngine
-
-    return HFEngine(str(REPO_ROOT / "assets" / "toy-policy"), max_model_len=128)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, engine):
-    """An uninterrupted build of 5 problems (3 shards): what every resumed build must equal."""
-    tmp = tmp_path_factory.mktemp("reference")
-    source = write_jsonl(tmp / "problems.jsonl", toy_questions(5))
-    cfg = parse_config(build_config(source))
-    report = build(cfg, tmp / "ds", lambda: engine)
-    assert report.shards_built == 3 and verify_dataset(tmp / "ds") == []
-    table = read_dataset(tmp / "ds")
-    return {"dir": tmp / "ds", "cfg": cfg, "source": source, "digest": rows_digest(table),
-            "counts": problem_counts(table), "rows": table.num_rows, "version": report.manifest["dataset_version"]}
-
-
 @pytest.mark.slow
-def test_source_changed_between_crash_and_resume(tmp_path, engine, reference):
-    """Issue repro 1: 4 problems, crash after shard 0, a problem added at the top, resume: no stale shard."""
-    questions = toy_questions(5)
+def test_source_changed_between_crash_and_resume(tmp_path, integrity_engine, integrity_reference):
+    """Issue repro 1: crash after shard 0, a problem added at the top of the source, resume: no stale shard."""
+    questions = toy_questions(4)
     source = write_jsonl(tmp_path / "problems.jsonl", questions[1:])
     cfg = parse_config(build_config(source))
     out = tmp_path / "ds"
-    build(cfg, out, lambda: engine)
+    build(cfg, out, lambda: integrity_engine)
     for path in (shard_path(out, 1), completion_path(out, 1), out / "manifest.json"):  # the crash
         path.unlink()
     write_jsonl(source, questions)  # a problem added at the top: every shard's problems move
-    report = build(parse_config(build_config(source)), out, lambda: engine)
+    report = build(parse_config(build_config(source)), out, lambda: integrity_engine)
     assert 0 in report.rebuilt and "planned key" in report.rebuilt[0]
-    assert report.shards_skipped == 0 and report.shards_built == 3
+    assert report.shards_skipped == 0 and report.shards_built == 4
     table = read_dataset(out)
-    assert problem_counts(table) == reference["counts"], "no problem twice, none missing"
-    assert rows_digest(table) == reference["digest"]
+    assert problem_counts(table) == integrity_reference["counts"], "no problem twice, none missing"
+    assert rows_digest(table) == integrity_reference["digest"]
     assert verify_dataset(out) == []
     keys = read_manifest(out)["extra"]["shard_keys"]
-    assert [read_provenance(shard_path(out, i))["shard_key"] for i in range(3)] == keys
+    assert [read_provenance(shard_path(out, i))["shard_key"] for i in range(4)] == keys
 
 
 @pytest.mark.slow
-def test_flipped_byte_is_named_by_verify_and_rebuilt_by_the_next_build(tmp_path, engine, reference):
+def test_flipped_byte_is_named_by_verify_and_rebuilt_by_next_build(tmp_path, integrity_engine, integrity_reference):
     """Issue repro 2: one flipped byte; verify names the shard; a re-run rebuilds it instead of blessing it."""
     out = tmp_path / "ds"
-    shutil.copytree(reference["dir"], out)
+    shutil.copytree(integrity_reference["dir"], out)
     flip_byte(shard_path(out, 1))
     result = cli("verify", str(out))
     assert result.returncode == 1 and "shards/part-00001.parquet" in result.stderr
-    report = build(reference["cfg"], out, lambda: engine)
+    report = build(integrity_reference["cfg"], out, lambda: integrity_engine)
     assert set(report.rebuilt) == {1} and "sha256" in report.rebuilt[1]
-    assert report.shards_skipped == 2 and report.shards_built == 1
+    assert report.shards_skipped == 3 and report.shards_built == 1
     assert verify_dataset(out) == []
-    assert rows_digest(read_dataset(out)) == reference["digest"]
-    assert report.manifest["dataset_version"] == reference["version"], "the rebuilt shard has the same bytes"
+    assert rows_digest(read_dataset(out)) == integrity_reference["digest"]
+    assert report.manifest["dataset_version"] == integrity_reference["version"], "the rebuilt shard has the same bytes"
 
 
 @pytest.mark.slow
-def test_relabelled_shards_in_a_build_folder_are_not_adopted(tmp_path, engine, reference):
+def test_relabelled_shards_in_a_build_folder_are_not_adopted(tmp_path, integrity_engine, integrity_reference):
     """Issue probe: relabel into an interrupted build folder is refused; relabelled files put there are rebuilt."""
     out = tmp_path / "ds"
-    shutil.copytree(reference["dir"], out)
+    shutil.copytree(integrity_reference["dir"], out)
     (out / "manifest.json").unlink()
     shard_path(out, 2).unlink()  # an interrupted build
     with pytest.raises(DatasetError, match="not empty"):
-        relabel_dataset(reference["dir"], out, 2.0)
-    relabel_dataset(reference["dir"], tmp_path / "eta2", 2.0)
+        relabel_dataset(integrity_reference["dir"], out, 2.0)
+    relabel_dataset(integrity_reference["dir"], tmp_path / "eta2", 2.0)
     for path in (shard_path, completion_path):  # the old behaviour: relabel wrote its shard into the folder
         shutil.copyfile(path(tmp_path / "eta2", 0), path(out, 0))
-    report = build(reference["cfg"], out, lambda: engine)
+    report = build(integrity_reference["cfg"], out, lambda: integrity_engine)
     assert set(report.rebuilt) == {0} and report.shards_built == 2
     table = read_dataset(out)
     assert set(table.column("eta").to_pylist()) == {1.0}, "the rows say what build.json says"
-    assert rows_digest(table) == reference["digest"] and verify_dataset(out) == []
+    assert rows_digest(table) == integrity_reference["digest"] and verify_dataset(out) == []
 
 
 @pytest.mark.slow
-def test_over_long_question_is_one_rejected_problem(tmp_path, engine):
+def test_over_long_question_is_one_rejected_problem(tmp_path, integrity_engine):
     """Issue probe: a question longer than the policy's context rejects that problem; the build goes on."""
     rows = toy_questions(1) + [{"question": "Start at 1. Apply in order: " + "+1, " * 60 + "+1.", "answer": "62"}]
     source = write_jsonl(tmp_path / "problems.jsonl", rows)
-    report = build(parse_config(build_config(source, name="too-long")), tmp_path / "ds", lambda: engine)
+    config = build_config(source, name="too-long", dataset={"problems_per_shard": 2})
+    report = build(parse_config(config), tmp_path / "ds", lambda: integrity_engine)
     assert report.rejected == 1 and report.rows >= 1
     rejects = (tmp_path / "ds" / "rejected" / "part-00000.jsonl").read_text().splitlines()
     rejected = [json.loads(line) for line in rejects]
