@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -394,6 +395,14 @@ def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
         raise DatasetError(f"{path} is not valid JSON: {err}") from None
 
 
+def _listed_shard(root: Path, rel_path: Any) -> Path:
+    """The file a manifest entry names; only ``shards/part-XXXXX.parquet`` inside the dataset is accepted, so a
+    crafted manifest cannot point a reader (or a relabel, which writes by index) outside the directory."""
+    if not isinstance(rel_path, str) or re.fullmatch(r"shards/part-\d{5,}\.parquet", rel_path) is None:
+        raise DatasetError(f"{root / MANIFEST_NAME}: shard path {rel_path!r} is not shards/part-XXXXX.parquet")
+    return root / rel_path
+
+
 def _shard_index(rel_path: str) -> int | None:
     stem = Path(rel_path).stem
     tail = stem.rsplit("-", 1)[-1]
@@ -421,7 +430,11 @@ def verify_dataset(dataset_dir: str | Path) -> list[str]:
     entries = manifest.get("shards", [])
     keys = manifest.get("extra", {}).get("shard_keys")
     for e in entries:
-        p = root / e["path"]
+        try:
+            p = _listed_shard(root, e.get("path"))
+        except DatasetError as err:
+            problems.append(str(err))
+            continue
         if not p.is_file():
             problems.append(f"missing shard: {e['path']}")
             continue
@@ -477,7 +490,7 @@ def read_dataset(dataset_dir: str | Path, verify: bool = True) -> pa.Table:
     root = Path(dataset_dir)
     if (root / MANIFEST_NAME).is_file():
         entries = read_manifest(root)["shards"]
-        paths = [root / e["path"] for e in entries]
+        paths = [_listed_shard(root, e["path"]) for e in entries]
         if verify:
             for p, e in zip(paths, entries, strict=True):
                 if not p.is_file():

@@ -5,10 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pytest
 
 from configs.schema import REPO_ROOT, ToySource
 
@@ -63,3 +69,23 @@ def problem_counts(table: pa.Table) -> dict[str, int]:
     for pid in table.column("problem_id").to_pylist():
         counts[pid] = counts.get(pid, 0) + 1
     return counts
+
+
+def cli_on_faulty_disk(target: Path, fault: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run the CLI with `target` read-only or full: a real read-only bind mount or a 16 KiB tmpfs in a private
+    mount namespace when root (permission bits do not stop root), else chmod (read-only only)."""
+    cmd = [sys.executable, "-m", "prm_factory.cli", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "80"}
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        mount = (f"mount --bind {target} {target} && mount -o remount,bind,ro {target}" if fault == "read-only"
+                 else f"mount -t tmpfs -o size=16k tmpfs {target}")
+        shell = f"{mount} && exec {' '.join(shlex.quote(c) for c in cmd)}"
+        return subprocess.run(["unshare", "-m", "sh", "-c", shell], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=300, env=env)
+    if fault == "full" or os.geteuid() == 0:
+        pytest.skip("a full disk needs a private tmpfs mount (root with unshare)")
+    os.chmod(target, 0o555)
+    try:
+        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        os.chmod(target, 0o755)

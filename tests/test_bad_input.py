@@ -10,8 +10,6 @@ import json
 import math
 import os
 import re
-import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from integrity_helpers import cli_on_faulty_disk
 
 from configs.schema import REPO_ROOT, ConfigError, FileSource, load_config, parse_config
 from tasks.answers import MAX_MATH_DEPTH, math_equal, math_too_complex
@@ -115,26 +114,6 @@ def test_unwritable_output_is_one_line_and_exit_3(tmp_path, fault):
     reason = "No space left on device" if fault == "full" else ("Read-only file system" if os.geteuid() == 0
                                                                  else "Permission denied")
     assert f": {reason} (make the output writable" in lines[0] and str(target) in lines[0]
-
-
-def cli_on_faulty_disk(target: Path, fault: str, args: list[str]) -> subprocess.CompletedProcess:
-    """Run the CLI with `target` read-only or full: a real read-only bind mount or a 16 KiB tmpfs in a private
-    mount namespace when root (permission bits do not stop root), else chmod (read-only only)."""
-    cmd = [sys.executable, "-m", "prm_factory.cli", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "80"}
-    if os.geteuid() == 0 and shutil.which("unshare"):
-        mount = (f"mount --bind {target} {target} && mount -o remount,bind,ro {target}" if fault == "read-only"
-                 else f"mount -t tmpfs -o size=16k tmpfs {target}")
-        shell = f"{mount} && exec {' '.join(shlex.quote(c) for c in cmd)}"
-        return subprocess.run(["unshare", "-m", "sh", "-c", shell], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=300, env=env)
-    if fault == "full" or os.geteuid() == 0:
-        pytest.skip("a full disk needs a private tmpfs mount (root with unshare)")
-    os.chmod(target, 0o555)
-    try:
-        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
-    finally:
-        os.chmod(target, 0o755)
 
 
 # -- bad input at scale ---------------------------------------------------------------------------------------
