@@ -1,8 +1,11 @@
 """Build a dataset version: ingest -> shards of problems -> label each shard -> Parquet shards -> manifest.
 
-A shard is a fixed slice of the ingested problems; its rows are written atomically and a finished shard
-is never redone, so a crashed build resumes where it stopped and a finished build re-run does no engine
-work at all. The engine is started only when some shard still needs labelling.
+A shard is a fixed slice of the ingested problems; its rows are written atomically, then its completion
+record (key and sha256 of the bytes written). A shard is done only while its record names the key planned
+now (same labelling config, same problems) and its file still hashes to the recorded sha256: a crashed
+build resumes where it stopped, a finished build re-run does no engine work at all, and a shard that went
+stale (the source changed before the resume) or was corrupted on disk is rebuilt, with a warning and its
+reason in ``BuildReport.rebuilt``. The engine is started only when some shard still needs labelling.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from tasks.dataset import (
     write_manifest,
     write_shard,
 )
-from tasks.labelling import Generator, Rejected, ShardCost, ShardLabeller
+from tasks.labelling import Generator, Rejected, ShardCost, ShardLabeller, ShardResult
 from tasks.problems import Problem
 
 log = logging.getLogger(__name__)
@@ -150,7 +153,7 @@ def label_shard(cfg: FactoryConfig, out_dir: str | Path, plan: ShardPlan, proble
     """Label one shard's problems and write its rows (atomically) and its rejects. Returns its cost."""
     out = Path(out_dir)
     fits, too_long = split_by_context(cfg, problems, labeller.tok)
-    result = labeller.label(fits)
+    result = labeller.label(fits) if fits else ShardResult([], ShardCost())
     for row in result.rows:
         row["shard"] = plan.index
     _write_lines_atomic(out / "rejected" / f"part-{plan.index:05d}.jsonl",

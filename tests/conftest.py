@@ -59,11 +59,14 @@ def vllm_engine(policy_model_path):
 
 @pytest.fixture(scope="session")
 def integrity_engine():
-    """The shipped toy policy on the transformers backend, in this process (128-token context)."""
+    """The shipped toy policy on the transformers backend, in this process (128-token context), one torch thread
+    per call: the same float bits as the engines in Ray actors and in `OMP_NUM_THREADS=1` subprocesses."""
+    from integrity_helpers import OneThreadEngine
+
     from cluster.hf_engine import HFEngine
     from configs.schema import REPO_ROOT
 
-    return HFEngine(str(REPO_ROOT / "assets" / "toy-policy"), max_model_len=128)
+    return OneThreadEngine(HFEngine(str(REPO_ROOT / "assets" / "toy-policy"), max_model_len=128))
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,11 @@ def _canonical(value: Any) -> Any:
 
 
 def rows_digest(table: pa.Table) -> str:
-    """sha256 over the table's rows, sorted: equal iff the same multiset of rows (order and files ignored)."""
+    """sha256 over the table's rows, sorted: equal iff the same multiset of rows (order and files ignored).
+
+    Exact, floats included: engines must run with the same number of torch threads to compare (see
+    `OneThreadEngine`), since a different summation order moves entropies in the 7th digit.
+    """
     lines = sorted(json.dumps({k: _canonical(v) for k, v in row.items()}, sort_keys=True) for row in table.to_pylist())
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -89,3 +93,24 @@ def cli_on_faulty_disk(target: Path, fault: str, args: list[str]) -> subprocess.
         return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     finally:
         os.chmod(target, 0o755)
+
+
+class OneThreadEngine:
+    """An in-process engine that computes with one torch thread, as an engine in a Ray actor with under one
+    CPU does (Ray sets OMP_NUM_THREADS=1 there): the same tokens either way, and then the same float bits."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def generate(self, requests: list, stage: str = "generate") -> list:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self.engine.generate(requests, stage=stage)
+        finally:
+            torch.set_num_threads(before)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)

@@ -180,8 +180,8 @@ def test_threads_sharing_a_pool_survive_an_engine_death_with_the_same_answers(po
     base = pool.tokenize("2+5=")
 
     def batch(t: int) -> list[GenerationRequest]:
-        return [GenerationRequest(base + [base[0]] * (i % 3), n=2, max_new_tokens=48, seed=1000 * t + i,
-                                  request_id=f"t{t}-r{i}") for i in range(24)]
+        return [GenerationRequest(base + [base[0]] * (i % 3), n=2, max_new_tokens=32, seed=1000 * t + i,
+                                  request_id=f"t{t}-r{i}") for i in range(12)]
 
     pool.max_chunk_requests = 2
     want = {t: [[s.token_ids for s in r.samples] for r in pool.generate(batch(t))] for t in range(3)}
@@ -197,7 +197,7 @@ def test_threads_sharing_a_pool_survive_an_engine_death_with_the_same_answers(po
     threads = [threading.Thread(target=run, args=(t,)) for t in range(3)]
     for th in threads:
         th.start()
-    time.sleep(1.0)
+    time.sleep(0.5)
     ray.kill(pool.actors[1], no_restart=False)
     for th in threads:
         th.join(timeout=300)
