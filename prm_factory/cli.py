@@ -441,18 +441,20 @@ def verify(
         print(json.dumps(report))
     else:
         for line in report["problems"]:
-            console.print(line, style="red", markup=False)
+            console.print(line, style="red", markup=False, soft_wrap=True)
         for d in report["datasets"]:
             where = d["version"] or d["dir"]
             if not d["complete"]:
-                console.print(f"{where}: incomplete (no manifest; an interrupted refresh), not checked", markup=False)
+                console.print(f"{where}: incomplete (no manifest; an interrupted refresh), not checked",
+                              markup=False, soft_wrap=True)
             elif d["ok"]:
                 console.print(f"ok {where}: {d['shards']} shards, {d['rows']} rows, version {d['dataset_version']}",
-                              markup=False)
+                              markup=False, soft_wrap=True)
             else:
-                console.print(f"BAD {where}: {', '.join(d['bad_shards']) or 'manifest'}", style="red", markup=False)
+                console.print(f"BAD {where}: {', '.join(d['bad_shards']) or 'manifest'}", style="red",
+                              markup=False, soft_wrap=True)
                 for line in d["problems"]:
-                    console.print(f"  {line}", markup=False)
+                    console.print(f"  {line}", markup=False, soft_wrap=True)
     if report["kind"] == "unknown":
         raise typer.Exit(2)
     raise typer.Exit(0 if report["ok"] else 1)
