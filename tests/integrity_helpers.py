@@ -76,13 +76,14 @@ def problem_counts(table: pa.Table) -> dict[str, int]:
 
 
 def cli_on_faulty_disk(target: Path, fault: str, args: list[str]) -> subprocess.CompletedProcess:
-    """Run the CLI with `target` read-only or full: a real read-only bind mount or a 16 KiB tmpfs in a private
-    mount namespace when root (permission bits do not stop root), else chmod (read-only only)."""
+    """Run the CLI with `target` read-only or full: a real read-only bind mount, or a 4 KiB tmpfs (full once
+    build.json is written), in a private mount namespace when root (permission bits do not stop root); else
+    chmod (read-only only)."""
     cmd = [sys.executable, "-m", "prm_factory.cli", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "80"}
     if os.geteuid() == 0 and shutil.which("unshare"):
         mount = (f"mount --bind {target} {target} && mount -o remount,bind,ro {target}" if fault == "read-only"
-                 else f"mount -t tmpfs -o size=16k tmpfs {target}")
+                 else f"mount -t tmpfs -o size=4k tmpfs {target}")
         shell = f"{mount} && exec {' '.join(shlex.quote(c) for c in cmd)}"
         return subprocess.run(["unshare", "-m", "sh", "-c", shell], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=300, env=env)

@@ -97,7 +97,7 @@ def test_lone_surrogate_and_invalid_utf8_are_quarantined_with_reasons(tmp_path):
     assert len(out.read_text(encoding="utf-8").splitlines()) == 3
 
 
-@pytest.mark.parametrize("fault", ["read-only", pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fault", ["read-only", "full"])
 def test_unwritable_output_is_one_line_and_exit_3(tmp_path, fault):
     """Issue probe: a read-only or full --out gives one clear line and an exit code, not a traceback."""
     config = tmp_path / "cfg.yaml"
