@@ -220,6 +220,11 @@ class EnginePool:
     attempt is dropped. A failed engine gets no work until a health probe answers (Ray is restarting it);
     probes back off from `probe_interval_s`, and an engine silent for `gone_after_s` (default: the
     longer of `request_timeout_s` and 60 s) counts as gone.
+
+    Thread-safe: shard threads of one flow run share a pool. Each `generate` call keeps its own chunks and
+    calls; the engines' health state (`failures`, `_down_since`, `_next_probe`, `_probes`) is shared and only
+    touched under `_state_lock`, and a probe answer is taken by exactly one of the threads waiting on it.
+    `max_in_flight` bounds each call's chunks per engine; the actor's own concurrency limit queues the rest.
     """
 
     def __init__(
@@ -252,6 +257,7 @@ class EnginePool:
         self._down_since: dict[int, float] = {}  # engine -> when it failed; absent = up
         self._next_probe: dict[int, float] = {}
         self._probes: dict = {}  # ObjectRef -> engine
+        self._state_lock = threading.Lock()  # guards the four fields above, shared by the shard threads
 
     # -- EngineProtocol ------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
@@ -277,18 +283,20 @@ class EnginePool:
                 ref = self.actors[engine].generate.remote(chunks[ci], stage)
                 calls[ref] = _Call(ci, engine, time.monotonic() + self.request_timeout_s)
                 load[engine] += 1
-            self._send_probes()
-            if not calls and not self._probes and self._all_gone():
-                raise EnginePoolError(f"every engine is gone (failures per engine: {self.failures})")
-            timers = [c.deadline for c in calls.values()] + [self._next_probe[e] for e in self._down_since]
+            with self._state_lock:
+                self._send_probes()
+                if not calls and not self._probes and self._all_gone():
+                    raise EnginePoolError(f"every engine is gone (failures per engine: {self.failures})")
+                timers = [c.deadline for c in calls.values()] + [self._next_probe[e] for e in self._down_since]
+                probes = list(self._probes)
             wait_s = max(0.0, min(timers, default=time.monotonic() + 1.0) - time.monotonic())
-            waiting = list(calls) + list(self._probes)
+            waiting = list(calls) + probes
             if not waiting:  # every engine is restarting: sleep until the next probe is due
                 time.sleep(wait_s)
                 continue
             ready, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
             for ref in ready:
-                if ref in self._probes:
+                if ref not in calls:  # a health probe (possibly already taken by another thread)
                     self._probe_answered(ref)
                     continue
                 call = calls.pop(ref)
@@ -344,24 +352,27 @@ class EnginePool:
 
     # -- internals -----------------------------------------------------------------------------------
     def _pick_engine(self, load: list[int], avoid: int | None) -> int | None:
-        usable = [i for i in range(len(self.actors)) if load[i] < self.max_in_flight and i not in self._down_since]
+        with self._state_lock:
+            down = set(self._down_since)
+            failures = list(self.failures)
+        usable = [i for i in range(len(self.actors)) if load[i] < self.max_in_flight and i not in down]
         if avoid is not None and len(usable) > 1:
             usable = [i for i in usable if i != avoid]
         if not usable:
             return None
-        return min(usable, key=lambda i: (load[i], self.failures[i]))
+        return min(usable, key=lambda i: (load[i], failures[i]))
 
-    def _mark_down(self, engine: int) -> None:
+    def _mark_down(self, engine: int) -> None:  # caller holds _state_lock
         now = time.monotonic()
         self._down_since.setdefault(engine, now)
         self._next_probe[engine] = now + self.probe_interval_s
 
-    def _all_gone(self) -> bool:
+    def _all_gone(self) -> bool:  # caller holds _state_lock
         now = time.monotonic()
         gone = [e for e, since in self._down_since.items() if now - since > self.gone_after_s]
         return len(gone) == len(self.actors)
 
-    def _send_probes(self) -> None:
+    def _send_probes(self) -> None:  # caller holds _state_lock
         probing = set(self._probes.values())
         now = time.monotonic()
         for engine, since in list(self._down_since.items()):
@@ -372,24 +383,31 @@ class EnginePool:
             self._probes[self.actors[engine].health.remote()] = engine
 
     def _probe_answered(self, ref) -> None:
-        engine = self._probes.pop(ref)
+        with self._state_lock:
+            engine = self._probes.pop(ref, None)
+        if engine is None:
+            return  # another thread waiting on the same probe took its answer
         try:
             ray.get(ref)
         except Exception:  # noqa: BLE001 - still restarting (or gone): probe again later, backing off
-            waited = time.monotonic() - self._down_since[engine]
-            self._next_probe[engine] = time.monotonic() + min(10.0, max(self.probe_interval_s, waited / 2))
+            with self._state_lock:
+                if engine in self._down_since:
+                    waited = time.monotonic() - self._down_since[engine]
+                    self._next_probe[engine] = time.monotonic() + min(10.0, max(self.probe_interval_s, waited / 2))
             return
         log.info("engine %s is back", self.names[engine])
-        self._down_since.pop(engine, None)
-        self._next_probe.pop(engine, None)
+        with self._state_lock:
+            self._down_since.pop(engine, None)
+            self._next_probe.pop(engine, None)
 
     def _retry(self, call: _Call, err: Exception, attempts: list[int], last_engine: dict, pending: deque) -> None:
-        self.failures[call.engine] += 1
-        self._mark_down(call.engine)
+        with self._state_lock:
+            self.failures[call.engine] += 1
+            self._mark_down(call.engine)
+            self.resubmitted_chunks += attempts[call.chunk] < self.max_attempts
         if attempts[call.chunk] >= self.max_attempts:
             raise EnginePoolError(f"chunk {call.chunk} failed {attempts[call.chunk]} times; last: {err}") from err
         log.warning("engine %s failed on chunk %d (%s); resubmitting", self.names[call.engine], call.chunk, err)
-        self.resubmitted_chunks += 1
         last_engine[call.chunk] = call.engine
         pending.appendleft(call.chunk)
 

@@ -101,6 +101,23 @@ class PolicyConfig(_Strict):
     prefix_caching: bool = True
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_context_fits_the_model(cls, data: object) -> object:
+        """An unset max_model_len is 512, or the model's own context when that is shorter (a 256-token toy model).
+
+        Only when the model's config.json can be read here; a config for another machine keeps 512.
+        """
+        if not isinstance(data, dict) or "max_model_len" in data or not isinstance(data.get("model_path"), str):
+            return data
+        try:
+            hf_config = json.loads((resolve_path(data["model_path"]) / "config.json").read_text())
+            context = int(hf_config.get("max_position_embeddings") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return data
+        default = cls.model_fields["max_model_len"].default
+        return {**data, "max_model_len": context} if 16 <= context < default else data
+
     @field_validator("model_path")
     @classmethod
     def _model_exists(cls, v: str, info: ValidationInfo) -> str:
@@ -161,7 +178,8 @@ class PartitionConfig(_Strict):
     # Only cut where the previous token ends with one of these strings (None: anywhere).
     boundary_whitelist: list[str] | None = None
     fixed_chunk_tokens: int = Field(16, ge=1, description="step length of the 'fixed' baseline")
-    # exact: full-distribution entropy (transformers); topk_lower/topk_upper: vLLM top-k bounds.
+    # exact: full-distribution entropy (transformers); topk_lower/topk_upper: vLLM top-k bounds. Left out of a
+    # config, it follows policy.backend (FactoryConfig._default_entropy_source): the defaults always agree.
     entropy_source: Literal["exact", "topk_lower", "topk_upper"] = "exact"
     top_logprobs: int = Field(20, ge=1, le=20)
 
@@ -293,6 +311,19 @@ class FactoryConfig(_Strict):
                     raise ValueError(f"{field}: {err}") from None
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_entropy_source(cls, data: object) -> object:
+        """An unset partition.entropy_source follows the backend: 'exact' (transformers), else 'topk_lower'."""
+        if not isinstance(data, dict):
+            return data
+        policy, partition = data.get("policy"), data.get("partition", {})
+        if not isinstance(policy, dict) or not isinstance(partition, dict) or "entropy_source" in partition:
+            return data
+        backend = policy.get("backend", PolicyConfig.model_fields["backend"].default)
+        source = "exact" if backend == "transformers" else "topk_lower"
+        return {**data, "partition": {**partition, "entropy_source": source}}
+
     @model_validator(mode="after")
     def _entropy_source_matches_backend(self) -> FactoryConfig:
         src, backend = self.partition.entropy_source, self.policy.backend
@@ -343,13 +374,28 @@ def parse_config(data: dict, source: str = "<dict>", check_paths: bool = True) -
         raise ConfigError(_format_errors(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, check_paths: bool = True) -> FactoryConfig:
     """Read and validate a YAML config file (check_paths: see parse_config)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise ConfigError(f"invalid YAML in {p}: {err}") from None
     if not isinstance(data, dict):

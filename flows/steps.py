@@ -47,7 +47,7 @@ class ShardRef:
 
 _lock = threading.Lock()
 _problems: dict[tuple[str, str, str], dict[str, Any]] = {}
-_labellers: dict[tuple[str, str], Any] = {}
+_engines: dict[tuple[str, str], tuple[Any, Any]] = {}  # (flow run, config) -> (pool, tokenizer)
 
 
 def load(config_path: str) -> FactoryConfig:
@@ -68,7 +68,11 @@ def _problems_by_id(config_path: str, cfg: FactoryConfig) -> dict[str, Any]:
 
 
 def _labeller(cfg: FactoryConfig):
-    """A ShardLabeller over the config's engine pool, attached (or started) once per flow run."""
+    """A new ShardLabeller for one shard, over the config's engine pool (attached or started once per flow run).
+
+    The pool and the tokenizer are shared by the shard threads (the pool is thread-safe); the labeller is not:
+    its partitioner keeps per-call state (``EntropyPartitioner.capped``), so each shard gets its own.
+    """
     from prefect.runtime import flow_run
 
     from cluster.actors import start_engines
@@ -77,7 +81,7 @@ def _labeller(cfg: FactoryConfig):
 
     key = (str(flow_run.id), cfg.config_hash())
     with _lock:
-        if key not in _labellers:
+        if key not in _engines:
             log = get_run_logger()
             t0 = time.perf_counter()
             pool = start_engines(cfg)
@@ -86,12 +90,13 @@ def _labeller(cfg: FactoryConfig):
             health = wait_engines_ready(pool, cfg.cluster.request_timeout_s)
             waited = time.perf_counter() - t0
             started = [h for h in health if h.get("started_at", 0) >= time.time() - waited - 1]
-            _labellers[key] = ShardLabeller(cfg, pool, load_tokenizer(cfg))
+            _engines[key] = (pool, load_tokenizer(cfg))
             log.info("engine pool ready after %.1f s (%d started, %d already running): %s; Ray dashboard: %s",
                      waited, len(started), len(health) - len(started),
                      ", ".join(f"{h['engine']} ({h.get('backend', '?')})" for h in health),
                      ray_dashboard_url() or "(not available)")
-        return _labellers[key]
+        pool, tokenizer = _engines[key]
+    return ShardLabeller(cfg, pool, tokenizer)
 
 
 def wait_engines_ready(pool, timeout_s: float) -> list[dict[str, Any]]:
@@ -169,19 +174,24 @@ def label_shard(config_path: str, out_dir: str, index: int, key: str) -> dict[st
     """
     from tasks.build import label_shard as label_and_write
     from tasks.build import plan_shards
-    from tasks.dataset import shard_done, shard_info
+    from tasks.dataset import NOT_WRITTEN, check_shard, shard_info
 
     started = time.perf_counter()
-    if shard_done(out_dir, index):
+    reason = check_shard(out_dir, index, key)
+    if reason is None:
         return {"index": index, "status": "skipped", "rows": shard_info(out_dir, index).rows, "cost": {},
                 "seconds": time.perf_counter() - started}
+    status = "built"
+    if reason != NOT_WRITTEN:
+        status = "rebuilt"
+        get_run_logger().warning("shard %d: the file on disk is not reused (%s); rebuilding it", index, reason)
     cfg = load(config_path)
     by_id = _problems_by_id(config_path, cfg)
     plan = plan_shards(list(by_id.values()), cfg)[index]
     if plan.key != key:
         raise ValueError(f"shard {index}: the sources changed since planning (key {plan.key}, expected {key})")
     cost = label_and_write(cfg, out_dir, plan, [by_id[pid] for pid in plan.problem_ids], _labeller(cfg))
-    return {"index": index, "status": "built", "rows": shard_info(out_dir, index).rows, "cost": cost.to_dict(),
+    return {"index": index, "status": status, "rows": shard_info(out_dir, index).rows, "cost": cost.to_dict(),
             "seconds": time.perf_counter() - started}
 
 
@@ -211,7 +221,7 @@ def label_shards(refs: Sequence[ShardRef], max_in_flight: int,
         progress.shard_done(result)
 
     for ref in refs:
-        shard_task = label_shard.with_options(refresh_cache=not shard_done(ref.out_dir, ref.index))
+        shard_task = label_shard.with_options(refresh_cache=not shard_done(ref.out_dir, ref.index, ref.key))
         if len(pending) >= max_in_flight:
             done = next(as_completed(pending))
             pending.remove(done)
@@ -345,7 +355,7 @@ def reuse_shards(out_dir: str, reuse: list[dict[str, Any]]) -> list[dict[str, An
 
     done = []
     for r in reuse:
-        if shard_done(out_dir, r["index"]):  # a resumed refresh linked it already
+        if shard_done(out_dir, r["index"], r["key"]):  # a resumed refresh linked it already
             done.append({**r, "how": "present"})
             continue
         shard = ReusableShard(r["index"], r["key"], r["parent_index"], Path(r["parent_path"]), r["sha256"])

@@ -6,6 +6,7 @@ answer in well under a second.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +33,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JS
 @app.callback()
 def main() -> None:
     """Build step-labelled PRM training data: EDU partitioning, ER-PRM labels, Parquet datasets."""
+
+
+# Errors of the output's file system (read-only, no permission, full): one line and this exit code, no traceback.
+_DISK_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+EXIT_UNWRITABLE = 3
+
+
+def _unwritable(err: OSError, out_dir: Path | str) -> typer.Exit:
+    """Print why the output cannot be written, in one line; the caller raises the returned Exit."""
+    console.print(f"cannot write {err.filename or out_dir}: {err.strerror or err} (make the output writable or "
+                  "free space, then re-run: finished shards are kept)", style="red", markup=False, soft_wrap=True)
+    return typer.Exit(EXIT_UNWRITABLE)
 
 
 def _load(config: Path, check_paths: bool = True):
@@ -89,9 +102,14 @@ def ingest(
         raise typer.Exit(2) from None
     problems = [p for _, result in loaded for p in result.problems]
     quarantined = [q for _, result in loaded for q in result.quarantined]
-    problems_path = write_problems(problems, out_dir / "problems.parquet",
-                                   provenance={"config": cfg.name, "config_hash": cfg.config_hash()})
-    quarantine_path = write_quarantine(quarantined, out_dir / "quarantine.jsonl")
+    try:
+        problems_path = write_problems(problems, out_dir / "problems.parquet",
+                                       provenance={"config": cfg.name, "config_hash": cfg.config_hash()})
+        quarantine_path = write_quarantine(quarantined, out_dir / "quarantine.jsonl")
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        raise _unwritable(err, out_dir) from None
     per_source = [
         {"index": i, "kind": src.kind, "path": getattr(src, "path", ""), "kept": len(result.problems),
          "quarantined": len(result.quarantined),
@@ -169,6 +187,10 @@ def build(
         except (BuildError, ModelNotFoundError, PromptTemplateError) as err:
             console.print(str(err), style="red", markup=False)
             raise typer.Exit(2) from None
+        except OSError as err:
+            if err.errno not in _DISK_ERRNOS:
+                raise
+            raise _unwritable(err, out_dir) from None
     summary = {
         "out_dir": str(report.out_dir), "version": report.manifest.get("dataset_version"), "rows": report.rows,
         "shards": report.shards_total, "shards_built": report.shards_built, "shards_skipped": report.shards_skipped,
@@ -286,6 +308,10 @@ def relabel(
     except (DatasetError, FileNotFoundError) as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(2) from None
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        raise _unwritable(err, out) from None
     if json_out:
         print(json.dumps({"out_dir": str(out), "dataset_version": manifest["dataset_version"],
                           "parents": manifest["parents"], "rows": manifest["num_rows"], "eta": eta}))
@@ -708,6 +734,42 @@ def score_cmd(
         return
     console.print(f"[green]scored[/green] {summary['rows']} rows ({summary['steps']} steps) into {summary['output']}; "
                   f"{summary['truncated_rows']} truncated to the backbone's {prm.max_length} tokens")
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="a dataset dir (manifest.json + shards/) or a refresh root")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Check every shard's sha256, rows, schema version, key and provenance against the manifest(s).
+
+    On a refresh root: every version, LATEST, and the shards reused (hard-linked) from a parent. Exit 0 when
+    everything matches, 1 naming each bad shard, 2 when PATH holds nothing to verify.
+    """
+    from tasks.versions import verify_path
+
+    report = verify_path(path)
+    if json_out:
+        print(json.dumps(report))
+    else:
+        for line in report["problems"]:
+            console.print(line, style="red", markup=False, soft_wrap=True)
+        for d in report["datasets"]:
+            where = d["version"] or d["dir"]
+            if not d["complete"]:
+                console.print(f"{where}: incomplete (no manifest; an interrupted refresh), not checked",
+                              markup=False, soft_wrap=True)
+            elif d["ok"]:
+                console.print(f"ok {where}: {d['shards']} shards, {d['rows']} rows, version {d['dataset_version']}",
+                              markup=False, soft_wrap=True)
+            else:
+                console.print(f"BAD {where}: {', '.join(d['bad_shards']) or 'manifest'}", style="red",
+                              markup=False, soft_wrap=True)
+                for line in d["problems"]:
+                    console.print(f"  {line}", markup=False, soft_wrap=True)
+    if report["kind"] == "unknown":
+        raise typer.Exit(2)
+    raise typer.Exit(0 if report["ok"] else 1)
 
 
 if __name__ == "__main__":

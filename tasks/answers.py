@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 REL_TOL = 1e-6  # for non-integer numeric answers: 0.333333 matches 1/3; integers must match exactly
 MATH_TIMEOUT_S = 5.0
+# What math-verify is asked to compare at all. Deeper or longer input is not decided but counted as not equal:
+# sympy recurses per nesting level (a 200-deep \frac once came back *equal* to 1/2; 60 deep took the whole
+# time limit), and real answers are far below both bounds (MATH-500: at most 6 levels of braces, 180 chars).
+MAX_MATH_DEPTH = 24
+MAX_MATH_CHARS = 2000
 
 # A number as people and models write it: optional sign, thousands separators, decimals, a fraction.
 _NUM = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
@@ -270,9 +275,29 @@ def math_equal(pred: str, gold: str, timeout_s: float = MATH_TIMEOUT_S) -> bool:
     Both may be bare answers (`\\frac{3}{4}`, `(3, \\pi/2)`: wrapped in `\\boxed{}` for math-verify) or texts holding
     `\\boxed{}` / `$...$` (math-verify takes the last boxed answer). Prose with neither is read as one expression:
     `check_answer` handles free text. Safe from any thread. A comparison that overruns the bound returns False and
-    logs a warning saying so (its child process is killed). Equal strings short-cut without math-verify.
+    logs a warning saying so (its child process is killed); so does input over the size and depth bounds
+    (`math_too_complex`), before any work. Equal strings short-cut without math-verify.
     """
     return _math_verdict(_as_math(pred.strip()), _as_math(gold.strip()), timeout_s)
+
+
+def math_too_complex(text: str) -> str | None:
+    """Why math-verify will not be asked about `text` (None: it will): over MAX_MATH_CHARS or MAX_MATH_DEPTH.
+
+    Depth counts nested braces, brackets and parentheses, the structure sympy recurses over.
+    """
+    if len(text) > MAX_MATH_CHARS:
+        return f"{len(text)} characters, over the {MAX_MATH_CHARS} the math checker accepts"
+    depth = deepest = 0
+    for ch in text:
+        if ch in "{[(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "}])":
+            depth = max(0, depth - 1)
+    if deepest > MAX_MATH_DEPTH:
+        return f"nesting depth {deepest}, over the {MAX_MATH_DEPTH} the math checker accepts"
+    return None
 
 
 def _math_verdict(pred: str, gold: str, timeout_s: float) -> bool:
@@ -280,6 +305,11 @@ def _math_verdict(pred: str, gold: str, timeout_s: float) -> bool:
         return False
     if pred == gold:
         return True
+    for text in (pred, gold):
+        why = math_too_complex(text)
+        if why is not None:
+            log.warning("math_equal: not decided (%s); counted as not equal: %.80r", why, text)
+            return False
     verdict = _pool().compare(pred, gold, timeout_s)
     if verdict is None:
         log.warning("math_equal: no verdict within %.3g s (timeout or verifier crash); counted as not equal: "

@@ -1,14 +1,18 @@
 """Build a dataset version: ingest -> shards of problems -> label each shard -> Parquet shards -> manifest.
 
-A shard is a fixed slice of the ingested problems; its rows are written atomically and a finished shard
-is never redone, so a crashed build resumes where it stopped and a finished build re-run does no engine
-work at all. The engine is started only when some shard still needs labelling.
+A shard is a fixed slice of the ingested problems; its rows are written atomically, then its completion
+record (key and sha256 of the bytes written). A shard is done only while its record names the key planned
+now (same labelling config, same problems) and its file still hashes to the recorded sha256: a crashed
+build resumes where it stopped, a finished build re-run does no engine work at all, and a shard that went
+stale (the source changed before the resume) or was corrupted on disk is rebuilt, with a warning and its
+reason in ``BuildReport.rebuilt``. The engine is started only when some shard still needs labelling.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +21,19 @@ from typing import Any
 from configs.schema import FactoryConfig
 from prm_factory import __version__
 from tasks.dataset import (
+    NOT_WRITTEN,
     SCHEMA_VERSION,
     atomic_write_bytes,
+    check_shard,
     read_manifest,
-    shard_done,
     shard_info,
     write_manifest,
     write_shard,
 )
-from tasks.labelling import Generator, ShardCost, ShardLabeller
+from tasks.labelling import Generator, Rejected, ShardCost, ShardLabeller, ShardResult
 from tasks.problems import Problem
+
+log = logging.getLogger(__name__)
 
 BUILD_MARKER = "build.json"
 
@@ -62,6 +69,7 @@ class BuildReport:
     quarantined: int
     rejected: int
     manifest: dict[str, Any]
+    rebuilt: dict[int, str] = field(default_factory=dict)  # shard index -> why its file on disk was not reused
 
 
 def ingest(cfg: FactoryConfig) -> IngestResult:
@@ -147,28 +155,51 @@ def label_shard(cfg: FactoryConfig, out_dir: str | Path, plan: ShardPlan, proble
                 labeller: ShardLabeller) -> ShardCost:
     """Label one shard's problems and write its rows (atomically) and its rejects. Returns its cost."""
     out = Path(out_dir)
-    result = labeller.label(problems)
+    fits, too_long = split_by_context(cfg, problems, labeller.tok)
+    result = labeller.label(fits) if fits else ShardResult([], ShardCost())
     for row in result.rows:
         row["shard"] = plan.index
     _write_lines_atomic(out / "rejected" / f"part-{plan.index:05d}.jsonl",
-                        [json.dumps(r.__dict__) for r in result.rejected])
+                        [json.dumps(r.__dict__) for r in too_long + result.rejected])
     # The shard file is written last: its existence is what marks the shard done.
     write_shard(out, plan.index, result.rows, {
         "name": cfg.name, "config_hash": cfg.config_hash(), "code_version": __version__,
         "schema_version": SCHEMA_VERSION, "shard_key": plan.key, "labelling_hash": cfg.labelling_hash(),
         "problems": len(plan.problem_ids),
-        "cost": result.cost.to_dict(), "rejected": len(result.rejected),
+        "cost": result.cost.to_dict(), "rejected": len(too_long) + len(result.rejected),
     })
     return result.cost
+
+
+def split_by_context(cfg: FactoryConfig, problems: Sequence[Problem], tokenizer: Any
+                     ) -> tuple[list[Problem], list[Rejected]]:
+    """The problems whose prompt leaves room for a solution in the policy's context, and the rest, rejected.
+
+    An engine refuses a prompt that fills its context, and it refuses the whole batch: one over-long question
+    would otherwise end the build. Such a problem produces no row and is recorded with its reason.
+    """
+    limit = cfg.policy.max_model_len
+    fits: list[Problem] = []
+    too_long: list[Rejected] = []
+    for p in problems:
+        n = len(tokenizer.encode(cfg.policy.prompt_template.format(question=p.question), add_special_tokens=False))
+        if n >= limit:
+            too_long.append(Rejected(p.problem_id, p.source, f"prompt_too_long: the prompt is {n} tokens, the "
+                                     f"policy's context (policy.max_model_len) is {limit}"))
+        else:
+            fits.append(p)
+    return fits, too_long
 
 
 def finalize(cfg: FactoryConfig, out_dir: str | Path, plans: Sequence[ShardPlan], ingested: IngestResult,
              parents: Sequence[str] = (), extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the manifest over every planned shard (all must be done); `extra` adds keys (e.g. lineage)."""
     out = Path(out_dir)
-    missing = [p.index for p in plans if not shard_done(out, p.index)]
-    if missing:
-        raise BuildError(f"cannot write the manifest: shards {missing} are not done")
+    not_done = {p.index: reason for p in plans if (reason := check_shard(out, p.index, p.key)) is not None}
+    if not_done:
+        raise BuildError(f"cannot write the manifest: shards not done: {not_done}")
+    # The hashes come from the completion records written with the shards, never from the files as they are
+    # now; check_shard just confirmed that the files still match them.
     infos = [shard_info(out, plan.index) for plan in plans]
     return write_manifest(out, schema_version=SCHEMA_VERSION, config_hash=cfg.config_hash(),
                           code_version=__version__, shards=infos, parents=list(parents),
@@ -184,13 +215,19 @@ def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], 
     by_id = {p.problem_id: p for p in ingested.problems}
     labeller: ShardLabeller | None = None
     built = skipped = 0
+    rebuilt: dict[int, str] = {}
     total_cost = ShardCost()
     for plan in plans:
         status = "skipped"
-        if shard_done(out, plan.index):
+        reason = check_shard(out, plan.index, plan.key)
+        if reason is None:
             skipped += 1
         else:
             status = "built"
+            if reason != NOT_WRITTEN:
+                status = "rebuilt"
+                rebuilt[plan.index] = reason
+                log.warning("shard %d: the file on disk is not reused (%s); rebuilding it", plan.index, reason)
             if labeller is None:
                 labeller = ShardLabeller(cfg, engine_factory(), load_tokenizer(cfg), progress)
             total_cost.add(label_shard(cfg, out, plan, [by_id[pid] for pid in plan.problem_ids], labeller))
@@ -201,7 +238,7 @@ def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], 
     rejected = sum(len((out / "rejected" / f"part-{p.index:05d}.jsonl").read_text().splitlines())
                    for p in plans if (out / "rejected" / f"part-{p.index:05d}.jsonl").exists())
     return BuildReport(out, len(plans), built, skipped, manifest["num_rows"], total_cost,
-                       len(ingested.quarantined), rejected, manifest)
+                       len(ingested.quarantined), rejected, manifest, rebuilt)
 
 
 def _write_lines_atomic(path: Path, lines: list[str]) -> None:

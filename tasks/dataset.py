@@ -13,8 +13,11 @@ columns: HF ``datasets`` ignores hive directories. The files load as-is in panda
 ``datasets``, DuckDB and polars (tests/test_dataset.py runs each).
 
 A shard exists under its final name only once complete (temp file in the same directory, fsync, atomic
-rename, fsync of the directory), so ``shard_done`` is a safe resume marker: a crash and a re-run give
-the same rows and, for the same input, the same bytes.
+rename, fsync of the directory). After it, a completion record ``completions/part-XXXXX.json`` (datatrove's
+completion markers) is written the same way: the shard's key, sha256, bytes and rows as they were when the
+bytes were written. A shard is done only when its record exists, names the planned key and the file still
+hashes to the recorded sha256 (``check_shard``); the manifest's hashes come from those records, never from
+whatever file is on disk at the end, so a corrupted or stale shard is rebuilt, not blessed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +44,9 @@ SCHEMA_VERSION = 2  # 2: tree_value column; null soft/ER for early-stop and rule
 PROVENANCE_KEY = b"prm_factory"
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
+COMPLETIONS_DIR = "completions"
+RELABEL_MARKER = "relabel.json"
+NOT_WRITTEN = "not written yet"  # check_shard's reason for a shard with no file
 
 ROW_SCHEMA = pa.schema(
     [
@@ -221,8 +228,12 @@ def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
 # -- shards -------------------------------------------------------------------------------------------
 
 
+_KEY_FROM_PROVENANCE = object()
+
+
 def write_shard(
-    dataset_dir: str | Path, shard_index: int, rows: list[dict[str, Any]], provenance: dict[str, Any]
+    dataset_dir: str | Path, shard_index: int, rows: list[dict[str, Any]], provenance: dict[str, Any],
+    key: Any = _KEY_FROM_PROVENANCE,
 ) -> ShardInfo:
     """Validate ``rows`` and write them atomically as ``shards/part-XXXXX.parquet``.
 
@@ -231,9 +242,11 @@ def write_shard(
     into the file's schema metadata under ``b"prm_factory"`` (see ``read_provenance``); keep it free of
     timestamps if re-runs should give byte-identical files. The file is written to a hidden temp name in
     the same directory, fsynced, renamed over the final name and the directory fsynced: the final name
-    never holds a partial file. Returns the shard's ``ShardInfo``.
+    never holds a partial file. Then the completion record is written (``write_completion``) with ``key``
+    (default: ``provenance["shard_key"]``, None when absent). Returns the shard's ``ShardInfo``.
     """
     final = shard_path(dataset_dir, shard_index)
+    record_key = provenance.get("shard_key") if key is _KEY_FROM_PROVENANCE else key
     filled = []
     for i, row in enumerate(rows):
         if "shard" in row and row["shard"] != shard_index:
@@ -249,34 +262,85 @@ def write_shard(
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue().to_pybytes()
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A stale record must not outlive the bytes it vouched for: drop it before the new file lands.
+    completion_path(dataset_dir, shard_index).unlink(missing_ok=True)
     atomic_write_bytes(final, data)  # a SIGKILL mid-write can leave the temp file: shard_done cleans it up
-    return ShardInfo(final, table.num_rows, hashlib.sha256(data).hexdigest(), len(data))
+    info = ShardInfo(final, table.num_rows, hashlib.sha256(data).hexdigest(), len(data))
+    write_completion(dataset_dir, shard_index, info, record_key)
+    return info
 
 
-def shard_done(dataset_dir: str | Path, shard_index: int) -> bool:
-    """Whether the shard's file exists and its Parquet footer reads; removes the shard's temp leftovers.
+def completion_path(dataset_dir: str | Path, shard_index: int) -> Path:
+    """``<dataset_dir>/completions/part-XXXXX.json``: the shard's completion record."""
+    return Path(dataset_dir) / COMPLETIONS_DIR / f"{shard_path('', shard_index).stem}.json"
 
-    Only a writer that died leaves temp files, so do not call this for a shard another live process is
-    writing at the same moment (one shard has one writer in a run).
+
+def write_completion(dataset_dir: str | Path, shard_index: int, info: ShardInfo, key: str | None) -> dict[str, Any]:
+    """Record, atomically and after the shard file, what was written: key, sha256, bytes, rows, schema version.
+
+    ``key`` is the planned shard key the rows were made for (None: rows no build plan can claim, e.g. a
+    relabelled version). The sha256 is that of the bytes written, computed before they reached the disk.
+    """
+    record = {"index": int(shard_index), "key": key, "sha256": info.sha256, "bytes": int(info.bytes),
+              "rows": int(info.rows), "schema_version": SCHEMA_VERSION}
+    path = completion_path(dataset_dir, shard_index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(record, sort_keys=True) + "\n").encode())
+    return record
+
+
+def read_completion(dataset_dir: str | Path, shard_index: int) -> dict[str, Any] | None:
+    """The shard's completion record, or None when there is none (or it is not a readable record)."""
+    path = completion_path(dataset_dir, shard_index)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"sha256", "key", "rows", "bytes"} <= set(record) else None
+
+
+def check_shard(dataset_dir: str | Path, shard_index: int, key: str | None = None) -> str | None:
+    """Why shard `shard_index` is not done (None: it is): no file, no completion record, another key, or bytes
+    that do not hash to the recorded sha256. `key` None skips the key check (any complete shard).
+
+    Removes the shard's temp leftovers first. Only a writer that died leaves temp files, so do not call this
+    for a shard another live process is writing at the same moment (one shard has one writer in a run).
     """
     final = shard_path(dataset_dir, shard_index)
     if final.parent.is_dir():
         for leftover in final.parent.glob(_temp_glob(final)):
             leftover.unlink(missing_ok=True)
     if not final.is_file():
-        return False
-    try:
-        pq.read_metadata(final)
-    except (OSError, pa.ArrowException):
-        return False
-    return True
+        return NOT_WRITTEN
+    record = read_completion(dataset_dir, shard_index)
+    if record is None:
+        return "no completion record (written before records existed, or interrupted before its record)"
+    if key is not None and record["key"] != key:
+        return f"stored key {record['key']} is not the planned key {key} (its problems or config changed)"
+    if final.stat().st_size != record["bytes"]:
+        return f"{final.stat().st_size} bytes on disk, {record['bytes']} recorded when it was written"
+    sha = _sha256(final)
+    if sha != record["sha256"]:
+        return f"sha256 {sha} on disk, {record['sha256']} recorded when it was written (corrupted)"
+    return None
+
+
+def shard_done(dataset_dir: str | Path, shard_index: int, key: str | None = None) -> bool:
+    """Whether the shard is complete, made for `key` (when given) and intact: see ``check_shard``."""
+    return check_shard(dataset_dir, shard_index, key) is None
 
 
 def shard_info(dataset_dir: str | Path, shard_index: int) -> ShardInfo:
-    """The ``ShardInfo`` of a shard already on disk (for the manifest of a resumed run)."""
-    final = shard_path(dataset_dir, shard_index)
-    rows = pq.read_metadata(final).num_rows
-    return ShardInfo(final, rows, _sha256(final), final.stat().st_size)
+    """The ``ShardInfo`` of a done shard, from its completion record (the hash recorded when it was written).
+
+    Raises DatasetError when the shard is not done (see ``check_shard``).
+    """
+    reason = check_shard(dataset_dir, shard_index)
+    if reason is not None:
+        raise DatasetError(f"shard {shard_index} of {dataset_dir}: {reason}")
+    record = read_completion(dataset_dir, shard_index)
+    assert record is not None  # check_shard found it
+    return ShardInfo(shard_path(dataset_dir, shard_index), int(record["rows"]), record["sha256"], int(record["bytes"]))
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:
@@ -352,12 +416,27 @@ def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
         raise DatasetError(f"{path} is not valid JSON: {err}") from None
 
 
+def _listed_shard(root: Path, rel_path: Any) -> Path:
+    """The file a manifest entry names; only ``shards/part-XXXXX.parquet`` inside the dataset is accepted, so a
+    crafted manifest cannot point a reader (or a relabel, which writes by index) outside the directory."""
+    if not isinstance(rel_path, str) or re.fullmatch(r"shards/part-\d{5,}\.parquet", rel_path) is None:
+        raise DatasetError(f"{root / MANIFEST_NAME}: shard path {rel_path!r} is not shards/part-XXXXX.parquet")
+    return root / rel_path
+
+
+def _shard_index(rel_path: str) -> int | None:
+    stem = Path(rel_path).stem
+    tail = stem.rsplit("-", 1)[-1]
+    return int(tail) if stem.startswith("part-") and tail.isdigit() else None
+
+
 def verify_dataset(dataset_dir: str | Path) -> list[str]:
     """Problems found in a dataset directory (empty list: it matches its manifest).
 
-    Reports a missing or unreadable manifest, missing shards, sha256 / size / row-count mismatches,
-    shard files on disk that the manifest does not list, and a ``dataset_version`` or ``num_rows`` that
-    does not match the listed shards.
+    Reports a missing or unreadable manifest, missing shards, sha256 / size / row-count mismatches, a shard
+    whose row schema or provenance (schema version, shard key) disagrees with the manifest, a completion
+    record that disagrees with the manifest, shard files on disk that the manifest does not list, and a
+    ``dataset_version``, ``num_rows`` or ``schema_version`` that does not match. Each problem names the shard.
     """
     root = Path(dataset_dir)
     try:
@@ -367,9 +446,16 @@ def verify_dataset(dataset_dir: str | Path) -> list[str]:
     except DatasetError as err:
         return [str(err)]
     problems = []
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version {manifest.get('schema_version')!r}: this code reads {SCHEMA_VERSION}")
     entries = manifest.get("shards", [])
+    keys = manifest.get("extra", {}).get("shard_keys")
     for e in entries:
-        p = root / e["path"]
+        try:
+            p = _listed_shard(root, e.get("path"))
+        except DatasetError as err:
+            problems.append(str(err))
+            continue
         if not p.is_file():
             problems.append(f"missing shard: {e['path']}")
             continue
@@ -382,6 +468,25 @@ def verify_dataset(dataset_dir: str | Path) -> list[str]:
         rows = pq.read_metadata(p).num_rows
         if rows != e["rows"]:
             problems.append(f"row count mismatch: {e['path']} has {rows} rows, manifest says {e['rows']}")
+        schema = pq.read_schema(p)
+        if not schema.remove_metadata().equals(ROW_SCHEMA):
+            problems.append(f"schema mismatch: {e['path']} does not have the row schema v{SCHEMA_VERSION}")
+        prov = read_provenance(p)
+        if prov.get("schema_version", manifest.get("schema_version")) != manifest.get("schema_version"):
+            problems.append(f"schema version mismatch: {e['path']} provenance says {prov.get('schema_version')!r}, "
+                            f"manifest says {manifest.get('schema_version')!r}")
+        index = _shard_index(e["path"])
+        planned = keys[index] if isinstance(keys, list) and index is not None and index < len(keys) else None
+        record = read_completion(root, index) if index is not None else None
+        if planned is not None and prov.get("shard_key") != planned:
+            problems.append(f"key mismatch: {e['path']} holds rows of shard key {prov.get('shard_key')!r}, "
+                            f"manifest plans {planned!r}")
+        elif record is not None and planned is not None and record["key"] not in (None, planned):
+            problems.append(f"key mismatch: {e['path']} was written for key {record['key']!r}, "
+                            f"manifest plans {planned!r}")
+        if record is not None and (record["sha256"] != e["sha256"] or record["rows"] != e["rows"]):
+            problems.append(f"completion record mismatch: {e['path']} was recorded as {record['sha256']} "
+                            f"({record['rows']} rows) when written, manifest says {e['sha256']} ({e['rows']} rows)")
     listed = {e["path"] for e in entries}
     for p in sorted((root / SHARDS_DIR).glob("part-*.parquet")):
         rel = p.relative_to(root).as_posix()
@@ -394,17 +499,30 @@ def verify_dataset(dataset_dir: str | Path) -> list[str]:
     return problems
 
 
-def read_dataset(dataset_dir: str | Path) -> pa.Table:
+def read_dataset(dataset_dir: str | Path, verify: bool = True) -> pa.Table:
     """All rows as one table with ``ROW_SCHEMA`` (no provenance metadata; see ``read_provenance``).
 
-    Reads the shards the manifest lists, in its order; without a manifest (a run still in progress),
-    every complete ``shards/part-*.parquet`` in name order. A shard with another schema is an error.
+    Reads the shards the manifest lists, in its order, and (``verify``, the default) checks each file's
+    sha256 against the manifest first: a shard whose bytes changed after it was written is a DatasetError,
+    never silently read. Without a manifest (a run still in progress), the done shards (completion record
+    present, bytes matching it: ``check_shard``) in name order. A shard with another schema is an error.
+    ``verify=False`` skips the hashing (one extra read of every file) for callers that just verified.
     """
     root = Path(dataset_dir)
     if (root / MANIFEST_NAME).is_file():
-        paths = [root / e["path"] for e in read_manifest(root)["shards"]]
+        entries = read_manifest(root)["shards"]
+        paths = [_listed_shard(root, e["path"]) for e in entries]
+        if verify:
+            for p, e in zip(paths, entries, strict=True):
+                if not p.is_file():
+                    raise DatasetError(f"{p}: listed in the manifest but missing (see `prm-factory verify`)")
+                sha = _sha256(p)
+                if sha != e["sha256"]:
+                    raise DatasetError(f"{p}: sha256 {sha} does not match the manifest's {e['sha256']}; "
+                                       "the file changed after it was written (see `prm-factory verify`)")
     else:
-        paths = sorted((root / SHARDS_DIR).glob("part-*.parquet"))
+        paths = [p for p in sorted((root / SHARDS_DIR).glob("part-*.parquet"))
+                 if (i := _shard_index(p.name)) is not None and (not verify or shard_done(root, i))]
     tables = []
     for p in paths:
         t = pq.ParquetFile(p).read().replace_schema_metadata(None)
@@ -465,13 +583,27 @@ def relabel_dataset(src_dir: str | Path, out_dir: str | Path, eta: float) -> dic
     if (out / MANIFEST_NAME).exists():
         raise DatasetError(f"{out} already holds a dataset; choose a new --out")
     parent = read_manifest(src)
+    claim = {"relabel_of": parent["dataset_version"], "eta": float(eta)}
+    marker = out / RELABEL_MARKER
+    if out.exists() and any(out.iterdir()):
+        # Only a folder this same relabel started (and was interrupted in) may be written into again.
+        try:
+            mine = json.loads(marker.read_text()) == claim
+        except (OSError, ValueError):
+            mine = False
+        if not mine:
+            raise DatasetError(f"{out} is not empty and was not started by this relabel; choose an empty or new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(marker, json.dumps(claim, sort_keys=True).encode())
     infos = []
     for entry in parent["shards"]:
         path = src / entry["path"]
         table = relabel(pq.read_table(path), eta)
         prov = read_provenance(path) | {"eta": float(eta), "relabelled_from": parent["dataset_version"]}
         index = int(Path(entry["path"]).stem.split("-")[-1])
-        infos.append(write_shard(out, index, table.to_pylist(), prov))
+        # Record key None: these rows are not what any build plan's key promises (η differs), so a build
+        # resumed in this folder can never take them as its own shards.
+        infos.append(write_shard(out, index, table.to_pylist(), prov, key=None))
     extra = dict(parent.get("extra", {})) | {"relabelled_eta": float(eta)}
     return write_manifest(out, schema_version=parent["schema_version"], config_hash=parent["config_hash"],
                           code_version=parent["code_version"], shards=infos, parents=[parent["dataset_version"]],

@@ -12,9 +12,16 @@ Quarantine reasons (`QuarantineRow.reason`; the detail says which field and why)
     wrong_type          a field (or the row itself) has the wrong type
     invalid_value       ProcessBench: empty steps, or a label outside -1..len(steps)-1
     empty_question      the question is empty or whitespace
-    unparseable_answer  no usable gold answer (GSM8K: no number after ####; MATH: empty / no \\boxed{})
+    unparseable_answer  no usable gold answer (GSM8K: no number after ####; MATH: empty / no \\boxed{}, or
+                        beyond what the math checker decides in bounded time: `tasks.answers.math_too_complex`)
     duplicate           a problem_id already kept (same source + same whitespace-normalised question; for
                         ProcessBench the same sample id); the first one is kept
+    invalid_text        the line is not valid UTF-8, or a string holds a lone surrogate (JSON "\\ud800"):
+                        text that cannot be written back as UTF-8 (Parquet, the tokenizer) is never kept
+    too_long            the question is over MAX_QUESTION_CHARS, or the answer over MAX_ANSWER_CHARS
+
+Fields other than the question and answer are metadata: a user's `id` is never used as a file name (a
+problem's id is a hash, `tasks.problems.problem_id`), so an id such as `../x` cannot point outside a folder.
 
 ProcessBench has no gold answer: its rows are labelled solutions for evaluation. Each becomes a Problem with
 answer="" and meta has_gold=False (plus id, generator, steps, label, final_answer_correct, subset). Several
@@ -32,10 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import FileSource, resolve_path
-from tasks.answers import gsm8k_gold, last_boxed
+from tasks.answers import gsm8k_gold, last_boxed, math_too_complex
 from tasks.problems import Problem, problem_id
 
 MAX_RAW_CHARS = 2000
+# Far above any real problem (GSM8K and MATH-500 questions are under 5,000 characters) and far below what
+# would make one row hold up a whole shard; a policy's context rejects most long questions anyway.
+MAX_QUESTION_CHARS = 32_768
+MAX_ANSWER_CHARS = 1_000
 
 REASONS = (
     "invalid_json",
@@ -45,6 +56,8 @@ REASONS = (
     "empty_question",
     "unparseable_answer",
     "duplicate",
+    "invalid_text",
+    "too_long",
 )
 
 
@@ -87,7 +100,30 @@ class _Reject(Exception):
 
 def _raw(row: Any) -> str:
     text = row if isinstance(row, str) else json.dumps(row, ensure_ascii=False, default=str)
-    return text if len(text) <= MAX_RAW_CHARS else text[:MAX_RAW_CHARS] + "...[truncated]"
+    text = text if len(text) <= MAX_RAW_CHARS else text[:MAX_RAW_CHARS] + "...[truncated]"
+    # Lone surrogates cannot be written as UTF-8: escape them so the quarantine file can hold the row.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _lone_surrogate(value: Any, where: str = "row") -> str | None:
+    """Where a string in `value` (nested lists/dicts, keys too) holds a lone surrogate; None if nowhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"{where} holds a lone surrogate {value[err.start]!a} at character {err.start}"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _lone_surrogate(k, f"a key of {where}") or _lone_surrogate(v, f"field {k!a}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _lone_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 class _Collector:
@@ -131,19 +167,41 @@ def _question(row: dict, name: str) -> str:
     question = _required(row, name)
     if not question.strip():
         raise _Reject("empty_question", f"field '{name}' is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise _Reject("too_long", f"field '{name}' has {len(question):,} characters (limit {MAX_QUESTION_CHARS:,})")
     return question
 
 
+def _bounded_answer(answer: str, name: str, math: bool) -> str:
+    if len(answer) > MAX_ANSWER_CHARS:
+        raise _Reject("too_long", f"field '{name}' has {len(answer):,} characters (limit {MAX_ANSWER_CHARS:,})")
+    why = math_too_complex(answer) if math else None
+    if why is not None:
+        raise _Reject("unparseable_answer", f"field '{name}': {why}")
+    return answer
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed row or a _Reject for a line that is not JSON); whitespace-only lines are skipped."""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, text in enumerate(f, start=1):
+    """(line number, parsed row or a _Reject for a line that is not UTF-8 JSON); whitespace-only lines are skipped.
+
+    Read as bytes and decoded per line, strictly: a line with invalid UTF-8 is quarantined, never "repaired".
+    """
+    with path.open("rb") as f:
+        for number, data in enumerate(f, start=1):
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield number, _Reject("invalid_text", f"invalid UTF-8 at byte {err.start} of the line",
+                                      data.decode("utf-8", "backslashreplace").rstrip("\n"))
+                continue
             if not text.strip():
                 continue
             try:
                 yield number, json.loads(text)
             except json.JSONDecodeError as err:
                 yield number, _Reject("invalid_json", f"{err.msg} at column {err.colno}", text.rstrip("\n"))
+            except RecursionError:
+                yield number, _Reject("invalid_json", "nested too deeply to parse", text.rstrip("\n"))
 
 
 def _collect(src: FileSource, rows: Iterable[tuple[int, Any]], make, seen: set[str] | None) -> LoadResult:
@@ -153,6 +211,10 @@ def _collect(src: FileSource, rows: Iterable[tuple[int, Any]], make, seen: set[s
             break
         if isinstance(row, _Reject):
             out.reject(line, row.reason, row.detail, row.raw)
+            continue
+        surrogate = _lone_surrogate(row)
+        if surrogate is not None:
+            out.reject(line, "invalid_text", surrogate, row)
             continue
         try:
             problem = make(row)
@@ -183,6 +245,7 @@ def load_gsm8k(src: FileSource, seen: set[str] | None = None) -> LoadResult:
             gold = gsm8k_gold(answer_field)
         except ValueError as err:
             raise _Reject("unparseable_answer", str(err)) from None
+        gold = _bounded_answer(gold, "answer", math=False)
         rationale = answer_field.rsplit("####", 1)[0].strip()
         return Problem.make("gsm8k", question, gold, src.split, rationale=rationale)
 
@@ -211,6 +274,7 @@ def load_math(src: FileSource, seen: set[str] | None = None) -> LoadResult:
             raise _Reject("missing_field", "field 'answer' is missing (and there is no 'solution' to take it from)")
         if not answer:
             raise _Reject("unparseable_answer", f"empty answer (from '{answer_from}')")
+        answer = _bounded_answer(answer, answer_from, math=True)
         meta: dict[str, Any] = {"answer_from": answer_from}
         for key in ("solution", "subject", "level", "unique_id"):
             if row.get(key) is not None:
@@ -227,8 +291,8 @@ def load_processbench(src: FileSource, seen: set[str] | None = None) -> LoadResu
     path = _file(src)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SourceError(f"processbench source {src.path}: not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SourceError(f"processbench source {src.path}: not valid UTF-8 JSON ({err})") from None
     if not isinstance(data, list):
         raise SourceError(f"processbench source {src.path}: expected a JSON array, got {type(data).__name__}")
 
@@ -260,7 +324,7 @@ def _user_problem(src: FileSource, row: Any) -> Problem:
     answer = _required(row, src.answer_field, (str, int, float))
     if isinstance(answer, float) and not math.isfinite(answer):
         raise _Reject("unparseable_answer", f"field '{src.answer_field}' is {answer}")
-    answer = str(answer).strip()
+    answer = _bounded_answer(str(answer).strip(), src.answer_field, math=False)
     if not answer:
         raise _Reject("unparseable_answer", f"field '{src.answer_field}' is empty")
     meta = {k: v for k, v in row.items() if k not in (src.question_field, src.answer_field)}

@@ -11,8 +11,11 @@ planned shard keys, so an interrupted refresh finds its own unfinished directory
 
 A shard is reused when the parent version holds a shard with the same key (the key hashes the labelling
 config and the shard's problem ids: same key, same rows). The file is hard-linked (copied across file
-systems) and its sha256 checked against the parent's manifest; a parent shard whose bytes do not match
-its manifest is not reused but relabelled. Everything here is plain file I/O: no engine, no Prefect.
+systems) and its sha256 checked against the parent's manifest (whose hashes were recorded when the shards
+were written); a parent shard whose bytes do not match its manifest, or whose own provenance names another
+key than the manifest (a manifest written by an older build that did not compare keys), is not reused but
+relabelled. The new version gets a completion record for every reused shard, so a resumed refresh checks
+it like any other shard. Everything here is plain file I/O: no engine, no Prefect.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +31,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.dataset import MANIFEST_NAME, SCHEMA_VERSION, atomic_write_bytes, fsync_dir, read_manifest, shard_path
+from tasks.dataset import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    ShardInfo,
+    atomic_write_bytes,
+    fsync_dir,
+    read_manifest,
+    read_provenance,
+    shard_path,
+    write_completion,
+)
 
 VERSIONS_DIR = "versions"
 LATEST_NAME = "LATEST"
@@ -159,21 +173,25 @@ def link_shard(shard: ReusableShard, dest_dir: str | Path) -> str:
     VersionError before anything is written.
     """
     src = shard.parent_path
-    _copy_rejects(src.parent.parent, shard.parent_index, Path(dest_dir), shard.index)
     actual = sha256_file(src)
     if actual != shard.sha256:
         raise VersionError(f"{src} has sha256 {actual}, its manifest says {shard.sha256}: not reusing it")
+    stored_key = read_provenance(src).get("shard_key")
+    if stored_key != shard.key:
+        raise VersionError(f"{src} holds rows for shard key {stored_key!r}, its manifest says {shard.key!r}: "
+                           "not reusing it")
+    _copy_rejects(src.parent.parent, shard.parent_index, Path(dest_dir), shard.index)
     dest = shard_path(dest_dir, shard.index)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if shard.index != shard.parent_index:
         import pyarrow.parquet as pq
 
-        from tasks.dataset import read_provenance, write_shard
+        from tasks.dataset import write_shard
 
         rows = pq.read_table(src).replace_schema_metadata(None).to_pylist()
         for row in rows:
             row["shard"] = shard.index
-        write_shard(dest_dir, shard.index, rows, read_provenance(src))
+        write_shard(dest_dir, shard.index, rows, read_provenance(src), key=shard.key)
         return "rewrite"
     tmp = dest.with_name(f".{dest.name}.tmp-link-{os.getpid()}")
     tmp.unlink(missing_ok=True)
@@ -190,6 +208,10 @@ def link_shard(shard: ReusableShard, dest_dir: str | Path) -> str:
         raise VersionError(f"{how} of {src} to {dest} does not match sha256 {shard.sha256}")
     os.replace(tmp, dest)
     fsync_dir(dest.parent)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_metadata(dest).num_rows
+    write_completion(dest_dir, shard.index, ShardInfo(dest, rows, shard.sha256, dest.stat().st_size), shard.key)
     return how
 
 
@@ -218,3 +240,85 @@ def read_refresh_log(root: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _lineage_problems(root: Path, version_id: str, manifest: dict[str, Any]) -> list[str]:
+    """A version's reused shards must carry the bytes their parent recorded (hard links share them)."""
+    lineage = manifest.get("extra", {}).get("lineage") or {}
+    parent_id = lineage.get("parent")
+    if not parent_id or not lineage.get("reused_shards"):
+        return []
+    parent_dir = version_dir(root, parent_id)
+    try:
+        parent = read_manifest(parent_dir)
+    except FileNotFoundError:
+        return [f"lineage: parent version {parent_id} of {version_id} is missing"]
+    parent_sha = {e["path"]: e["sha256"] for e in parent.get("shards", [])}
+    own_sha = {e["path"]: e["sha256"] for e in manifest.get("shards", [])}
+    problems = []
+    for r in lineage["reused_shards"]:
+        if r.get("how") not in ("link", "copy", "present"):
+            continue  # "rewrite": new bytes (another shard index), checked as this version's own shard
+        mine, theirs = shard_path("", r["index"]).as_posix(), shard_path("", r["parent_index"]).as_posix()
+        if own_sha.get(mine) != parent_sha.get(theirs):
+            problems.append(f"lineage mismatch: {mine} was reused ({r.get('how')}) from {parent_id}/{theirs}, but "
+                            f"the manifests record {own_sha.get(mine)} and {parent_sha.get(theirs)}")
+    return problems
+
+
+_SHARD_RE = re.compile(r"shards/part-\d+\.parquet")
+
+
+def _bad_shards(problems: Sequence[str]) -> list[str]:
+    return sorted({m for p in problems for m in _SHARD_RE.findall(p)})
+
+
+def verify_path(path: str | Path) -> dict[str, Any]:
+    """Check a dataset directory, or a refresh root (every version, LATEST, and the reused / hard-linked shards).
+
+    Returns ``{"ok", "path", "kind": "dataset"|"root", "problems": [...root-level...], "datasets": [{"dir",
+    "version", "ok", "complete", "shards", "rows", "problems", "bad_shards"}]}``. A version directory without a
+    manifest is an interrupted refresh: listed with ``complete: False``, not an error (LATEST never points
+    at one). Hashes are compared with the manifests, whose values were recorded when each shard was written.
+    """
+    from tasks.dataset import verify_dataset
+
+    root = Path(path)
+    report: dict[str, Any] = {"path": str(root), "problems": [], "datasets": []}
+
+    def one(directory: Path, version: str | None, extra: list[str]) -> None:
+        complete = (directory / MANIFEST_NAME).is_file()
+        problems = (verify_dataset(directory) if complete else []) + extra
+        try:
+            manifest = read_manifest(directory) if complete else {}
+        except ValueError:  # unreadable JSON: verify_dataset already said so
+            manifest = {}
+        report["datasets"].append({
+            "dir": str(directory), "version": version, "complete": complete, "ok": not problems,
+            "shards": manifest.get("num_shards"), "rows": manifest.get("num_rows"),
+            "dataset_version": manifest.get("dataset_version"),
+            "problems": problems, "bad_shards": _bad_shards(problems),
+        })
+
+    if versions_dir(root).is_dir() or (root / LATEST_NAME).exists():
+        report["kind"] = "root"
+        try:
+            read_latest(root)
+        except VersionError as err:
+            report["problems"].append(str(err))
+        for vdir in sorted(p for p in versions_dir(root).glob("*") if p.is_dir()):
+            extra: list[str] = []
+            if (vdir / MANIFEST_NAME).is_file():
+                try:
+                    extra = _lineage_problems(root, vdir.name, read_manifest(vdir))
+                except ValueError as err:
+                    extra = [str(err)]
+            one(vdir, vdir.name, extra)
+    elif (root / MANIFEST_NAME).is_file():
+        report["kind"] = "dataset"
+        one(root, None, [])
+    else:
+        report["kind"] = "unknown"
+        report["problems"].append(f"{root} holds neither manifest.json nor a versions/ folder: nothing to verify")
+    report["ok"] = not report["problems"] and all(d["ok"] for d in report["datasets"])
+    return report

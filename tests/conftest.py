@@ -100,3 +100,38 @@ def toy_prm_dataset(tmp_path_factory) -> dict:
     config_path = root / "prm-tiny.yaml"
     config_path.write_text(yaml.safe_dump(TOY_PRM_DATASET))
     return {"dir": root / "ds", "config": TOY_PRM_DATASET, "config_path": config_path}
+
+
+# -- issue 12: integrity and fault-injection tests share one engine and one uninterrupted reference build ------
+
+
+@pytest.fixture(scope="session")
+def integrity_engine():
+    """The shipped toy policy on the transformers backend, in this process (128-token context), one torch thread
+    per call: the same float bits as the engines in Ray actors and in `OMP_NUM_THREADS=1` subprocesses."""
+    from integrity_helpers import OneThreadEngine
+
+    from cluster.hf_engine import HFEngine
+    from configs.schema import REPO_ROOT
+
+    return OneThreadEngine(HFEngine(str(REPO_ROOT / "assets" / "toy-policy"), max_model_len=128))
+
+
+@pytest.fixture(scope="session")
+def integrity_reference(tmp_path_factory, integrity_engine):
+    """An uninterrupted build of 4 toy problems from JSONL (4 shards): what every resumed build must equal."""
+    from integrity_helpers import build_config, problem_counts, rows_digest, toy_questions, write_jsonl
+
+    from configs.schema import parse_config
+    from tasks.build import build
+    from tasks.dataset import read_dataset, verify_dataset
+
+    tmp = tmp_path_factory.mktemp("integrity-reference")
+    source = write_jsonl(tmp / "problems.jsonl", toy_questions(4))
+    config = build_config(source)
+    cfg = parse_config(config)
+    report = build(cfg, tmp / "ds", lambda: integrity_engine)
+    assert report.shards_built == 4 and verify_dataset(tmp / "ds") == []
+    table = read_dataset(tmp / "ds")
+    return {"dir": tmp / "ds", "cfg": cfg, "config": config, "source": source, "digest": rows_digest(table),
+            "counts": problem_counts(table), "rows": table.num_rows, "version": report.manifest["dataset_version"]}

@@ -167,3 +167,39 @@ def test_a_changed_policy_never_reuses_the_old_engine(ray_session, policy_model_
         assert same.actors[0]._actor_id == second.actors[0]._actor_id, "an unchanged policy is reattached"
     finally:
         second.shutdown()
+
+
+def test_threads_sharing_a_pool_survive_an_engine_death_with_the_same_answers(pool):
+    """Shard threads share one pool: concurrent calls while an engine dies all get their exact answers.
+
+    Every thread waits on the same health probe of the dead engine; exactly one takes its answer (before the
+    pool's state was locked, the second `pop` raised KeyError or a dict changed size mid-iteration).
+    """
+    import ray
+
+    base = pool.tokenize("2+5=")
+
+    def batch(t: int) -> list[GenerationRequest]:
+        return [GenerationRequest(base + [base[0]] * (i % 3), n=2, max_new_tokens=32, seed=1000 * t + i,
+                                  request_id=f"t{t}-r{i}") for i in range(12)]
+
+    pool.max_chunk_requests = 2
+    want = {t: [[s.token_ids for s in r.samples] for r in pool.generate(batch(t))] for t in range(3)}
+    got: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            got[t] = [[s.token_ids for s in r.samples] for r in pool.generate(batch(t))]
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    time.sleep(0.5)
+    ray.kill(pool.actors[1], no_restart=False)
+    for th in threads:
+        th.join(timeout=300)
+    assert not errors, errors
+    assert got == want

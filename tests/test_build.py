@@ -105,7 +105,7 @@ def test_killed_build_resumes_to_the_same_dataset(tmp_path, built):
     config.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "killed"
     proc = _cli_build(config, out)
-    first = out / "shards" / "part-00000.parquet"
+    first = out / "completions" / "part-00000.json"  # written right after the shard: the shard is done
     deadline = time.monotonic() + 240
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -113,7 +113,7 @@ def test_killed_build_resumes_to_the_same_dataset(tmp_path, built):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "killed before the end: no manifest yet"
-    done_before = sorted(p.name for p in (out / "shards").glob("part-*.parquet"))
+    done_before = sorted(p.name for p in (out / "completions").glob("part-*.json"))
     assert 1 <= len(done_before) < 3
 
     resumed = _cli_build(config, out)

@@ -165,18 +165,19 @@ def test_build_via_deployment_resumes_after_its_flow_run_is_killed(stack):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.deployments import run_deployment
 
-    from tasks.dataset import read_dataset, read_manifest, shard_path, verify_dataset
+    from tasks.dataset import completion_path, read_dataset, read_manifest, verify_dataset
 
     out = stack["tmp"] / "build"
     killed = run_deployment(BUILD, parameters={"out_dir": str(out)}, timeout=0)
     with client() as c:
-        wait_for(shard_path(out, 0).exists, 150, "the first shard")
+        wait_for(completion_path(out, 0).exists, 150, "the first shard")  # its record follows the file
         pid = int(wait_for(lambda: c.read_flow_run(killed.id).infrastructure_pid, 10, "the flow-run pid"))
         assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
         os.kill(pid, signal.SIGKILL)
         crashed = wait_for(lambda: (s := c.read_flow_run(killed.id).state).is_final() and s, 60, "the crash")
     assert crashed.is_crashed(), crashed
-    written = sorted(p.name for p in (out / "shards").glob("part-*.parquet"))
+    written = sorted(p.name for p in (out / "shards").glob("part-*.parquet")
+                     if completion_path(out, int(p.name[5:10])).exists())
     assert 1 <= len(written) < 4
     before = {name: (sha256(out / "shards" / name), (out / "shards" / name).stat().st_mtime_ns) for name in written}
 
@@ -261,3 +262,39 @@ def test_refresh_reuses_shards_and_noop_does_no_engine_work(stack, ray_session):
     assert not any(n.startswith("shard-") for n in names), names
     with pytest.raises(ValueError):
         ray.get_actor(engine_name(CONFIG_NAME, 0), namespace="prm-factory")
+
+
+def test_two_engines_give_the_same_dataset_as_one(stack, ray_session, policy_model_path):
+    """Issue 12: with num_engines = 2, two shard threads share one engine pool and run at once; the dataset must
+    equal the num_engines = 1 dataset row for row, and so must the cost (anchors, capped partitions, tokens),
+    which counts what each shard's own partitioner saw. The flow runs in this process, on the test server."""
+    from integrity_helpers import rows_digest
+
+    from flows import steps
+    from flows.build_dataset import build_dataset
+    from tasks.dataset import read_dataset, read_manifest, verify_dataset
+
+    digests, costs = {}, {}
+    try:
+        for n in (1, 2):
+            path = Path(tiny_config(stack["tmp"] / f"engines-{n}.yaml", policy_model_path, 8))
+            data = yaml.safe_load(path.read_text())
+            data["name"] = f"flows-engines-{n}"
+            data["cluster"] = {**data["cluster"], "num_engines": n, "cpus_per_engine": 0.25,
+                               "namespace": ray_session["namespace"]}
+            data["partition"] = {**data["partition"], "tau": 0.0, "max_anchors": 1}  # every solution capped
+            data["dataset"] = {**data["dataset"], "problems_per_shard": 1}  # 8 shards, n at once
+            path.write_text(yaml.safe_dump(data))
+            out = stack["tmp"] / f"engines-{n}-ds"
+            summary = build_dataset(str(path), str(out))
+            assert summary["shards_by_status"] == {"built": 8}, summary
+            assert verify_dataset(out) == []
+            digests[n] = rows_digest(read_dataset(out))
+            costs[n] = read_manifest(out)["extra"]["cost"]
+    finally:
+        for key, (pool, _) in list(steps._engines.items()):
+            if pool.names[0].startswith("flows-engines-"):
+                steps._engines.pop(key)
+                pool.shutdown()
+    assert digests[1] == digests[2]
+    assert costs[1] == costs[2] and costs[2]["capped_partitions"] > 0, costs
