@@ -251,13 +251,14 @@ def test_manifest_contents(dataset_dir):
 def test_dataset_version_depends_only_on_shards(dataset_dir, tmp_path):
     infos = [shard_info(dataset_dir, 1), shard_info(dataset_dir, 0)]  # order does not matter
     m = write_manifest(
-        dataset_dir, schema_version=1, config_hash="other", code_version="x", shards=infos, parents=["p"], extra={}
+        dataset_dir, schema_version=SCHEMA_VERSION, config_hash="other", code_version="x", shards=infos,
+        parents=["p"], extra={}
     )
     assert m["dataset_version"] == read_manifest(dataset_dir)["dataset_version"]
     other = write_shard(tmp_path / "other", 0, ROWS_B, PROVENANCE)
     m2 = write_manifest(
         tmp_path / "other",
-        schema_version=1,
+        schema_version=SCHEMA_VERSION,
         config_hash="c",
         code_version="x",
         shards=[other],
@@ -271,7 +272,8 @@ def test_manifest_rejects_outside_shards(dataset_dir, tmp_path):
     outside = write_shard(tmp_path / "elsewhere", 0, ROWS_B, PROVENANCE)
     with pytest.raises(DatasetError, match="not inside"):
         write_manifest(
-            dataset_dir, schema_version=1, config_hash="c", code_version="x", shards=[outside], parents=[], extra={}
+            dataset_dir, schema_version=SCHEMA_VERSION, config_hash="c", code_version="x", shards=[outside],
+            parents=[], extra={}
         )
 
 
@@ -280,7 +282,8 @@ def test_relative_dataset_dir_gives_root_relative_manifest_paths(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     rel = Path("runs") / "ds"
     info = write_shard(rel, 0, ROWS_A, PROVENANCE)
-    m = write_manifest(rel, schema_version=1, config_hash="c", code_version="x", shards=[info], parents=[], extra={})
+    m = write_manifest(rel, schema_version=SCHEMA_VERSION,
+                       config_hash="c", code_version="x", shards=[info], parents=[], extra={})
     assert [s["path"] for s in m["shards"]] == ["shards/part-00000.parquet"]
     assert verify_dataset(rel) == [] and verify_dataset(tmp_path / rel) == []
     assert read_dataset(tmp_path / rel).num_rows == 3

@@ -19,6 +19,7 @@ from integrity_helpers import build_config, problem_counts, rows_digest, toy_que
 from configs.schema import REPO_ROOT, parse_config
 from tasks.build import build
 from tasks.dataset import (
+    SCHEMA_VERSION,
     DatasetError,
     completion_path,
     read_dataset,
@@ -51,7 +52,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def row(pid: str, shard: int, eta: float = 1.0) -> dict:
     return {
         "prompt": f"q {pid}\n", "completions": ["a", "b"], "labels": [True, False], "successes": [2, 0],
-        "rollouts": [2, 1], "soft_labels": [1.0, 0.0], "er_labels": [1.0, 0.0], "eta": eta,
+        "rollouts": [2, 1], "soft_labels": [1.0, 0.0], "er_labels": [1.0, 0.0], "tree_value": [1.0, 0.0],
+        "eta": eta,
         "step_entropies": [0.1, 1.5], "entropy_kind": "exact", "problem_id": pid, "source": "toy",
         "split": "train", "policy_model": "m", "partitioner": "newline", "partitioner_params": "{}",
         "step_origin": ["rollout", "final"], "answer": "1", "final_correct": False, "prompt_tokens": 3,
@@ -60,9 +62,9 @@ def row(pid: str, shard: int, eta: float = 1.0) -> dict:
 
 
 def make_dataset(out: Path, keys: list[str], parents: list[str] | None = None, extra: dict | None = None) -> dict:
-    infos = [write_shard(out, i, [row(f"p-{k}", i)], {"shard_key": k, "schema_version": 1}) for i, k in
+    infos = [write_shard(out, i, [row(f"p-{k}", i)], {"shard_key": k, "schema_version": SCHEMA_VERSION}) for i, k in
              enumerate(keys)]
-    return write_manifest(out, schema_version=1, config_hash="c", code_version="0", shards=infos,
+    return write_manifest(out, schema_version=SCHEMA_VERSION, config_hash="c", code_version="0", shards=infos,
                           parents=parents or [], extra={"shard_keys": keys, **(extra or {})})
 
 
@@ -70,13 +72,14 @@ def test_completion_record_is_written_after_the_shard_with_its_key_and_hash(tmp_
     info = write_shard(tmp_path, 4, [row("a", 4)], {"shard_key": "k4"})
     record = json.loads(completion_path(tmp_path, 4).read_text())
     assert record == {"index": 4, "key": "k4", "sha256": info.sha256, "bytes": info.bytes, "rows": 1,
-                      "schema_version": 1}
+                      "schema_version": SCHEMA_VERSION}
 
 
 def test_verify_names_a_flipped_byte_and_read_dataset_refuses_it(tmp_path):
     make_dataset(tmp_path, ["k0", "k1", "k2"])
     assert verify_path(tmp_path)["ok"]
-    flip_byte(shard_path(tmp_path, 1))
+    # Inside the row's own text (a data page), so the file still reads: the damage is silent without the hash.
+    flip_byte(shard_path(tmp_path, 1), shard_path(tmp_path, 1).read_bytes().index(b"q p-k1") + 2)
     report = verify_path(tmp_path)
     assert not report["ok"] and report["datasets"][0]["bad_shards"] == ["shards/part-00001.parquet"]
     with pytest.raises(DatasetError, match="part-00001.parquet: sha256"):
@@ -123,7 +126,8 @@ def test_verify_a_refresh_root_every_version_and_the_hard_links(tmp_path):
 
     lineage = {"version": "0002-bbbb", "parent": "0001-aaaa",
                "reused_shards": [{"index": 0, "parent_index": 0, "key": "k0", "how": "link"}]}
-    write_manifest(v2, schema_version=1, config_hash="c", code_version="0", shards=[shard_info(v2, 0), new],
+    write_manifest(v2, schema_version=SCHEMA_VERSION,
+                   config_hash="c", code_version="0", shards=[shard_info(v2, 0), new],
                    parents=["0001-aaaa"], extra={"shard_keys": ["k0", "k9"], "lineage": lineage})
     write_latest(root, "0002-bbbb")
     (version_dir(root, "0003-cccc") / "shards").mkdir(parents=True)  # an interrupted refresh

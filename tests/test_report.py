@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.dataset import write_manifest, write_shard
+from tasks.dataset import SCHEMA_VERSION, write_manifest, write_shard
 from tasks.report import build_report, dataset_stats, render_markdown, render_plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +35,8 @@ def make_dataset(out: Path) -> Path:
     ], {"cost": {"generate_tokens": 10, "branch_tokens": 20, "rollout_tokens": 30, "generated_tokens": 60}})
     s1 = write_shard(out, 1, [row("c", [False, False], [0.0, 0.0], [0.3, 3.0], False)],
                      {"cost": {"generate_tokens": 4, "branch_tokens": 0, "rollout_tokens": 6, "generated_tokens": 10}})
-    write_manifest(out, schema_version=1, config_hash="cafe", code_version="0.1.0", shards=[s0, s1], parents=["p1"],
+    write_manifest(out, schema_version=SCHEMA_VERSION,
+                   config_hash="cafe", code_version="0.1.0", shards=[s0, s1], parents=["p1"],
                    extra={"name": "hand", "problems": 3, "quarantined": 1, "shard_keys": ["k0", "k1"],
                           "lineage": {"version": "0002-abcd", "parent": "p1", "reused_shards": [],
                                       "labelled_shards": [0, 1]}})

@@ -10,7 +10,15 @@ import pytest
 from integrity_helpers import build_config
 
 from configs.schema import REPO_ROOT, ConfigError, parse_config
-from tasks.dataset import DatasetError, read_dataset, relabel_dataset, verify_dataset, write_manifest, write_shard
+from tasks.dataset import (
+    SCHEMA_VERSION,
+    DatasetError,
+    read_dataset,
+    relabel_dataset,
+    verify_dataset,
+    write_manifest,
+    write_shard,
+)
 
 CODE_DIRS = ("tasks", "flows", "cluster", "configs", "prm_factory", "scripts", "benchmarks")
 UNSAFE_MODULES = {"pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
@@ -55,7 +63,8 @@ def test_the_scan_would_catch_pickle():
 def _row(shard: int) -> dict:
     return {
         "prompt": "q\n", "completions": ["a"], "labels": [True], "successes": [1], "rollouts": [1],
-        "soft_labels": [1.0], "er_labels": [1.0], "eta": 1.0, "step_entropies": [0.1], "entropy_kind": "exact",
+        "soft_labels": [1.0], "er_labels": [1.0], "tree_value": [1.0], "eta": 1.0, "step_entropies": [0.1],
+        "entropy_kind": "exact",
         "problem_id": "p", "source": "toy", "split": "train", "policy_model": "m", "partitioner": "newline",
         "partitioner_params": "{}", "step_origin": ["final"], "answer": "1", "final_correct": True,
         "prompt_tokens": 1, "completion_tokens": 1, "rollout_tokens": 0, "tree_id": "t", "shard": shard,
@@ -65,7 +74,8 @@ def _row(shard: int) -> dict:
 def test_a_crafted_manifest_cannot_point_outside_the_dataset(tmp_path):
     outside = write_shard(tmp_path / "elsewhere", 0, [_row(0)], {})
     ds = tmp_path / "ds"
-    write_manifest(ds, schema_version=1, config_hash="c", code_version="0", shards=[write_shard(ds, 0, [_row(0)], {})],
+    write_manifest(ds, schema_version=SCHEMA_VERSION,
+                   config_hash="c", code_version="0", shards=[write_shard(ds, 0, [_row(0)], {})],
                    parents=[], extra={})
     manifest = json.loads((ds / "manifest.json").read_text())
     manifest["shards"][0]["path"] = "../elsewhere/shards/part-00000.parquet"
