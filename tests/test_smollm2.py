@@ -1,4 +1,5 @@
-"""Real-language smoke: SmolLM2-135M-Instruct prepared from its GGUF, then a 4-problem GSM8K build on vLLM.
+"""Real-language smoke: SmolLM2-135M-Instruct prepared from its GGUF, then a 4-problem GSM8K build on vLLM, and
+SmolLM2 as the PRM backbone (one Ray Train epoch, ProcessBench eval at --limit 2).
 
 Minutes on 2 CPU cores (measured in benchmarks/README.md); deselect locally with ``-m "not smollm2"``.
 """
