@@ -1,4 +1,5 @@
-"""Real-language smoke: SmolLM2-135M-Instruct prepared from its GGUF, then a 4-problem GSM8K build on vLLM.
+"""Real-language smoke: SmolLM2-135M-Instruct prepared from its GGUF, then a 4-problem GSM8K build on vLLM, and
+SmolLM2 as the PRM backbone (one Ray Train epoch, ProcessBench eval at --limit 2).
 
 Minutes on 2 CPU cores (measured in benchmarks/README.md); deselect locally with ``-m "not smollm2"``.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import subprocess
 import sys
 import time
@@ -102,3 +104,66 @@ def test_four_problem_gsm8k_build_writes_real_steps(smollm2_dir, tmp_path):
         text = "".join(r["completions"])
         assert len(text.split()) >= 5 and sum(c.isalpha() for c in text) > 20  # words, not token ids or bytes
         assert r["labels"][-1] == r["final_correct"]  # the last step's label is the outcome
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_prm_trains_on_ray_train_and_reports_processbench(smollm2_dir, ray_session, toy_prm_dataset,
+                                                                   tmp_path):
+    """SmolLM2 as the PRM backbone (issue 13, item 6): real BPE tokenizer, a pad token that is also EOS, and
+    tied input/output embeddings (AutoModel drops the LM head); one Ray Train epoch on the tiny toy dataset,
+    then `prm-factory eval` on ProcessBench at --limit 2. F1 is whatever it is; the test checks that the
+    report's figures are exactly those of the checkpoint's predictions."""
+    from typer.testing import CliRunner
+
+    from cluster.train import train_prm
+    from configs.schema import parse_config
+    from prm_factory.cli import app
+    from tasks.evaluation import PROCESSBENCH_SUBSETS, balanced_limit, first_error_index, load_processbench
+    from tasks.prm_model import load_prm
+
+    raw = {**toy_prm_dataset["config"], "name": "prm-smollm2"}
+    # One worker with one CPU: two 135M-parameter replicas on 2 cores only add a gloo all-reduce of 0.5 GB.
+    # max_length 256 covers every toy row and cuts the longer ProcessBench samples (counted as truncated).
+    raw["train"] = {**raw["train"], "model_path": str(smollm2_dir), "epochs": 1, "num_workers": 1,
+                    "cpus_per_worker": 1.0, "batch_size": 4, "lr": 1e-4, "max_length": 256}
+    t0 = time.time()
+    result = train_prm(parse_config(raw), toy_prm_dataset["dir"], tmp_path / "run")
+    train_s = time.time() - t0
+    assert result.global_step >= 1 and len(result.history) == 1
+    assert math.isfinite(result.history[0]["train_loss"]) and result.last_eval["eval_steps"] > 0
+    assert math.isfinite(result.last_eval["eval_loss"])  # the held-out rows were scored by the SmolLM2 PRM
+    prm_cfg = json.loads((result.model_dir / "prm_config.json").read_text())
+    assert prm_cfg["hidden_size"] == 576 and prm_cfg["max_length"] == 256  # SmolLM2-135M's width, our cap
+
+    pb_dir = REPO_ROOT.parent / "shared" / "data" / "processbench"
+    t0 = time.time()
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--processbench", str(pb_dir),
+                                   "--limit", "2", "--no-ruler", "--json"])
+    eval_s = time.time() - t0
+    assert res.exit_code == 0, res.output[-3000:]
+    report = json.loads(res.output.strip().splitlines()[-1])
+    print(f"smollm2 PRM: train {train_s:.0f}s ({result.global_step} steps), ProcessBench --limit 2 eval "
+          f"{eval_s:.0f}s; F1 per subset {[r['f1'] for r in report['processbench']['subsets']]}")
+    pb = report["processbench"]
+    assert [r["subset"] for r in pb["subsets"]] == list(PROCESSBENCH_SUBSETS) and pb["limit"] == 2
+
+    for row in pb["subsets"]:  # one erroneous + one correct sample each: accuracies are 0 or 100
+        assert (row["samples"], row["erroneous"], row["correct"]) == (2, 1, 1)
+        a, b = row["error_acc"], row["correct_acc"]
+        assert a in (0.0, 100.0) and b in (0.0, 100.0)
+        assert row["f1"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)  # harmonic mean, in percent
+    assert pb["mean_f1"] == pytest.approx(sum(r["f1"] for r in pb["subsets"]) / 4)
+
+    # The same checkpoint scored here (GSM8K, the shortest subset): the report must be the official metric of
+    # exactly these predictions.
+    row = pb["subsets"][0]
+    samples = balanced_limit(load_processbench(pb_dir / f"{row['subset']}.json"), 2)
+    scores = load_prm(tmp_path / "run").score([s.problem for s in samples], [s.steps for s in samples])
+    assert all(len(sc.mean) == len(s.steps) for sc, s in zip(scores, samples, strict=True))
+    assert all(0.0 <= m <= 1.0 for sc in scores for m in sc.mean if not math.isnan(m))
+    preds = [first_error_index(sc.mean) for sc in scores]
+    err = [p == s.label for p, s in zip(preds, samples, strict=True) if s.label != -1]
+    cor = [p == -1 for p, s in zip(preds, samples, strict=True) if s.label == -1]
+    assert (row["error_acc"], row["correct_acc"]) == (100.0 * sum(err), 100.0 * sum(cor))
+    assert row["truncated"] == sum(sc.truncated for sc in scores)
