@@ -38,6 +38,17 @@ def _checking_paths(info: ValidationInfo) -> bool:
     return not isinstance(info.context, dict) or info.context.get("check_paths", True)
 
 
+def _local_model_exists(model_path: str, info: ValidationInfo) -> str:
+    """A model_path that reads as a local directory must hold an HF model. A hub id is checked against the
+    cache by FactoryConfig (that needs `offline`), or by the preflight online."""
+    from configs.models import classify_model_path
+
+    ref = classify_model_path(model_path)
+    if _checking_paths(info) and ref.kind == "local" and not (ref.local_dir / "config.json").is_file():
+        raise ValueError(f"no HF model at {model_path} (expected {ref.local_dir / 'config.json'})")
+    return model_path
+
+
 class ToySource(_Strict):
     """Generated multi-step arithmetic problems whose every step can be checked exactly."""
 
@@ -121,13 +132,7 @@ class PolicyConfig(_Strict):
     @field_validator("model_path")
     @classmethod
     def _model_exists(cls, v: str, info: ValidationInfo) -> str:
-        from configs.models import classify_model_path
-
-        ref = classify_model_path(v)
-        # A hub id is checked against the cache by FactoryConfig (it needs `offline`); a directory here.
-        if _checking_paths(info) and ref.kind == "local" and not (ref.local_dir / "config.json").is_file():
-            raise ValueError(f"no HF model at {v} (expected {ref.local_dir / 'config.json'})")
-        return v
+        return _local_model_exists(v, info)
 
     @field_validator("prompt_template")
     @classmethod
@@ -263,13 +268,7 @@ class TrainConfig(_Strict):
     @field_validator("model_path")
     @classmethod
     def _backbone_exists(cls, v: str, info: ValidationInfo) -> str:
-        from configs.models import classify_model_path
-
-        ref = classify_model_path(v)
-        # A hub id is checked against the cache by FactoryConfig (it needs `offline`); a directory here.
-        if _checking_paths(info) and ref.kind == "local" and not (ref.local_dir / "config.json").is_file():
-            raise ValueError(f"no HF model at {v} (expected {ref.local_dir / 'config.json'})")
-        return v
+        return _local_model_exists(v, info)
 
     def train_hash(self) -> str:
         """A stable hash of the trainer section (a resumed run must have the same one)."""
