@@ -89,6 +89,17 @@ class Child:
             pass
 
 
+def flush_prefect_logs(timeout_s: float = 30.0) -> None:
+    """Send this process's queued Prefect logs now, while the server still answers.
+
+    Prefect keeps one API log worker per API URL and drains them all at exit; a worker whose server has
+    stopped retries each batch for about a minute, so a process that stops a server it logged to flushes first.
+    """
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s, at_exit=False)
+
+
 def spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> Child:
     """Start `cmd` in its own session; output appended to `log_dir/<name>.log` (rotated past 20 MiB)."""
     from cluster.local import open_log
@@ -179,6 +190,7 @@ class LocalStack:
     stop_ray: Callable[[], None] | None = None
 
     def stop(self) -> None:
+        flush_prefect_logs()
         for child in reversed(self.children):
             child.stop()
         if self.stop_ray is not None:

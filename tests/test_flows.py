@@ -46,7 +46,7 @@ def stack(tmp_path_factory, ray_session, policy_model_path):
     import ray
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.serve import deploy, prefect_env, start_server, start_worker
+    from flows.serve import deploy, flush_prefect_logs, prefect_env, start_server, start_worker
 
     tmp = tmp_path_factory.mktemp("flows")
     home = tmp / "prefect-home"
@@ -78,6 +78,7 @@ def stack(tmp_path_factory, ray_session, policy_model_path):
     finally:
         if worker is not None:
             worker.stop()
+        flush_prefect_logs()  # else the logs of this module's flows are retried against a dead server at exit
         server.stop()
 
 

@@ -228,7 +228,15 @@ def build_run(served, request):
             fr = client.read_flow_run(flow_run.id)
             from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+            # The flow's process sends its logs in batches: the last ones can land after the run is final.
+            log_deadline = time.monotonic() + 60
+            while True:
+                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+                shard_lines = [e for e in logs if re.match(r"shard \d{5} built", e.message)]
+                ready_seen = any(e.message.startswith("engine pool ready after") for e in logs)
+                if (ready_seen and len(shard_lines) >= 3) or time.monotonic() > log_deadline:
+                    break
+                time.sleep(1)
             task_runs = client.read_task_runs()
     assert fr.state.is_completed(), f"{fr.state}: see {served['home'] / 'logs'}"
     return {"flow_run": fr, "seen": seen, "logs": [entry.message for entry in logs], "seconds": time.monotonic() - t0,
