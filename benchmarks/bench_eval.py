@@ -103,7 +103,8 @@ def main() -> None:
             row["seconds"] = round(time.time() - t0, 1)
             results["scorers"].append(row)
     else:
-        results["prm"] = "no checkpoint given (tasks.prm_model lands with the trainer): PRM rows to be added"
+        results["prm"] = ("no checkpoint given: the PRM rows are in benchmarks/results/prm_eval.json "
+                          "(benchmarks/bench_prm.py)")
     if args.smollm2_smoke:
         results["smollm2_smoke"] = smollm2_smoke()
 
