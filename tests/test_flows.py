@@ -171,10 +171,13 @@ def test_build_via_deployment_resumes_after_its_flow_run_is_killed(stack):
     out = stack["tmp"] / "build"
     killed = run_deployment(BUILD, parameters={"out_dir": str(out)}, timeout=0)
     with client() as c:
-        wait_for(completion_path(out, 0).exists, 150, "the first shard")  # its record follows the file
-        pid = int(wait_for(lambda: c.read_flow_run(killed.id).infrastructure_pid, 10, "the flow-run pid"))
-        assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+        # The pid first (the worker records it when it starts the process, before any shard), then a tight poll
+        # for shard 0's record and the kill at once: with warm engines the other three tiny shards take a few
+        # hundred ms, and a coarse poll plus an API call between the record and the kill let them all finish.
+        pid = int(wait_for(lambda: c.read_flow_run(killed.id).infrastructure_pid, 150, "the flow-run pid"))
+        wait_for(completion_path(out, 0).exists, 150, "the first shard", interval=0.005)  # its record follows the file
         os.kill(pid, signal.SIGKILL)
+        assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
         crashed = wait_for(lambda: (s := c.read_flow_run(killed.id).state).is_final() and s, 60, "the crash")
     assert crashed.is_crashed(), crashed
     written = sorted(p.name for p in (out / "shards").glob("part-*.parquet")
