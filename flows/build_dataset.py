@@ -2,7 +2,8 @@
 
 validate config -> prepare (ingest + plan shards) -> start the engine pool (when a shard needs it) -> label
 each shard (one task per shard, on the Ray engine pool; a progress artifact follows) -> manifest -> report
-artifacts. A re-run after a crash skips the shards already written.
+artifacts. A re-run after a crash skips the shards already written. The stages are those of tasks/build.py
+(the CLI's `build` runs the same ones in one process); flows/steps.py wraps each in a Prefect task.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from prefect import flow, get_run_logger
 from configs.schema import resolve_path
 from flows.steps import (
     artifact_key,
+    finalize_task,
     label_shards,
     load,
-    prepare_shards,
+    prepare_task,
     publish_report,
     run_summary,
     start_engines_task,
     validate_config,
-    write_manifest,
 )
 
 
@@ -33,11 +34,11 @@ def build_dataset(config_path: str = "configs/toy.yaml", out_dir: str | None = N
     cfg = load(config_path)
     out = str(resolve_path(out_dir or cfg.dataset.out_dir))
 
-    shards = prepare_shards(config_path, out)
+    shards = prepare_task(config_path, out)
     start_engines_task(config_path, shards)
     results = label_shards(shards, max_in_flight=cfg.cluster.num_engines,
                            progress_key=artifact_key(cfg.name, "dataset-progress"))
-    manifest = write_manifest(config_path, out, parents=[], extra={})
+    manifest = finalize_task(config_path, out, parents=[], extra={})
 
     summary = run_summary(results, started, dataset_dir=out, version=manifest["dataset_version"])
     publish_report(out, summary, artifact_key=artifact_key(cfg.name, "dataset"))

@@ -1,31 +1,34 @@
 """Flow: incremental refresh of a versioned dataset root (scheduled by the `refresh` deployment).
 
-validate config -> plan (current sources vs the LATEST version) -> if nothing changed: record
-"up to date" and stop (no engine, no new version) -> else prepare a new version -> reuse unchanged
-shards from the parent (hard links, sha256-checked) -> label only new or changed shards -> manifest with
-parents and lineage -> move LATEST -> report artifacts -> (train_after) start the train-prm deployment on it.
+validate config -> plan (the current sources, ingested once into a staging dir, vs the LATEST version) -> if
+nothing changed: record "up to date" and stop (no engine, no new version) -> else prepare a new version (the
+staged ingest moves in) -> reuse unchanged shards from the parent (hard links, sha256-checked) -> label only new
+or changed shards (the shard stage of tasks/build.py, as in build_dataset) -> manifest with parents and
+lineage -> move LATEST -> report artifacts -> (train_after) start the train-prm deployment on it.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from configs.schema import resolve_path
 from flows.steps import (
     artifact_key,
+    finalize_task,
     label_shards,
     load,
     plan_refresh,
     point_latest,
-    prepare_shards,
+    prepare_task,
     publish_report,
     reuse_shards,
     run_summary,
     start_engines_task,
     validate_config,
-    write_manifest,
 )
 from flows.train_prm import trigger_training
 from tasks.versions import version_dir
@@ -49,7 +52,7 @@ def refresh(config_path: str = "configs/toy.yaml", root: str | None = None, trai
     root = str(resolve_path(root or default_root(config_path)))
     key = artifact_key(cfg.name, "refresh")
 
-    plan = plan_refresh(config_path, root)
+    plan = plan_refresh(config_path, root, staging_dir=str(Path(root) / f".ingest-{flow_run.id}"))
     if plan["up_to_date"]:
         summary = run_summary([], started, status="up_to_date", version=plan["parent"],
                               dataset_dir=str(version_dir(root, plan["parent"])), engine_started=False)
@@ -59,7 +62,7 @@ def refresh(config_path: str = "configs/toy.yaml", root: str | None = None, trai
         return summary
 
     out = str(version_dir(root, plan["version"]))
-    shards = prepare_shards(config_path, out)
+    shards = prepare_task(config_path, out, staged=str(Path(root) / f".ingest-{flow_run.id}"))
     reused = reuse_shards(out, plan["reuse"])
     reused_at = {r["index"] for r in reused}
     to_label = [s for s in shards if s.index not in reused_at]
@@ -70,7 +73,7 @@ def refresh(config_path: str = "configs/toy.yaml", root: str | None = None, trai
                "reused_shards": [{k: r[k] for k in ("index", "parent_index", "key", "how")} for r in reused],
                "labelled_shards": [r["index"] for r in results]}
     parents = [plan["parent"]] if plan["parent"] else []
-    manifest = write_manifest(config_path, out, parents=parents, extra={"lineage": lineage})
+    manifest = finalize_task(config_path, out, parents=parents, extra={"lineage": lineage})
     point_latest(root, plan["version"], {"status": "new_version", "version": plan["version"],
                                          "parents": parents, "reused": len(reused), "labelled": len(results)})
 

@@ -1,7 +1,12 @@
-"""The Prefect tasks the flows are made of: thin wrappers over tasks/build.py, tasks/versions.py, tasks/report.py.
+"""The Prefect tasks the flows are made of: the Prefect executor of the build pipeline of tasks/build.py.
+
+``prepare_task`` -> ``label_shard_task`` (one per shard) -> ``finalize_task`` run the stages ``prepare`` ->
+``run_shard`` -> ``finalize`` of tasks/build.py, the same functions the CLI's local loop (``tasks.build.build``)
+runs; the refresh tasks wrap tasks/versions.py, the report task tasks/report.py.
 
 Tasks receive small references (config path, output directory, shard index and key), never problems or
-rows, so Prefect can hash their inputs for caching and the API never carries data. The engines live in
+rows, so Prefect can hash their inputs for caching and the API never carries data: a stage reads what the
+stage before it wrote (``problems.parquet``, the shards). The engines live in
 named, detached Ray actors (cluster/actors.py): a shard task attaches to them by name (starting them if
 they are not there), sends its shard's requests and writes its Parquet shard. The pool enforces the
 per-request timeouts; Prefect's task timeouts are not used.
@@ -17,6 +22,7 @@ process cost nothing and the engine pool already provides backpressure; the flow
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -46,25 +52,11 @@ class ShardRef:
 # -- per-process state shared by the shard tasks of one flow run (threads) ---------------------------
 
 _lock = threading.Lock()
-_problems: dict[tuple[str, str, str], dict[str, Any]] = {}
 _engines: dict[tuple[str, str], tuple[Any, Any]] = {}  # (flow run, config) -> (pool, tokenizer)
 
 
 def load(config_path: str) -> FactoryConfig:
     return load_config(resolve_path(config_path))
-
-
-def _problems_by_id(config_path: str, cfg: FactoryConfig) -> dict[str, Any]:
-    """The config's problems by id, ingested once per flow run (cheap next to labelling a shard)."""
-    from prefect.runtime import flow_run
-
-    from tasks.build import ingest
-
-    key = (str(flow_run.id), config_path, cfg.config_hash())
-    with _lock:
-        if key not in _problems:
-            _problems[key] = {p.problem_id: p for p in ingest(cfg).problems}
-        return _problems[key]
 
 
 def _labeller(cfg: FactoryConfig):
@@ -137,15 +129,16 @@ def validate_config(config_path: str) -> dict[str, str]:
 
 
 @task(name="prepare")
-def prepare_shards(config_path: str, out_dir: str) -> list[ShardRef]:
-    """Consumes the config's sources; produces the output dir (ingest report, quarantine) and one ref per shard."""
+def prepare_task(config_path: str, out_dir: str, staged: str | None = None) -> list[ShardRef]:
+    """Consumes the config's sources (or a staged ingest); produces the output dir (problems.parquet, quarantine,
+    ingest counts) and one ref per shard. The only task that reads the sources."""
     from tasks.build import prepare
 
     cfg = load(config_path)
-    ingested, plans = prepare(cfg, out_dir)
-    get_run_logger().info("%d problems (%d quarantined) in %d shards -> %s", len(ingested.problems),
-                          len(ingested.quarantined), len(plans), out_dir)
-    return [ShardRef(config_path, str(out_dir), p.index, p.key) for p in plans]
+    prepared = prepare(cfg, out_dir, staged=staged)
+    get_run_logger().info("%d problems (%d quarantined) in %d shards -> %s", prepared.problems,
+                          prepared.quarantined, len(prepared.plans), out_dir)
+    return [ShardRef(config_path, str(out_dir), p.index, p.key) for p in prepared.plans]
 
 
 @task(name="start-engines")
@@ -166,38 +159,28 @@ def start_engines_task(config_path: str, refs: Sequence[ShardRef]) -> dict[str, 
 
 @task(name="label-shard", retries=2, retry_delay_seconds=2, cache_policy=SHARD_CACHE, persist_result=True,
       task_run_name="shard-{index:05d}")
-def label_shard(config_path: str, out_dir: str, index: int, key: str) -> dict[str, Any]:
-    """Consumes one shard reference; produces `shards/part-<index>.parquet` (skipped when already done).
+def label_shard_task(config_path: str, out_dir: str, index: int, key: str) -> dict[str, Any]:
+    """Consumes one shard reference and problems.parquet; produces `shards/part-<index>.parquet` (skipped when
+    already done) via ``tasks.build.run_shard``.
 
     Idempotent: a done shard returns at once, and a shard is written whole or not at all, so retries and
     re-runs after a crash never duplicate rows. Returns the shard's status, rows and engine cost.
     """
-    from tasks.build import label_shard as label_and_write
-    from tasks.build import plan_shards
-    from tasks.dataset import NOT_WRITTEN, check_shard, shard_info
+    from tasks.build import read_plan, run_shard
 
     started = time.perf_counter()
-    reason = check_shard(out_dir, index, key)
-    if reason is None:
-        return {"index": index, "status": "skipped", "rows": shard_info(out_dir, index).rows, "cost": {},
-                "seconds": time.perf_counter() - started}
-    status = "built"
-    if reason != NOT_WRITTEN:
-        status = "rebuilt"
-        get_run_logger().warning("shard %d: the file on disk is not reused (%s); rebuilding it", index, reason)
     cfg = load(config_path)
-    by_id = _problems_by_id(config_path, cfg)
-    plan = plan_shards(list(by_id.values()), cfg)[index]
-    if plan.key != key:
-        raise ValueError(f"shard {index}: the sources changed since planning (key {plan.key}, expected {key})")
-    cost = label_and_write(cfg, out_dir, plan, [by_id[pid] for pid in plan.problem_ids], _labeller(cfg))
-    return {"index": index, "status": status, "rows": shard_info(out_dir, index).rows, "cost": cost.to_dict(),
+    outcome = run_shard(cfg, out_dir, read_plan(cfg, out_dir, index, key), lambda: _labeller(cfg))
+    if outcome.reason is not None:
+        get_run_logger().warning("shard %d: the file on disk was not reused (%s); rebuilt it", index, outcome.reason)
+    return {"index": index, "status": outcome.status, "rows": outcome.rows,
+            "cost": outcome.cost.to_dict() if outcome.status != "skipped" else {},
             "seconds": time.perf_counter() - started}
 
 
 def label_shards(refs: Sequence[ShardRef], max_in_flight: int,
                  progress_key: str | None = None) -> list[dict[str, Any]]:
-    """Run `label_shard` for each ref, at most `max_in_flight` at once; results in ref order.
+    """Run `label_shard_task` for each ref, at most `max_in_flight` at once; results in ref order.
 
     With `progress_key`, a Prefect progress artifact under that key follows the run: percent of shards
     finished, and in its description the shard counts by status and the tokens generated so far. Each
@@ -221,7 +204,7 @@ def label_shards(refs: Sequence[ShardRef], max_in_flight: int,
         progress.shard_done(result)
 
     for ref in refs:
-        shard_task = label_shard.with_options(refresh_cache=not shard_done(ref.out_dir, ref.index, ref.key))
+        shard_task = label_shard_task.with_options(refresh_cache=not shard_done(ref.out_dir, ref.index, ref.key))
         if len(pending) >= max_in_flight:
             done = next(as_completed(pending))
             pending.remove(done)
@@ -277,13 +260,12 @@ def shard_tokens(cost: dict[str, Any]) -> int:
 
 
 @task(name="write-manifest")
-def write_manifest(config_path: str, out_dir: str, parents: list[str], extra: dict[str, Any]) -> dict[str, Any]:
-    """Consumes the finished shards; produces manifest.json (row counts, sha256 per shard, parents, lineage)."""
-    from tasks.build import finalize, ingest, plan_shards
+def finalize_task(config_path: str, out_dir: str, parents: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """Consumes the finished shards and problems.parquet; produces manifest.json (row counts, sha256 per shard,
+    parents, lineage) via ``tasks.build.finalize``."""
+    from tasks.build import finalize
 
-    cfg = load(config_path)
-    ingested = ingest(cfg)
-    return finalize(cfg, out_dir, plan_shards(ingested.problems, cfg), ingested, parents=parents, extra=extra)
+    return finalize(load(config_path), out_dir, parents=parents, extra=extra)
 
 
 @task(name="publish-report")
@@ -319,20 +301,25 @@ def run_summary(results: Sequence[dict[str, Any]], started: float, **extra: Any)
             "ray_dashboard": ray_dashboard_url(), **extra}
 
 
-
 # -- refresh: versions under a dataset root --------------------------------------------------------------
 
 
 @task(name="plan-refresh")
-def plan_refresh(config_path: str, root: str) -> dict[str, Any]:
-    """Consumes the current sources and LATEST; produces which shards to reuse and which to label (no writes)."""
-    from tasks.build import ingest, plan_shards
+def plan_refresh(config_path: str, root: str, staging_dir: str) -> dict[str, Any]:
+    """Consumes the current sources and LATEST; produces which shards to reuse and which to label.
+
+    Writes only into `staging_dir` (the ingest, which `prepare_task(staged=...)` then moves into the new
+    version, so the sources are read once per refresh).
+    """
+    from tasks.build import stage_ingest
     from tasks.versions import next_version_id, plan_reuse, read_latest, version_dir
 
     cfg = load(config_path)
-    keys = [p.key for p in plan_shards(ingest(cfg).problems, cfg)]
+    keys = [p.key for p in stage_ingest(cfg, staging_dir)]
     parent = read_latest(root)
     reuse = plan_reuse(parent, version_dir(root, parent) if parent else None, keys)
+    if reuse.up_to_date:  # nothing will be prepared: the staged ingest has no use
+        shutil.rmtree(staging_dir)
     plan = {
         "parent": parent,
         "up_to_date": reuse.up_to_date,

@@ -84,38 +84,30 @@ def ingest(
 ) -> None:
     """Load every source of a config; write problems.parquet and quarantine.jsonl; print counts per source.
 
+    The same ingest as a build's first stage (tasks.build.ingest): what a build would quarantine, this does.
     The model is not needed here, so its path is not checked (a missing data file still fails, exit 2).
     """
-    from collections import Counter
-
     from rich.table import Table
 
     from configs.schema import resolve_path
-    from tasks.loaders import SourceError, load_sources, write_problems, write_quarantine
+    from tasks.build import ingest as run_ingest
+    from tasks.build import write_ingest
+    from tasks.loaders import SourceError
 
     cfg = _load(config, check_paths=False)
     out_dir = out or resolve_path(f"runs/{cfg.name}/ingest")
     try:
-        loaded = load_sources(cfg.sources)
+        ingested = run_ingest(cfg)
     except SourceError as err:
         console.print(str(err), style="red", markup=False)
         raise typer.Exit(2) from None
-    problems = [p for _, result in loaded for p in result.problems]
-    quarantined = [q for _, result in loaded for q in result.quarantined]
+    problems, quarantined, per_source = ingested.problems, ingested.quarantined, ingested.per_source
     try:
-        problems_path = write_problems(problems, out_dir / "problems.parquet",
-                                       provenance={"config": cfg.name, "config_hash": cfg.config_hash()})
-        quarantine_path = write_quarantine(quarantined, out_dir / "quarantine.jsonl")
+        problems_path, quarantine_path = write_ingest(cfg, ingested, out_dir)
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:
             raise
         raise _unwritable(err, out_dir) from None
-    per_source = [
-        {"index": i, "kind": src.kind, "path": getattr(src, "path", ""), "kept": len(result.problems),
-         "quarantined": len(result.quarantined),
-         "reasons": dict(Counter(q.reason for q in result.quarantined).most_common())}
-        for i, (src, result) in enumerate(loaded)
-    ]
     if json_out:
         print(json.dumps({"ok": True, "problems": str(problems_path), "quarantine": str(quarantine_path),
                           "kept": len(problems), "quarantined": len(quarantined), "sources": per_source}))
@@ -179,11 +171,12 @@ def build(
         def on_requests(stage, n):
             bar.update(requests, advance=n, description=f"engine requests ({stage})")
 
-        try:
-            from tasks.build import ingest, plan_shards
+        def on_plan(plans):
+            bar.update(shards, total=len(plans))
 
-            bar.update(shards, total=len(plan_shards(ingest(cfg).problems, cfg)))
-            report = run_build(cfg, out_dir, _engine_factory(cfg, local), progress=on_requests, on_shard=on_shard)
+        try:
+            report = run_build(cfg, out_dir, _engine_factory(cfg, local), progress=on_requests, on_plan=on_plan,
+                               on_shard=on_shard)
         except (BuildError, ModelNotFoundError, PromptTemplateError) as err:
             console.print(str(err), style="red", markup=False)
             raise typer.Exit(2) from None

@@ -1,11 +1,28 @@
-"""Build a dataset version: ingest -> shards of problems -> label each shard -> Parquet shards -> manifest.
+"""The build pipeline, defined once: prepare -> label shard -> finalize. Two executors run it.
 
-A shard is a fixed slice of the ingested problems; its rows are written atomically, then its completion
-record (key and sha256 of the bytes written). A shard is done only while its record names the key planned
-now (same labelling config, same problems) and its file still hashes to the recorded sha256: a crashed
-build resumes where it stopped, a finished build re-run does no engine work at all, and a shard that went
-stale (the source changed before the resume) or was corrupted on disk is rebuilt, with a warning and its
-reason in ``BuildReport.rebuilt``. The engine is started only when some shard still needs labelling.
+Each stage reads what the stage before it wrote in the output directory, as datatrove's pipeline steps read
+files, so a stage can run in another process (a Prefect task) with nothing but the directory and a shard
+reference:
+
+- ``prepare(cfg, out)``: the only stage that reads the sources. Checks the output directory, ingests every
+  source once, writes ``problems.parquet`` (the kept problems, in ingest order), ``quarantine.jsonl`` (every
+  row not kept, with its reason) and ``ingest.json`` (counts per source), and plans the shards from them.
+- ``run_shard(cfg, out, plan, labeller)``: one shard: skipped when done, else its problems are read back from
+  ``problems.parquet`` and labelled; its rows are written atomically, then its completion record (key and
+  sha256 of the bytes written), and its rejects to ``rejected/``.
+- ``finalize(cfg, out)``: the manifest over every planned shard (all must be done), totals from
+  ``ingest.json`` and the shards' provenance.
+
+Executors: ``build`` below runs the stages in one process, shard after shard (the CLI's ``build``);
+flows/build_dataset.py and flows/refresh.py run each stage as a Prefect task and the shards in parallel on
+the Ray engine pool.
+
+A shard is done only while its record names the key planned now (same labelling config, same problems) and
+its file still hashes to the recorded sha256: a crashed build resumes where it stopped, a finished build
+re-run does no engine work at all, and a shard that went stale (the source changed before the resume: the
+resume's ``prepare`` reads the sources again and plans new keys) or was corrupted on disk is rebuilt, with a
+warning and its reason in ``BuildReport.rebuilt``. The engine is started only when some shard still needs
+labelling.
 """
 
 from __future__ import annotations
@@ -13,6 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +45,24 @@ from tasks.dataset import (
     SCHEMA_VERSION,
     atomic_write_bytes,
     check_shard,
-    read_manifest,
+    read_provenance,
     shard_info,
+    shard_path,
     write_manifest,
     write_shard,
 )
 from tasks.labelling import Generator, Rejected, ShardCost, ShardLabeller, ShardResult
+from tasks.loaders import QuarantineRow
 from tasks.problems import Problem
 
 log = logging.getLogger(__name__)
 
 BUILD_MARKER = "build.json"
+PROBLEMS_FILE = "problems.parquet"
+QUARANTINE_FILE = "quarantine.jsonl"
+INGEST_REPORT = "ingest.json"
+REJECTED_DIR = "rejected"
+INGEST_FILES = (PROBLEMS_FILE, QUARANTINE_FILE, INGEST_REPORT)
 
 
 class BuildError(RuntimeError):
@@ -44,18 +71,45 @@ class BuildError(RuntimeError):
 
 @dataclass
 class IngestResult:
+    """The kept problems (in source order), every row not kept, and per source: kind, path, counts, reasons."""
+
     problems: list[Problem]
-    quarantined: list[dict[str, Any]]
-    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    quarantined: list[QuarantineRow]
+    per_source: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """A slice of problems that becomes one Parquet shard. `key` changes iff its problems or config do."""
+    """A slice of problems that becomes one Parquet shard. `key` changes iff its problems or config do.
+
+    Its problems are rows ``start .. start + len(problem_ids)`` of ``problems.parquet``.
+    """
 
     index: int
     problem_ids: tuple[str, ...]
     key: str
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` wrote: the shard plans and the counts of kept and quarantined problems."""
+
+    out_dir: Path
+    plans: list[ShardPlan]
+    problems: int
+    quarantined: int
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """One shard's run: ``skipped`` (done already), ``built``, or ``rebuilt`` (with why its old file was not used)."""
+
+    index: int
+    status: str
+    rows: int
+    cost: ShardCost
+    reason: str | None = None
 
 
 @dataclass
@@ -72,40 +126,138 @@ class BuildReport:
     rebuilt: dict[int, str] = field(default_factory=dict)  # shard index -> why its file on disk was not reused
 
 
+# -- ingest: the sources, read once per build ----------------------------------------------------------
+
+
 def ingest(cfg: FactoryConfig) -> IngestResult:
     """Every configured source's problems, with the rows that could not be used and why.
 
-    Problems without a gold answer (ProcessBench samples) cannot be labelled by rollouts: quarantined.
+    Problems without a gold answer (ProcessBench samples) cannot be labelled by rollouts: quarantined, with
+    the reason ``no_gold_answer``. Raises ``tasks.loaders.SourceError`` for a source that cannot be read.
     """
-    from tasks.loaders import load_sources
+    from tasks.loaders import load_sources, raw_row
 
     problems: list[Problem] = []
-    quarantined: list[dict[str, Any]] = []
-    per_source: dict[str, dict[str, int]] = {}
+    quarantined: list[QuarantineRow] = []
+    per_source: list[dict[str, Any]] = []
     for i, (src, result) in enumerate(load_sources(cfg.sources)):
-        bad = [q.to_dict() for q in result.quarantined]
+        path = str(getattr(src, "path", "") or "")
+        bad = list(result.quarantined)
         for p in result.problems:
             if p.answer.strip():
                 problems.append(p)
             else:
-                bad.append({"source": p.source, "problem_id": p.problem_id, "reason": "no_gold_answer",
-                            "detail": "rollout labelling needs a gold answer to check completions against"})
+                bad.append(QuarantineRow(src.kind, 0, "no_gold_answer", raw_row(p.to_dict()),
+                                         f"problem {p.problem_id}: rollout labelling needs a gold answer to check "
+                                         "completions against", path))
         quarantined.extend(bad)
-        per_source[f"{i}:{src.kind}"] = {"kept": len(result.problems) - (len(bad) - len(result.quarantined)),
-                                         "quarantined": len(bad)}
+        per_source.append({"index": i, "kind": src.kind, "path": path, "kept": len(result.problems) + len(
+            result.quarantined) - len(bad), "quarantined": len(bad),
+            "reasons": dict(Counter(q.reason for q in bad).most_common())})
     return IngestResult(problems, quarantined, per_source)
 
 
-def plan_shards(problems: Sequence[Problem], cfg: FactoryConfig) -> list[ShardPlan]:
-    """Consecutive slices of `problems_per_shard` problems, in ingest order."""
+def write_ingest(cfg: FactoryConfig, ingested: IngestResult, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``problems.parquet`` and ``quarantine.jsonl`` (each atomically) into `out_dir`; their paths."""
+    from tasks.loaders import write_problems, write_quarantine
+
+    out = Path(out_dir)
+    problems = write_problems(ingested.problems, out / PROBLEMS_FILE,
+                              provenance={"config": cfg.name, "config_hash": cfg.config_hash()})
+    return problems, write_quarantine(ingested.quarantined, out / QUARANTINE_FILE)
+
+
+def stage_ingest(cfg: FactoryConfig, staging_dir: str | Path) -> list[ShardPlan]:
+    """Ingest into `staging_dir` (problems, quarantine, counts) and plan the shards, for `prepare(staged=...)`.
+
+    A refresh needs the shard keys before it knows which version directory to prepare: it stages the
+    ingest, plans from it, and `prepare` then moves the staged files into the version instead of reading
+    the sources a second time.
+    """
+    staging = Path(staging_dir)
+    staging.mkdir(parents=True, exist_ok=True)
+    ingested = ingest(cfg)
+    write_ingest(cfg, ingested, staging)
+    _write_json_atomic(staging / INGEST_REPORT, {"per_source": ingested.per_source,
+                                                 "problems": len(ingested.problems),
+                                                 "quarantined": len(ingested.quarantined)})
+    return plan_shards([p.problem_id for p in ingested.problems], cfg)
+
+
+def plan_shards(problem_ids: Sequence[str], cfg: FactoryConfig) -> list[ShardPlan]:
+    """Consecutive slices of `problems_per_shard` problem ids, in ingest order."""
     size = cfg.dataset.problems_per_shard
     cfg_hash = cfg.labelling_hash()
     plans = []
-    for index, start in enumerate(range(0, len(problems), size)):
-        ids = tuple(p.problem_id for p in problems[start:start + size])
+    for index, start in enumerate(range(0, len(problem_ids), size)):
+        ids = tuple(problem_ids[start:start + size])
         key = hashlib.sha256(("\x1f".join((cfg_hash, *ids))).encode()).hexdigest()[:16]
-        plans.append(ShardPlan(index, ids, key))
+        plans.append(ShardPlan(index, ids, key, start))
     return plans
+
+
+# -- what prepare wrote, read back by the later stages -------------------------------------------------
+
+_tables_lock = threading.Lock()
+_tables: dict[tuple[str, int, int, int], Any] = {}  # problems.parquet by (path, inode, size, mtime): one read
+
+
+def _problems_table(out_dir: str | Path):
+    """The ``problems.parquet`` of `out_dir` as a pyarrow table, read once per file version in this process.
+
+    The shard tasks of one flow run are threads of one process: they share one read, not one per shard.
+    A file rewritten by a resumed `prepare` is a new inode (atomic rename), hence a new read.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(out_dir) / PROBLEMS_FILE
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise BuildError(f"{path} is missing: run prepare (the build) first") from None
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _tables_lock:
+        if key not in _tables:
+            _tables.clear()  # only the latest version of a file is read again
+            _tables[key] = pq.read_table(path)
+        return _tables[key]
+
+
+def read_plans(cfg: FactoryConfig, out_dir: str | Path) -> list[ShardPlan]:
+    """The shard plans of the problems `prepare` wrote into `out_dir`."""
+    return plan_shards(_problems_table(out_dir).column("problem_id").to_pylist(), cfg)
+
+
+def read_plan(cfg: FactoryConfig, out_dir: str | Path, index: int, key: str) -> ShardPlan:
+    """Shard `index` as planned from `out_dir`'s problems; BuildError when its key is not `key` any more."""
+    plans = read_plans(cfg, out_dir)
+    if index >= len(plans) or plans[index].key != key:
+        now = plans[index].key if index < len(plans) else "no such shard"
+        raise BuildError(f"shard {index}: the problems changed since planning (key {now}, expected {key})")
+    return plans[index]
+
+
+def read_problems(out_dir: str | Path, plan: ShardPlan) -> list[Problem]:
+    """The problems of one shard, read back from ``problems.parquet`` (meta decoded from its JSON string)."""
+    rows = _problems_table(out_dir).slice(plan.start, len(plan.problem_ids)).to_pylist()
+    problems = [Problem(r["problem_id"], r["source"], r["question"], r["answer"], r["split"], json.loads(r["meta"]))
+                for r in rows]
+    if tuple(p.problem_id for p in problems) != plan.problem_ids:
+        raise BuildError(f"shard {plan.index}: {PROBLEMS_FILE} no longer holds its problems; run prepare again")
+    return problems
+
+
+def read_ingest_report(out_dir: str | Path) -> dict[str, Any]:
+    """``ingest.json``: counts of kept and quarantined problems, per source and in total."""
+    return json.loads((Path(out_dir) / INGEST_REPORT).read_text())
+
+
+def rejected_path(out_dir: str | Path, index: int) -> Path:
+    """``rejected/part-XXXXX.jsonl``: the problems of shard `index` that produced no row, with the reason."""
+    return Path(out_dir) / REJECTED_DIR / f"{shard_path('', index).stem}.jsonl"
+
+
+# -- the stages ------------------------------------------------------------------------------------------
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
@@ -138,29 +290,34 @@ def load_tokenizer(cfg: FactoryConfig):
                                                            tokenizer_only=True)))
 
 
-def prepare(cfg: FactoryConfig, out_dir: str | Path) -> tuple[IngestResult, list[ShardPlan]]:
-    """Check the output directory, ingest the sources (writing the quarantine) and plan the shards."""
+def prepare(cfg: FactoryConfig, out_dir: str | Path, staged: str | Path | None = None) -> Prepared:
+    """Stage 1: check the output directory, ingest the sources into it (problems, quarantine, counts), plan shards.
+
+    `staged`: a directory `stage_ingest` wrote for this config; its files are moved in instead of reading the
+    sources again (the directory is removed).
+    """
     out = Path(out_dir)
     _check_out_dir(out, cfg)
-    ingested = ingest(cfg)
-    _write_json_atomic(out / "ingest.json", {"per_source": ingested.per_source,
-                                             "problems": len(ingested.problems),
-                                             "quarantined": len(ingested.quarantined)})
-    _write_lines_atomic(out / "quarantine.jsonl", [json.dumps(row, default=str) for row in ingested.quarantined])
-    (out / "rejected").mkdir(exist_ok=True)
-    return ingested, plan_shards(ingested.problems, cfg)
+    if staged is None:
+        stage_ingest(cfg, out)
+    else:
+        staged = Path(staged)
+        for name in INGEST_FILES:
+            os.replace(staged / name, out / name)  # same file system: the version directory's root holds both
+        staged.rmdir()
+    (out / REJECTED_DIR).mkdir(exist_ok=True)
+    report = read_ingest_report(out)
+    return Prepared(out, read_plans(cfg, out), int(report["problems"]), int(report["quarantined"]))
 
 
-def label_shard(cfg: FactoryConfig, out_dir: str | Path, plan: ShardPlan, problems: Sequence[Problem],
-                labeller: ShardLabeller) -> ShardCost:
-    """Label one shard's problems and write its rows (atomically) and its rejects. Returns its cost."""
+def label_shard(cfg: FactoryConfig, out_dir: str | Path, plan: ShardPlan, labeller: ShardLabeller) -> ShardCost:
+    """Label one shard's problems (read from ``problems.parquet``) and write its rows (atomically) and rejects."""
     out = Path(out_dir)
-    fits, too_long = split_by_context(cfg, problems, labeller.tok)
+    fits, too_long = split_by_context(cfg, read_problems(out, plan), labeller.tok)
     result = labeller.label(fits) if fits else ShardResult([], ShardCost())
     for row in result.rows:
         row["shard"] = plan.index
-    _write_lines_atomic(out / "rejected" / f"part-{plan.index:05d}.jsonl",
-                        [json.dumps(r.__dict__) for r in too_long + result.rejected])
+    _write_lines_atomic(rejected_path(out, plan.index), [json.dumps(r.__dict__) for r in too_long + result.rejected])
     # The shard file is written last: its existence is what marks the shard done.
     write_shard(out, plan.index, result.rows, {
         "name": cfg.name, "config_hash": cfg.config_hash(), "code_version": __version__,
@@ -169,6 +326,24 @@ def label_shard(cfg: FactoryConfig, out_dir: str | Path, plan: ShardPlan, proble
         "cost": result.cost.to_dict(), "rejected": len(too_long) + len(result.rejected),
     })
     return result.cost
+
+
+def run_shard(cfg: FactoryConfig, out_dir: str | Path, plan: ShardPlan,
+              labeller: Callable[[], ShardLabeller]) -> ShardOutcome:
+    """Stage 2, one shard: skip it when done (same key, intact), else label it with ``labeller()`` and write it.
+
+    `labeller` is called only when the shard needs labelling, so a finished build starts no engine.
+    """
+    reason = check_shard(out_dir, plan.index, plan.key)
+    if reason is None:
+        return ShardOutcome(plan.index, "skipped", shard_info(out_dir, plan.index).rows, ShardCost())
+    status = "built"
+    if reason != NOT_WRITTEN:
+        status = "rebuilt"
+        log.warning("shard %d: the file on disk is not reused (%s); rebuilding it", plan.index, reason)
+    cost = label_shard(cfg, out_dir, plan, labeller())
+    return ShardOutcome(plan.index, status, shard_info(out_dir, plan.index).rows, cost,
+                        reason if status == "rebuilt" else None)
 
 
 def split_by_context(cfg: FactoryConfig, problems: Sequence[Problem], tokenizer: Any
@@ -191,10 +366,14 @@ def split_by_context(cfg: FactoryConfig, problems: Sequence[Problem], tokenizer:
     return fits, too_long
 
 
-def finalize(cfg: FactoryConfig, out_dir: str | Path, plans: Sequence[ShardPlan], ingested: IngestResult,
-             parents: Sequence[str] = (), extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the manifest over every planned shard (all must be done); `extra` adds keys (e.g. lineage)."""
+def finalize(cfg: FactoryConfig, out_dir: str | Path, parents: Sequence[str] = (),
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stage 3: the manifest over every shard planned from `out_dir`'s problems (all must be done).
+
+    `parents` names the versions this one derives from; `extra` adds keys (e.g. a refresh's lineage).
+    """
     out = Path(out_dir)
+    plans = read_plans(cfg, out)
     not_done = {p.index: reason for p in plans if (reason := check_shard(out, p.index, p.key)) is not None}
     if not_done:
         raise BuildError(f"cannot write the manifest: shards not done: {not_done}")
@@ -203,68 +382,65 @@ def finalize(cfg: FactoryConfig, out_dir: str | Path, plans: Sequence[ShardPlan]
     infos = [shard_info(out, plan.index) for plan in plans]
     return write_manifest(out, schema_version=SCHEMA_VERSION, config_hash=cfg.config_hash(),
                           code_version=__version__, shards=infos, parents=list(parents),
-                          extra={**_manifest_extra(cfg, out, plans, ingested), **(extra or {})})
+                          extra={**_manifest_extra(cfg, out, plans), **(extra or {})})
 
 
 def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Generator],
           *, progress: Callable[[str, int], None] | None = None,
+          on_plan: Callable[[Sequence[ShardPlan]], None] | None = None,
           on_shard: Callable[[ShardPlan, str], None] | None = None) -> BuildReport:
-    """Build (or resume) the dataset for `cfg` in `out_dir`; `engine_factory` is called at most once."""
+    """The local executor: build (or resume) the dataset for `cfg` in `out_dir`, one shard after the other.
+
+    `engine_factory` is called at most once, when the first shard needs labelling. `on_plan` gets the shard
+    plans once prepared, `on_shard` each shard and its status as it finishes.
+    """
     out = Path(out_dir)
-    ingested, plans = prepare(cfg, out)
-    by_id = {p.problem_id: p for p in ingested.problems}
+    prepared = prepare(cfg, out)
+    if on_plan:
+        on_plan(prepared.plans)
     labeller: ShardLabeller | None = None
-    built = skipped = 0
+
+    def get_labeller() -> ShardLabeller:
+        nonlocal labeller
+        if labeller is None:
+            labeller = ShardLabeller(cfg, engine_factory(), load_tokenizer(cfg), progress)
+        return labeller
+
     rebuilt: dict[int, str] = {}
+    by_status: Counter[str] = Counter()
     total_cost = ShardCost()
-    for plan in plans:
-        status = "skipped"
-        reason = check_shard(out, plan.index, plan.key)
-        if reason is None:
-            skipped += 1
-        else:
-            status = "built"
-            if reason != NOT_WRITTEN:
-                status = "rebuilt"
-                rebuilt[plan.index] = reason
-                log.warning("shard %d: the file on disk is not reused (%s); rebuilding it", plan.index, reason)
-            if labeller is None:
-                labeller = ShardLabeller(cfg, engine_factory(), load_tokenizer(cfg), progress)
-            total_cost.add(label_shard(cfg, out, plan, [by_id[pid] for pid in plan.problem_ids], labeller))
-            built += 1
+    for plan in prepared.plans:
+        outcome = run_shard(cfg, out, plan, get_labeller)
+        by_status[outcome.status] += 1
+        total_cost.add(outcome.cost)
+        if outcome.reason is not None:
+            rebuilt[plan.index] = outcome.reason
         if on_shard:
-            on_shard(plan, status)
-    manifest = finalize(cfg, out, plans, ingested)
-    rejected = sum(len((out / "rejected" / f"part-{p.index:05d}.jsonl").read_text().splitlines())
-                   for p in plans if (out / "rejected" / f"part-{p.index:05d}.jsonl").exists())
-    return BuildReport(out, len(plans), built, skipped, manifest["num_rows"], total_cost,
-                       len(ingested.quarantined), rejected, manifest, rebuilt)
+            on_shard(plan, outcome.status)
+    manifest = finalize(cfg, out)
+    rejected = sum(len(path.read_text().splitlines()) for p in prepared.plans
+                   if (path := rejected_path(out, p.index)).exists())
+    return BuildReport(out, len(prepared.plans), by_status["built"] + by_status["rebuilt"], by_status["skipped"],
+                       manifest["num_rows"], total_cost, prepared.quarantined, rejected, manifest, rebuilt)
 
 
 def _write_lines_atomic(path: Path, lines: list[str]) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
 
 
-def _manifest_extra(cfg: FactoryConfig, out: Path, plans: list[ShardPlan], ingested: IngestResult) -> dict:
+def _manifest_extra(cfg: FactoryConfig, out: Path, plans: list[ShardPlan]) -> dict:
     """Totals for the manifest: cost per stage summed from every shard's provenance, keys per shard."""
-    import pyarrow.parquet as pq
-
     cost = ShardCost()
     for plan in plans:
-        meta = pq.read_schema(out / "shards" / f"part-{plan.index:05d}.parquet").metadata or {}
-        prov = json.loads(meta.get(b"prm_factory", b"{}"))
-        for name, value in prov.get("cost", {}).items():
+        for name, value in read_provenance(shard_path(out, plan.index)).get("cost", {}).items():
             if name in cost.__dataclass_fields__:
                 setattr(cost, name, getattr(cost, name) + int(value))
+    counts = read_ingest_report(out)
     return {
         "name": cfg.name,
         "policy_model": cfg.policy.model_path,
         "shard_keys": [plan.key for plan in plans],
-        "problems": len(ingested.problems),
-        "quarantined": len(ingested.quarantined),
+        "problems": int(counts["problems"]),
+        "quarantined": int(counts["quarantined"]),
         "cost": cost.to_dict(),
     }
-
-
-def read_build_manifest(out_dir: str | Path) -> dict[str, Any]:
-    return read_manifest(Path(out_dir))

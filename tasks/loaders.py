@@ -58,6 +58,7 @@ REASONS = (
     "duplicate",
     "invalid_text",
     "too_long",
+    "no_gold_answer",  # set by tasks.build.ingest: a problem rollouts cannot label (ProcessBench has no gold answer)
 )
 
 
@@ -70,7 +71,9 @@ class QuarantineRow:
     """A row that was not kept: where it came from, why (one of REASONS, plus a detail), and the raw row."""
 
     source: str
-    line: int  # 1-based: the line of a JSONL file, the element of a JSON array, the row of a Parquet file
+    # 1-based: the line of a JSONL file, the element of a JSON array, the row of a Parquet file;
+    # 0: not known (no_gold_answer is found after loading)
+    line: int
     reason: str
     raw: str  # the raw row, truncated to MAX_RAW_CHARS
     detail: str = ""
@@ -98,7 +101,8 @@ class _Reject(Exception):
         self.reason, self.detail, self.raw = reason, detail, raw
 
 
-def _raw(row: Any) -> str:
+def raw_row(row: Any) -> str:
+    """A row as quarantine text: JSON (strings as they are), truncated to MAX_RAW_CHARS, lone surrogates escaped."""
     text = row if isinstance(row, str) else json.dumps(row, ensure_ascii=False, default=str)
     text = text if len(text) <= MAX_RAW_CHARS else text[:MAX_RAW_CHARS] + "...[truncated]"
     # Lone surrogates cannot be written as UTF-8: escape them so the quarantine file can hold the row.
@@ -139,7 +143,7 @@ class _Collector:
         return self.limit is not None and len(self.result.problems) >= self.limit
 
     def reject(self, line: int, reason: str, detail: str, row: Any) -> None:
-        self.result.quarantined.append(QuarantineRow(self.kind, line, reason, _raw(row), detail, self.path))
+        self.result.quarantined.append(QuarantineRow(self.kind, line, reason, raw_row(row), detail, self.path))
 
     def keep(self, line: int, problem: Problem, row: Any) -> None:
         if problem.problem_id in self.seen:
