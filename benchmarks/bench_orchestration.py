@@ -133,7 +133,7 @@ def main() -> None:
 
     from cluster.actors import start_engines
     from configs.schema import load_config
-    from flows.serve import deploy, prefect_env, start_server, start_worker
+    from cluster.stack import deploy, prefect_env, start_server, start_worker
 
     model = str(SHIPPED_POLICY) if shipped_policy_ready() else str(make_tiny_policy(tmp / "policy"))
     config = write_config(tmp, model, args.problems, args.per_shard, args.backend)

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.schema import resolve_path
+from configs.paths import resolve_path
 
 # What an engine needs from a hub repo: config, weights, tokenizer, chat template. Skips other formats
 # (GGUF, ONNX, .bin next to safetensors) that would multiply the download.

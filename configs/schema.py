@@ -15,7 +15,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from configs.paths import REPO_ROOT, resolve_path  # noqa: F401  (REPO_ROOT: imported from here across the repo)
+
 CHAT_TEMPLATE = "chat"  # prompt_template value: render with the tokenizer's chat template (tasks/prompts.py)
 
 
@@ -25,12 +26,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A config path made absolute: relative paths are taken from the repository root."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
 
 
 def _checking_paths(info: ValidationInfo) -> bool:

@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from configs.schema import resolve_path
 from flows.steps import (
     artifact_key,
+    default_root,
     finalize_task,
     label_shards,
     load,
@@ -32,11 +33,6 @@ from flows.steps import (
 )
 from flows.train_prm import trigger_training
 from tasks.versions import version_dir
-
-
-def default_root(config_path: str) -> str:
-    """Where a config's versions live when no root is given: `datasets/` beside its dataset.out_dir."""
-    return str(resolve_path(load(config_path).dataset.out_dir).parent / "datasets")
 
 
 @flow(name="refresh-dataset", log_prints=True)

@@ -91,6 +91,11 @@ def _labeller(cfg: FactoryConfig):
     return ShardLabeller(cfg, pool, tokenizer)
 
 
+def default_root(config_path: str) -> str:
+    """Where a config's versions live when no root is given: `datasets/` beside its dataset.out_dir."""
+    return str(resolve_path(load(config_path).dataset.out_dir).parent / "datasets")
+
+
 def wait_engines_ready(pool, timeout_s: float) -> list[dict[str, Any]]:
     """Block until every engine actor answers `health`, i.e. its constructor (model load, vLLM warm-up) is done.
 

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from configs.schema import resolve_path
-from flows.steps import artifact_key, load, ray_dashboard_url, validate_config
+from flows.steps import artifact_key, default_root, load, ray_dashboard_url, validate_config
 
 DEPLOYMENT = "train-prm/train-prm"
 
@@ -22,7 +22,6 @@ DEPLOYMENT = "train-prm/train-prm"
 @task(name="find-dataset-version")
 def find_dataset(config_path: str, dataset_dir: str | None) -> str:
     """Consumes a dataset dir (or None: the LATEST version of the config's refresh root); produces its path."""
-    from flows.refresh import default_root
     from tasks.versions import read_latest, version_dir
 
     if dataset_dir:

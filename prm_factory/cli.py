@@ -423,8 +423,8 @@ def serve(
     )] = None,
 ) -> None:
     """Local Prefect server + deployments + worker + Ray (every listener on 127.0.0.1) until Ctrl-C."""
-    from flows.serve import ServeError
-    from flows.serve import serve as run_serve
+    from cluster.stack import ServeError
+    from cluster.stack import serve as run_serve
 
     try:
         code = run_serve(check=check, port=port, database_url=database_url,

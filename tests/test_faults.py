@@ -136,7 +136,7 @@ def test_prefect_server_restarted_during_a_flow_run(tmp_path, ray_session, integ
     import ray
     from conftest import free_port
 
-    from flows.serve import prefect_env, start_server
+    from cluster.stack import prefect_env, start_server
 
     home = tmp_path / "prefect-home"
     home.mkdir()

@@ -46,7 +46,7 @@ def stack(tmp_path_factory, ray_session, policy_model_path):
     import ray
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.serve import deploy, flush_prefect_logs, prefect_env, start_server, start_worker
+    from cluster.stack import deploy, flush_prefect_logs, prefect_env, start_server, start_worker
 
     tmp = tmp_path_factory.mktemp("flows")
     home = tmp / "prefect-home"

@@ -22,7 +22,7 @@ def prefect_server(tmp_path_factory):
     """A real Prefect server (own PREFECT_HOME) for this module's flow runs."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.serve import flush_prefect_logs, start_server
+    from cluster.stack import flush_prefect_logs, start_server
 
     home = tmp_path_factory.mktemp("prefect-home")
     server, api_url = start_server(home, ui=False)

@@ -1,0 +1,109 @@
+"""The import graph points one way and has no cycle: configs <- tasks <- cluster <- flows <- prm_factory (the CLI).
+
+Every ``import`` in every module of those packages counts, those inside functions too (a lazy import is still
+a dependency; it only moves the cost). A package may import its own modules and those of the packages to its
+left, never one to its right. benchmarks/, scripts/ and tests/ sit above all of them and are not checked.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from configs.schema import REPO_ROOT
+
+LAYERS = ("configs", "tasks", "cluster", "flows", "prm_factory")
+
+
+def module_imports(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Each module of `packages` under `root` (dotted name) -> the modules of those packages it imports."""
+    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, one level up per extra dot
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                # `from pkg import mod` imports the module pkg.mod when there is one, else names of pkg
+                targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names)
+        graph[name] = {_known(t, files) for t in targets if t.split(".")[0] in packages} - {name, None}
+    return graph
+
+
+def _known(target: str, files: dict) -> str | None:
+    """The repo module `target` names (`a.b.c` -> `a.b` when c is a name inside module a.b)."""
+    while target and target not in files:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def upward_imports(graph: dict[str, set[str]], layers: tuple[str, ...]) -> list[str]:
+    """`a -> b` for each import of a module of a later layer than the importer's."""
+    rank = {pkg: i for i, pkg in enumerate(layers)}
+    return sorted(f"{src} -> {dst}" for src, dsts in graph.items() for dst in dsts
+                  if rank[dst.split(".")[0]] > rank[src.split(".")[0]])
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The modules of each strongly connected component of more than one module (Tarjan), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_imports_point_down_and_form_no_cycle():
+    graph = module_imports(REPO_ROOT, LAYERS)
+    assert len(graph) > 40 and "tasks.build" in graph["flows.steps"]  # the walk found the repo's modules
+    assert upward_imports(graph, LAYERS) == []
+    assert import_cycles(graph) == []
+
+
+def test_checker_catches_a_planted_upward_import_and_cycle(tmp_path):
+    files = {
+        "low/__init__.py": "",
+        "low/a.py": "import os\nfrom low import b\n",  # a -> b -> a (b's import is inside a function)
+        "low/b.py": "def f():\n    from .a import x\n    from high.c import y\n",  # and an upward import
+        "high/__init__.py": "",
+        "high/c.py": "import json\n",
+        "high/d.py": "from low.a import thing\nimport low.b as b\nfrom . import c\n",  # downward: allowed
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    graph = module_imports(tmp_path, ("low", "high"))
+    assert graph == {"low": set(), "low.a": {"low.b"}, "low.b": {"low.a", "high.c"}, "high": set(),
+                     "high.c": set(), "high.d": {"low.a", "low.b", "high.c"}}
+    assert upward_imports(graph, ("low", "high")) == ["low.b -> high.c"]
+    assert import_cycles(graph) == [["low.a", "low.b"]]
