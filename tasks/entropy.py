@@ -61,7 +61,7 @@ def topk_entropy_bounds(
     """Lower and upper bound (nats) on the entropy of a distribution known only by its top-k logprobs.
 
     With ``H_k = -sum_{i<=k} p_i log p_i``, tail mass ``r = 1 - sum_{i<=k} p_i`` and ``p_k`` the smallest
-    of the top k (DESIGN.md, EDU-PRM arXiv 2503.22233 entropy from vLLM logprobs)::
+    of the top k (EDU-PRM arXiv 2503.22233 takes the entropy from the policy's logprobs; vLLM returns the top k)::
 
         lower = H_k + r * (-log p_k)         every tail token has p <= p_k, so -log p >= -log p_k
         upper = H_k + r * log((V - k) / r)   the tail spread uniformly over the other V - k tokens

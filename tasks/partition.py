@@ -7,7 +7,7 @@ indices of its steps: ``[0, a_1, a_2, ...]`` for a non-empty solution, ``[]`` fo
 
 EDU-PRM (arXiv 2503.22233) cuts where the policy is unsure (high entropy), so each step ends just
 before a real decision. The paper ships no code: the threshold, spacing, cap and whitelist here are
-our defaults (``configs.schema.PartitionConfig``), documented as such in DESIGN.md.
+our defaults (``configs.schema.PartitionConfig``, whose docstring says so).
 """
 
 from __future__ import annotations
