@@ -199,11 +199,19 @@ class LocalStack:
 
 def start_stack(*, home: Path = PREFECT_HOME, port: int | None = None, with_ray: bool = True,
                 with_worker: bool = True, prefect_file: Path | None = None, database_url: str | None = None,
-                ray_state_file: Path | None = None, echo: Callable[[str], None] = print) -> LocalStack:
-    """Server, deployments, Ray and a worker (see the module docstring); stops what it started on failure."""
+                ray_state_file: Path | None = None, echo: Callable[[str], None] = print,
+                api_url: str | None = None) -> LocalStack:
+    """Server, deployments, Ray and a worker (see the module docstring); stops what it started on failure.
+
+    `api_url`: a Prefect server already running (with `home` as its PREFECT_HOME): no server is started or
+    stopped, the rest is deployed onto it (the tests share one server per session).
+    """
     home.mkdir(parents=True, exist_ok=True)
-    server, api_url = start_server(home, port, database_url=database_url)
-    stack = LocalStack(api_url, api_url.removesuffix("/api"), children=[server])
+    children = []
+    if api_url is None:
+        server, api_url = start_server(home, port, database_url=database_url)
+        children.append(server)
+    stack = LocalStack(api_url, api_url.removesuffix("/api"), children=children)
     try:
         echo(f"Prefect server healthy at {stack.ui_url} (PREFECT_HOME={home})")
         env = prefect_env(home, api_url)

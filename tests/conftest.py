@@ -135,3 +135,25 @@ def integrity_reference(tmp_path_factory, integrity_engine):
     table = read_dataset(tmp / "ds")
     return {"dir": tmp / "ds", "cfg": cfg, "config": config, "source": source, "digest": rows_digest(table),
             "counts": problem_counts(table), "rows": table.num_rows, "version": report.manifest["dataset_version"]}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real Prefect server (own PREFECT_HOME in tmp, UI on) for every test that runs flows or deployments.
+
+    Modules deploy their own copy of prefect.yaml to it (a later deploy replaces an earlier one's parameters)
+    and start their own worker; a module that adds a deployment removes it when done. The scheduler loops
+    every 2 s, so a cron deployment's runs are created within a test's patience.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cluster.stack import flush_prefect_logs, start_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    server, api_url = start_server(home, ui=True, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"})
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield {"api_url": api_url, "home": home}
+    finally:
+        flush_prefect_logs()  # else this session's queued flow logs are retried against a dead server at exit
+        server.stop()

@@ -1,6 +1,6 @@
 """The Prefect deployments end to end, against a real Prefect server, a real process worker and the session Ray.
 
-One Prefect server (own PREFECT_HOME in tmp) and one worker serve the whole module. prefect.yaml is deployed
+The session's Prefect server (tests/conftest.py) and one worker serve the whole module. prefect.yaml is deployed
 as shipped, from a copy whose parameters point at a tiny toy config (8 problems, 2 per shard, N=2, 16 new
 tokens, transformers backend): flow runs are real subprocesses of the worker that attach to the test
 session's Ray by address, exactly as under `prm-factory serve`.
@@ -41,16 +41,14 @@ def tiny_config(path: Path, model_path: str, num_problems: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, ray_session, policy_model_path):
-    """A real Prefect server + deployments from (a copy of) prefect.yaml + a process worker on the session Ray."""
+def stack(prefect_server, tmp_path_factory, ray_session, policy_model_path):
+    """The session's Prefect server, deployments from (a copy of) prefect.yaml, a process worker on the session Ray."""
     import ray
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cluster.stack import deploy, flush_prefect_logs, prefect_env, start_server, start_worker
+    from cluster.stack import deploy, prefect_env, start_worker
 
     tmp = tmp_path_factory.mktemp("flows")
-    home = tmp / "prefect-home"
-    home.mkdir()
+    home, api_url = prefect_server["home"], prefect_server["api_url"]
     configs = {n: tiny_config(tmp / f"tiny-{n}.yaml", policy_model_path, n) for n in (8, 11)}
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     for d in spec["deployments"]:
@@ -65,21 +63,19 @@ def stack(tmp_path_factory, ray_session, policy_model_path):
     prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
     t0 = time.monotonic()
-    server, api_url = start_server(home, ui=False, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"})
     env = prefect_env(home, api_url, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
                       PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="2")
     worker = None
     try:
         deploy(env, prefect_file=prefect_file)
-        worker = start_worker(env, home / "logs")
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            yield {"api_url": api_url, "tmp": tmp, "configs": configs, "worker": worker, "home": home,
-                   "startup_s": time.monotonic() - t0}
+        worker = start_worker(env, home / "logs", name="prefect-worker-flows")
+        yield {"api_url": api_url, "tmp": tmp, "configs": configs, "worker": worker, "home": home,
+               "startup_s": time.monotonic() - t0}
     finally:
         if worker is not None:
             worker.stop()
-        flush_prefect_logs()  # else the logs of this module's flows are retried against a dead server at exit
-        server.stop()
+        with client() as c:  # the server outlives this module: its every-minute runs must stop with it
+            c.delete_deployment(c.read_deployment_by_name(f"refresh-dataset/{minutely['name']}").id)
 
 
 def run(name: str, timeout: float = 150, **parameters):

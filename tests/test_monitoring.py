@@ -118,8 +118,9 @@ def get_json(url: str, data: bytes | None = None, timeout: float = 10):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, policy_model_path):
-    """`serve`'s stack (Prefect server + UI, deployments, worker, Ray with dashboard) on free ports, in tmp."""
+def served(prefect_server, tmp_path_factory, policy_model_path):
+    """`serve`'s stack (deployments, worker, Ray with dashboard) on free ports, in tmp, on the session's Prefect
+    server (with its UI)."""
     from cluster.stack import start_stack, urls_text
 
     tmp = tmp_path_factory.mktemp("watch")
@@ -143,12 +144,12 @@ def served(tmp_path_factory, policy_model_path):
     lines: list[str] = []
     t0 = time.monotonic()
     with environ(PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="2"):
-        stack = start_stack(home=tmp / "prefect-home", prefect_file=prefect_file, ray_state_file=state_file,
-                            echo=lines.append)
+        stack = start_stack(home=prefect_server["home"], prefect_file=prefect_file, ray_state_file=state_file,
+                            echo=lines.append, api_url=prefect_server["api_url"])
     try:
         lines += urls_text(stack)
         yield {"stack": stack, "tmp": tmp, "config": str(config), "state_file": state_file,
-               "home": tmp / "prefect-home", "lines": lines, "startup_s": time.monotonic() - t0,
+               "home": prefect_server["home"], "lines": lines, "startup_s": time.monotonic() - t0,
                "ray_state": json.loads(state_file.read_text())}
     finally:
         stack.stop()

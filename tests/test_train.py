@@ -18,23 +18,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server (own PREFECT_HOME) for this module's flow runs."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from cluster.stack import flush_prefect_logs, start_server
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    server, api_url = start_server(home, ui=False)
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            yield api_url
-    finally:
-        flush_prefect_logs()  # else the logs of this module's flows are retried against a dead server at exit
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def resumed_run(ray_session, toy_prm_dataset, prefect_server, tmp_path_factory):
     """A 2-worker run killed early in epoch 1, then started again with the same RUN by the train-prm flow.
 
