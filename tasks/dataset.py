@@ -12,8 +12,9 @@ partitioner provenance, and token costs. Partition values (``split``, ``source``
 columns: HF ``datasets`` ignores hive directories. The files load as-is in pandas, pyarrow, HF
 ``datasets``, DuckDB and polars (tests/test_dataset.py runs each).
 
-A shard exists under its final name only once complete (temp file in the same directory, fsync, atomic
-rename, fsync of the directory). After it, a completion record ``completions/part-XXXXX.json`` (datatrove's
+A shard exists under its final name only once complete (``tasks.io.atomic_write_bytes``: temp file in the
+same directory, fsync, atomic rename, fsync of the directory; file names and provenance also live in
+``tasks/io.py``). After it, a completion record ``completions/part-XXXXX.json`` (datatrove's
 completion markers) is written the same way: the shard's key, sha256, bytes and rows as they were when the
 bytes were written. A shard is done only when its record exists, names the planned key and the file still
 hashes to the recorded sha256 (``check_shard``); the manifest's hashes come from those records, never from
@@ -22,11 +23,8 @@ whatever file is on disk at the end, so a corrupted or stale shard is rebuilt, n
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,13 +36,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.io import (
+    SHARDS_DIR,
+    atomic_write_bytes,
+    atomic_write_json,
+    completion_path,
+    provenance_metadata,
+    read_provenance,
+    sha256_bytes,
+    sha256_file,
+    shard_path,
+    temp_glob,
+)
 from tasks.labels import FINAL_ORIGIN, SAMPLED_ORIGINS, STEP_ORIGINS, UNSAMPLED_ORIGINS, er_label
 
 SCHEMA_VERSION = 2  # 2: tree_value column; null soft/ER for early-stop and rule-estimated steps
-PROVENANCE_KEY = b"prm_factory"
 MANIFEST_NAME = "manifest.json"
-SHARDS_DIR = "shards"
-COMPLETIONS_DIR = "completions"
 RELABEL_MARKER = "relabel.json"
 NOT_WRITTEN = "not written yet"  # check_shard's reason for a shard with no file
 
@@ -114,49 +121,6 @@ class ShardInfo:
     rows: int
     sha256: str
     bytes: int
-
-
-def shard_path(dataset_dir: str | Path, shard_index: int) -> Path:
-    """``<dataset_dir>/shards/part-XXXXX.parquet``."""
-    if shard_index < 0:
-        raise ValueError(f"shard_index must be >= 0, got {shard_index}")
-    return Path(dataset_dir) / SHARDS_DIR / f"part-{shard_index:05d}.parquet"
-
-
-def _temp_glob(final: Path) -> str:
-    return f".{final.name}.tmp-*"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` never holds a partial file: temp file, fsync, rename, fsync dir."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 # -- rows -> table ------------------------------------------------------------------------------------
@@ -255,10 +219,10 @@ def write_shard(
         filled.append({**row, "shard": shard_index})
     table = rows_to_table(filled)
     try:
-        meta = json.dumps(provenance, sort_keys=True, separators=(",", ":")).encode()
+        meta = provenance_metadata(provenance)
     except (TypeError, ValueError) as err:
         raise DatasetError(f"provenance is not JSON-serialisable: {err}") from None
-    table = table.replace_schema_metadata({PROVENANCE_KEY: meta})
+    table = table.replace_schema_metadata(meta)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue().to_pybytes()
@@ -266,14 +230,9 @@ def write_shard(
     # A stale record must not outlive the bytes it vouched for: drop it before the new file lands.
     completion_path(dataset_dir, shard_index).unlink(missing_ok=True)
     atomic_write_bytes(final, data)  # a SIGKILL mid-write can leave the temp file: shard_done cleans it up
-    info = ShardInfo(final, table.num_rows, hashlib.sha256(data).hexdigest(), len(data))
+    info = ShardInfo(final, table.num_rows, sha256_bytes(data), len(data))
     write_completion(dataset_dir, shard_index, info, record_key)
     return info
-
-
-def completion_path(dataset_dir: str | Path, shard_index: int) -> Path:
-    """``<dataset_dir>/completions/part-XXXXX.json``: the shard's completion record."""
-    return Path(dataset_dir) / COMPLETIONS_DIR / f"{shard_path('', shard_index).stem}.json"
 
 
 def write_completion(dataset_dir: str | Path, shard_index: int, info: ShardInfo, key: str | None) -> dict[str, Any]:
@@ -286,7 +245,7 @@ def write_completion(dataset_dir: str | Path, shard_index: int, info: ShardInfo,
               "rows": int(info.rows), "schema_version": SCHEMA_VERSION}
     path = completion_path(dataset_dir, shard_index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(record, sort_keys=True) + "\n").encode())
+    atomic_write_json(path, record, indent=None)
     return record
 
 
@@ -309,7 +268,7 @@ def check_shard(dataset_dir: str | Path, shard_index: int, key: str | None = Non
     """
     final = shard_path(dataset_dir, shard_index)
     if final.parent.is_dir():
-        for leftover in final.parent.glob(_temp_glob(final)):
+        for leftover in final.parent.glob(temp_glob(final)):
             leftover.unlink(missing_ok=True)
     if not final.is_file():
         return NOT_WRITTEN
@@ -344,19 +303,12 @@ def shard_info(dataset_dir: str | Path, shard_index: int) -> ShardInfo:
     return ShardInfo(shard_path(dataset_dir, shard_index), int(record["rows"]), record["sha256"], int(record["bytes"]))
 
 
-def read_provenance(path: str | Path) -> dict[str, Any]:
-    """The provenance dict stored in a shard file's schema metadata (``{}`` if it has none)."""
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(PROVENANCE_KEY)
-    return json.loads(raw) if raw else {}
-
-
 # -- manifest -----------------------------------------------------------------------------------------
 
 
 def _dataset_version(entries: list[dict[str, Any]]) -> str:
     blob = "\n".join(f"{e['path']} {e['sha256']}" for e in entries).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return sha256_bytes(blob)[:16]
 
 
 def write_manifest(
@@ -404,7 +356,7 @@ def write_manifest(
         "extra": extra,
     }
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(root / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(root / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -595,7 +547,7 @@ def relabel_dataset(src_dir: str | Path, out_dir: str | Path, eta: float) -> dic
         if not mine:
             raise DatasetError(f"{out} is not empty and was not started by this relabel; choose an empty or new --out")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(marker, json.dumps(claim, sort_keys=True).encode())
+    atomic_write_json(marker, claim, indent=None)
     infos = []
     for entry in parent["shards"]:
         path = src / entry["path"]

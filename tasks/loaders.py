@@ -389,12 +389,11 @@ def load_source(src: FileSource, seen: set[str] | None = None) -> LoadResult:
 
 def write_quarantine(rows: Iterable[QuarantineRow], path: str | Path) -> Path:
     """Write quarantined rows as JSONL (one object per row, with its reason), atomically: temp file, fsync, rename."""
-    from tasks.dataset import atomic_write_bytes
+    from tasks.io import atomic_write_lines
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(row.to_dict(), ensure_ascii=False) + "\n" for row in rows)
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_lines(path, (json.dumps(row.to_dict(), ensure_ascii=False) for row in rows))
     return path
 
 
@@ -426,10 +425,12 @@ def write_problems(problems: Iterable[Problem], path: str | Path, provenance: di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tasks.io import atomic_write_bytes, provenance_metadata
+
     rows = list(problems)
     schema = pa.schema(
         [(name, pa.string()) for name in ("problem_id", "source", "question", "answer", "split", "meta")],
-        metadata={b"prm_factory": json.dumps(provenance or {}, sort_keys=True).encode()},
+        metadata=provenance_metadata(provenance or {}),
     )
     table = pa.table(
         {
@@ -442,8 +443,6 @@ def write_problems(problems: Iterable[Problem], path: str | Path, provenance: di
         },
         schema=schema,
     )
-    from tasks.dataset import atomic_write_bytes
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = pa.BufferOutputStream()

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.io import atomic_write_bytes, atomic_write_lines
 from tasks.prm_model import LoadedPRM
 
 
@@ -77,19 +78,18 @@ def score_file(prm: LoadedPRM, input_path: str | Path, output_path: str | Path, 
             progress(min(batch_size, len(prompts) - start))
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     if kind == "parquet":
         table = data.append_column("step_scores", pa.array([s.mean for s in scores], pa.list_(pa.float64())))
         table = table.append_column("step_std", pa.array([s.std for s in scores], pa.list_(pa.float64())))
-        pq.write_table(table, tmp)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        atomic_write_bytes(out, buf.getvalue().to_pybytes())
     else:
         def clean(values: list[float]) -> list[float | None]:
             return [None if math.isnan(v) else v for v in values]
 
-        with tmp.open("w") as f:
-            for row, s in zip(data, scores, strict=True):
-                f.write(json.dumps({**row, "step_scores": clean(s.mean), "step_std": clean(s.std)}) + "\n")
-    tmp.replace(out)
+        atomic_write_lines(out, (json.dumps({**row, "step_scores": clean(s.mean), "step_std": clean(s.std)})
+                                 for row, s in zip(data, scores, strict=True)))
     return {"input": str(input_path), "output": str(out), "format": kind, "rows": len(scores),
             "steps": sum(len(s.mean) for s in scores), "truncated_rows": sum(s.truncated for s in scores),
             "checkpoint_config_hash": prm.config["config_hash"]}

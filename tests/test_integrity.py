@@ -21,16 +21,14 @@ from tasks.build import build
 from tasks.dataset import (
     SCHEMA_VERSION,
     DatasetError,
-    completion_path,
     read_dataset,
     read_manifest,
-    read_provenance,
     relabel_dataset,
-    shard_path,
     verify_dataset,
     write_manifest,
     write_shard,
 )
+from tasks.io import completion_path, read_provenance, shard_path
 from tasks.versions import ReusableShard, link_shard, verify_path, version_dir, write_latest
 
 

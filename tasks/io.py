@@ -1,0 +1,139 @@
+"""File IO for every stage: atomic writes, sha256, where a dataset's files live, and shard provenance.
+
+The one home of these rules, so that a writer and a reader can never disagree:
+
+- **atomic writes**: a file is written to a hidden temp name in its own directory, flushed and fsynced,
+  renamed over the final name, then the directory is fsynced: the final name holds the old bytes or the new
+  ones, never a partial file (a crash can leave a temp file; ``temp_glob`` finds it);
+- **sha256** of bytes and of a file (read in 1 MiB blocks);
+- **the dataset layout**: ``shards/part-XXXXX.parquet`` (rows), ``completions/part-XXXXX.json`` (the shard's
+  completion record), ``rejected/part-XXXXX.jsonl`` (problems that gave no row, with the reason);
+- **provenance**: a JSON dict in a Parquet file's schema metadata under ``b"prm_factory"``.
+
+Plain functions over paths and bytes; no schema, no engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+PROVENANCE_KEY = b"prm_factory"
+SHARDS_DIR = "shards"
+COMPLETIONS_DIR = "completions"
+REJECTED_DIR = "rejected"
+
+
+# -- atomic writes ------------------------------------------------------------------------------------
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so that a rename inside it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` never holds a partial file: temp file, fsync, rename, fsync dir."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``atomic_write_bytes`` of `text` as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, payload: Any, *, indent: int | None = 2) -> None:
+    """`payload` as JSON (sorted keys, `indent`, a final newline), written atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=indent, sort_keys=True) + "\n")
+
+
+def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> None:
+    """One line per item (each ended by a newline; an empty iterable gives an empty file), written atomically."""
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def temp_glob(final: str | Path) -> str:
+    """The glob pattern of the temp files ``atomic_write_bytes`` leaves beside `final` when a writer dies."""
+    return f".{Path(final).name}.tmp-*"
+
+
+# -- sha256 -------------------------------------------------------------------------------------------
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- the dataset layout -------------------------------------------------------------------------------
+
+
+def shard_stem(shard_index: int) -> str:
+    """``part-XXXXX``: the name every file of one shard shares (shard, completion record, rejects)."""
+    if shard_index < 0:
+        raise ValueError(f"shard_index must be >= 0, got {shard_index}")
+    return f"part-{shard_index:05d}"
+
+
+def shard_path(dataset_dir: str | Path, shard_index: int) -> Path:
+    """``<dataset_dir>/shards/part-XXXXX.parquet``: the shard's rows."""
+    return Path(dataset_dir) / SHARDS_DIR / f"{shard_stem(shard_index)}.parquet"
+
+
+def completion_path(dataset_dir: str | Path, shard_index: int) -> Path:
+    """``<dataset_dir>/completions/part-XXXXX.json``: the shard's completion record."""
+    return Path(dataset_dir) / COMPLETIONS_DIR / f"{shard_stem(shard_index)}.json"
+
+
+def reject_path(dataset_dir: str | Path, shard_index: int) -> Path:
+    """``<dataset_dir>/rejected/part-XXXXX.jsonl``: the shard's problems that produced no row, with the reason."""
+    return Path(dataset_dir) / REJECTED_DIR / f"{shard_stem(shard_index)}.jsonl"
+
+
+# -- provenance ---------------------------------------------------------------------------------------
+
+
+def provenance_metadata(provenance: dict[str, Any]) -> dict[bytes, bytes]:
+    """Schema metadata holding `provenance` (compact JSON, sorted keys) under ``b"prm_factory"``.
+
+    Raises TypeError / ValueError when `provenance` is not JSON-serialisable.
+    """
+    return {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True, separators=(",", ":")).encode()}
+
+
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    """The provenance dict stored in a Parquet file's schema metadata (``{}`` if it has none)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
