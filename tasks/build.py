@@ -40,17 +40,8 @@ from typing import Any
 
 from configs.schema import FactoryConfig
 from prm_factory import __version__
-from tasks.dataset import (
-    NOT_WRITTEN,
-    SCHEMA_VERSION,
-    atomic_write_bytes,
-    check_shard,
-    read_provenance,
-    shard_info,
-    shard_path,
-    write_manifest,
-    write_shard,
-)
+from tasks.dataset import NOT_WRITTEN, SCHEMA_VERSION, check_shard, shard_info, write_manifest, write_shard
+from tasks.io import REJECTED_DIR, atomic_write_json, atomic_write_lines, read_provenance, reject_path, shard_path
 from tasks.labelling import Generator, Rejected, ShardCost, ShardLabeller, ShardResult
 from tasks.loaders import QuarantineRow
 from tasks.problems import Problem
@@ -61,7 +52,6 @@ BUILD_MARKER = "build.json"
 PROBLEMS_FILE = "problems.parquet"
 QUARANTINE_FILE = "quarantine.jsonl"
 INGEST_REPORT = "ingest.json"
-REJECTED_DIR = "rejected"
 INGEST_FILES = (PROBLEMS_FILE, QUARANTINE_FILE, INGEST_REPORT)
 
 
@@ -178,7 +168,7 @@ def stage_ingest(cfg: FactoryConfig, staging_dir: str | Path) -> list[ShardPlan]
     staging.mkdir(parents=True, exist_ok=True)
     ingested = ingest(cfg)
     write_ingest(cfg, ingested, staging)
-    _write_json_atomic(staging / INGEST_REPORT, {"per_source": ingested.per_source,
+    atomic_write_json(staging / INGEST_REPORT, {"per_source": ingested.per_source,
                                                  "problems": len(ingested.problems),
                                                  "quarantined": len(ingested.quarantined)})
     return plan_shards([p.problem_id for p in ingested.problems], cfg)
@@ -252,16 +242,7 @@ def read_ingest_report(out_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(out_dir) / INGEST_REPORT).read_text())
 
 
-def rejected_path(out_dir: str | Path, index: int) -> Path:
-    """``rejected/part-XXXXX.jsonl``: the problems of shard `index` that produced no row, with the reason."""
-    return Path(out_dir) / REJECTED_DIR / f"{shard_path('', index).stem}.jsonl"
-
-
 # -- the stages ------------------------------------------------------------------------------------------
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
 def _check_out_dir(out: Path, cfg: FactoryConfig) -> None:
@@ -277,7 +258,7 @@ def _check_out_dir(out: Path, cfg: FactoryConfig) -> None:
     if out.exists() and any(out.iterdir()):
         raise BuildError(f"{out} exists and is not a prm-factory build directory; choose an empty or new --out")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(marker, {"name": cfg.name, "config_hash": cfg.config_hash(), "code_version": __version__,
+    atomic_write_json(marker, {"name": cfg.name, "config_hash": cfg.config_hash(), "code_version": __version__,
                                 "config": cfg.model_dump(mode="json")})
 
 
@@ -317,7 +298,7 @@ def label_shard(cfg: FactoryConfig, out_dir: str | Path, plan: ShardPlan, labell
     result = labeller.label(fits) if fits else ShardResult([], ShardCost())
     for row in result.rows:
         row["shard"] = plan.index
-    _write_lines_atomic(rejected_path(out, plan.index), [json.dumps(r.__dict__) for r in too_long + result.rejected])
+    atomic_write_lines(reject_path(out, plan.index), [json.dumps(r.__dict__) for r in too_long + result.rejected])
     # The shard file is written last: its existence is what marks the shard done.
     write_shard(out, plan.index, result.rows, {
         "name": cfg.name, "config_hash": cfg.config_hash(), "code_version": __version__,
@@ -419,13 +400,9 @@ def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], 
             on_shard(plan, outcome.status)
     manifest = finalize(cfg, out)
     rejected = sum(len(path.read_text().splitlines()) for p in prepared.plans
-                   if (path := rejected_path(out, p.index)).exists())
+                   if (path := reject_path(out, p.index)).exists())
     return BuildReport(out, len(prepared.plans), by_status["built"] + by_status["rebuilt"], by_status["skipped"],
                        manifest["num_rows"], total_cost, prepared.quarantined, rejected, manifest, rebuilt)
-
-
-def _write_lines_atomic(path: Path, lines: list[str]) -> None:
-    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
 
 
 def _manifest_extra(cfg: FactoryConfig, out: Path, plans: list[ShardPlan]) -> dict:
