@@ -192,8 +192,9 @@ _tables_lock = threading.Lock()
 _tables: dict[tuple[str, int, int, int], Any] = {}  # problems.parquet by (path, inode, size, mtime): one read
 
 
-def _problems_table(out_dir: str | Path):
-    """The ``problems.parquet`` of `out_dir` as a pyarrow table, read once per file version in this process.
+def _problems_table(out_dir: str | Path) -> tuple[tuple[str, int, int, int], Any]:
+    """The ``problems.parquet`` of `out_dir` as a pyarrow table, read once per file version in this process;
+    returned with the file version's key.
 
     The shard tasks of one flow run are threads of one process: they share one read, not one per shard.
     A file rewritten by a resumed `prepare` is a new inode (atomic rename), hence a new read.
@@ -210,12 +211,22 @@ def _problems_table(out_dir: str | Path):
         if key not in _tables:
             _tables.clear()  # only the latest version of a file is read again
             _tables[key] = pq.read_table(path)
-        return _tables[key]
+        return key, _tables[key]
+
+
+_plans: dict[tuple, list[ShardPlan]] = {}  # (file version, labelling hash, shard size) -> plans
 
 
 def read_plans(cfg: FactoryConfig, out_dir: str | Path) -> list[ShardPlan]:
-    """The shard plans of the problems `prepare` wrote into `out_dir`."""
-    return plan_shards(_problems_table(out_dir).column("problem_id").to_pylist(), cfg)
+    """The shard plans of the problems `prepare` wrote into `out_dir` (planned once per file version)."""
+    file_key, table = _problems_table(out_dir)
+    key = (file_key, cfg.labelling_hash(), cfg.dataset.problems_per_shard)
+    with _tables_lock:
+        if key not in _plans:
+            if len(_plans) > 8:  # a flow run plans one directory; keep the cache from growing in a long process
+                _plans.clear()
+            _plans[key] = plan_shards(table.column("problem_id").to_pylist(), cfg)
+        return list(_plans[key])
 
 
 def read_plan(cfg: FactoryConfig, out_dir: str | Path, index: int, key: str) -> ShardPlan:
@@ -229,7 +240,7 @@ def read_plan(cfg: FactoryConfig, out_dir: str | Path, index: int, key: str) -> 
 
 def read_problems(out_dir: str | Path, plan: ShardPlan) -> list[Problem]:
     """The problems of one shard, read back from ``problems.parquet`` (meta decoded from its JSON string)."""
-    rows = _problems_table(out_dir).slice(plan.start, len(plan.problem_ids)).to_pylist()
+    rows = _problems_table(out_dir)[1].slice(plan.start, len(plan.problem_ids)).to_pylist()
     problems = [Problem(r["problem_id"], r["source"], r["question"], r["answer"], r["split"], json.loads(r["meta"]))
                 for r in rows]
     if tuple(p.problem_id for p in problems) != plan.problem_ids:

@@ -66,11 +66,17 @@ def test_build_writes_a_verified_dataset(built):
     assert prov["config_hash"] == parse_config(TINY).config_hash() and prov["cost"]["generated_tokens"] > 0
 
 
-def test_rerun_does_no_engine_work(built):
+def test_rerun_does_no_engine_work(built, monkeypatch):
+    import tasks.loaders
+
     out, first, _ = built
     calls: list = []
+    loads: list = []
+    load_sources = tasks.loaders.load_sources
+    monkeypatch.setattr(tasks.loaders, "load_sources", lambda sources: loads.append(1) or load_sources(sources))
     again = build(parse_config(TINY), out, _engine_factory(calls))
     assert calls == [], "every shard is done: the engine must not even start"
+    assert loads == [1], "the sources are read once per build (prepare); later stages read problems.parquet"
     assert again.shards_skipped == 3 and again.shards_built == 0
     assert again.manifest["dataset_version"] == first.manifest["dataset_version"]
 
