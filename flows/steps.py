@@ -172,6 +172,7 @@ def label_shard(config_path: str, out_dir: str, index: int, key: str) -> dict[st
     Idempotent: a done shard returns at once, and a shard is written whole or not at all, so retries and
     re-runs after a crash never duplicate rows. Returns the shard's status, rows and engine cost.
     """
+    from cluster.metrics import record_anchors
     from tasks.build import label_shard as label_and_write
     from tasks.build import plan_shards
     from tasks.dataset import NOT_WRITTEN, check_shard, shard_info
@@ -191,6 +192,7 @@ def label_shard(config_path: str, out_dir: str, index: int, key: str) -> dict[st
     if plan.key != key:
         raise ValueError(f"shard {index}: the sources changed since planning (key {plan.key}, expected {key})")
     cost = label_and_write(cfg, out_dir, plan, [by_id[pid] for pid in plan.problem_ids], _labeller(cfg))
+    record_anchors(cost.anchors)  # Ray metrics are emitted here, by the layer that owns Ray, not by the labeller
     return {"index": index, "status": status, "rows": shard_info(out_dir, index).rows, "cost": cost.to_dict(),
             "seconds": time.perf_counter() - started}
 

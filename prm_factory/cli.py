@@ -160,6 +160,7 @@ def build(
     """Ingest, partition, roll out, label and write the Parquet dataset (resumes an interrupted build)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cluster.metrics import record_anchors
     from configs.models import ModelNotFoundError
     from configs.schema import resolve_path
     from tasks.build import BuildError
@@ -184,6 +185,7 @@ def build(
 
             bar.update(shards, total=len(plan_shards(ingest(cfg).problems, cfg)))
             report = run_build(cfg, out_dir, _engine_factory(cfg, local), progress=on_requests, on_shard=on_shard)
+            record_anchors(report.cost.anchors)  # Ray metrics come from here, not from the labeller (no-op off Ray)
         except (BuildError, ModelNotFoundError, PromptTemplateError) as err:
             console.print(str(err), style="red", markup=False)
             raise typer.Exit(2) from None
@@ -486,7 +488,15 @@ def ruler_cmd(
     if manifest is None:
         with Progress(console=console, disable=json_out, transient=True) as bar:
             task = bar.add_task(f"sampling {TOY_RULER.version}", total=TOY_RULER.num_problems)
-            manifest = build_ruler(target, TOY_RULER, progress=lambda n: bar.advance(task, n))
+            import torch
+
+            from cluster.hf_engine import HFEngine
+
+            # One thread: the model is tiny, and more threads on a shared 2-core machine spin against each other
+            # (measured: 0.6 s per problem with 1 thread, 48 s with the default while other jobs ran).
+            torch.set_num_threads(1)
+            engine = HFEngine(str(resolve_path(TOY_RULER.policy_path)), dtype="float32", seed=TOY_RULER.sample_seed)
+            manifest = build_ruler(target, TOY_RULER, engine, progress=lambda n: bar.advance(task, n))
     keys = ("ruler_version", "spec_hash", "content_hash", "problems", "trajectories", "steps", "correct_steps",
             "final_correct")
     summary = {"path": str(target), **{k: manifest[k] for k in keys}}

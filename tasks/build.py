@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from configs.env import __version__
 from configs.schema import FactoryConfig
-from prm_factory import __version__
 from tasks.dataset import (
     NOT_WRITTEN,
     SCHEMA_VERSION,
@@ -30,7 +30,8 @@ from tasks.dataset import (
     write_manifest,
     write_shard,
 )
-from tasks.labelling import Generator, Rejected, ShardCost, ShardLabeller, ShardResult
+from tasks.generation import Engine
+from tasks.labelling import Rejected, ShardCost, ShardLabeller, ShardResult
 from tasks.problems import Problem
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def finalize(cfg: FactoryConfig, out_dir: str | Path, plans: Sequence[ShardPlan]
                           extra={**_manifest_extra(cfg, out, plans, ingested), **(extra or {})})
 
 
-def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Generator],
+def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Engine],
           *, progress: Callable[[str, int], None] | None = None,
           on_shard: Callable[[ShardPlan, str], None] | None = None) -> BuildReport:
     """Build (or resume) the dataset for `cfg` in `out_dir`; `engine_factory` is called at most once."""

@@ -1,4 +1,7 @@
-"""What every policy engine does, whatever serves it (vLLM, transformers): the protocol and its records.
+"""What every policy engine does, whatever serves it (vLLM, transformers, the Ray pool): the protocol and records.
+
+This module sits in tasks/ so that both the domain code (tasks/, which asks for generations) and cluster/
+(whose engines and actor pool serve them) import it without an upward arrow: configs <- tasks <- cluster.
 
 Prompts travel as token IDs so that prefixes shared between requests hit the prefix cache, and every
 sampled token comes back with its log-probability, the top-k alternatives and an entropy estimate.
@@ -57,20 +60,16 @@ class GenerationResult:
 
 
 @runtime_checkable
-class EngineProtocol(Protocol):
-    """A policy engine. Implementations: cluster.vllm_engine.VLLMEngine, cluster.hf_engine.HFEngine."""
+class Engine(Protocol):
+    """What the labeller, the rollouts and the ruler need from a policy engine: batched generation.
 
-    model_path: str
+    Implementations: cluster.vllm_engine.VLLMEngine, cluster.hf_engine.HFEngine, and cluster.actors.EnginePool
+    (the same call, served by engine actors).
+    """
 
     def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
         """Serve a batch; results come back in request order. `stage` only tags metrics (generate/branch/rollout)."""
         ...
-
-    def tokenize(self, text: str) -> list[int]: ...
-
-    def detokenize(self, token_ids: list[int]) -> str: ...
-
-    def health(self) -> dict: ...
 
 
 def check_request(
