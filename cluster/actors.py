@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -29,7 +30,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from configs.env import FORWARDED_ENV, HUB_OFFLINE_ENV
 from configs.models import check_model
 from configs.schema import ClusterConfig, FactoryConfig, PolicyConfig
-from tasks.generation import EngineRequestError, GenerationRequest, GenerationResult
+from tasks.generation import (
+    EngineRequestError,
+    GenerationRequest,
+    GenerationResult,
+    PackedResults,
+    pack_results,
+    unpack_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +78,17 @@ class EngineActor:
     through the engine one at a time (neither backend is thread-safe; each chunk is already a batch).
     """
 
-    def __init__(self, policy: PolicyConfig, engine_name: str, offline: bool = False):
+    def __init__(self, policy: PolicyConfig, engine_name: str, offline: bool = False, log_file: str | None = None):
         from cluster.metrics import EngineMetrics
 
+        if log_file:  # quiet terminal: this actor's output (and its vLLM engine core's) goes to the run's log file
+            from cluster.logs import redirect_output
+
+            try:
+                redirect_output(log_file)
+            except OSError as err:  # e.g. a path the engine's node cannot create: keep Ray's own worker log
+                log.warning("engine %s: cannot log to %s (%s); output stays in Ray's worker log",
+                            engine_name, log_file, err)
         self.engine_name = engine_name
         self.started_at = time.time()
         self.policy_json = policy.model_dump_json()
@@ -81,8 +97,9 @@ class EngineActor:
         self._engine_lock = threading.Lock()
         self._served = 0
 
-    def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
-        """Serve one chunk of requests; results in request order. Bad requests raise EngineRequestError."""
+    def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> PackedResults:
+        """Serve one chunk of requests; results in request order, packed into numpy arrays for the trip
+        through Ray (the pool unpacks them). Bad requests raise EngineRequestError."""
         t0 = time.perf_counter()
         self.metrics.batch_started(len(requests))
         results: list[GenerationResult] = []
@@ -102,7 +119,7 @@ class EngineActor:
             generated = sum(r.generated_tokens for r in results)
             self.metrics.batch_finished(len(requests), len(results), generated, time.perf_counter() - t0, stage)
         self._served += len(results)
-        return results
+        return pack_results(results)
 
     def health(self) -> dict:
         return {
@@ -139,8 +156,11 @@ def _placement_group(cfg: FactoryConfig):
     return pg
 
 
-def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
-    """Handle of the live engine actor `index` of this config, created (and its model loaded) if missing."""
+def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None, log_file: str | None = None):
+    """Handle of the live engine actor `index` of this config, created (and its model loaded) if missing.
+
+    `log_file`: where a new actor sends its output (cluster.logs); None leaves it to Ray's worker logs.
+    """
     cluster: ClusterConfig = cfg.cluster
     name = engine_name(cfg.name, index)
     try:
@@ -182,7 +202,7 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
             ),
             runtime_env={"env_vars": env} if env else None,
         )
-        .remote(cfg.policy, name, cfg.offline)
+        .remote(cfg.policy, name, cfg.offline, log_file)
     )
 
 
@@ -285,7 +305,7 @@ class EnginePool:
                 call = calls.pop(ref)
                 load[call.engine] -= 1
                 try:
-                    chunk_results = ray.get(ref)
+                    packed: PackedResults = ray.get(ref)
                 except EngineRequestError:
                     self._abandon(calls)
                     raise
@@ -293,7 +313,7 @@ class EnginePool:
                     self._retry(call, err, attempts, last_engine, pending)
                     continue
                 if results[call.chunk] is None:  # the first answer wins; there is never a second here
-                    results[call.chunk] = chunk_results
+                    results[call.chunk] = unpack_results(packed)  # while the engines work on the other chunks
             now = time.monotonic()
             for ref, call in [(r, c) for r, c in calls.items() if c.deadline <= now]:
                 calls.pop(ref)
@@ -395,19 +415,24 @@ class EnginePool:
         calls.clear()
 
 
-def start_engines(cfg: FactoryConfig) -> EnginePool:
+def start_engines(cfg: FactoryConfig, log_file: str | Path | None = None) -> EnginePool:
     """Attach to (or start) this config's engine actors and return the pool serving them.
 
     Connects to Ray first when needed (``cfg.cluster.address``; None starts or joins a local one).
+    `log_file` (the CLI's quiet terminal, cluster.logs): new engine actors write their output there and Ray
+    joins without streaming worker output to this process; None streams it here, as Ray does by default.
     """
     cluster = cfg.cluster
     # Preflight before Ray: a missing directory or an unknown hub id fails here, in one line, not in an actor.
     check_model(cfg.policy.model_path, offline=cfg.offline)
     if not ray.is_initialized():
-        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=True)
+        quiet = log_file is not None
+        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=not quiet,
+                 logging_level=logging.WARNING if quiet else logging.INFO)
     pg = _placement_group(cfg)
     ray.get(pg.ready(), timeout=cluster.request_timeout_s)
-    actors = [get_or_create_engine(cfg, i, pg) for i in range(cluster.num_engines)]
+    log_to = str(Path(log_file).resolve()) if log_file is not None else None
+    actors = [get_or_create_engine(cfg, i, pg, log_to) for i in range(cluster.num_engines)]
     names = [engine_name(cfg.name, i) for i in range(cluster.num_engines)]
     pool = EnginePool(
         actors,
