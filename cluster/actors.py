@@ -102,10 +102,13 @@ class EngineActor:
         through Ray (the pool unpacks them). Bad requests raise EngineRequestError."""
         t0 = time.perf_counter()
         self.metrics.batch_started(len(requests))
-        results: list[GenerationResult] = []
+        packed: PackedResults | None = None
         try:
             with self._engine_lock:
-                results = self.engine.generate(requests)
+                if hasattr(self.engine, "generate_packed"):  # vLLM: arrays straight from its outputs
+                    packed = self.engine.generate_packed(requests, stage)
+                else:
+                    packed = pack_results(self.engine.generate(requests, stage))
         except EngineRequestError:
             raise
         except Exception as err:
@@ -116,10 +119,11 @@ class EngineActor:
                 os._exit(1)
             raise
         finally:
-            generated = sum(r.generated_tokens for r in results)
-            self.metrics.batch_finished(len(requests), len(results), generated, time.perf_counter() - t0, stage)
-        self._served += len(results)
-        return pack_results(results)
+            served = len(packed.request_ids) if packed is not None else 0
+            generated = int(packed.generated_tokens.sum()) if packed is not None else 0
+            self.metrics.batch_finished(len(requests), served, generated, time.perf_counter() - t0, stage)
+        self._served += served
+        return packed
 
     def health(self) -> dict:
         return {
