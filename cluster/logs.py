@@ -54,8 +54,9 @@ def output_to(log_file: str | Path) -> Iterator[None]:
         redirect_output(log_file)
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a full disk must not keep the terminal redirected
+                stream.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         os.close(saved[0])
