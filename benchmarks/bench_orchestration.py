@@ -132,8 +132,8 @@ def main() -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from cluster.actors import start_engines
-    from configs.schema import load_config
     from cluster.stack import deploy, prefect_env, start_server, start_worker
+    from configs.schema import load_config
 
     model = str(SHIPPED_POLICY) if shipped_policy_ready() else str(make_tiny_policy(tmp / "policy"))
     config = write_config(tmp, model, args.problems, args.per_shard, args.backend)

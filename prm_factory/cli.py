@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from prm_factory import set_quiet_env, use_hub_offline
+from configs.env import set_quiet_env, use_hub_offline
 
 set_quiet_env()  # telemetry off always; hub offline-ness follows each config (`offline:`), set in _load
 
@@ -28,6 +28,8 @@ console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see configs/)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="engine and Ray logs on the terminal, not in "
+                                                           "OUT/logs/engines.log")]
 
 
 @app.callback()
@@ -125,17 +127,33 @@ def ingest(
                   f"({len(quarantined):,} quarantined)")
 
 
-def _engine_factory(cfg, local: bool):
-    """A callable that starts the engines: in-process (local) or as named Ray actors (default)."""
+def _engine_factory(cfg, local: bool, log_file: Path | None = None):
+    """A callable that starts the engines: in-process (local) or as named Ray actors (default).
+
+    `log_file`: where the engines' start-up output goes (cluster.logs); None (--verbose) leaves it on the terminal.
+    """
 
     def start():
-        if local:
-            from cluster.actors import make_engine
+        try:
+            if local:
+                from cluster.actors import make_engine
 
-            return make_engine(cfg.policy, cfg.offline)
-        from cluster.actors import start_engines
+                if log_file is None:
+                    return make_engine(cfg.policy, cfg.offline)
+                from cluster.logs import output_to, vllm_info_to_file
 
-        return start_engines(cfg)
+                with output_to(log_file):
+                    engine = make_engine(cfg.policy, cfg.offline)
+                if cfg.policy.backend == "vllm":
+                    vllm_info_to_file(log_file)
+                return engine
+            from cluster.actors import start_engines
+
+            return start_engines(cfg, log_file)
+        except Exception:
+            if log_file is not None and log_file.exists():
+                console.print(f"the engine did not start; its log: {log_file}", style="red", markup=False)
+            raise
 
     return start
 
@@ -148,10 +166,13 @@ def build(
     ),
     local: Annotated[bool, typer.Option("--local", help="run the engine in this process instead of on Ray")] = False,
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Ingest, partition, roll out, label and write the Parquet dataset (resumes an interrupted build)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cluster.logs import engine_log_path
+    from cluster.metrics import record_anchors
     from configs.models import ModelNotFoundError
     from configs.schema import resolve_path
     from tasks.build import BuildError
@@ -175,8 +196,10 @@ def build(
             bar.update(shards, total=len(plans))
 
         try:
-            report = run_build(cfg, out_dir, _engine_factory(cfg, local), progress=on_requests, on_plan=on_plan,
-                               on_shard=on_shard)
+            log_file = None if verbose else engine_log_path(out_dir)
+            report = run_build(cfg, out_dir, _engine_factory(cfg, local, log_file), progress=on_requests,
+                               on_plan=on_plan, on_shard=on_shard)
+            record_anchors(report.cost.anchors)  # Ray metrics come from here, not from the labeller (no-op off Ray)
         except (BuildError, ModelNotFoundError, PromptTemplateError) as err:
             console.print(str(err), style="red", markup=False)
             raise typer.Exit(2) from None
@@ -479,7 +502,15 @@ def ruler_cmd(
     if manifest is None:
         with Progress(console=console, disable=json_out, transient=True) as bar:
             task = bar.add_task(f"sampling {TOY_RULER.version}", total=TOY_RULER.num_problems)
-            manifest = build_ruler(target, TOY_RULER, progress=lambda n: bar.advance(task, n))
+            import torch
+
+            from cluster.hf_engine import HFEngine
+
+            # One thread: the model is tiny, and more threads on a shared 2-core machine spin against each other
+            # (measured: 0.6 s per problem with 1 thread, 48 s with the default while other jobs ran).
+            torch.set_num_threads(1)
+            engine = HFEngine(str(resolve_path(TOY_RULER.policy_path)), dtype="float32", seed=TOY_RULER.sample_seed)
+            manifest = build_ruler(target, TOY_RULER, engine, progress=lambda n: bar.advance(task, n))
     keys = ("ruler_version", "spec_hash", "content_hash", "problems", "trajectories", "steps", "correct_steps",
             "final_correct")
     summary = {"path": str(target), **{k: manifest[k] for k in keys}}

@@ -38,11 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from configs.env import __version__
 from configs.schema import FactoryConfig
-from prm_factory import __version__
 from tasks.dataset import NOT_WRITTEN, SCHEMA_VERSION, check_shard, shard_info, write_manifest, write_shard
+from tasks.generation import Engine
 from tasks.io import REJECTED_DIR, atomic_write_json, atomic_write_lines, read_provenance, reject_path, shard_path
-from tasks.labelling import Generator, Rejected, ShardCost, ShardLabeller, ShardResult
+from tasks.labelling import Rejected, ShardCost, ShardLabeller, ShardResult
 from tasks.loaders import QuarantineRow
 from tasks.problems import Problem
 
@@ -377,7 +378,7 @@ def finalize(cfg: FactoryConfig, out_dir: str | Path, parents: Sequence[str] = (
                           extra={**_manifest_extra(cfg, out, plans), **(extra or {})})
 
 
-def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Generator],
+def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Engine],
           *, progress: Callable[[str, int], None] | None = None,
           on_plan: Callable[[Sequence[ShardPlan]], None] | None = None,
           on_shard: Callable[[ShardPlan, str], None] | None = None) -> BuildReport:

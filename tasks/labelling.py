@@ -25,19 +25,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cluster.engine import GenerationRequest, GenerationResult, Sample
 from configs.schema import FactoryConfig
 from tasks.answers import check_answer
+from tasks.generation import Engine, GenerationRequest, GenerationResult, Sample
 from tasks.labels import origin_soft_er
 from tasks.partition import Partitioner, make_partitioner
 from tasks.problems import Problem
 from tasks.prompts import render_prompt
-
-
-class Generator(Protocol):
-    """Anything that serves generation batches: an engine or the Ray engine pool."""
-
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
 
 
 class Tokenizer(Protocol):
@@ -165,7 +159,7 @@ def tree_value(leaf: Trajectory, pos: int, children: dict[int, list[Trajectory]]
 class ShardLabeller:
     """Labels problems with one engine (or pool) and one config. Stateless between shards."""
 
-    def __init__(self, cfg: FactoryConfig, engine: Generator, tokenizer: Tokenizer,
+    def __init__(self, cfg: FactoryConfig, engine: Engine, tokenizer: Tokenizer,
                  progress: Callable[[str, int], None] | None = None):
         self.cfg = cfg
         self.engine = engine
@@ -342,10 +336,7 @@ class ShardLabeller:
                         # Exactly one leaf generated this prefix's future by sampling: the tree's value starts there.
                         tree_values[key] = tree_value(sampled[0], end, children, memo) if sampled else math.nan
 
-        from cluster.metrics import record_anchors
         from tasks.rollouts import run_rollouts
-
-        record_anchors(cost.anchors)
 
         ledger = run_rollouts(self, plans, prompts, prefix_stats, cost)
         rows: list[dict[str, Any]] = []

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cluster.engine import GenerationRequest
 from tasks.answers import check_answer
+from tasks.generation import GenerationRequest
 from tasks.problems import Problem
 
 if TYPE_CHECKING:

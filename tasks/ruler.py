@@ -52,6 +52,7 @@ from tasks.evaluation import (
     best_of_n,
     step_accuracy,
 )
+from tasks.generation import GenerationRequest
 from tasks.io import atomic_write_bytes, atomic_write_json, sha256_bytes
 from tasks.problems import Problem
 from tasks.toy_world import check_solution, extract_answer, generate_problems, prefix_is_correct
@@ -217,9 +218,7 @@ def ruler_problems(spec: RulerSpec, exclude: set[str]) -> tuple[list[Problem], i
 
 def sample_ruler_rows(spec: RulerSpec, problems: Sequence[Problem], engine: Any,
                       progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """Sample `samples_per_problem` solutions per problem with `engine` (an EngineProtocol) and judge them."""
-    from cluster.engine import GenerationRequest
-
+    """Sample `samples_per_problem` solutions per problem with `engine` (an Engine with a `tokenize`); judge them."""
     rows: list[dict[str, Any]] = []
     for index, problem in enumerate(problems):
         prompt = spec.prompt_template.format(question=problem.question)
@@ -306,21 +305,16 @@ def write_ruler(rows: list[dict[str, Any]], spec: RulerSpec, out_dir: str | Path
     return manifest
 
 
-def build_ruler(out_dir: str | Path, spec: RulerSpec = TOY_RULER, engine: Any = None,
+def build_ruler(out_dir: str | Path, spec: RulerSpec, engine: Any,
                 progress: Callable[[int], None] | None = None) -> dict:
-    """Generate the ruler of `spec` into `out_dir` (transformers engine unless one is given); returns the manifest."""
+    """Generate the ruler of `spec` into `out_dir` with `engine` (the caller builds it: see `prm-factory ruler`).
+
+    `engine` is a tasks.generation.Engine with a `tokenize`; the shipped ruler was sampled by
+    cluster.hf_engine.HFEngine, so only that backend reproduces it. Returns the manifest.
+    """
     t0 = time.time()
     exclude = reserved_problem_ids()
     problems, skipped = ruler_problems(spec, exclude)
-    if engine is None:
-        import torch
-
-        from cluster.hf_engine import HFEngine
-
-        # One thread: the model is tiny, and more threads on a shared 2-core machine spin against each other
-        # (measured: 0.6 s per problem with 1 thread, 48 s with the default while other jobs ran).
-        torch.set_num_threads(1)
-        engine = HFEngine(str(resolve_path(spec.policy_path)), dtype="float32", seed=spec.sample_seed)
     rows = sample_ruler_rows(spec, problems, engine, progress)
     return write_ruler(rows, spec, out_dir, {"excluded_reserved_problems": skipped,
                                             "build_seconds": round(time.time() - t0, 1)})

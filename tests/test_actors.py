@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from cluster.engine import EngineRequestError, GenerationRequest
 from configs.schema import parse_config
+from tasks.generation import EngineRequestError, GenerationRequest
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +44,16 @@ def pool(ray_session, policy_model_path):
     engines.shutdown()
 
 
+def prompt_ids(text: str = "2+5=") -> list[int]:
+    """Token ids of `text` for the shipped policy (the pool serves generation only; the driver tokenizes)."""
+    from engine_fixtures import SHIPPED_POLICY
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(SHIPPED_POLICY)).encode(text, add_special_tokens=False)
+
+
 def requests_for(pool, count: int, n: int = 2, max_new_tokens: int = 24) -> list[GenerationRequest]:
-    base = pool.tokenize("2+5=")
+    base = prompt_ids()
     return [
         GenerationRequest(base + [base[0]] * (i % 5), n=n, max_new_tokens=max_new_tokens, request_id=f"r{i}")
         for i in range(count)
@@ -177,7 +185,7 @@ def test_threads_sharing_a_pool_survive_an_engine_death_with_the_same_answers(po
     """
     import ray
 
-    base = pool.tokenize("2+5=")
+    base = prompt_ids()
 
     def batch(t: int) -> list[GenerationRequest]:
         return [GenerationRequest(base + [base[0]] * (i % 3), n=2, max_new_tokens=32, seed=1000 * t + i,

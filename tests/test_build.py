@@ -173,8 +173,10 @@ def test_build_through_vllm_engines_in_ray_actors(ray_session, tmp_path):
     cfg = parse_config(data)
     pools = []
 
+    log_file = tmp_path / "ds" / "logs" / "engines.log"
+
     def factory():
-        pools.append(start_engines(cfg))
+        pools.append(start_engines(cfg, log_file))  # the quiet terminal's path: engine output to the run's log
         return pools[0]
 
     try:
@@ -186,6 +188,8 @@ def test_build_through_vllm_engines_in_ray_actors(ray_session, tmp_path):
         for pool in pools:
             pool.shutdown()
     assert verify_dataset(tmp_path / "ds") == [] and report.rows > 0
+    # The actor and its vLLM engine core wrote their start-up lines to the run's log file.
+    assert "Initializing a V1 LLM engine" in log_file.read_text()
     rows = read_dataset(tmp_path / "ds").to_pylist()
     assert {r["entropy_kind"] for r in rows} == {"topk_lower"}
     assert all(h >= 0.3 for r in rows for h in r["step_entropies"][1:])

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from cluster.engine import EngineProtocol, EngineRequestError, GenerationRequest, GenerationResult
 from tasks.entropy import entropy_from_logits
+from tasks.generation import Engine, EngineRequestError, GenerationRequest, GenerationResult
 
 BOUND_TOL = 1e-4  # two float32 forward passes (vLLM CPU kernels vs transformers) differ by ~1e-6 nats
 
@@ -71,7 +71,7 @@ def check_result(engine, result: GenerationResult, req: GenerationRequest) -> No
 
 
 def test_hf_engine_implements_protocol(hf_engine):
-    assert isinstance(hf_engine, EngineProtocol)
+    assert isinstance(hf_engine, Engine)
     assert hf_engine.health()["ok"] is True
     text = "12+3=15\n"
     assert hf_engine.detokenize(hf_engine.tokenize(text)) == text
@@ -172,7 +172,7 @@ def test_hf_unknown_model_path_fails_at_construction(tmp_path):
 
 @pytest.mark.slow
 def test_vllm_generate_returns_n_samples_with_entropy_bounds(vllm_engine):
-    assert isinstance(vllm_engine, EngineProtocol)
+    assert isinstance(vllm_engine, Engine)
     assert vllm_engine.health()["logprobs_mode"] == "processed_logprobs"
     reqs = [
         GenerationRequest(prompt(vllm_engine, "3+4="), n=4, max_new_tokens=12, top_logprobs=5, request_id="a"),

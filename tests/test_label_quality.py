@@ -85,9 +85,9 @@ def test_soft_labels_match_fresh_policy_rollouts(toy_build, hf_engine):
     3 standard errors of 0 (a labeller biased by 0.1 either way fails), and the mean absolute difference
     must not exceed its expectation under binomial sampling by more than 3 standard errors.
     """
-    from cluster.engine import GenerationRequest
     from tasks.answers import check_answer
     from tasks.build import load_tokenizer
+    from tasks.generation import GenerationRequest
     from tasks.labelling import request_seed
 
     cfg = toy_build["config"]

@@ -182,7 +182,7 @@ class _EmptyThenRealEngine:
         self.engine, self.eos_id, self.calls = engine, eos_id, 0
 
     def generate(self, requests, stage="generate"):
-        from cluster.engine import Sample
+        from tasks.generation import Sample
 
         results = self.engine.generate(requests, stage=stage)
         if self.calls == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -88,7 +89,10 @@ def test_four_problem_gsm8k_build_writes_real_steps(smollm2_dir, tmp_path):
                           "--out", str(out), "--local", "--json"], capture_output=True, text=True, cwd=REPO_ROOT,
                          timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
-    # vLLM logs to stdout too (its shutdown lines come after ours): the summary is the last JSON line.
+    # Quiet terminal: vLLM's INFO lines (and its engine core's) go to OUT/logs/engines.log, not stdout/stderr.
+    assert not re.search(r"\bINFO\b", res.stdout + res.stderr), (res.stdout + res.stderr)[-3000:]
+    assert "Initializing a V1 LLM engine" in (out / "logs" / "engines.log").read_text()
+    # vLLM's warnings still reach the terminal (its handler writes to stdout): the summary is the last JSON line.
     summary = json.loads(next(line for line in reversed(res.stdout.splitlines()) if line.startswith("{")))
     rows = [r for p in sorted((out / "shards").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
     print(f"smollm2 smoke build: {time.time() - t0:.0f}s, {summary['rows']} rows, "
