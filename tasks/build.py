@@ -30,8 +30,8 @@ from tasks.dataset import (
     write_manifest,
     write_shard,
 )
-from tasks.labelling import Generator, Rejected, ShardCost, ShardLabeller, ShardResult
 from tasks.problems import Problem
+from tasks.tree_labeller import Generator, Rejected, ShardCost, ShardLabeller, ShardResult
 
 log = logging.getLogger(__name__)
 
