@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.io import (
-    SHARDS_DIR,
     atomic_write_bytes,
     atomic_write_json,
     completion_path,
@@ -44,6 +43,8 @@ from tasks.io import (
     read_provenance,
     sha256_bytes,
     sha256_file,
+    shard_files,
+    shard_index,
     shard_path,
     temp_glob,
 )
@@ -387,12 +388,6 @@ def _listed_shard(root: Path, rel_path: Any) -> Path:
     return root / rel_path
 
 
-def _shard_index(rel_path: str) -> int | None:
-    stem = Path(rel_path).stem
-    tail = stem.rsplit("-", 1)[-1]
-    return int(tail) if stem.startswith("part-") and tail.isdigit() else None
-
-
 def verify_dataset(dataset_dir: str | Path) -> list[str]:
     """Problems found in a dataset directory (empty list: it matches its manifest).
 
@@ -438,7 +433,7 @@ def verify_dataset(dataset_dir: str | Path) -> list[str]:
         if prov.get("schema_version", manifest.get("schema_version")) != manifest.get("schema_version"):
             problems.append(f"schema version mismatch: {e['path']} provenance says {prov.get('schema_version')!r}, "
                             f"manifest says {manifest.get('schema_version')!r}")
-        index = _shard_index(e["path"])
+        index = shard_index(e["path"])
         planned = keys[index] if isinstance(keys, list) and index is not None and index < len(keys) else None
         record = read_completion(root, index) if index is not None else None
         if planned is not None and prov.get("shard_key") != planned:
@@ -451,7 +446,7 @@ def verify_dataset(dataset_dir: str | Path) -> list[str]:
             problems.append(f"completion record mismatch: {e['path']} was recorded as {record['sha256']} "
                             f"({record['rows']} rows) when written, manifest says {e['sha256']} ({e['rows']} rows)")
     listed = {e["path"] for e in entries}
-    for p in sorted((root / SHARDS_DIR).glob("part-*.parquet")):
+    for p in shard_files(root):
         rel = p.relative_to(root).as_posix()
         if rel not in listed:
             problems.append(f"extra shard not in manifest: {rel}")
@@ -484,8 +479,8 @@ def read_dataset(dataset_dir: str | Path, verify: bool = True) -> pa.Table:
                     raise DatasetError(f"{p}: sha256 {sha} does not match the manifest's {e['sha256']}; "
                                        "the file changed after it was written (see `prm-factory verify`)")
     else:
-        paths = [p for p in sorted((root / SHARDS_DIR).glob("part-*.parquet"))
-                 if (i := _shard_index(p.name)) is not None and (not verify or shard_done(root, i))]
+        paths = [p for p in shard_files(root)
+                 if (i := shard_index(p)) is not None and (not verify or shard_done(root, i))]
     tables = []
     for p in paths:
         t = pq.ParquetFile(p).read().replace_schema_metadata(None)

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.dataset import MANIFEST_NAME, DatasetError, read_manifest, verify_dataset, write_manifest, write_shard
-from tasks.io import atomic_write_json, read_provenance
+from tasks.io import atomic_write_json, read_provenance, shard_index
 from tasks.label_rule import step_labels
 
 RELABEL_MARKER = "relabel.json"
@@ -94,7 +94,8 @@ def relabel_dataset(src_dir: str | Path, out_dir: str | Path, eta: float) -> dic
         path = src / entry["path"]
         table = relabel(pq.read_table(path), eta)
         prov = read_provenance(path) | {"eta": float(eta), "relabelled_from": parent["dataset_version"]}
-        index = int(Path(entry["path"]).stem.split("-")[-1])
+        index = shard_index(entry["path"])
+        assert index is not None  # verify_dataset accepts only shards/part-XXXXX.parquet entries
         # Record key None: these rows are not what any build plan's key promises (η differs), so a build
         # resumed in this folder can never take them as its own shards.
         infos.append(write_shard(out, index, table.to_pylist(), prov, key=None))

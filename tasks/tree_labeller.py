@@ -31,7 +31,7 @@ from cluster.engine import GenerationRequest, GenerationResult, Sample
 from configs.schema import FactoryConfig
 from tasks.answers import check_answer
 from tasks.label_rule import EARLY_STOP_ORIGIN, ESTIMATED_ORIGIN, FINAL_ORIGIN, step_labels
-from tasks.partition import Partitioner, make_partitioner
+from tasks.partition import Partitioner, make_partitioner, split_steps
 from tasks.problems import Problem
 from tasks.prompts import render_prompt
 from tasks.rollouts import LeafSteps, PrefixKey, RolloutContext, RolloutLedger, request_seed, run_rollouts
@@ -367,11 +367,10 @@ class ShardLabeller:
         rollout_tokens = 0.0
         for key in keys:  # this row's share of each prefix's rollouts
             rollout_tokens += ledger.tokens.get(key, 0) / max(1, ledger.sharers.get(key, 1))
-        ends = bounds[1:] + [len(leaf.token_ids)]
         return {
             "prompt": render_prompt(cfg.policy.prompt_template, p.question, self.tok, cfg.policy.system_prompt),
-            "completions": [self.tok.decode(leaf.token_ids[a:b], skip_special_tokens=True)
-                            for a, b in zip(bounds, ends, strict=True)],
+            "completions": [self.tok.decode(ids, skip_special_tokens=True)
+                            for ids in split_steps(leaf.token_ids, bounds)],
             "labels": labels.hard_list(),
             "successes": successes,
             "rollouts": rollouts,
