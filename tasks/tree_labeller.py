@@ -311,6 +311,7 @@ class ShardLabeller:
 
     def _label_rows(self, problems: Sequence[Problem], prompts: dict[str, list[int]],
                     trees: dict[str, list[Trajectory]], cost: ShardCost) -> ShardResult:
+        """Cut every leaf into steps, count the tree's samples per step prefix, roll out, label one row per leaf."""
         plans, rejected = self._plan_steps(problems, trees, cost)
         prefix_stats, tree_values = _tree_counts(problems, trees, plans)
 

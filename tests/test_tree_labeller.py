@@ -216,6 +216,7 @@ def test_rollouts_get_a_generate_callable_not_the_labeller(engine, tokenizer, pr
     Binary search's rule labels are keyed by (plan index, step), a key that outlives any object."""
     import ast
     import inspect
+    from dataclasses import dataclass
 
     import tasks.rollouts as rollouts
     from tasks.rollouts import LeafSteps, RolloutContext, run_rollouts
@@ -228,7 +229,16 @@ def test_rollouts_get_a_generate_callable_not_the_labeller(engine, tokenizer, pr
     cfg = parse_config(_config(partition={"method": "newline"}, rollouts={"n": 4, "binary_search": True}))
     labeller = ShardLabeller(cfg, engine, tokenizer)
     prompts, trees = labeller.grow_trees(problems, ShardCost())
-    plans = [LeafSteps(p, leaf, labeller.boundaries(leaf)) for p in problems for leaf in trees[p.problem_id]]
+
+    @dataclass(frozen=True)
+    class WrongLeaf:  # plain data, no Trajectory: the real tokens, taken as a solution that ended wrong
+        token_ids: list[int]
+        final_correct: bool = False
+
+    plans = [LeafSteps(p, WrongLeaf(leaf.token_ids), labeller.boundaries(leaf))
+             for p in problems for leaf in trees[p.problem_id]]
+    plans.append(LeafSteps(problems[0], WrongLeaf(trees[problems[0].problem_id][0].token_ids, True), plans[0].bounds))
+    assert sum(plan.num_steps for plan in plans) >= 4  # there is something to bisect
     stats = {plan.prefix(s): [0, 0] for plan in plans for s in range(plan.num_steps)}
     stages: list[str] = []
 
