@@ -65,7 +65,7 @@ def quality(rows, problems_by_id) -> dict:
     """
     import numpy as np
 
-    from tasks.labels import er_label
+    from tasks.label_rule import er_label
     from tasks.metrics import accuracy, auroc, brier
     from tasks.toy_world import prefix_is_correct
 
@@ -136,7 +136,7 @@ def anchor_ranks(labeller, trees) -> dict:
 
 def run(label, cfg_dict, engine, tok, problems, by_id, results):
     from configs.schema import parse_config
-    from tasks.labelling import ShardCost, ShardLabeller
+    from tasks.tree_labeller import ShardCost, ShardLabeller
 
     cfg = parse_config(cfg_dict)
     t0 = time.perf_counter()

@@ -214,7 +214,7 @@ class RolloutConfig(_Strict):
                                   "only; steps get origin 'early_stop', real counts and null soft/ER labels")
     binary_search: bool = Field(False, description="OmegaPRM bisection for the first bad step: probed prefixes get "
                                 "N rollouts, the rest origin 'estimated' (rule label, null soft/ER)")
-    seed: int = 0
+    # No `seed` here: every request's seed derives from the top-level `seed`, the problem and the prefix.
 
 
 class LabelConfig(_Strict):
@@ -228,7 +228,7 @@ class DatasetConfig(_Strict):
 
     out_dir: str = "runs/toy/dataset"
     problems_per_shard: int = Field(16, ge=1)
-    quarantine_dir: str | None = None
+    # Bad source rows go to <out_dir>/quarantine.jsonl, beside the shards they were left out of.
 
 
 class TrainConfig(_Strict):
@@ -268,6 +268,14 @@ class TrainConfig(_Strict):
     def train_hash(self) -> str:
         """A stable hash of the trainer section (a resumed run must have the same one)."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Fields removed from the schema, still hashed at their old defaults: a dataset built before the removal with
+# the defaults keeps its config hash and shard keys (a refresh reuses its shards, a build resumes in its dir).
+# rollouts.seed was never read (request seeds derive from the top-level seed); dataset.quarantine_dir was
+# never read either (the quarantine is <out_dir>/quarantine.jsonl). Neither can change a key any more.
+_REMOVED_ROLLOUT_FIELDS = {"seed": 0}
+_REMOVED_DATASET_FIELDS = {"quarantine_dir": None}
 
 
 class FactoryConfig(_Strict):
@@ -333,7 +341,10 @@ class FactoryConfig(_Strict):
 
         The trainer section is left out: training another PRM on a dataset does not change the dataset.
         """
-        blob = json.dumps(self.model_dump(mode="json", exclude={"train"}), sort_keys=True).encode()
+        dump = self.model_dump(mode="json", exclude={"train"})
+        dump["rollouts"].update(_REMOVED_ROLLOUT_FIELDS)
+        dump["dataset"].update(_REMOVED_DATASET_FIELDS)
+        blob = json.dumps(dump, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def labelling_hash(self) -> str:
@@ -345,6 +356,7 @@ class FactoryConfig(_Strict):
         part = self.model_dump(mode="json", include={"seed", "policy", "partition", "tree", "rollouts", "labels"})
         if part["policy"].get("system_prompt") is None:  # a field added later: old hashes stay valid
             part["policy"].pop("system_prompt", None)
+        part["rollouts"].update(_REMOVED_ROLLOUT_FIELDS)
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 

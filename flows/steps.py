@@ -69,7 +69,7 @@ def _labeller(cfg: FactoryConfig):
 
     from cluster.actors import start_engines
     from tasks.build import load_tokenizer
-    from tasks.labelling import ShardLabeller
+    from tasks.tree_labeller import ShardLabeller
 
     key = (str(flow_run.id), cfg.config_hash())
     with _lock:

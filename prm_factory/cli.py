@@ -272,7 +272,7 @@ def partition(
     """Grow EDU trees for a few problems and show their steps, high-entropy tokens highlighted."""
     from configs.schema import parse_config
     from tasks.build import ingest, load_tokenizer
-    from tasks.labelling import ShardCost, ShardLabeller
+    from tasks.tree_labeller import ShardCost, ShardLabeller
     from tasks.tree_view import LeafView, leaf_text, tree_html
 
     cfg = _load(config)
@@ -314,7 +314,8 @@ def relabel(
     json_out: JsonOpt = False,
 ) -> None:
     """Recompute ER labels for another eta from the stored (successes, rollouts): no engine, seconds."""
-    from tasks.dataset import DatasetError, relabel_dataset
+    from tasks.dataset import DatasetError
+    from tasks.relabel import relabel_dataset
 
     if not eta > 0:
         console.print(f"--eta must be > 0, got {eta}", style="red")

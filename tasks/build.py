@@ -43,9 +43,9 @@ from configs.schema import FactoryConfig
 from tasks.dataset import NOT_WRITTEN, SCHEMA_VERSION, check_shard, shard_info, write_manifest, write_shard
 from tasks.generation import Engine
 from tasks.io import REJECTED_DIR, atomic_write_json, atomic_write_lines, read_provenance, reject_path, shard_path
-from tasks.labelling import Rejected, ShardCost, ShardLabeller, ShardResult
 from tasks.loaders import QuarantineRow
 from tasks.problems import Problem
+from tasks.tree_labeller import Rejected, ShardCost, ShardLabeller, ShardResult
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The Parquet dataset contract: atomic shards, a manifest, provenance, and η relabelling.
+"""The Parquet dataset contract: the row schema, atomic shards, completion records, a manifest, verification.
 
 A dataset version is one directory::
 
@@ -7,7 +7,7 @@ A dataset version is one directory::
 
 Rows are a superset of TRL's stepwise-supervision format (``prompt``, ``completions``, ``labels``), plus
 the rollout counts (k ``successes`` of N ``rollouts`` per step) from which ER-PRM (arXiv 2412.11006)
-labels are recomputed for any η (``relabel``), the EDU-PRM (arXiv 2503.22233) step entropies and
+labels are recomputed for any η (tasks/relabel.py), the EDU-PRM (arXiv 2503.22233) step entropies and
 partitioner provenance, and token costs. Partition values (``split``, ``source``, ``shard``) are plain
 columns: HF ``datasets`` ignores hive directories. The files load as-is in pandas, pyarrow, HF
 ``datasets``, DuckDB and polars (tests/test_dataset.py runs each).
@@ -24,6 +24,7 @@ whatever file is on disk at the end, so a corrupted or stale shard is rebuilt, n
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,13 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.io import (
-    SHARDS_DIR,
     atomic_write_bytes,
     atomic_write_json,
     completion_path,
@@ -45,14 +43,15 @@ from tasks.io import (
     read_provenance,
     sha256_bytes,
     sha256_file,
+    shard_files,
+    shard_index,
     shard_path,
     temp_glob,
 )
-from tasks.labels import FINAL_ORIGIN, SAMPLED_ORIGINS, STEP_ORIGINS, UNSAMPLED_ORIGINS, er_label
+from tasks.label_rule import UNSAMPLED_ORIGINS, step_labels
 
 SCHEMA_VERSION = 2  # 2: tree_value column; null soft/ER for early-stop and rule-estimated steps
 MANIFEST_NAME = "manifest.json"
-RELABEL_MARKER = "relabel.json"
 NOT_WRITTEN = "not written yet"  # check_shard's reason for a shard with no file
 
 ROW_SCHEMA = pa.schema(
@@ -63,7 +62,7 @@ ROW_SCHEMA = pa.schema(
         pa.field("labels", pa.list_(pa.bool_()), nullable=False),
         # ER-PRM: per step, k of N completions sampled from the step prefix reached the right answer;
         # soft/ER labels derived from them, null where the counts are no fixed-size sample (early stop,
-        # rule-estimated steps; see tasks.labels.origin_soft_er).
+        # rule-estimated steps; see tasks.label_rule.step_labels).
         pa.field("successes", pa.list_(pa.int32()), nullable=False),
         pa.field("rollouts", pa.list_(pa.int32()), nullable=False),
         pa.field("soft_labels", pa.list_(pa.float64()), nullable=False),
@@ -81,7 +80,7 @@ ROW_SCHEMA = pa.schema(
         pa.field("partitioner", pa.string(), nullable=False),
         pa.field("partitioner_params", pa.string(), nullable=False),  # JSON
         # Per step: where the label came from: "rollout"/"tree" (N policy samples), "early_stop",
-        # "estimated" (binary-search rule), "final" (the outcome). See tasks.labels.STEP_ORIGINS.
+        # "estimated" (binary-search rule), "final" (the outcome). See tasks.label_rule.STEP_ORIGINS.
         pa.field("step_origin", pa.list_(pa.string()), nullable=False),
         pa.field("answer", pa.string()),
         pa.field("final_correct", pa.bool_()),
@@ -143,8 +142,9 @@ def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
 
     Checks, each failure a ``DatasetError`` naming the column (and row): missing or unknown columns,
     values that do not convert to the column's type, nulls in non-nullable columns or inside step lists,
-    step lists of different lengths within a row, rows without steps, and counts outside
-    ``0 <= successes <= rollouts``.
+    step lists of different lengths within a row, rows without steps, counts outside
+    ``0 <= successes <= rollouts``, and labels that are not what the label rule
+    (``tasks.label_rule.step_labels``) gives for the row's counts, origins and η.
     """
     names = ROW_SCHEMA.names
     expected = set(names)
@@ -174,20 +174,31 @@ def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
         for j, (k, n) in enumerate(zip(row["successes"], row["rollouts"], strict=True)):
             if not 0 <= k <= n:
                 raise DatasetError(f"row {i} step {j}: columns 'successes'/'rollouts' need 0 <= k <= N, got {k}/{n}")
-        for j, origin in enumerate(row["step_origin"]):
-            if origin not in STEP_ORIGINS:
-                raise DatasetError(f"row {i} step {j}: column 'step_origin' is {origin!r}, "
-                                   f"expected one of {sorted(STEP_ORIGINS)}")
-            if origin in SAMPLED_ORIGINS and row["rollouts"][j] < 1:
-                raise DatasetError(f"row {i} step {j}: a {origin!r} step needs rollouts >= 1, "
-                                   f"got {row['rollouts'][j]}")
-            unsampled = origin in UNSAMPLED_ORIGINS
-            for name in NULLABLE_STEP_COLUMNS:
-                if (row[name][j] is None) != unsampled:
-                    raise DatasetError(f"row {i} step {j}: column {name!r} must be null exactly for "
-                                       f"{sorted(UNSAMPLED_ORIGINS)} steps "
-                                       f"(origin {origin!r}, value {row[name][j]!r})")
+        _check_labels(i, row)
     return table
+
+
+def _check_labels(i: int, row: dict[str, Any]) -> None:
+    """Row `i`'s labels must be what the label rule (tasks.label_rule.step_labels) gives for its counts and
+    origins: the hard label of count-labelled steps, and soft / ER exactly where the rule has them."""
+    try:
+        rule = step_labels(row["successes"], row["rollouts"], row["step_origin"], row["eta"], row["labels"])
+    except ValueError as err:
+        raise DatasetError(f"row {i} {err}" if str(err).startswith("step ") else f"row {i}: {err}") from None
+    for j, origin in enumerate(row["step_origin"]):
+        if row["labels"][j] != rule.hard[j]:
+            raise DatasetError(f"row {i} step {j}: column 'labels' is {row['labels'][j]!r}, the label rule gives "
+                               f"{bool(rule.hard[j])!r} for a {origin!r} step with "
+                               f"{row['successes'][j]}/{row['rollouts'][j]} successes")
+        for name, expected in (("soft_labels", rule.soft[j]), ("er_labels", rule.er[j])):
+            value = row[name][j]
+            if (value is None) == bool(rule.valued[j]):
+                raise DatasetError(f"row {i} step {j}: column {name!r} must be null exactly for "
+                                   f"{sorted(UNSAMPLED_ORIGINS)} steps (origin {origin!r}, value {value!r})")
+            if value is not None and not math.isclose(value, expected, rel_tol=1e-12, abs_tol=1e-12):
+                raise DatasetError(f"row {i} step {j}: column {name!r} is {value!r}, the label rule gives "
+                                   f"{float(expected)!r} for a {origin!r} step with "
+                                   f"{row['successes'][j]}/{row['rollouts'][j]} successes at eta {row['eta']}")
 
 
 # -- shards -------------------------------------------------------------------------------------------
@@ -377,12 +388,6 @@ def _listed_shard(root: Path, rel_path: Any) -> Path:
     return root / rel_path
 
 
-def _shard_index(rel_path: str) -> int | None:
-    stem = Path(rel_path).stem
-    tail = stem.rsplit("-", 1)[-1]
-    return int(tail) if stem.startswith("part-") and tail.isdigit() else None
-
-
 def verify_dataset(dataset_dir: str | Path) -> list[str]:
     """Problems found in a dataset directory (empty list: it matches its manifest).
 
@@ -428,7 +433,7 @@ def verify_dataset(dataset_dir: str | Path) -> list[str]:
         if prov.get("schema_version", manifest.get("schema_version")) != manifest.get("schema_version"):
             problems.append(f"schema version mismatch: {e['path']} provenance says {prov.get('schema_version')!r}, "
                             f"manifest says {manifest.get('schema_version')!r}")
-        index = _shard_index(e["path"])
+        index = shard_index(e["path"])
         planned = keys[index] if isinstance(keys, list) and index is not None and index < len(keys) else None
         record = read_completion(root, index) if index is not None else None
         if planned is not None and prov.get("shard_key") != planned:
@@ -441,7 +446,7 @@ def verify_dataset(dataset_dir: str | Path) -> list[str]:
             problems.append(f"completion record mismatch: {e['path']} was recorded as {record['sha256']} "
                             f"({record['rows']} rows) when written, manifest says {e['sha256']} ({e['rows']} rows)")
     listed = {e["path"] for e in entries}
-    for p in sorted((root / SHARDS_DIR).glob("part-*.parquet")):
+    for p in shard_files(root):
         rel = p.relative_to(root).as_posix()
         if rel not in listed:
             problems.append(f"extra shard not in manifest: {rel}")
@@ -474,8 +479,8 @@ def read_dataset(dataset_dir: str | Path, verify: bool = True) -> pa.Table:
                     raise DatasetError(f"{p}: sha256 {sha} does not match the manifest's {e['sha256']}; "
                                        "the file changed after it was written (see `prm-factory verify`)")
     else:
-        paths = [p for p in sorted((root / SHARDS_DIR).glob("part-*.parquet"))
-                 if (i := _shard_index(p.name)) is not None and (not verify or shard_done(root, i))]
+        paths = [p for p in shard_files(root)
+                 if (i := shard_index(p)) is not None and (not verify or shard_done(root, i))]
     tables = []
     for p in paths:
         t = pq.ParquetFile(p).read().replace_schema_metadata(None)
@@ -483,81 +488,3 @@ def read_dataset(dataset_dir: str | Path, verify: bool = True) -> pa.Table:
             raise DatasetError(f"{p} does not have the row schema (schema_version {SCHEMA_VERSION}):\n{t.schema}")
         tables.append(t)
     return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
-
-
-# -- relabelling --------------------------------------------------------------------------------------
-
-
-def relabel(table: pa.Table, eta: float) -> pa.Table:
-    """The table with ``er_labels`` recomputed from ``successes``/``rollouts`` for a new η, and ``eta`` set.
-
-    ER-PRM (arXiv 2412.11006) labels depend on the rollouts only through (k, N), so no rollout is
-    re-run. The rule is tasks.labels.origin_soft_er: steps sampled N times get ER(k, N, η), the
-    ``"final"`` step keeps the outcome (its hard ``labels`` value as 0.0/1.0), early-stop and
-    rule-estimated steps stay null. Other columns are unchanged.
-    """
-    flat_k = pc.list_flatten(table["successes"]).to_numpy()
-    flat_n = pc.list_flatten(table["rollouts"]).to_numpy()
-    flat_origin = pc.list_flatten(table["step_origin"]).to_numpy(zero_copy_only=False)
-    flat_hard = pc.list_flatten(table["labels"]).to_numpy(zero_copy_only=False)
-    lengths = pc.list_value_length(table["successes"]).to_numpy(zero_copy_only=False)
-    for name in ("rollouts", "step_origin", "labels"):
-        if not np.array_equal(pc.list_value_length(table[name]).to_numpy(zero_copy_only=False), lengths):
-            raise DatasetError(f"column {name!r} and 'successes' differ in step counts")
-    unknown = sorted(set(flat_origin.tolist()) - STEP_ORIGINS)
-    if unknown:
-        raise DatasetError(f"column 'step_origin' holds unknown origins {unknown}")
-    sampled = np.isin(flat_origin, list(SAMPLED_ORIGINS))
-    final = flat_origin == FINAL_ORIGIN
-    er = np.zeros(len(flat_k), dtype=np.float64)
-    er[final] = flat_hard[final].astype(np.float64)
-    er[sampled] = er_label(flat_k[sampled], flat_n[sampled], eta)
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
-    values = pa.array(er, pa.float64(), mask=~(sampled | final))
-    er_col = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
-    i = table.schema.get_field_index("er_labels")
-    table = table.set_column(i, table.schema.field(i), er_col)
-    j = table.schema.get_field_index("eta")
-    return table.set_column(j, table.schema.field(j), pa.array(np.full(table.num_rows, float(eta)), pa.float64()))
-
-
-def relabel_dataset(src_dir: str | Path, out_dir: str | Path, eta: float) -> dict[str, Any]:
-    """A new dataset version in ``out_dir`` with ER labels recomputed for ``eta``; no engine, no rollouts.
-
-    Shard by shard (same indices), provenance kept and extended with the new η and the parent version;
-    the manifest lists the source's ``dataset_version`` as its parent. Returns the new manifest.
-    """
-    src, out = Path(src_dir), Path(out_dir)
-    problems = verify_dataset(src)
-    if problems:
-        raise DatasetError(f"{src} does not match its manifest, refusing to relabel: {'; '.join(problems)}")
-    if out.resolve() == src.resolve():
-        raise DatasetError("relabel writes a new version: --out must differ from the source directory")
-    if (out / MANIFEST_NAME).exists():
-        raise DatasetError(f"{out} already holds a dataset; choose a new --out")
-    parent = read_manifest(src)
-    claim = {"relabel_of": parent["dataset_version"], "eta": float(eta)}
-    marker = out / RELABEL_MARKER
-    if out.exists() and any(out.iterdir()):
-        # Only a folder this same relabel started (and was interrupted in) may be written into again.
-        try:
-            mine = json.loads(marker.read_text()) == claim
-        except (OSError, ValueError):
-            mine = False
-        if not mine:
-            raise DatasetError(f"{out} is not empty and was not started by this relabel; choose an empty or new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, claim, indent=None)
-    infos = []
-    for entry in parent["shards"]:
-        path = src / entry["path"]
-        table = relabel(pq.read_table(path), eta)
-        prov = read_provenance(path) | {"eta": float(eta), "relabelled_from": parent["dataset_version"]}
-        index = int(Path(entry["path"]).stem.split("-")[-1])
-        # Record key None: these rows are not what any build plan's key promises (η differs), so a build
-        # resumed in this folder can never take them as its own shards.
-        infos.append(write_shard(out, index, table.to_pylist(), prov, key=None))
-    extra = dict(parent.get("extra", {})) | {"relabelled_eta": float(eta)}
-    return write_manifest(out, schema_version=parent["schema_version"], config_hash=parent["config_hash"],
-                          code_version=parent["code_version"], shards=infos, parents=[parent["dataset_version"]],
-                          extra=extra)

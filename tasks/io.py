@@ -109,6 +109,18 @@ def shard_path(dataset_dir: str | Path, shard_index: int) -> Path:
     return Path(dataset_dir) / SHARDS_DIR / f"{shard_stem(shard_index)}.parquet"
 
 
+def shard_index(path: str | Path) -> int | None:
+    """The index in a shard file's name (``.../part-00012.parquet`` -> 12), None for any other name."""
+    stem = Path(path).stem
+    tail = stem.rsplit("-", 1)[-1]
+    return int(tail) if stem.startswith("part-") and tail.isdigit() else None
+
+
+def shard_files(dataset_dir: str | Path) -> list[Path]:
+    """The shard files on disk (``shards/part-*.parquet``) in name order; a writer's temp files never match."""
+    return sorted((Path(dataset_dir) / SHARDS_DIR).glob("part-*.parquet"))
+
+
 def completion_path(dataset_dir: str | Path, shard_index: int) -> Path:
     """``<dataset_dir>/completions/part-XXXXX.json``: the shard's completion record."""
     return Path(dataset_dir) / COMPLETIONS_DIR / f"{shard_stem(shard_index)}.json"

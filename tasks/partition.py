@@ -3,7 +3,7 @@
 A partitioner maps one generated solution (per-token texts and next-token entropies) to the sorted START
 indices of its steps: ``[0, a_1, a_2, ...]`` for a non-empty solution, ``[]`` for an empty one. A cut at
 ``a`` sits *before* token ``a`` (the anchor starts the new step), so step ``i`` is
-``tokens[b_i:b_{i+1}]``; ``split_steps`` applies the cuts.
+``tokens[b_i:b_{i+1}]``; ``split_steps`` applies the cuts (the tree labeller cuts every row with it).
 
 EDU-PRM (arXiv 2503.22233) cuts where the policy is unsure (high entropy), so each step ends just
 before a real decision. The paper ships no code: the threshold, spacing, cap and whitelist here are

@@ -5,7 +5,7 @@ rebuilt for any version at any time. Cost is the engine's generated tokens (per 
 shard's provenance); "cost per labelled step" divides them by the steps that got a label from the
 policy's rollouts or tree (every step but the last of each row, whose label is the final answer's
 correctness and costs nothing extra). Soft and ER labels are null on early-stop and rule-estimated steps
-(tasks.labels.origin_soft_er); the ER histogram counts the steps that have one and says how many do not.
+(tasks.label_rule.step_labels); the ER histogram counts the steps that have one and says how many do not.
 """
 
 from __future__ import annotations

@@ -12,21 +12,69 @@
   marked "estimated" (real counts: only the tree's own sample, if any; null soft/ER). A trajectory whose
   own answer is right reached the answer from each of its prefixes, so all its steps are positive by rule.
 Every request's seed derives from the problem and the prefix, so the same shard gives the same rows.
+
+A strategy sees only what it needs: a ``generate(requests, stage)`` callable (the labeller's engine, which
+counts the cost), the rollout config, the run seed, the end-of-sequence ids and a decode function
+(``RolloutContext``). It never sees the labeller, so this module imports nothing of tasks/tree_labeller.py.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from configs.schema import RolloutConfig
 from tasks.answers import check_answer
-from tasks.generation import GenerationRequest
+from tasks.generation import GenerationRequest, GenerationResult
 from tasks.problems import Problem
 
-if TYPE_CHECKING:
-    from tasks.labelling import ShardCost, ShardLabeller, Trajectory
+PrefixKey = tuple[str, tuple[int, ...]]  # (problem_id, the prefix's token ids)
+# The engine call a strategy gets: a batch of requests and the stage that tags its cost ("rollout").
+Generate = Callable[[list[GenerationRequest], str], list[GenerationResult]]
 
-PrefixKey = tuple[str, tuple[int, ...]]
+
+def request_seed(*parts: object) -> int:
+    """A 31-bit seed derived from the parts, stable across processes and runs."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+class Leaf(Protocol):
+    """What a strategy reads of a generated solution (tasks.tree_labeller.Trajectory has it)."""
+
+    token_ids: list[int]
+    final_correct: bool
+
+
+@dataclass(frozen=True)
+class LeafSteps:
+    """One solution to label: its problem, the leaf, and the start index of each of its steps."""
+
+    problem: Problem
+    leaf: Leaf
+    bounds: list[int]
+
+    @property
+    def num_steps(self) -> int:
+        """Steps before the last one: the last step is the whole solution, labelled by its outcome."""
+        return len(self.bounds) - 1
+
+    def prefix(self, step: int) -> PrefixKey:
+        """The prefix that ends with step `step` (< num_steps): the state a rollout from that step starts in."""
+        return self.problem.problem_id, tuple(self.leaf.token_ids[: self.bounds[step + 1]])
+
+
+@dataclass(frozen=True)
+class RolloutContext:
+    """All a rollout strategy may use: the engine call, the config, and plain data about the tokenizer."""
+
+    generate: Generate
+    config: RolloutConfig
+    seed: int  # the run's seed (FactoryConfig.seed): request seeds derive from it
+    eos_token_ids: list[int]
+    decode: Callable[[list[int]], str]  # token ids -> text without special tokens
 
 
 @dataclass
@@ -36,18 +84,17 @@ class RolloutLedger:
     rolled: set[PrefixKey] = field(default_factory=set)
     tokens: dict[PrefixKey, int] = field(default_factory=dict)
     sharers: dict[PrefixKey, int] = field(default_factory=dict)
-    forced: dict[tuple[int, int], bool] = field(default_factory=dict)  # (id(leaf), step) -> label
+    # (index of the solution in the plans, step) -> the binary search's label for that step
+    forced: dict[tuple[int, int], bool] = field(default_factory=dict)
     early_stop: bool = False  # counts were drawn under the stop-at-first-success rule
 
 
-def _roll(labeller: ShardLabeller, problems: dict[str, Problem], prompts: dict[str, list[int]],
+def _roll(ctx: RolloutContext, problems: dict[str, Problem], prompts: dict[str, list[int]],
           wanted: dict[PrefixKey, int], prefix_stats: dict[PrefixKey, list[int]], ledger: RolloutLedger,
-          cost: ShardCost, wave: int) -> None:
+          wave: int) -> None:
     """One batch: `wanted[key]` fresh rollouts from each prefix; adds outcomes to prefix_stats."""
     keys = [key for key, n in wanted.items() if n > 0]
-    rc = labeller.cfg.rollouts
-    from tasks.labelling import request_seed
-
+    rc = ctx.config
     requests = [
         GenerationRequest(
             prompt_token_ids=prompts[pid] + list(prefix),
@@ -56,15 +103,15 @@ def _roll(labeller: ShardLabeller, problems: dict[str, Problem], prompts: dict[s
             top_p=rc.top_p,
             max_new_tokens=max(1, rc.max_new_tokens - len(prefix)),
             top_logprobs=0,
-            seed=request_seed(labeller.cfg.seed, pid, "rollout", wave, *prefix),
-            stop_token_ids=labeller.eos,
+            seed=request_seed(ctx.seed, pid, "rollout", wave, *prefix),
+            stop_token_ids=ctx.eos_token_ids,
         )
         for pid, prefix in keys
     ]
-    results = labeller._run(requests, "rollout", cost)
+    results = ctx.generate(requests, "rollout") if requests else []
     for (pid, prefix), res in zip(keys, results, strict=True):
         problem = problems[pid]
-        head = labeller.tok.decode(list(prefix), skip_special_tokens=True)
+        head = ctx.decode(list(prefix))
         wins = sum(
             s.finish_reason == "stop" and check_answer(problem.source, head + s.text, problem.answer)
             for s in res.samples
@@ -76,26 +123,25 @@ def _roll(labeller: ShardLabeller, problems: dict[str, Problem], prompts: dict[s
         ledger.tokens[(pid, prefix)] = ledger.tokens.get((pid, prefix), 0) + res.generated_tokens
 
 
-def run_rollouts(labeller: ShardLabeller, plans: list[tuple[Problem, Trajectory, list[int]]],
-                 prompts: dict[str, list[int]], prefix_stats: dict[PrefixKey, list[int]],
-                 cost: ShardCost) -> RolloutLedger:
-    """Roll out from the step prefixes of every planned trajectory; prefix_stats is updated in place."""
-    rc = labeller.cfg.rollouts
+def run_rollouts(ctx: RolloutContext, plans: Sequence[LeafSteps], prompts: dict[str, list[int]],
+                 prefix_stats: dict[PrefixKey, list[int]]) -> RolloutLedger:
+    """Roll out from the step prefixes of every planned solution; prefix_stats is updated in place."""
+    rc = ctx.config
     n_target = rc.n
-    problems = {p.problem_id: p for p, _, _ in plans}
+    problems = {plan.problem.problem_id: plan.problem for plan in plans}
     ledger = RolloutLedger()
-    for p, leaf, bounds in plans:
-        for end in bounds[1:]:
-            key = (p.problem_id, tuple(leaf.token_ids[:end]))
+    for plan in plans:
+        for step in range(plan.num_steps):
+            key = plan.prefix(step)
             ledger.sharers[key] = ledger.sharers.get(key, 0) + 1
 
     if rc.binary_search:
-        _binary_search(labeller, plans, prompts, prefix_stats, ledger, cost, problems)
+        _binary_search(ctx, plans, prompts, prefix_stats, ledger, problems)
         return ledger
 
     if not rc.early_stop_hard:
         wanted = {key: max(0, n_target - stats[1]) for key, stats in prefix_stats.items()}
-        _roll(labeller, problems, prompts, wanted, prefix_stats, ledger, cost, wave=0)
+        _roll(ctx, problems, prompts, wanted, prefix_stats, ledger, wave=0)
         return ledger
 
     ledger.early_stop = True
@@ -109,22 +155,22 @@ def run_rollouts(labeller: ShardLabeller, plans: list[tuple[Problem, Trajectory,
             wanted[key] = min(size, n_target - n)
         if not wanted:
             break
-        _roll(labeller, problems, prompts, wanted, prefix_stats, ledger, cost, wave=wave)
+        _roll(ctx, problems, prompts, wanted, prefix_stats, ledger, wave=wave)
     return ledger
 
 
-def _binary_search(labeller: ShardLabeller, plans: list[tuple[Problem, Trajectory, list[int]]],
-                   prompts: dict[str, list[int]], prefix_stats: dict[PrefixKey, list[int]],
-                   ledger: RolloutLedger, cost: ShardCost, problems: dict[str, Problem]) -> None:
-    """Bisect each wrong trajectory for its first bad step; all trajectories advance one probe per batch."""
-    n_target = labeller.cfg.rollouts.n
+def _binary_search(ctx: RolloutContext, plans: Sequence[LeafSteps], prompts: dict[str, list[int]],
+                   prefix_stats: dict[PrefixKey, list[int]], ledger: RolloutLedger,
+                   problems: dict[str, Problem]) -> None:
+    """Bisect each wrong solution for its first bad step; all solutions advance one probe per batch."""
+    n_target = ctx.config.n
     # Search state per plan: steps lo..hi-1 are undecided; `first_bad` is the answer once lo == hi.
     search: list[list[int]] = []
-    for _, leaf, bounds in plans:
-        m = len(bounds) - 1  # steps that are not the last (final) step
-        if leaf.final_correct:
+    for i, plan in enumerate(plans):
+        m = plan.num_steps
+        if plan.leaf.final_correct:
             for step in range(m):
-                ledger.forced[(id(leaf), step)] = True
+                ledger.forced[(i, step)] = True
             search.append([m, m])
         else:
             search.append([0, m])
@@ -133,13 +179,11 @@ def _binary_search(labeller: ShardLabeller, plans: list[tuple[Problem, Trajector
         probes: dict[int, PrefixKey] = {}
         for i, (lo, hi) in enumerate(search):
             if lo < hi:
-                p, leaf, bounds = plans[i]
-                mid = (lo + hi) // 2
-                probes[i] = (p.problem_id, tuple(leaf.token_ids[: bounds[mid + 1]]))
+                probes[i] = plans[i].prefix((lo + hi) // 2)
         if not probes:
             break
         wanted = {key: max(0, n_target - prefix_stats[key][1]) for key in set(probes.values())}
-        _roll(labeller, problems, prompts, wanted, prefix_stats, ledger, cost, wave=wave)
+        _roll(ctx, problems, prompts, wanted, prefix_stats, ledger, wave=wave)
         for i, key in probes.items():
             lo, hi = search[i]
             mid = (lo + hi) // 2
@@ -148,12 +192,11 @@ def _binary_search(labeller: ShardLabeller, plans: list[tuple[Problem, Trajector
             else:
                 search[i] = [lo, mid]
         wave += 1
-    for i, (p, leaf, bounds) in enumerate(plans):
-        if leaf.final_correct:
+    for i, plan in enumerate(plans):
+        if plan.leaf.final_correct:
             continue
         first_bad = search[i][0]
-        for step in range(len(bounds) - 1):
-            key = (p.problem_id, tuple(leaf.token_ids[: bounds[step + 1]]))
-            if key in ledger.rolled:
+        for step in range(plan.num_steps):
+            if plan.prefix(step) in ledger.rolled:
                 continue  # rolled out: its own outcomes label it
-            ledger.forced[(id(leaf), step)] = step < first_bad
+            ledger.forced[(i, step)] = step < first_bad

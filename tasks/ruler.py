@@ -53,7 +53,7 @@ from tasks.evaluation import (
     step_accuracy,
 )
 from tasks.generation import GenerationRequest
-from tasks.io import atomic_write_bytes, atomic_write_json, sha256_bytes
+from tasks.io import atomic_write_bytes, atomic_write_json, sha256_bytes, shard_files
 from tasks.problems import Problem
 from tasks.toy_world import check_solution, extract_answer, generate_problems, prefix_is_correct
 
@@ -370,7 +370,7 @@ def load_ruler(ruler_dir: str | Path = DEFAULT_RULER_DIR, spec: RulerSpec | None
 def dataset_problem_ids(dataset_dir: str | Path) -> set[str]:
     """The problem_ids of a dataset version (only that column is read from its shards)."""
     root = Path(dataset_dir)
-    paths = sorted((root / "shards").glob("part-*.parquet"))
+    paths = shard_files(root)
     if not paths:
         raise EvaluationError(f"{root} holds no dataset shards (shards/part-*.parquet)")
     return {pid for p in paths for pid in pq.read_table(p, columns=["problem_id"]).column(0).to_pylist()}

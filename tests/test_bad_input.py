@@ -25,7 +25,7 @@ from integrity_helpers import cli_on_faulty_disk
 
 from configs.schema import REPO_ROOT, ConfigError, FileSource, load_config, parse_config
 from tasks.answers import MAX_MATH_DEPTH, math_equal, math_too_complex
-from tasks.labels import er_label, hard_label, soft_label, step_labels
+from tasks.label_rule import er_label, hard_label, soft_label, step_labels
 from tasks.loaders import REASONS, load_jsonl, load_math, load_sources, write_quarantine
 
 MINIMAL = {"name": "minimal", "sources": [{"kind": "toy"}], "policy": {"model_path": "assets/toy-policy"}}
@@ -253,13 +253,14 @@ def test_er_label_lies_between_soft_and_hard(kn, eta):
 def test_step_labels_shape_and_final_step(steps, eta, final):
     k = [s[0] for s in steps]
     n = [s[1] for s in steps]
-    labels = step_labels(k, n, eta, final)
-    assert all(len(v) == len(steps) for v in labels.values())
-    assert labels["hard"][:-1] == [x > 0 for x in k[:-1]]
+    origins = ["rollout"] * (len(steps) - 1) + ["rollout" if final is None else "final"]
+    labels = step_labels(k, n, origins, eta, [None] * (len(steps) - 1) + [final])
+    assert all(len(v) == len(steps) for v in (labels.hard, labels.soft, labels.er, labels.valued))
+    assert labels.hard_list()[:-1] == [x > 0 for x in k[:-1]]
     if final is not None:
-        assert labels["origin"][-1] == "final" and labels["er"][-1] == float(final)
+        assert labels.hard_list()[-1] == final and labels.er_list()[-1] == float(final)
     else:
-        assert math.isclose(labels["soft"][-1], k[-1] / n[-1])
+        assert math.isclose(labels.soft_list()[-1], k[-1] / n[-1])
 
 
 @settings(max_examples=100, deadline=None)

@@ -16,7 +16,8 @@ import yaml
 
 from configs.schema import REPO_ROOT, parse_config
 from tasks.build import BuildError, build
-from tasks.dataset import read_dataset, read_manifest, relabel, relabel_dataset, verify_dataset
+from tasks.dataset import read_dataset, read_manifest, verify_dataset
+from tasks.relabel import relabel, relabel_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -102,6 +102,9 @@ def test_base_config_is_valid(base):
         ("partition.tau", -0.1, "partition.tau", "greater than or equal to 0"),
         ("sources.0.min_steps", 7, "sources.0.toy.max_steps", "min_steps (7) must be <= max_steps (6)"),
         ("policy.prompt_template", "Q: {question} in \\boxed{}", "policy.prompt_template", "str.format"),
+        # removed fields that were never read: a config setting them fails instead of being silently ignored
+        ("rollouts.seed", 5, "rollouts.seed", "Extra inputs are not permitted"),
+        ("dataset.quarantine_dir", "runs/q", "dataset.quarantine_dir", "Extra inputs are not permitted"),
     ],
 )
 def test_bad_field_names_its_path(base, dotted, value, path_in_message, why):

@@ -18,7 +18,6 @@ from tasks.dataset import (
     DatasetError,
     read_dataset,
     read_manifest,
-    relabel,
     rows_to_table,
     shard_done,
     shard_info,
@@ -27,24 +26,26 @@ from tasks.dataset import (
     write_shard,
 )
 from tasks.io import PROVENANCE_KEY, read_provenance, shard_path
-from tasks.labels import er_label, step_labels
+from tasks.label_rule import er_label, step_labels
+from tasks.relabel import relabel
 
 PROVENANCE = {"config_hash": "abc123", "code_version": "test", "partitioner": {"name": "edu", "tau": 1.0}}
 
 
 def make_row(i: int, successes: list[int], rollouts: list[int], final_correct: bool = True, eta: float = 1.0) -> dict:
     """A valid row whose last step is labelled by the final answer (as the labelling stage does)."""
-    labels = step_labels(successes, rollouts, eta, final_correct)
     n = len(successes)
+    origins = ["rollout"] * (n - 1) + ["final"] if n else []
+    labels = step_labels(successes, rollouts, origins, eta, [None] * (n - 1) + [final_correct] if n else [])
     return {
         "prompt": f"What is {i} + {i}?\n",
         "completions": [f"step {j} of problem {i}\n" for j in range(n)],
-        "labels": labels["hard"],
+        "labels": labels.hard_list(),
         "successes": successes,
         "rollouts": rollouts,
-        "soft_labels": labels["soft"],
-        "er_labels": labels["er"],
-        "tree_value": labels["soft"],
+        "soft_labels": labels.soft_list(),
+        "er_labels": labels.er_list(),
+        "tree_value": labels.soft_list(),
         "eta": eta,
         "step_entropies": [1.0 + 0.25 * j for j in range(n)],
         "entropy_kind": "exact",
@@ -54,7 +55,7 @@ def make_row(i: int, successes: list[int], rollouts: list[int], final_correct: b
         "policy_model": "assets/toy-policy",
         "partitioner": "edu",
         "partitioner_params": json.dumps({"tau": 1.0}),
-        "step_origin": labels["origin"],
+        "step_origin": origins,
         "answer": str(2 * i),
         "final_correct": final_correct,
         "prompt_tokens": 10 + i,
@@ -442,9 +443,23 @@ def test_unsampled_steps_store_real_counts_and_null_soft_er(tmp_path):
     ("soft_labels", 0, 0.5, "must be null exactly for"),  # an early-stop step claiming a soft label
     ("er_labels", 2, None, "must be null exactly for"),  # a sampled step without its ER label
     ("step_origin", 1, "guess", "unknown|expected one of"),
+    # the stored labels must be the label rule's for the counts: 3 of 4 successes is a positive step ...
+    ("labels", 2, False, r"row 0 step 2: column 'labels' is False, the label rule gives True for a 'rollout' step"),
+    # ... whose ER label at eta 1 is ln(1/4 + 3e/4), and the final step's soft label is its outcome
+    ("er_labels", 2, 0.5, r"row 0 step 2: column 'er_labels' is 0.5, the label rule gives 0.827988939242869"),
+    ("soft_labels", 3, 0.0, r"row 0 step 3: column 'soft_labels' is 0.0, the label rule gives 1.0"),
+    ("rollouts", 2, 0, r"row 0 step 2: need 0 <= k <= N|successes'/'rollouts' need 0 <= k <= N"),
 ])
 def test_null_rule_is_enforced(column, step, value, match):
     row = _unsampled_row()
     row[column] = [*row[column][:step], value, *row[column][step + 1:]]
     with pytest.raises(DatasetError, match=match):
         rows_to_table([row])
+
+
+def test_relabel_names_the_row_and_step_the_rule_refuses():
+    good = _unsampled_row()
+    bad = {**_unsampled_row(), "step_origin": ["early_stop", "guess", "rollout", "final"]}
+    table = pa.Table.from_pylist([good, bad], schema=ROW_SCHEMA)  # unvalidated: relabel checks on its own
+    with pytest.raises(DatasetError, match=r"row 1 step 1: unknown step origin 'guess'"):
+        relabel(table, 2.0)

@@ -23,12 +23,12 @@ from tasks.dataset import (
     DatasetError,
     read_dataset,
     read_manifest,
-    relabel_dataset,
     verify_dataset,
     write_manifest,
     write_shard,
 )
 from tasks.io import completion_path, read_provenance, shard_path
+from tasks.relabel import relabel_dataset
 from tasks.versions import ReusableShard, link_shard, verify_path, version_dir, write_latest
 
 

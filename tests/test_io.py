@@ -21,6 +21,8 @@ from tasks.io import (
     reject_path,
     sha256_bytes,
     sha256_file,
+    shard_files,
+    shard_index,
     shard_path,
     temp_glob,
 )
@@ -85,6 +87,12 @@ def test_dataset_layout(tmp_path):
     assert shard_path("", 0).as_posix() == "shards/part-00000.parquet"
     with pytest.raises(ValueError, match="shard_index must be >= 0"):
         reject_path(tmp_path, -1)
+    assert shard_index(shard_path(tmp_path, 42)) == 42 and shard_index("shards/part-00007.parquet") == 7
+    assert shard_index(".part-00001.parquet.tmp-1-ab") is None and shard_index("manifest.json") is None
+    shard_path(tmp_path, 2).parent.mkdir(parents=True)
+    for name in ("part-00002.parquet", "part-00000.parquet", ".part-00001.parquet.tmp-9-00", "notes.txt"):
+        (tmp_path / "shards" / name).write_bytes(b"x")
+    assert shard_files(tmp_path) == [shard_path(tmp_path, 0), shard_path(tmp_path, 2)]
 
 
 def test_provenance_round_trip(tmp_path):

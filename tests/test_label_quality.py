@@ -88,7 +88,7 @@ def test_soft_labels_match_fresh_policy_rollouts(toy_build, hf_engine):
     from tasks.answers import check_answer
     from tasks.build import load_tokenizer
     from tasks.generation import GenerationRequest
-    from tasks.labelling import request_seed
+    from tasks.rollouts import request_seed
 
     cfg = toy_build["config"]
     tok = load_tokenizer(cfg)

@@ -79,8 +79,8 @@ def test_config_accepts_chat_and_ties_system_prompt_to_it():
 def test_labeller_prompts_with_the_chat_template(chat_tokenizer):
     """The labeller sends and stores the chat-rendered prompt (one problem, no branching, N=1)."""
     from cluster.hf_engine import HFEngine
-    from tasks.labelling import ShardLabeller
     from tasks.toy_world import generate_problems
+    from tasks.tree_labeller import ShardLabeller
 
     cfg = parse_config(_config(prompt_template="chat", system_prompt="Be brief."))
     problems = generate_problems(cfg.sources[0])[:1]

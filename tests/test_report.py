@@ -10,30 +10,38 @@ from pathlib import Path
 import pytest
 
 from tasks.dataset import SCHEMA_VERSION, write_manifest, write_shard
+from tasks.label_rule import step_labels
 from tasks.report import build_report, dataset_stats, render_markdown, render_plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def row(problem_id: str, labels: list[bool], er: list[float], entropies: list[float], final: bool) -> dict:
-    n = len(labels)
+def row(problem_id: str, counts: list[tuple[int, int]], entropies: list[float], final: bool) -> dict:
+    """A row whose steps before the last have (k, N) rollout counts and whose last step is the outcome `final`;
+    its labels are what the label rule gives (eta 1), as the dataset's row check demands."""
+    n = len(counts) + 1
+    successes, rollouts = [k for k, _ in counts] + [int(final)], [m for _, m in counts] + [1]
+    origins = ["rollout"] * (n - 1) + ["final"]
+    labels = step_labels(successes, rollouts, origins, 1.0, [None] * (n - 1) + [final])
     return {
-        "prompt": "q\n", "completions": [f"s{i}" for i in range(n)], "labels": labels,
-        "successes": [1] * (n - 1) + [int(final)], "rollouts": [2] * (n - 1) + [1], "soft_labels": er,
-        "er_labels": er, "tree_value": er, "eta": 1.0, "step_entropies": entropies, "entropy_kind": "exact",
+        "prompt": "q\n", "completions": [f"s{i}" for i in range(n)], "labels": labels.hard_list(),
+        "successes": successes, "rollouts": rollouts, "soft_labels": labels.soft_list(),
+        "er_labels": labels.er_list(), "tree_value": labels.soft_list(), "eta": 1.0, "step_entropies": entropies,
+        "entropy_kind": "exact",
         "problem_id": problem_id, "source": "toy", "split": "train", "policy_model": "m", "partitioner": "edu",
-        "partitioner_params": "{}", "step_origin": ["rollout"] * (n - 1) + ["final"], "answer": "1",
+        "partitioner_params": "{}", "step_origin": origins, "answer": "1",
         "final_correct": final, "prompt_tokens": 3, "completion_tokens": 4, "rollout_tokens": 5, "tree_id": "t",
     }
 
 
 def make_dataset(out: Path) -> Path:
     # Shard 0: 2 rows, 3 labelled steps (good, bad, good); shard 1: 1 row, 1 labelled step (bad).
+    # ER at eta 1: 7/8 -> ln(1/8 + 7e/8) = 0.918, 2/5 -> ln(3/5 + 2e/5) = 0.523, 0/N -> 0.0.
     s0 = write_shard(out, 0, [
-        row("a", [True, False, True], [0.95, 0.05, 1.0], [0.2, 1.5, 2.5], True),
-        row("b", [True, False], [0.55, 0.0], [0.1, 0.5], False),
+        row("a", [(7, 8), (0, 8)], [0.2, 1.5, 2.5], True),
+        row("b", [(2, 5)], [0.1, 0.5], False),
     ], {"cost": {"generate_tokens": 10, "branch_tokens": 20, "rollout_tokens": 30, "generated_tokens": 60}})
-    s1 = write_shard(out, 1, [row("c", [False, False], [0.0, 0.0], [0.3, 3.0], False)],
+    s1 = write_shard(out, 1, [row("c", [(0, 4)], [0.3, 3.0], False)],
                      {"cost": {"generate_tokens": 4, "branch_tokens": 0, "rollout_tokens": 6, "generated_tokens": 10}})
     write_manifest(out, schema_version=SCHEMA_VERSION,
                    config_hash="cafe", code_version="0.1.0", shards=[s0, s1], parents=["p1"],
@@ -50,7 +58,7 @@ def test_stats_count_labels_entropies_and_cost(tmp_path):
     assert stats["labelled_steps"] == 4  # the final step of each row is not a labelled step
     assert stats["hard_labels"] == {"good": 2, "bad": 2}
     assert stats["step_origin"] == {"final": 3, "rollout": 4}
-    assert stats["er_label_histogram"] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 1]  # 0.05 and 0.0; 0.55; 0.95
+    assert stats["er_label_histogram"] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 1]  # 0.0 twice; 0.523; 0.918
     assert sorted(stats["entropies"]) == [0.5, 1.5, 2.5, 3.0]  # step 0 starts the solution: not an anchor
     assert stats["step_entropy"]["at_or_above_tau"] == 3 and stats["tau"] == 1.0
     assert stats["cost"] == {"generate_tokens": 14, "branch_tokens": 20, "rollout_tokens": 36,
@@ -101,11 +109,11 @@ def test_inspect_cli_prints_json(tmp_path):
 def test_stats_and_markdown_handle_null_soft_and_er_labels(tmp_path):
     """Early-stop and rule-estimated steps have null soft/ER labels: counted, not binned, not a crash."""
     out = tmp_path / "ds"
-    r = row("e", [True, False, True], [0.0, 0.0, 1.0], [0.2, 1.5, 2.5], True)
+    r = row("e", [(1, 3), (0, 1)], [0.2, 1.5, 2.5], True)
     r["step_origin"] = ["early_stop", "estimated", "final"]
     r["soft_labels"] = r["er_labels"] = [None, None, 1.0]
-    r["successes"], r["rollouts"] = [1, 0, 1], [3, 1, 1]
-    s0 = write_shard(out, 0, [r, row("f", [True, True], [0.75, 1.0], [0.1, 0.5], True)],
+    r["labels"] = [True, False, True]  # early stop: 1 of 3 drawn, so 1[k > 0]; estimated: the rule said bad
+    s0 = write_shard(out, 0, [r, row("f", [(2, 3)], [0.1, 0.5], True)],
                      {"cost": {"generated_tokens": 12}})
     write_manifest(out, schema_version=2, config_hash="cafe", code_version="0.1.0", shards=[s0], parents=[],
                    extra={"name": "nulls"})
@@ -113,7 +121,7 @@ def test_stats_and_markdown_handle_null_soft_and_er_labels(tmp_path):
     assert stats["step_origin"] == {"early_stop": 1, "estimated": 1, "final": 2, "rollout": 1}
     assert stats["hard_labels"] == {"good": 2, "bad": 1}
     assert stats["er_label_null_steps"] == 2
-    assert stats["er_label_histogram"] == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0]  # only the rollout step's 0.75
+    assert stats["er_label_histogram"] == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0]  # only the rollout step's 2/3: 0.763
     assert "| steps without soft/ER label (early stop, estimated) | 2 |" in render_markdown(stats)
     assert set(render_plots(stats)) == {"entropy", "labels", "cost"}
 

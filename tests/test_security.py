@@ -14,11 +14,11 @@ from tasks.dataset import (
     SCHEMA_VERSION,
     DatasetError,
     read_dataset,
-    relabel_dataset,
     verify_dataset,
     write_manifest,
     write_shard,
 )
+from tasks.relabel import relabel_dataset
 
 CODE_DIRS = ("tasks", "flows", "cluster", "configs", "prm_factory", "scripts", "benchmarks")
 UNSAFE_MODULES = {"pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}

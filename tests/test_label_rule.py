@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.labels import er_label, hard_label, soft_label, step_labels
+from tasks.label_rule import er_label, hard_label, soft_label, step_labels
 
 # (1/η) ln(1 - k/N + (k/N) e^η), worked by hand:
 ER_1_2_ETA1 = 0.6201145069582775  # ln((1 + e) / 2)
@@ -109,56 +109,59 @@ def test_eta_validation(eta):
         er_label(1, 2, eta)
 
 
-# -- step_labels ----------------------------------------------------------------------------------------------
+# -- step_labels: the one rule ---------------------------------------------------------------------------------
 
 
-def test_step_labels_last_step_is_final_correctness():
-    out = step_labels([3, 1, 0, 2], [4, 4, 4, 0], 1.0, final_correct=True)
-    assert out["hard"] == [True, True, False, True]
-    assert out["soft"] == [0.75, 0.25, 0.0, 1.0]
-    assert out["er"] == pytest.approx([ER_3_4_ETA1, ER_1_4_ETA1, 0.0, 1.0], abs=1e-15)
-    assert out["origin"] == ["rollout", "rollout", "rollout", "final"]
-    # the last step's counts are ignored, even when they disagree with the final answer
-    wrong = step_labels([3, 4], [4, 4], 1.0, final_correct=False)
-    assert (wrong["hard"][-1], wrong["soft"][-1], wrong["er"][-1]) == (False, 0.0, 0.0)
+def test_sampled_steps_get_all_three_labels_from_their_counts():
+    out = step_labels([3, 1, 0], [4, 4, 4], ["rollout", "tree", "rollout"], 1.0)
+    assert out.hard_list() == [True, True, False]
+    assert out.soft_list() == [0.75, 0.25, 0.0]
+    assert out.er_list() == pytest.approx([ER_3_4_ETA1, ER_1_4_ETA1, 0.0], abs=1e-15)
+    assert out.valued.tolist() == [True, True, True]
+    assert all(type(x) is bool for x in out.hard_list()) and all(type(x) is float for x in out.er_list())
 
 
-def test_step_labels_without_final_uses_counts_everywhere():
-    out = step_labels([3, 1], [4, 4], 1.0, final_correct=None)
-    assert out["hard"] == [True, True]
-    assert out["soft"] == [0.75, 0.25]
-    assert out["er"] == pytest.approx([ER_3_4_ETA1, ER_1_4_ETA1], abs=1e-15)
-    assert out["origin"] == ["rollout", "rollout"]
-    with pytest.raises(ValueError, match="N"):
-        step_labels([3, 0], [4, 0], 1.0, final_correct=None)  # the last step needs rollouts too
+def test_final_step_is_the_given_outcome_not_its_counts():
+    # counts 3/4 but the answer is wrong: the outcome decides, soft = ER = 0.0
+    out = step_labels([3, 3], [4, 4], ["rollout", "final"], 10.0, [None, False])
+    assert out.hard_list() == [True, False]
+    assert out.soft_list() == [0.75, 0.0] and out.er_list()[1] == 0.0
+    assert step_labels([0], [0], ["final"], 1.0, [True]).er_list() == [1.0]  # N = 0 is fine for the outcome
 
 
-def test_step_labels_single_and_empty():
-    assert step_labels([0], [0], 1.0, final_correct=True) == {
-        "hard": [True],
-        "soft": [1.0],
-        "er": [1.0],
-        "origin": ["final"],
-    }
-    assert step_labels([], [], 1.0, final_correct=None) == {"hard": [], "soft": [], "er": [], "origin": []}
-    out = step_labels([1, 1], [2, 2], 1.0, None)
-    assert all(type(x) is bool for x in out["hard"]) and all(type(x) is float for x in out["er"])
+def test_unsampled_steps_keep_a_hard_label_and_no_soft_or_er():
+    out = step_labels([1, 0, 2], [3, 1, 4], ["early_stop", "estimated", "estimated"], 1.0, [None, True, False])
+    assert out.hard_list() == [True, True, False]  # early stop: 1[k > 0]; estimated: the rule's verdict
+    assert out.soft_list() == [None, None, None] and out.er_list() == [None, None, None]
+    assert out.valued.tolist() == [False, False, False] and np.isnan(out.er).all()
 
 
-def test_step_labels_validation():
-    with pytest.raises(ValueError, match="differ in length: 2 and 1"):
-        step_labels([1, 2], [4], 1.0, None)
-    with pytest.raises(ValueError, match="eta"):
-        step_labels([0], [0], 0.0, final_correct=True)
+def test_one_call_labels_mixed_origins_and_empty_input():
+    out = step_labels([1, 3, 0, 1], [2, 4, 1, 1], ["early_stop", "rollout", "estimated", "final"], 1.0,
+                      [None, None, True, True])
+    assert out.hard_list() == [True, True, True, True]
+    assert out.soft_list() == [None, 0.75, None, 1.0]
+    assert out.er_list() == [None, pytest.approx(ER_3_4_ETA1, abs=1e-15), None, 1.0]
+    empty = step_labels([], [], [], 1.0)
+    assert empty.hard_list() == [] and empty.er_list() == []
 
 
-def test_origin_rule_gives_soft_er_only_for_sampled_steps():
-    from tasks.labels import origin_soft_er
+def test_given_hard_labels_as_a_bool_array():
+    out = step_labels(np.array([0, 1], np.int32), np.array([4, 1], np.int32), np.array(["rollout", "final"], object),
+                      2.0, np.array([True, False]))
+    assert out.hard_list() == [False, False]  # the rollout step ignores the given True; the outcome is False
 
-    assert origin_soft_er(1, 4, "rollout", True, 1.0) == pytest.approx((0.25, math.log(0.75 + 0.25 * math.e)))
-    assert origin_soft_er(1, 1, "tree", True, 2.0) == (1.0, 1.0)
-    assert origin_soft_er(1, 3, "early_stop", True, 1.0) == (None, None)
-    assert origin_soft_er(0, 0, "estimated", False, 1.0) == (None, None)
-    assert origin_soft_er(0, 1, "final", True, 1.0) == (1.0, 1.0)
-    with pytest.raises(ValueError, match="unknown step origin"):
-        origin_soft_er(1, 4, "tree_leaves", True, 1.0)
+
+@pytest.mark.parametrize(("args", "match"), [
+    (([1, 2], [4], ["rollout", "rollout"], 1.0), "differ in length: 2, 1 and 2"),
+    (([1], [4], ["rollout"], 0.0), "eta"),
+    (([1], [4], ["tree_leaves"], 1.0), "step 0: unknown step origin 'tree_leaves'"),
+    (([1, 0], [4, 0], ["rollout", "tree"], 1.0), r"step 1: a 'tree' step needs rollouts >= 1, got 0"),
+    (([5], [4], ["early_stop"], 1.0), r"step 0: need 0 <= k <= N, got \(k, N\) = \(5, 4\)"),
+    (([1, 1], [1, 1], ["rollout", "final"], 1.0), "step 1: a 'final' step needs its given hard label"),
+    (([1], [1], ["estimated"], 1.0, [None]), "step 0: a 'estimated' step needs its given hard label"),
+    (([1], [1], ["rollout"], 1.0, [True, True]), "given_hard has 2 entries for 1 steps"),
+])
+def test_step_labels_refuses_what_the_rule_cannot_label(args, match):
+    with pytest.raises(ValueError, match=match):
+        step_labels(*args)

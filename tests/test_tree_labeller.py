@@ -15,8 +15,8 @@ import math
 import pytest
 
 from configs.schema import REPO_ROOT, ToySource, parse_config
-from tasks.labelling import ShardLabeller, Trajectory, tree_value
 from tasks.toy_world import check_solution, generate_problems
+from tasks.tree_labeller import ShardLabeller, Trajectory, tree_value
 
 POLICY = REPO_ROOT / "assets" / "toy-policy"
 
@@ -209,3 +209,54 @@ def test_unfinished_solution_is_a_negative_final_step(engine, tokenizer, problem
     for row in result.rows:
         assert row["final_correct"] is False and row["labels"][-1] is False
         assert row["completion_tokens"] <= 6
+
+
+def test_rollouts_get_a_generate_callable_not_the_labeller(engine, tokenizer, problems):
+    """run_rollouts works from plain data: a generate(requests, stage) call, the config, eos ids and decode.
+    Binary search's rule labels are keyed by (plan index, step), a key that outlives any object."""
+    import ast
+    import inspect
+    from dataclasses import dataclass
+
+    import tasks.rollouts as rollouts
+    from tasks.rollouts import LeafSteps, RolloutContext, run_rollouts
+    from tasks.tree_labeller import ShardCost
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(rollouts)))
+                if isinstance(node, ast.ImportFrom)}
+    assert "tasks.tree_labeller" not in imported  # no cycle: the labeller imports rollouts, never the reverse
+
+    cfg = parse_config(_config(partition={"method": "newline"}, rollouts={"n": 4, "binary_search": True}))
+    labeller = ShardLabeller(cfg, engine, tokenizer)
+    prompts, trees = labeller.grow_trees(problems, ShardCost())
+
+    @dataclass(frozen=True)
+    class WrongLeaf:  # plain data, no Trajectory: the real tokens, taken as a solution that ended wrong
+        token_ids: list[int]
+        final_correct: bool = False
+
+    plans = [LeafSteps(p, WrongLeaf(leaf.token_ids), labeller.boundaries(leaf))
+             for p in problems for leaf in trees[p.problem_id]]
+    plans.append(LeafSteps(problems[0], WrongLeaf(trees[problems[0].problem_id][0].token_ids, True), plans[0].bounds))
+    assert sum(plan.num_steps for plan in plans) >= 4  # there is something to bisect
+    stats = {plan.prefix(s): [0, 0] for plan in plans for s in range(plan.num_steps)}
+    stages: list[str] = []
+
+    def generate(requests, stage):
+        stages.append(stage)
+        return engine.generate(requests, stage=stage)
+
+    ctx = RolloutContext(generate=generate, config=cfg.rollouts, seed=cfg.seed,
+                         eos_token_ids=[tokenizer.eos_token_id],
+                         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    ledger = run_rollouts(ctx, plans, prompts, stats)
+    assert stages and set(stages) == {"rollout"}
+    assert all(stats[key][1] == 4 for key in ledger.rolled)  # each probed prefix got exactly N samples
+    assert {k for k, (_, n) in stats.items() if n} == ledger.rolled
+    for i, plan in enumerate(plans):
+        for step in range(plan.num_steps):
+            # every step is either probed (its own counts label it) or labelled by the rule under (i, step)
+            assert (plan.prefix(step) in ledger.rolled) != ((i, step) in ledger.forced) or plan.leaf.final_correct
+        if plan.leaf.final_correct:
+            assert all(ledger.forced[(i, s)] for s in range(plan.num_steps))
+    assert set(ledger.forced) <= {(i, s) for i, plan in enumerate(plans) for s in range(plan.num_steps)}

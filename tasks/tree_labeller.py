@@ -1,4 +1,4 @@
-"""Turn a shard of problems into step-labelled dataset rows: generate, partition, branch, roll out, label.
+"""The tree labeller: a shard of problems -> step-labelled dataset rows (generate, partition, branch, roll out, label).
 
 One procedure covers both methods we compare, one config switch apart:
 - EDU-PRM (arXiv 2503.22233): cut each solution where the policy's next-token entropy is high and, at
@@ -14,11 +14,13 @@ step's label is the trajectory's own final-answer correctness. Work is batched a
 rounds (roots, one round per branching depth, then all rollouts), so an engine sees few large batches, and
 prompts are token IDs that share prefixes, so vLLM's prefix cache pays. Every request carries a seed derived from the
 problem and the prefix, so a shard labelled twice yields the same rows (what crash-resume relies on).
+
+The rollouts themselves are tasks/rollouts.py (given a narrow engine call, not this labeller); which labels
+a step gets from its counts and origin is tasks/label_rule.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -28,10 +30,11 @@ from typing import Any, Protocol
 from configs.schema import FactoryConfig
 from tasks.answers import check_answer
 from tasks.generation import Engine, GenerationRequest, GenerationResult, Sample
-from tasks.labels import origin_soft_er
-from tasks.partition import Partitioner, make_partitioner
+from tasks.label_rule import EARLY_STOP_ORIGIN, ESTIMATED_ORIGIN, FINAL_ORIGIN, step_labels
+from tasks.partition import Partitioner, make_partitioner, split_steps
 from tasks.problems import Problem
 from tasks.prompts import render_prompt
+from tasks.rollouts import LeafSteps, PrefixKey, RolloutContext, RolloutLedger, request_seed, run_rollouts
 
 
 class Tokenizer(Protocol):
@@ -40,12 +43,6 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
-
-
-def request_seed(*parts: object) -> int:
-    """A 31-bit seed derived from the parts, stable across processes and runs."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
-    return int(digest[:8], 16) & 0x7FFFFFFF
 
 
 @dataclass
@@ -301,112 +298,137 @@ class ShardLabeller:
         return alts[: self.cfg.tree.branch_width - 1]
 
     # -- labels ------------------------------------------------------------------------------------
+    #
+    # Every step prefix gets (successes, rollouts) from the policy's samples from that exact prefix: first the
+    # tree leaves that continued from it by sampling (no forced branch token after it), then fresh rollouts.
+    # The label rule (tasks.label_rule.step_labels) turns each step's counts and origin into its labels.
 
     def _label_rows(self, problems: Sequence[Problem], prompts: dict[str, list[int]],
                     trees: dict[str, list[Trajectory]], cost: ShardCost) -> ShardResult:
-        cfg = self.cfg
+        """Cut every leaf into steps, count the tree's samples per step prefix, roll out, label one row per leaf."""
+        plans, rejected = self._plan_steps(problems, trees, cost)
+        prefix_stats, tree_values = _tree_counts(problems, trees, plans)
+
+        ledger = run_rollouts(self._rollout_context(cost), plans, prompts, prefix_stats)
+        tree_tokens = {pid: sum(len(t.token_ids) - t.branch_at for t in leaves) for pid, leaves in trees.items()}
+        rows = [self._row(i, plan, prompts, prefix_stats, tree_values, ledger,
+                          tree_tokens[plan.problem.problem_id] / len(trees[plan.problem.problem_id]))
+                for i, plan in enumerate(plans)]
+        return ShardResult(rows, cost, rejected)
+
+    def _plan_steps(self, problems: Sequence[Problem], trees: dict[str, list[Trajectory]], cost: ShardCost
+                    ) -> tuple[list[LeafSteps], list[Rejected]]:
+        """Every leaf cut into steps (in tree order); a leaf with no token at all is rejected instead."""
+        plans: list[LeafSteps] = []
         rejected: list[Rejected] = []
-        # Per leaf: its step boundaries; per unique step prefix: (successes, rollouts) from the leaves that are
-        # policy samples from that prefix, i.e. no forced branch token after it (a leaf reaching the
-        # prefix's future through a chosen alternative token is not a sample of the policy from it).
-        plans: list[tuple[Problem, Trajectory, list[int]]] = []
-        prefix_stats: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-        tree_values: dict[tuple[str, tuple[int, ...]], float] = {}
         for p in problems:
-            leaves = trees[p.problem_id]
-            children: dict[int, list[Trajectory]] = {}
-            for other in leaves:
-                if other.parent is not None:
-                    children.setdefault(id(other.parent), []).append(other)
-            memo: dict[tuple[int, int], float] = {}
-            for leaf in leaves:
+            for leaf in trees[p.problem_id]:
                 bounds = self.boundaries(leaf)
                 if not bounds:
                     rejected.append(Rejected(p.problem_id, p.source, "empty generation: the policy wrote no tokens"))
                     continue
                 cost.anchors += len(bounds) - 1
                 cost.capped_partitions += bool(getattr(self.partitioner, "capped", False))
-                plans.append((p, leaf, bounds))
-                for end in bounds[1:]:
-                    key = (p.problem_id, tuple(leaf.token_ids[:end]))
-                    if key not in prefix_stats:
-                        head = leaf.token_ids[:end]
-                        sampled = [o for o in leaves if o.sampled_after(end) and o.token_ids[:end] == head]
-                        prefix_stats[key] = [sum(o.final_correct for o in sampled), len(sampled)]
-                        # Exactly one leaf generated this prefix's future by sampling: the tree's value starts there.
-                        tree_values[key] = tree_value(sampled[0], end, children, memo) if sampled else math.nan
+                plans.append(LeafSteps(p, leaf, bounds))
+        return plans, rejected
 
-        from tasks.rollouts import run_rollouts
+    def _rollout_context(self, cost: ShardCost) -> RolloutContext:
+        """What the rollout strategies get: this labeller's engine call (which books the cost), no more."""
+        return RolloutContext(
+            generate=lambda requests, stage: self._run(requests, stage, cost),
+            config=self.cfg.rollouts,
+            seed=self.cfg.seed,
+            eos_token_ids=self.eos,
+            decode=lambda token_ids: self.tok.decode(token_ids, skip_special_tokens=True),
+        )
 
-        ledger = run_rollouts(self, plans, prompts, prefix_stats, cost)
-        rows: list[dict[str, Any]] = []
-        tree_tokens = {pid: sum(len(t.token_ids) - t.branch_at for t in leaves) for pid, leaves in trees.items()}
-        for p, leaf, bounds in plans:
-            ends = bounds[1:] + [len(leaf.token_ids)]
-            successes: list[int] = []
-            rollouts: list[int] = []
-            origin: list[str] = []
-            row_rollout_tokens = 0.0
-            hard: list[bool] = []
-            soft: list[float | None] = []
-            er: list[float | None] = []
-            step_tree_value: list[float] = []
-            for step, end in enumerate(ends[:-1]):
-                key = (p.problem_id, tuple(leaf.token_ids[:end]))
-                k, n = prefix_stats[key]
-                successes.append(k)
-                rollouts.append(n)
-                step_tree_value.append(tree_values[key])
-                row_rollout_tokens += ledger.tokens.get(key, 0) / max(1, ledger.sharers.get(key, 1))
-                forced = ledger.forced.get((id(leaf), step))
-                if forced is not None and key not in ledger.rolled:
-                    # Binary search labelled this step by rule; its counts are what the tree gave, not N samples.
-                    step_origin, label = "estimated", forced
-                elif ledger.early_stop:
-                    # Counts drawn until the first success: k/n is biased upward, only 1[k > 0] is kept.
-                    step_origin, label = "early_stop", k > 0
-                else:
-                    step_origin, label = ("rollout" if key in ledger.rolled else "tree"), k > 0
-                s, e = origin_soft_er(k, n, step_origin, label, cfg.labels.eta)
-                hard.append(bool(label))
-                soft.append(s)
-                er.append(e)
-                origin.append(step_origin)
-            successes.append(int(leaf.final_correct))
-            rollouts.append(1)
-            origin.append("final")
-            hard.append(leaf.final_correct)
-            soft.append(float(leaf.final_correct))
-            er.append(float(leaf.final_correct))
-            step_tree_value.append(float(leaf.final_correct))
-            steps = [self.tok.decode(leaf.token_ids[a:b], skip_special_tokens=True) for a, b in zip(bounds, ends,
-                                                                                                   strict=True)]
-            n_leaves = len(trees[p.problem_id])
-            rows.append({
-                "prompt": render_prompt(cfg.policy.prompt_template, p.question, self.tok, cfg.policy.system_prompt),
-                "completions": steps,
-                "labels": hard,
-                "successes": successes,
-                "rollouts": rollouts,
-                "soft_labels": soft,
-                "er_labels": er,
-                "tree_value": step_tree_value,
-                "eta": float(cfg.labels.eta),
-                "step_entropies": [float(leaf.entropy[b]) if b < len(leaf.entropy) else math.nan for b in bounds],
-                "entropy_kind": cfg.partition.entropy_source,
-                "problem_id": p.problem_id,
-                "source": p.source,
-                "split": p.split,
-                "policy_model": cfg.policy.model_path,
-                "partitioner": self.partitioner.name,
-                "partitioner_params": json.dumps(self.partitioner.params(), sort_keys=True),
-                "step_origin": origin,
-                "answer": p.answer,
-                "final_correct": bool(leaf.final_correct),
-                "prompt_tokens": len(prompts[p.problem_id]),
-                "completion_tokens": len(leaf.token_ids),
-                # This row's share of what was generated to label it: its tree (split over leaves) + rollouts.
-                "rollout_tokens": int(round(tree_tokens[p.problem_id] / n_leaves + row_rollout_tokens)),
-                "tree_id": f"{p.problem_id}-{cfg.labelling_hash()[:8]}",
-            })
-        return ShardResult(rows, cost, rejected)
+    def _row(self, index: int, plan: LeafSteps, prompts: dict[str, list[int]],
+             prefix_stats: dict[PrefixKey, list[int]], tree_values: dict[PrefixKey, float], ledger: RolloutLedger,
+             tree_share: float) -> dict[str, Any]:
+        """The dataset row of plan `index`: its steps, their counts, origins and labels, and its cost share."""
+        cfg = self.cfg
+        p, leaf, bounds = plan.problem, plan.leaf, plan.bounds
+        keys = [plan.prefix(step) for step in range(plan.num_steps)]
+        origins, given = _step_origins(index, keys, ledger)
+        # The last step is the whole solution: one sample (the leaf itself), labelled by its outcome.
+        successes = [prefix_stats[key][0] for key in keys] + [int(leaf.final_correct)]
+        rollouts = [prefix_stats[key][1] for key in keys] + [1]
+        labels = step_labels(successes, rollouts, [*origins, FINAL_ORIGIN], cfg.labels.eta,
+                             [*given, leaf.final_correct])
+        rollout_tokens = 0.0
+        for key in keys:  # this row's share of each prefix's rollouts
+            rollout_tokens += ledger.tokens.get(key, 0) / max(1, ledger.sharers.get(key, 1))
+        return {
+            "prompt": render_prompt(cfg.policy.prompt_template, p.question, self.tok, cfg.policy.system_prompt),
+            "completions": [self.tok.decode(ids, skip_special_tokens=True)
+                            for ids in split_steps(leaf.token_ids, bounds)],
+            "labels": labels.hard_list(),
+            "successes": successes,
+            "rollouts": rollouts,
+            "soft_labels": labels.soft_list(),
+            "er_labels": labels.er_list(),
+            "tree_value": [tree_values[key] for key in keys] + [float(leaf.final_correct)],
+            "eta": float(cfg.labels.eta),
+            "step_entropies": [float(leaf.entropy[b]) if b < len(leaf.entropy) else math.nan for b in bounds],
+            "entropy_kind": cfg.partition.entropy_source,
+            "problem_id": p.problem_id,
+            "source": p.source,
+            "split": p.split,
+            "policy_model": cfg.policy.model_path,
+            "partitioner": self.partitioner.name,
+            "partitioner_params": json.dumps(self.partitioner.params(), sort_keys=True),
+            "step_origin": [*origins, FINAL_ORIGIN],
+            "answer": p.answer,
+            "final_correct": bool(leaf.final_correct),
+            "prompt_tokens": len(prompts[p.problem_id]),
+            "completion_tokens": len(leaf.token_ids),
+            # This row's share of what was generated to label it: its tree (split over leaves) + rollouts.
+            "rollout_tokens": int(round(tree_share + rollout_tokens)),
+            "tree_id": f"{p.problem_id}-{cfg.labelling_hash()[:8]}",
+        }
+
+
+def _tree_counts(problems: Sequence[Problem], trees: dict[str, list[Trajectory]], plans: Sequence[LeafSteps]
+                 ) -> tuple[dict[PrefixKey, list[int]], dict[PrefixKey, float]]:
+    """Per unique step prefix: [successes, samples] among the tree leaves that are policy samples from it
+    (a leaf reaching the prefix's future through a chosen alternative token is not), and the tree's value."""
+    prefix_stats: dict[PrefixKey, list[int]] = {}
+    tree_values: dict[PrefixKey, float] = {}
+    by_problem: dict[str, list[LeafSteps]] = {}
+    for plan in plans:
+        by_problem.setdefault(plan.problem.problem_id, []).append(plan)
+    for p in problems:
+        leaves = trees[p.problem_id]
+        children: dict[int, list[Trajectory]] = {}
+        for other in leaves:
+            if other.parent is not None:
+                children.setdefault(id(other.parent), []).append(other)
+        memo: dict[tuple[int, int], float] = {}
+        for plan in by_problem.get(p.problem_id, []):
+            for step in range(plan.num_steps):
+                key = plan.prefix(step)
+                if key in prefix_stats:
+                    continue
+                end = plan.bounds[step + 1]
+                head = plan.leaf.token_ids[:end]
+                sampled = [o for o in leaves if o.sampled_after(end) and o.token_ids[:end] == head]
+                prefix_stats[key] = [sum(o.final_correct for o in sampled), len(sampled)]
+                # Exactly one leaf generated this prefix's future by sampling: the tree's value starts there.
+                tree_values[key] = tree_value(sampled[0], end, children, memo) if sampled else math.nan
+    return prefix_stats, tree_values
+
+
+def _step_origins(index: int, keys: Sequence[PrefixKey], ledger: RolloutLedger) -> tuple[list[str], list[bool | None]]:
+    """Where each non-final step's counts come from, and the binary search's label where it gave one."""
+    origins: list[str] = []
+    given: list[bool | None] = []
+    for step, key in enumerate(keys):
+        forced = ledger.forced.get((index, step))
+        if forced is not None and key not in ledger.rolled:
+            origins.append(ESTIMATED_ORIGIN)  # labelled by rule; its counts are what the tree gave, not N samples
+            given.append(forced)
+            continue
+        # Early stop: counts drawn until the first success, k/n biased upward; only 1[k > 0] is kept.
+        origins.append(EARLY_STOP_ORIGIN if ledger.early_stop else "rollout" if key in ledger.rolled else "tree")
+        given.append(None)
+    return origins, given
