@@ -200,11 +200,16 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def pin_payload(cfg: FactoryConfig) -> dict[str, Any]:
-    """What an output directory is pinned to. Rounds and budget may grow on a resume; nothing else may change."""
-    active = cfg.active.model_dump(mode="json", exclude={"rounds", "label_token_budget"})
+    """What an output directory is pinned to: what its pool and its bought labels mean.
+
+    A resume may change how far the loop goes and how it picks from now on (rounds, budget, thresholds, the cap per
+    round, the ruler size); not the pool, the labeller, the trainer, the selector, round 0 or the warm start.
+    """
+    active = cfg.active.model_dump(mode="json", exclude={"rounds", "label_token_budget", "selection",
+                                                         "max_selected", "ruler_problems"})
     return {"name": cfg.name, "labelling_hash": cfg.labelling_hash(), "train_hash": cfg.train.train_hash(),
             "sources": [s.model_dump(mode="json") for s in cfg.sources],
-            "active_hash": hashlib.sha256(json.dumps(active, sort_keys=True).encode()).hexdigest()[:16]}
+            **{f"active.{k}": v for k, v in active.items()}}
 
 
 def check_out_dir(out: Path, cfg: FactoryConfig) -> bool:
@@ -324,6 +329,9 @@ class ActiveLoop:
         self.eval_fn = eval_fn
         self.labeller_factory = labeller_factory or _shard_labeller
         self.on_event = on_event or (lambda kind, payload: None)
+        self._problems: dict[str, Problem] = {}
+        self._pool: list[PoolItem] = []
+        self._pool_meta: dict[str, Any] = {}
 
     # -- lazily started resources ---------------------------------------------------------------------------
 
@@ -512,81 +520,108 @@ class ActiveLoop:
 
     # -- the rounds ------------------------------------------------------------------------------------------
 
-    def run(self) -> ActiveResult:
-        """Run the remaining rounds; see the module docstring for the stops and the resume."""
-        cfg, act = self.cfg, self.cfg.active
-        check_budget(cfg)  # before anything starts
+    def prepare(self) -> dict[str, Any]:
+        """Check the budget and OUT, ingest, read the finished rounds, get the pool. Engines start only for a pool
+        that is not on disk yet. Returns {"resumed", "rounds_done", "pool" (its record)}."""
+        check_budget(self.cfg)  # before anything starts
         problems = self.problems()
-        resumed = check_out_dir(self.out, cfg)
+        resumed = check_out_dir(self.out, self.cfg)
         records = read_rounds(self.out)
         self._check_records(records)
-        by_id = {p.problem_id: p for p in problems}
-        pool, pool_meta = self.pool(problems)
-        self.on_event("pool", {"trajectories": len(pool), "pool_tokens": pool_meta.get("pool_tokens"),
+        self._problems = {p.problem_id: p for p in problems}
+        self._pool, self._pool_meta = self.pool(problems)
+        self.on_event("pool", {"trajectories": len(self._pool), "pool_tokens": self._pool_meta.get("pool_tokens"),
                                "resumed_rounds": len(records), "resumed": resumed})
-        stop, message = "rounds", f"{act.rounds} rounds done"
-        for r in range(len(records), act.rounds):
-            spent = sum(int(rec["label_tokens"]) for rec in records)
-            if act.label_token_budget is not None and spent >= act.label_token_budget:
-                stop, message = "budget", (f"label-token budget spent: {spent:,} of {act.label_token_budget:,} tokens "
-                                           f"after {len(records)} rounds")
-                break
-            started = time.perf_counter()
-            self.on_event("round_start", {"round": r})
-            sel = self.select(r, pool, records)
-            if not sel["selected_problem_ids"]:
-                if sel["unlabelled"] == 0:
-                    stop, message = "pool_exhausted", f"round {r}: every pool trajectory is labelled; nothing left"
-                else:
-                    stop, message = "nothing_uncertain", (
-                        f"round {r}: the round-{r - 1} PRM is confident on all {sel['unlabelled']} unlabelled "
-                        f"trajectories (delta_pred {sel['params']['delta_pred']}, delta_std "
-                        f"{sel['params']['delta_std']}): nothing to label, no training run")
-                break
-            self.on_event("selected", sel)
-            labels = self.label(r, sel["selected_problem_ids"], by_id, records)
-            self.on_event("labelled", {"round": r, **labels})
-            run_dir = self.out / ROUNDS_DIR / f"round-{r:03d}" / PRM_DIR
-            init_from = (Path(records[-1]["checkpoint"]) if act.warm_start and records else None)
-            train = self.train_fn(Path(labels["version_dir"]), run_dir, init_from)
-            self.on_event("trained", {"round": r, **train})
-            model_dir = Path(train["model_dir"])
-            labelled_ids = {pid for rec in records for pid in rec["selected_problem_ids"]} | set(
-                sel["selected_problem_ids"])
-            evaluation = self.eval_fn(model_dir, labelled_ids) if self.eval_fn else {}
-            last = train.get("last_eval") or (train.get("history") or [{}])[-1]
-            record = {
-                "round": r, "selector": "random" if sel["how"].startswith("random") else "uncertainty",
-                "how": sel["how"], "pool_size": len(pool), "unlabelled": sel["unlabelled"],
-                "uncertain": sel["uncertain"], "confident": sel["confident"],
-                "selected": len(sel["selected_problem_ids"]), "selected_problem_ids": sel["selected_problem_ids"],
-                "selected_digest": sel["selected_digest"], "budget_cap": sel["budget_cap"],
-                **{k: labels[k] for k in ("version_id", "dataset_version", "parent_version", "shard_key",
-                                          "shard_sha256", "labelled_rows", "labelled_steps", "rollout_labelled_steps",
-                                          "labelled_problems",
-                                          "rejected", "label_tokens", "rollout_tokens", "tree_tokens")},
-                "cumulative_label_tokens": spent + labels["label_tokens"],
-                "train_loss": last.get("train_loss"), "train_epochs": train.get("epochs"),
-                "train_steps": train.get("global_step"), "train_seconds": train.get("seconds"),
-                "warm_start_from": str(init_from) if init_from else None,
-                "checkpoint": str(model_dir), "checkpoint_sha256": sha256_file(model_dir / "model.safetensors"),
-                **{f"heldout_{k}": v for k, v in evaluation.items()},
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            _append_round(self.out, record)
-            records.append(record)
-            self.on_event("round", record)
-        else:
-            if act.label_token_budget is not None:
-                spent = sum(int(rec["label_tokens"]) for rec in records)
-                if spent >= act.label_token_budget:
-                    stop, message = "budget", (f"{act.rounds} rounds done; label-token budget spent: {spent:,} of "
-                                               f"{act.label_token_budget:,} tokens")
-        result = ActiveResult(self.out, records, stop, message, pool_meta)
+        return {"resumed": resumed, "rounds_done": len(records), "pool": self._pool_meta}
+
+    def stop_before(self, r: int, records: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
+        """(reason, message) when round r must not start: rounds done, or the budget spent; else None."""
+        act = self.cfg.active
+        spent = sum(int(rec["label_tokens"]) for rec in records)
+        if act.label_token_budget is not None and spent >= act.label_token_budget:
+            return "budget", (f"label-token budget spent: {spent:,} of {act.label_token_budget:,} tokens after "
+                              f"{len(records)} rounds")
+        if r >= act.rounds:
+            return "rounds", f"{act.rounds} rounds done"
+        return None
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        """Round r (the next one, or a finished one: its record is returned as is, nothing redone).
+
+        Returns the round's record, or {"stop": reason, "message": ...} when the round cannot buy anything
+        (budget spent, pool exhausted, nothing uncertain, all rounds done).
+        """
+        records = read_rounds(self.out)
+        if r < len(records):
+            return records[r]
+        if r > len(records):
+            raise ActiveError(f"round {r} cannot run before round {len(records)}")
+        stop = self.stop_before(r, records)
+        if stop is not None:
+            return {"stop": stop[0], "message": stop[1]}
+        act, pool = self.cfg.active, self._pool
+        spent = sum(int(rec["label_tokens"]) for rec in records)
+        started = time.perf_counter()
+        self.on_event("round_start", {"round": r})
+        sel = self.select(r, pool, records)
+        if not sel["selected_problem_ids"]:
+            if sel["unlabelled"] == 0:
+                return {"stop": "pool_exhausted", "message": f"round {r}: every pool trajectory is labelled already"}
+            return {"stop": "nothing_uncertain", "message": (
+                f"round {r}: the round-{r - 1} PRM is confident on all {sel['unlabelled']} unlabelled trajectories "
+                f"(delta_pred {sel['params']['delta_pred']}, delta_std {sel['params']['delta_std']}): nothing to "
+                "label, no training run")}
+        self.on_event("selected", sel)
+        labels = self.label(r, sel["selected_problem_ids"], self._problems, records)
+        self.on_event("labelled", {"round": r, **labels})
+        run_dir = self.out / ROUNDS_DIR / f"round-{r:03d}" / PRM_DIR
+        init_from = Path(records[-1]["checkpoint"]) if act.warm_start and records else None
+        train = self.train_fn(Path(labels["version_dir"]), run_dir, init_from)
+        self.on_event("trained", {"round": r, **train})
+        model_dir = Path(train["model_dir"])
+        labelled_ids = {pid for rec in records for pid in rec["selected_problem_ids"]}
+        labelled_ids |= set(sel["selected_problem_ids"])
+        evaluation = self.eval_fn(model_dir, labelled_ids) if self.eval_fn else {}
+        last = train.get("last_eval") or (train.get("history") or [{}])[-1]
+        record = {
+            "round": r, "selector": "random" if sel["how"].startswith("random") else "uncertainty",
+            "how": sel["how"], "pool_size": len(pool), "unlabelled": sel["unlabelled"],
+            "uncertain": sel["uncertain"], "confident": sel["confident"],
+            "selected": len(sel["selected_problem_ids"]), "selected_problem_ids": sel["selected_problem_ids"],
+            "selected_digest": sel["selected_digest"], "budget_cap": sel["budget_cap"],
+            **{k: labels[k] for k in ("version_id", "dataset_version", "parent_version", "shard_key", "shard_sha256",
+                                      "labelled_rows", "labelled_steps", "rollout_labelled_steps",
+                                      "labelled_problems", "rejected", "label_tokens", "rollout_tokens",
+                                      "tree_tokens", "bought_now")},
+            "cumulative_label_tokens": spent + labels["label_tokens"],
+            "train_loss": last.get("train_loss"), "train_epochs": train.get("epochs"),
+            "train_steps": train.get("global_step"), "train_seconds": train.get("seconds"),
+            "warm_start_from": str(init_from) if init_from else None,
+            "checkpoint": str(model_dir), "checkpoint_sha256": sha256_file(model_dir / "model.safetensors"),
+            **{f"heldout_{k}": v for k, v in evaluation.items()},
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        _append_round(self.out, record)
+        self.on_event("round", record)
+        return record
+
+    def finish(self, stop: str, message: str) -> ActiveResult:
+        """Write OUT/summary.json for this run and return the result."""
+        result = ActiveResult(self.out, read_rounds(self.out), stop, message, self._pool_meta)
         _write_json(self.out / SUMMARY_FILE, {**result.to_dict(), "engine_started": self.engine_started,
-                                              "estimated_label_cost": estimate_label_cost(cfg)})
+                                              "estimated_label_cost": estimate_label_cost(self.cfg)})
         self.on_event("stop", {"reason": stop, "message": message})
         return result
+
+    def run(self) -> ActiveResult:
+        """Run the remaining rounds; see the module docstring for the stops and the resume."""
+        self.prepare()
+        r = 0
+        while True:
+            outcome = self.run_round(r)
+            if "stop" in outcome:
+                return self.finish(outcome["stop"], outcome["message"])
+            r += 1
 
     def _check_records(self, records: Sequence[dict[str, Any]]) -> None:
         """A finished round's labels must still be on disk as recorded (never re-bought, never silently changed)."""

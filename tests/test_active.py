@@ -43,3 +43,89 @@ def test_bad_active_section_names_its_field(active, path):
 
 def test_active_section_does_not_change_the_dataset_hash():
     assert parse_config(_toy(rounds=7)).config_hash() == parse_config(_toy()).config_hash()
+
+
+# -- bad input: clear errors before any engine starts (CLI, no engine, no Ray) --------------------------------------
+
+
+def _write_config(path, data: dict) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _run_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from prm_factory.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_budget_below_one_problem_is_refused_before_any_engine(tmp_path):
+    import time
+
+    from tasks.active import estimate_label_cost
+
+    data = _toy(label_token_budget=100)
+    cfg = parse_config(data)
+    est = estimate_label_cost(cfg)
+    # toy.yaml: EDU branching width 2 -> 2 leaves; rollouts.n 4; max_new_tokens 96.
+    assert (est["leaves"], est["tokens"]) == (2, 2 * 4 * 96)
+    started = time.perf_counter()
+    result = _run_cli("active", "--config", _write_config(tmp_path / "c.yaml", data), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "label_token_budget 100 is below the estimated cost of labelling one problem, 768 tokens" in result.output
+    assert not (tmp_path / "out").exists()  # nothing was written, no engine was started
+    assert time.perf_counter() - started < 10
+
+
+def test_empty_pool_is_refused_before_any_engine(tmp_path):
+    import json
+
+    data = _toy()
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"question": "1+1?"}) + "\n" + json.dumps({"answer": "2"}) + "\n")
+    data["sources"] = [{"kind": "jsonl", "path": str(problems)}]
+    result = _run_cli("active", "--config", _write_config(tmp_path / "c.yaml", data), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "empty pool: the sources gave no usable problem" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_of_another_config_is_refused(tmp_path):
+    from tasks.active import ActiveError, check_out_dir
+
+    out = tmp_path / "out"
+    assert check_out_dir(out, parse_config(_toy())) is False
+    assert check_out_dir(out, parse_config(_toy(rounds=9, label_token_budget=10**6))) is True  # may grow
+    with pytest.raises(ActiveError, match="selector"):
+        check_out_dir(out, parse_config(_toy(selector="random")))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("")
+    with pytest.raises(ActiveError, match="not an active-run directory"):
+        check_out_dir(tmp_path / "other", parse_config(_toy()))
+
+
+def test_budget_cap_and_round_seed():
+    from tasks.active import budget_cap, round_seed
+
+    assert budget_cap(None, 500, 5) is None
+    assert budget_cap(1000, 0, 0) is None          # nothing bought yet: no average to go by
+    assert budget_cap(1000, 400, 4) == 6           # 100 tokens per problem so far, 600 left
+    assert budget_cap(1000, 950, 4) == 1           # less than one problem left: still one (then the budget stops)
+    assert round_seed(0, 1) != round_seed(0, 2) and round_seed(0, 1) == round_seed(0, 1)
+
+
+def test_torn_round_line_is_ignored(tmp_path):
+    import json
+
+    from tasks.active import _append_round, read_rounds
+
+    _append_round(tmp_path, {"round": 0, "x": 1})
+    with open(tmp_path / "rounds.jsonl", "a") as fh:
+        fh.write('{"round": 1, "x"')  # a kill while the line was written
+    assert read_rounds(tmp_path) == [{"round": 0, "x": 1}]
+    _append_round(tmp_path, {"round": 1, "x": 2})
+    assert [json.loads(line)["x"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1, 2]
