@@ -121,7 +121,7 @@ def _check_run_dir(run_dir: Path, pinned: dict[str, Any]) -> bool:
     path = run_dir / RUN_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        for key in ("train_hash", "config_hash", "dataset_version"):
+        for key in ("train_hash", "config_hash", "dataset_version", "init_from"):
             if old.get(key) != pinned.get(key):
                 raise TrainError(f"{run_dir} holds a run with another {key} ({old.get(key)} vs {pinned.get(key)}); "
                                  "give another --out or delete it")
@@ -266,6 +266,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
         resumed_from = state["epoch"]
         restore_seconds = round(time.perf_counter() - restore_started, 3)
+    elif config.get("init_from"):  # warm start: another run's weights, this run's own optimizer and epochs
+        load_state_into(model, load_file(str(Path(config["init_from"]) / "model.safetensors")), config["init_from"])
 
     model = ray.train.torch.prepare_model(model)
     device = str(ray.train.torch.get_device())
@@ -359,11 +361,15 @@ def _connect(cfg: FactoryConfig) -> None:
 
 def train_prm(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, *,
               on_epoch: Callable[[dict[str, Any]], None] | None = None,
-              fault_after_epoch: int | None = None) -> TrainResult:
+              fault_after_epoch: int | None = None, init_from: str | Path | None = None) -> TrainResult:
     """Train (or resume) the PRM of ``cfg.train`` on a dataset version; returns the finished run.
 
     Everything that can be checked without Ray is checked first (dataset exists, target column present,
     RUN belongs to this config). ``on_epoch`` is called from a watcher thread with each new epoch record.
+    ``init_from`` (a checkpoint or run dir of a PRM with the same model config): warm start, i.e. the weights
+    (backbone, heads, and the heads' initial weights that the pull penalty aims at) start from it, in a fresh
+    RUN with its own optimizer and epoch count (the active loop's rounds); a resumed RUN continues from its own
+    checkpoint instead.
     ``fault_after_epoch`` (tests only) makes the workers fail early in the epoch after that checkpoint.
     """
     import pyarrow.parquet as pq
@@ -380,9 +386,10 @@ def train_prm(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, 
     except ModelNotFoundError as err:
         raise TrainError(f"train.model_path: {err}") from None
     prm_config = _prm_config(train, backbone, version)
+    init_dir = _warm_start_dir(init_from, prm_config) if init_from is not None else None
     _check_run_dir(run, {"train_hash": train.train_hash(), "config_hash": prm_config["config_hash"],
                                     "dataset_version": version, "dataset_dir": str(Path(dataset_dir).resolve()),
-                                    "train": train.model_dump(mode="json")})
+                                    "train": train.model_dump(mode="json"), "init_from": init_dir})
 
     import ray
     import ray.data
@@ -400,7 +407,7 @@ def train_prm(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, 
     if train_ds.count() < train.num_workers:
         raise TrainError(f"{dataset_dir}: {train_ds.count()} training rows for {train.num_workers} workers")
     loop_config = {"prm_config": prm_config, "train": train.model_dump(mode="json"),
-                   "backbone_path": str(backbone), "fault_after_epoch": fault_after_epoch,
+                   "backbone_path": str(backbone), "fault_after_epoch": fault_after_epoch, "init_from": init_dir,
                    "shards": [str(p) for p in shards]}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -444,6 +451,23 @@ def train_prm(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, 
                           prm_config["config_hash"], history[-1] if history else {})
     (run / "train_summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     return summary
+
+
+def _warm_start_dir(init_from: str | Path, prm_config: dict[str, Any]) -> str:
+    """The checkpoint dir to warm-start from; TrainError when it is missing or was written for another model."""
+    from tasks.prm_model import WEIGHTS_NAME, CheckpointError, find_checkpoint_dir, read_prm_config
+
+    try:
+        ckpt = find_checkpoint_dir(init_from)
+        old = read_prm_config(ckpt)
+    except CheckpointError as err:
+        raise TrainError(f"warm start: {err}") from None
+    if old.get("config_hash") != prm_config["config_hash"]:
+        raise TrainError(f"warm start: {ckpt} is a PRM of another model config ({old.get('config_hash')} vs "
+                         f"{prm_config['config_hash']}: backbone, heads, target, max_length or seed differ)")
+    if not (ckpt / WEIGHTS_NAME).is_file():
+        raise TrainError(f"warm start: {ckpt} has no {WEIGHTS_NAME}")
+    return str(ckpt.resolve())
 
 
 def _watch_epochs(run: Path, stop: threading.Event, on_epoch: Callable[[dict[str, Any]], None]) -> None:

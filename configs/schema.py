@@ -278,6 +278,56 @@ _REMOVED_ROLLOUT_FIELDS = {"seed": 0}
 _REMOVED_DATASET_FIELDS = {"quarantine_dir": None}
 
 
+class SelectionConfig(_Strict):
+    """ActPRM's confidence thresholds (arXiv 2504.10559; tasks/selection.py has the rules).
+
+    ``preset``: ``paper`` (delta_pred 0.95, delta_std 0.005, as the paper states) or ``actprm_code`` (0.9 / 0.01,
+    the authors' released code). Giving ``delta_pred`` and ``delta_std`` replaces the preset (both or neither).
+    """
+
+    preset: Literal["paper", "actprm_code"] = "paper"
+    delta_pred: float | None = Field(None, ge=0.5, le=1.0, description="confident iff mean >= delta_pred or "
+                                     "mean <= 1 - delta_pred (and std <= delta_std)")
+    delta_std: float | None = Field(None, ge=0.0, le=0.5, description="largest ensemble std of a confident step")
+    error_threshold: float = Field(0.5, gt=0, lt=1, description="a step with mean score below this is a "
+                                   "predicted error; steps after a trajectory's first one do not matter")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> SelectionConfig:
+        if (self.delta_pred is None) != (self.delta_std is None):
+            raise ValueError("give both delta_pred and delta_std (they replace the preset), or neither")
+        return self
+
+
+class ActiveConfig(_Strict):
+    """The ActPRM active-labelling loop (`prm-factory active`, the `active_learning` flow; tasks/active.py).
+
+    The pool is the config's ``sources`` (the first ``pool_size`` problems ingested): one policy solution per
+    problem, generated with the labeller's own seeded request and cut by ``partition``, with no rollouts. Round
+    0 has no PRM yet: it labels ``seed_size`` problems drawn at random. Every later round scores the unlabelled
+    pool with the last round's PRM ensemble, keeps the uncertain trajectories (``selection``; or, with
+    ``selector: random``, as many drawn at random: the baseline at the same budget), labels them with the
+    build's labeller (EDU tree + ER-PRM rollouts) and trains on everything labelled so far.
+    """
+
+    rounds: int = Field(3, ge=1, description="rounds R, round 0 (the random seed set) included")
+    label_token_budget: int | None = Field(None, ge=1, description="stop once this many tokens were generated "
+                                           "to label (tree + rollouts: the shard cost record's generated_tokens); "
+                                           "None: no budget")
+    pool_size: int | None = Field(None, ge=1, description="problems of the sources that form the pool "
+                                  "(None: all of them)")
+    selector: Literal["uncertainty", "random"] = "uncertainty"
+    selection: SelectionConfig = SelectionConfig()
+    seed_size: int = Field(8, ge=1, description="problems labelled in round 0, drawn at random (no PRM yet)")
+    max_selected: int | None = Field(None, ge=1, description="most problems labelled per round after round 0 "
+                                     "(the most uncertain first; None: every uncertain one)")
+    warm_start: bool = Field(True, description="round r > 0 starts training from round r-1's weights "
+                             "(a fresh run dir); off: from the backbone and fresh heads")
+    ruler_problems: int | None = Field(16, ge=1, description="held-out AUROC per round on the first K problems "
+                                       "of the toy ruler (None: all; toy sources only)")
+    seed: int = Field(0, description="seed of the random draws (round 0, and every round with selector random)")
+
+
 class FactoryConfig(_Strict):
     """One factory run: sources -> partition -> rollouts -> labels -> dataset."""
 
@@ -295,6 +345,7 @@ class FactoryConfig(_Strict):
     labels: LabelConfig = LabelConfig()
     dataset: DatasetConfig = DatasetConfig()
     train: TrainConfig = TrainConfig()
+    active: ActiveConfig = ActiveConfig()
 
     @model_validator(mode="after")
     def _hub_model_cached_when_offline(self, info: ValidationInfo) -> FactoryConfig:
@@ -339,12 +390,15 @@ class FactoryConfig(_Strict):
     def config_hash(self) -> str:
         """A stable hash of the config that makes the dataset (for its manifest and caching).
 
-        The trainer section is left out: training another PRM on a dataset does not change the dataset.
+        The trainer and active-loop sections are left out: they do not change what `build` writes.
         """
         dump = self.model_dump(mode="json", exclude={"train"})
         dump["rollouts"].update(_REMOVED_ROLLOUT_FIELDS)
         dump["dataset"].update(_REMOVED_DATASET_FIELDS)
         blob = json.dumps(dump, sort_keys=True).encode()
+
+
+        blob = json.dumps(self.model_dump(mode="json", exclude={"train", "active"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def labelling_hash(self) -> str:

@@ -797,5 +797,78 @@ def verify(
     raise typer.Exit(0 if report["ok"] else 1)
 
 
+@app.command("active")
+def active_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="the run's directory; the same dir again resumes it")],
+    config: ConfigOpt = Path("configs/toy-active.yaml"),
+    local: Annotated[bool, typer.Option("--local", help="run the engine in this process instead of on Ray")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """ActPRM active labelling: label only the trajectories the PRM ensemble is unsure about, train, repeat.
+
+    Round 0 labels a random seed set; each later round scores the unlabelled pool with the last PRM, labels the
+    uncertain trajectories (EDU tree + ER-PRM rollouts) and trains on Ray Train, warm-started. A killed run
+    resumes at its last finished round and buys no label twice. Exit 2: bad config, empty pool, a budget below
+    one problem's labelling cost, or an OUT of another config (all before any engine starts).
+    """
+    from cluster.active import run_active
+    from cluster.train import TrainError
+    from tasks.active import ActiveError, estimate_label_cost, format_round_line
+
+    cfg = _load(config)
+    act = cfg.active
+    if not json_out:
+        est = estimate_label_cost(cfg)
+        budget = "no budget" if act.label_token_budget is None else f"budget {act.label_token_budget:,} tokens"
+        console.print(f"active loop '{cfg.name}': {act.rounds} rounds, selector {act.selector} "
+                      f"({act.selection.preset if act.selection.delta_pred is None else 'custom'} thresholds), "
+                      f"{budget}; one problem's labels estimated at {est['tokens']:,} tokens ({est['how']})",
+                      markup=False, soft_wrap=True)
+
+    def on_event(kind: str, payload: dict) -> None:
+        if json_out:
+            return
+        if kind == "pool":
+            console.print(f"pool: {payload['trajectories']} trajectories ({payload['pool_tokens']:,} tokens to "
+                          f"generate); {payload['resumed_rounds']} rounds already done", markup=False)
+        elif kind == "round":
+            console.print(format_round_line(payload), markup=False, soft_wrap=True)
+        elif kind == "stop":
+            console.print(f"stopped: {payload['message']}", markup=False, soft_wrap=True)
+
+    try:
+        result = run_active(cfg, out, local=local, on_event=on_event)
+    except ActiveError as err:
+        console.print(str(err), style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except TrainError as err:
+        console.print(str(err), style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        raise _unwritable(err, out) from None
+    if json_out:
+        print(json.dumps(result.to_dict(), default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"active run {result.out_dir}: {result.stop_reason}")
+    for col in ("round", "pool", "uncertain", "bought", "steps", "tokens", "total", "loss", "AUROC"):
+        table.add_column(col, justify="right")
+    for r in result.rounds:
+        auroc = r.get("heldout_step_auroc")
+        table.add_row(str(r["round"]), str(r["unlabelled"]), "-" if r["selector"] == "random" else str(r["uncertain"]),
+                      str(r["selected"]), str(r["labelled_steps"]), f"{r['label_tokens']:,}",
+                      f"{r['cumulative_label_tokens']:,}",
+                      "-" if r.get("train_loss") is None else f"{r['train_loss']:.3f}",
+                      "-" if auroc is None else f"{auroc:.3f}")
+    console.print(table)
+    console.print(f"{result.message}; {result.label_tokens:,} labelling tokens in all (pool: unlabelled "
+                  "trajectories at the round's start; bought: problems labelled; AUROC: held-out step AUROC on the "
+                  f"toy ruler); every figure and hash per round in {result.out_dir / 'rounds.jsonl'}",
+                  markup=False, soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()
