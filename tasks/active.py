@@ -54,8 +54,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from configs.env import __version__
 from configs.schema import FactoryConfig
-from prm_factory import __version__
 from tasks.dataset import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -69,9 +69,9 @@ from tasks.dataset import (
     write_manifest,
     write_shard,
 )
-from tasks.tree_labeller import ShardCost, ShardResult, Trajectory
 from tasks.problems import Problem
 from tasks.selection import random_selection, select_uncertain, selection_params
+from tasks.tree_labeller import ShardCost, ShardResult, Trajectory
 from tasks.versions import (
     ReusableShard,
     append_refresh_log,

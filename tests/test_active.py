@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from configs.schema import REPO_ROOT, ConfigError, load_config, parse_config
+from tasks.selection import selection_params
 
 
 def _toy(**active) -> dict:

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from configs.schema import REPO_ROOT, parse_config
+from tasks.selection import selection_params
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,8 @@ def test_round_one_buys_only_new_problems_the_prm_is_unsure_about(two_rounds):
     prm = load_prm(r0["checkpoint"])
     picked = [pool[pid] for pid in r1["selected_problem_ids"]]
     scores = prm.score([i.prompt for i in picked], [i.completions for i in picked])
-    assert scores and not any(trajectory_confident(s.mean, s.std, selection_params(cfg.active.selection)) for s in scores)
+    params = selection_params(cfg.active.selection)
+    assert scores and not any(trajectory_confident(s.mean, s.std, params) for s in scores)
     # The labeller regenerated each chosen problem's pool solution: its root row has the pool's steps.
     roots = {}
     for row in pq.read_table(v1 / "shards" / "part-00001.parquet", columns=["problem_id", "completions"]).to_pylist():
