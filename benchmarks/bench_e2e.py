@@ -193,6 +193,9 @@ def run_static_arm(arm: str, seed: int, base: dict, args: argparse.Namespace, en
     from configs.schema import parse_config
 
     cfg = parse_config(arm_config(base, arm, seed, args), f"bench_e2e {arm} seed {seed}")
+    if args.cached_only and not _static_cached(cfg, args.cache):
+        log(f"{arm} seed {seed}: not in the cache, left out (--cached-only)")
+        return None
     dataset = build_dataset(cfg, args.cache, engine)
     model = train_cached(cfg, dataset, args.cache)
     cost = dataset_cost(dataset)
@@ -201,6 +204,15 @@ def run_static_arm(arm: str, seed: int, base: dict, args: argparse.Namespace, en
     log(f"{arm} seed {seed}: {point['tokens']:,} tokens, {point['problems']} problems, "
         f"AUROC {point['step_auroc']:.3f}, BoN@{ns[-1]} {point[f'bon{ns[-1]}_min_step']:.3f}")
     return point
+
+
+def _static_cached(cfg: Any, cache: Path) -> bool:
+    """True when the arm's dataset and its trained PRM are both in the cache."""
+    dataset = cache / "datasets" / f"{cfg.name.rsplit('-s', 1)[0]}-{cfg.config_hash()}"
+    if not (dataset / "manifest.json").is_file():
+        return False
+    version = json.loads((dataset / "manifest.json").read_text())["dataset_version"]
+    return (cache / "runs" / f"{version}-{cfg.train.train_hash()}" / "train_summary.json").is_file()
 
 
 def run_active_arm(arm: str, seed: int, base: dict, args: argparse.Namespace, engine: Engine, ruler: Any,
@@ -212,7 +224,14 @@ def run_active_arm(arm: str, seed: int, base: dict, args: argparse.Namespace, en
     cfg = parse_config(arm_config(base, arm, seed, args), f"bench_e2e {arm} seed {seed}")
     out = args.cache / "active" / f"{arm}-s{seed}-{content_key([pin_payload(cfg), cfg.active.model_dump()])}"
     t0 = time.perf_counter()
-    result = ActiveLoop(cfg, out, engine, ray_train_fn(cfg), eval_fn=None).run()
+    if args.cached_only:  # the rounds a run finished so far, without running more
+        from tasks.active import ActiveResult, read_rounds
+
+        pool = json.loads((out / "pool" / "pool.json").read_text()) if (out / "pool" / "pool.json").is_file() else {}
+        rounds = read_rounds(out) if out.is_dir() else []
+        result = ActiveResult(out, rounds, "cached_only" if len(rounds) < args.rounds else "rounds", "", pool)
+    else:
+        result = ActiveLoop(cfg, out, engine, ray_train_fn(cfg), eval_fn=None).run()
     log(f"{arm} seed {seed}: {len(result.rounds)} rounds ({result.stop_reason}) in {time.perf_counter() - t0:.0f}s")
     points, problems = [], 0
     for rec in result.rounds:
@@ -328,12 +347,12 @@ def plot(cur: dict[str, list[dict[str, Any]]], metrics: list[tuple[str, str]], r
                 for r in rows:
                     ax.annotate(r["arm"].replace("ms-", "N="), (r["tokens"], r[metric]["mean"]), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
         for ref_name, value in refs.items():
             if ref_name.startswith(metric + ":"):
                 ax.axhline(value, color="black", linestyle=":", linewidth=0.8)
-                ax.annotate(ref_name.split(":", 1)[1], (ax.get_xlim()[0], value), fontsize=7, xytext=(2, 2),
-                            textcoords="offset points")
-        ax.set_xscale("log")
+                ax.text(0.01, value, ref_name.split(":", 1)[1], fontsize=7, va="bottom",
+                        transform=ax.get_yaxis_transform())
         ax.set_xlabel("generated labelling tokens (policy solutions + branches + rollouts)")
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.3)
@@ -364,6 +383,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-e2e-cache")
     ap.add_argument("--ci", action="store_true", help="CI size: seed 0, pool 24, N in {4, 8}, 2 rounds of 6, "
                     "ruler 32 (overrides those flags)")
+    ap.add_argument("--cached-only", action="store_true", help="summarize what the cache holds; build and train "
+                    "nothing (missing points are listed in the JSON)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -396,22 +417,31 @@ def main() -> None:
                              "problem(s); pick other --seeds")
     args.cache.mkdir(parents=True, exist_ok=True)
     engine = Engine(parse_config(arm_config(base, f"edu-{args.edu_n}", seeds[0], args)))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             namespace="bench-e2e", _temp_dir=str(Path("/tmp") / f"ray-e2e-{os.getpid()}"))
+    if not args.cached_only:  # our own local Ray for Ray Train (never another session's cluster)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 namespace="bench-e2e", _temp_dir=str(Path("/tmp") / f"ray-e2e-{os.getpid()}"))
     load0 = os.getloadavg()
     points: list[dict[str, Any]] = []
+    missing: list[str] = []
     try:
         for s in seeds:
-            if "ms" in arms:
-                points += [run_static_arm(f"ms-{n}", s, base, args, engine, ruler, ns)
-                           for n in (int(x) for x in args.ms_ns.split(","))]
-            if "edu" in arms:
-                points.append(run_static_arm(f"edu-{args.edu_n}", s, base, args, engine, ruler, ns))
+            static = [f"ms-{n}" for n in args.ms_ns.split(",")] if "ms" in arms else []
+            static += [f"edu-{args.edu_n}"] if "edu" in arms else []
+            for arm in static:
+                point = run_static_arm(arm, s, base, args, engine, ruler, ns)
+                if point is None:
+                    missing.append(f"{arm} seed {s}")
+                else:
+                    points.append(point)
             for arm in ("actprm", "random"):
                 if arm in arms:
-                    points += run_active_arm(arm, s, base, args, engine, ruler, ns)
+                    got = run_active_arm(arm, s, base, args, engine, ruler, ns)
+                    points += got
+                    if len(got) < args.rounds:
+                        missing.append(f"{arm} seed {s}: {args.rounds - len(got)} of {args.rounds} rounds")
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
     metrics = ["step_auroc", f"bon{args.bon}_min_step", f"bon{args.bon}_last_step"]
     cur = curves(points, metrics)
     ref = next((p for p in points if f"bon{args.bon}_random" in p), {})
@@ -435,6 +465,7 @@ def main() -> None:
                           "pool_tokens",
         "engine_start_seconds": engine.start_seconds,
         "points": points,
+        "missing": missing,
         "curves": cur,
         "headline": {m: headline(cur, m, f"edu-{args.edu_n}") for m in metrics[:2]},
         "references": refs,
@@ -471,6 +502,8 @@ def print_summary(results: dict[str, Any]) -> None:
                   + " | ".join(cells) + " |")
     for metric, h in results["headline"].items():
         print(f"\n{metric}: " + json.dumps(h, default=str))
+    if results.get("missing"):
+        print("\nmissing (not in the cache): " + "; ".join(results["missing"]))
 
 
 if __name__ == "__main__":

@@ -61,12 +61,15 @@ def ci_runs(work: Path) -> list[Run]:
     cli = [PY, "-m", "prm_factory.cli"]
     toy16 = f"{w}/toy-16.yaml"
     return [
+        Run("eval", [PY, "benchmarks/bench_eval.py", "--json-out", f"{w}/results/eval.json"], 300,
+            json_out=f"{w}/results/eval.json", note="ruler reference scorers (no SmolLM2 smoke: minutes of CPU)"),
+        Run("e2e", [PY, "benchmarks/bench_e2e.py", "--ci", "--cache", f"{w}/e2e-cache", "--json-out",
+                    f"{w}/results/e2e.json", "--plot", f"{w}/plots/e2e.png"], 1500,
+            json_out=f"{w}/results/e2e.json", plots=[f"{w}/plots/e2e.png"]),
         Run("prep-dataset", [*cli, "build", "--config", toy16, "--out", f"{w}/toy16", "--local"], 900,
             note="prerequisite: configs/toy.yaml with 16 problems (vLLM in process), for bench_train and bench_prm"),
         Run("prep-prm", [*cli, "train", "--config", toy16, "--dataset", f"{w}/toy16", "--out", f"{w}/prm16"], 600,
             needs=["prep-dataset"], note="prerequisite: the PRM of configs/toy.yaml's train section on that dataset"),
-        Run("eval", [PY, "benchmarks/bench_eval.py", "--json-out", f"{w}/results/eval.json"], 300,
-            json_out=f"{w}/results/eval.json", note="ruler reference scorers (no SmolLM2 smoke: minutes of CPU)"),
         Run("prm", [PY, "benchmarks/bench_prm.py", "--run", f"toy16={w}/prm16:{w}/toy16", "--bon", "1,8",
                     "--json-out", f"{w}/results/prm_eval.json"], 600, json_out=f"{w}/results/prm_eval.json",
             needs=["prep-prm"], note="the 16-problem PRM on the full ruler; no SmolLM2 ProcessBench run"),
@@ -76,20 +79,17 @@ def ci_runs(work: Path) -> list[Run]:
         Run("labels", [PY, "benchmarks/bench_labels.py", "--problems", "8", "--ns", "4,8", "--taus", "0.2",
                        "--skip-caching", "--json-out", f"{w}/results/labels.json"], 900,
             json_out=f"{w}/results/labels.json"),
-        Run("engines", [PY, "benchmarks/bench_engines.py", "--prefixes", "8", "--n", "4", "--repeats", "1",
-                        "--entropy-samples", "32", "--json-out", f"{w}/results/engines.json"], 900,
-            json_out=f"{w}/results/engines.json"),
-        Run("memory", [PY, "benchmarks/bench_memory.py", "--sizes", "32", "96", "--json-out",
-                       f"{w}/results/memory.json"], 600, json_out=f"{w}/results/memory.json"),
         Run("orchestration", [PY, "benchmarks/bench_orchestration.py", "--problems", "8", "--per-shard", "2",
                               "--reps", "1", "--json", f"{w}/results/orchestration.json"], 900,
             json_out=f"{w}/results/orchestration.json"),
         Run("prefect_sqlite", [PY, "benchmarks/bench_prefect_sqlite.py", "--minutes", "0.5", "--only",
                                "prefect defaults", "--json", f"{w}/results/prefect_sqlite.json"], 600,
             json_out=f"{w}/results/prefect_sqlite.json", note="Prefect's defaults only (one setting)"),
-        Run("e2e", [PY, "benchmarks/bench_e2e.py", "--ci", "--cache", f"{w}/e2e-cache", "--json-out",
-                    f"{w}/results/e2e.json", "--plot", f"{w}/plots/e2e.png"], 1500,
-            json_out=f"{w}/results/e2e.json", plots=[f"{w}/plots/e2e.png"]),
+        Run("memory", [PY, "benchmarks/bench_memory.py", "--sizes", "32", "96", "--json-out",
+                       f"{w}/results/memory.json"], 600, json_out=f"{w}/results/memory.json"),
+        Run("engines", [PY, "benchmarks/bench_engines.py", "--prefixes", "8", "--n", "4", "--repeats", "1",
+                        "--entropy-samples", "32", "--json-out", f"{w}/results/engines.json"], 900,
+            json_out=f"{w}/results/engines.json"),
     ]
 
 
@@ -235,6 +235,8 @@ def main() -> int:
     ap.add_argument("--report", type=Path, default=REPO / "benchmarks" / "REPORT.md")
     ap.add_argument("--only", default=None, help="comma-separated names to run (prerequisites they need are added)")
     ap.add_argument("--skip", default="", help="comma-separated names to leave out")
+    ap.add_argument("--deadline", default=None, help="UTC time HH:MM after which no new step starts (the rest are "
+                    "reported as skipped, with this reason)")
     args = ap.parse_args()
 
     work = args.work.resolve()
@@ -255,6 +257,8 @@ def main() -> int:
     for r in runs:
         if r.name not in wanted or r.name in skip:
             r.status, r.reason = "skipped", "left out by --only/--skip"
+        elif args.deadline and datetime.now(UTC).strftime("%H:%M") >= args.deadline:
+            r.status, r.reason = "skipped", f"not started: the run's --deadline {args.deadline} UTC had passed"
         else:
             run_one(r, work, done)
         done[r.name] = r
