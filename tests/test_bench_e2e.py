@@ -92,9 +92,13 @@ def test_run_all_goes_on_after_a_failing_step_and_marks_it(run_all, tmp_path):
     assert (dependent.status, dependent.reason) == ("skipped", "needs bad, which did not finish")
     assert good.status == "ok" and "| 1 | 2 |" in good.output_tail
     report = tmp_path / "REPORT.md"
-    run_all.write_report([bad, slow, dependent, good], ["newbench"], tmp_path, report,
-                         run_all.datetime.now(run_all.UTC), run_all.machine(), None)
+    meta = {"command": "benchmarks/run_all", "started": "2026-11-23 20:00", "machine": run_all.machine()}
+    run_all.write_report([bad, slow, dependent, good], ["newbench"], tmp_path, report, meta)
     text = report.read_text()
+    run_all.report_only(tmp_path, report)  # rebuilt from run_all.json and the logs: the same figures
+    assert report.read_text().split("## Machine")[1].split("load average")[0] == \
+        text.split("## Machine")[1].split("load average")[0]
+    assert "| bad | failed: exit code 3 |" in report.read_text() and "| 1 | 2 |" in report.read_text()
     assert "| bad | failed: exit code 3 |" in text
     assert "| dep | skipped: needs bad, which did not finish |" in text
     assert "| newbench | not run: no CI size in benchmarks/run_all.py |" in text
