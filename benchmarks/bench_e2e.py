@@ -279,8 +279,13 @@ def first_reaching(curve: list[dict[str, Any]], metric: str, target: float) -> d
     return min(ok, key=lambda r: r["tokens"]) if ok else None
 
 
-def headline(cur: dict[str, list[dict[str, Any]]], metric: str, edu_arm: str) -> dict[str, Any]:
-    """The two ratios of the issue, on one metric: tokens vs Math-Shepherd N=8, and ActPRM's share of the labels."""
+def headline(cur: dict[str, list[dict[str, Any]]], metric: str, edu_arm: str,
+             floor: float | None = None) -> dict[str, Any]:
+    """The two ratios of the issue, on one metric: tokens vs Math-Shepherd N=8, and ActPRM's share of the labels.
+
+    ``floor``: what a scorer-free choice reaches on this metric (best-of-N: the random pick). When the quality to
+    match is below it, matching it says nothing about the labels: the goals are reported as None, with a note.
+    """
     out: dict[str, Any] = {"metric": metric}
     ms8 = next((r for r in cur.get("ms", []) if r["arm"] == "ms-8"), None)
     act = cur.get("actprm", [])
@@ -314,6 +319,12 @@ def headline(cur: dict[str, list[dict[str, Any]]], metric: str, edu_arm: str) ->
         else:
             out["actprm_reaches_full"] = None
             out["goal_30pct_met"] = False
+    if floor is not None:
+        for key, ref in (("goal_20x_met", out.get("ms8")), ("goal_30pct_met", out.get("full_data"))):
+            if ref is not None and ref[metric] < floor and key in out:
+                out[key] = None
+                out.setdefault("note", []).append(f"{key}: the quality to match ({ref[metric]:.3f}) is below the "
+                                                  f"scorer-free {floor:.3f} on {metric}; no goal can be judged")
     return out
 
 
@@ -467,7 +478,8 @@ def main() -> None:
         "points": points,
         "missing": missing,
         "curves": cur,
-        "headline": {m: headline(cur, m, f"edu-{args.edu_n}") for m in metrics[:2]},
+        "headline": {m: headline(cur, m, f"edu-{args.edu_n}", ref.get(f"bon{args.bon}_random") if m.startswith("bon")
+                                 else 0.5) for m in metrics[:2]},
         "references": refs,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -103,3 +103,11 @@ def test_run_all_goes_on_after_a_failing_step_and_marks_it(run_all, tmp_path):
     assert "| dep | skipped: needs bad, which did not finish |" in text
     assert "| newbench | not run: no CI size in benchmarks/run_all.py |" in text
     assert "| 1 | 2 |" in text
+
+
+def test_headline_judges_no_goal_below_the_scorer_free_floor(e2e):
+    # ms-8's mean 0.72 is below a floor of 0.75 (say, a random pick at best-of-N): reaching it proves nothing.
+    h = e2e.headline(e2e.curves(_points(), ["step_auroc"]), "step_auroc", "edu-4", floor=0.75)
+    assert h["token_ratio_ms8_over_actprm"] == pytest.approx(11000 / 800)  # still computed, for the record
+    assert h["goal_20x_met"] is None and h["goal_30pct_met"] is None and len(h["note"]) == 2
+    assert e2e.headline(e2e.curves(_points(), ["step_auroc"]), "step_auroc", "edu-4", floor=0.5)["goal_30pct_met"]
