@@ -54,6 +54,9 @@ set_offline_env()
 
 # Problem seeds of the pools: seed s uses POOL_SEED_BASE + s. Checked against the ruler at start-up.
 POOL_SEED_BASE = 7100
+# What this run took from the cache and what it made (printed with the summary, so a report says which it was).
+CACHE = {"datasets_reused": 0, "datasets_built": 0, "prms_reused": 0, "prms_trained": 0, "evals_reused": 0,
+         "evals_run": 0}
 
 
 def log(msg: str) -> None:
@@ -125,7 +128,10 @@ def build_dataset(cfg: Any, cache: Path, engine: Engine) -> Path:
     if not (out / "manifest.json").is_file():
         t0 = time.perf_counter()
         build(cfg, out, engine)
+        CACHE["datasets_built"] += 1
         log(f"built {out.name} in {time.perf_counter() - t0:.0f}s")
+    else:
+        CACHE["datasets_reused"] += 1
     return out
 
 
@@ -138,7 +144,10 @@ def train_cached(cfg: Any, dataset: Path, cache: Path) -> Path:
     if not (run / "train_summary.json").is_file():
         t0 = time.perf_counter()
         train_prm(cfg, dataset, run)
+        CACHE["prms_trained"] += 1
         log(f"trained {run.name} in {time.perf_counter() - t0:.0f}s")
+    else:
+        CACHE["prms_reused"] += 1
     return run / "model"
 
 
@@ -174,7 +183,9 @@ def evaluate(model_dir: Path, ruler: Any, ns: list[int], cache: Path) -> dict[st
                        len(ruler.problem_ids), ns])
     path = cache / "evals" / f"{key}.json"
     if path.is_file():
+        CACHE["evals_reused"] += 1
         return json.loads(path.read_text())
+    CACHE["evals_run"] += 1
     t0 = time.perf_counter()
     report = evaluate_ruler(load_prm(model_dir), ruler, ns)
     bon = report["best_of_n"]
@@ -477,6 +488,7 @@ def main() -> None:
         "engine_start_seconds": engine.start_seconds,
         "points": points,
         "missing": missing,
+        "cache": dict(CACHE),
         "curves": cur,
         "headline": {m: headline(cur, m, f"edu-{args.edu_n}", ref.get(f"bon{args.bon}_random") if m.startswith("bon")
                                  else 0.5) for m in metrics[:2]},
@@ -514,6 +526,9 @@ def print_summary(results: dict[str, Any]) -> None:
                   + " | ".join(cells) + " |")
     for metric, h in results["headline"].items():
         print(f"\n{metric}: " + json.dumps(h, default=str))
+    if results.get("cache"):
+        print("\ncache (active rounds not counted): " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                                  for k, v in results["cache"].items()))
     if results.get("missing"):
         print("\nmissing (not in the cache): " + "; ".join(results["missing"]))
 

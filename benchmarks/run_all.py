@@ -65,7 +65,9 @@ def ci_runs(work: Path) -> list[Run]:
             json_out=f"{w}/results/eval.json", note="ruler reference scorers (no SmolLM2 smoke: minutes of CPU)"),
         Run("e2e", [PY, "benchmarks/bench_e2e.py", "--ci", "--cache", f"{w}/e2e-cache", "--json-out",
                     f"{w}/results/e2e.json", "--plot", f"{w}/plots/e2e.png"], 1500,
-            json_out=f"{w}/results/e2e.json", plots=[f"{w}/plots/e2e.png"]),
+            json_out=f"{w}/results/e2e.json", plots=[f"{w}/plots/e2e.png"],
+            note="reuses WORK/e2e-cache (content-keyed) when present: then it only evaluates and summarizes; "
+                 "~12 min from scratch here"),
         Run("prep-dataset", [*cli, "build", "--config", toy16, "--out", f"{w}/toy16", "--local"], 900,
             note="prerequisite: configs/toy.yaml with 16 problems (vLLM in process), for bench_train and bench_prm"),
         Run("prep-prm", [*cli, "train", "--config", toy16, "--dataset", f"{w}/toy16", "--out", f"{w}/prm16"], 600,
@@ -266,9 +268,11 @@ def _headline_e2e(plots_dir: Path, report: Path) -> list[str]:
 def report_only(work: Path, report: Path) -> None:
     """Rebuild REPORT.md from a finished (or killed) run's run_all.json and logs, running nothing."""
     state = json.loads((work / "run_all.json").read_text())
+    notes = {r.name: r.note for r in ci_runs(work)}  # documentation, not measurement: today's wording
     runs = []
     for d in state["runs"]:
         r = Run(**{k: (tuple(v) if k.startswith("load_") else v) for k, v in d.items()})
+        r.note = notes.get(r.name, r.note)
         log_path = work / "logs" / f"{r.name}.log"
         if r.status in ("ok", "failed") and log_path.is_file():
             lines = log_path.read_text(errors="replace").splitlines()
