@@ -26,7 +26,7 @@ _loops: dict[tuple[str, str], Any] = {}  # (flow run, out dir) -> ActiveLoop: en
 
 
 def _loop(config_path: str, out_dir: str, local: bool):
-    """The flow run's ActiveLoop (engines attached lazily, on the first label it buys)."""
+    """The flow run's ActiveLoop (engines attached lazily, when the pool or a label needs them)."""
     from prefect.runtime import flow_run
 
     from cluster.active import default_eval_fn, engine_factory, ray_train_fn
@@ -113,6 +113,7 @@ def active_learning(config_path: str = "configs/toy-active.yaml", out_dir: str |
     validate_config(config_path)
     cfg = load(config_path)
     out = str(resolve_path(out_dir or f"runs/{cfg.name}/active"))
+    _loop(config_path, out, local)  # made here, so its epoch lines go to the flow run's log
     state = prepare_active(config_path, out, local)
     records: list[dict[str, Any]] = []
     r = 0

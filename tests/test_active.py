@@ -129,3 +129,22 @@ def test_torn_round_line_is_ignored(tmp_path):
     assert read_rounds(tmp_path) == [{"round": 0, "x": 1}]
     _append_round(tmp_path, {"round": 1, "x": 2})
     assert [json.loads(line)["x"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_warm_start_checkpoint_must_fit_the_model(tmp_path):
+    from cluster.train import TrainError, _prm_config, _warm_start_dir
+    from configs.models import resolve_model
+    from tasks.prm_model import build_prm, save_checkpoint
+
+    small = {**_toy(), "train": {"num_heads": 4, "head_hidden": [32, 32], "epochs": 1}}
+    cfg = parse_config(small)
+    backbone = resolve_model(cfg.train.model_path, offline=True)
+    made = _prm_config(cfg.train, backbone, "v1")
+    ckpt = save_checkpoint(build_prm({**made, "backbone": str(backbone)}), made, tmp_path / "ckpt")
+    # Another dataset version and more epochs: the same model, so the weights fit.
+    later = parse_config({**small, "train": {**small["train"], "epochs": 3}})
+    assert _warm_start_dir(tmp_path / "ckpt", _prm_config(later.train, backbone, "v2")) == str(ckpt.resolve())
+    with pytest.raises(TrainError, match="warm start: .* is a PRM of another model config"):
+        _warm_start_dir(ckpt, _prm_config(parse_config(_toy()).train, backbone, "v2"))  # 8 heads of 128
+    with pytest.raises(TrainError, match="warm start: checkpoint not found"):
+        _warm_start_dir(tmp_path / "nope", made)
