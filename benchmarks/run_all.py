@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -33,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 # Lines of a benchmark's output copied into the report (its tables are printed last).
-OUTPUT_LINES = 80
+OUTPUT_LINES = 40
 
 
 @dataclass
@@ -133,8 +134,7 @@ def run_one(run: Run, work: Path, done: dict[str, Run]) -> None:
             rc = None
     run.seconds = round(time.perf_counter() - started, 1)
     run.load_after = os.getloadavg()
-    lines = log_path.read_text(errors="replace").splitlines()
-    run.output_tail = "\n".join(line for line in lines if not _noise(line))
+    run.output_tail = _clean(log_path.read_text(errors="replace"))
     if rc is None:
         run.status, run.reason = "failed", f"timed out after {run.timeout_s} s (killed)"
     elif rc != 0:
@@ -144,10 +144,18 @@ def run_one(run: Run, work: Path, done: dict[str, Run]) -> None:
     print(f"    {run.status} in {run.seconds:.0f}s {run.reason}", flush=True)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NOISE = re.compile(r"pid=\d+\)|\bINFO\b|\bWARNING\b|Warning|warnings?\.warn|it/s\]|Loading weights|Triton|"
+                    r"^\s*File \"|^\s*\^+\s*$|Traceback|if hasattr\(value|wrapper = lookup")
+
+
 def _noise(line: str) -> bool:
-    """Progress bars and warnings that say nothing about the figures."""
-    return ("it/s]" in line or "Loading weights" in line or "Warning" in line or line.startswith("INFO")
-            or "warnings.warn" in line)
+    """Engine and Ray chatter, progress bars, warnings and worker tracebacks: nothing about the figures."""
+    return bool(_NOISE.search(line)) or not line.strip()
+
+
+def _clean(text: str) -> str:
+    return "\n".join(line for line in (_ANSI.sub("", x) for x in text.splitlines()) if not _noise(line))
 
 
 def machine() -> dict:
@@ -181,7 +189,8 @@ def _figures(run: Run) -> str:
     if sum(1 for line in table if line.startswith("|")) >= 3:
         # Keep the markdown: tables and their headings, and the lines right after the last table (headline).
         last = max(i for i, line in enumerate(lines) if line.startswith("|"))
-        body = [line for line in lines[:last + 1] if line.startswith(("|", "#")) or not line.strip()]
+        body = [("##" + line if line.startswith("#") else line) for line in lines[:last + 1]
+                if line.startswith(("|", "#")) or not line.strip()]
         tail = [line for line in lines[last + 1:] if line.strip()][-12:]
         return "\n".join(body).strip() + ("\n\n```\n" + "\n".join(tail) + "\n```" if tail else "")
     return "```\n" + "\n".join(lines[-OUTPUT_LINES:]) + "\n```"
@@ -275,8 +284,7 @@ def report_only(work: Path, report: Path) -> None:
         r.note = notes.get(r.name, r.note)
         log_path = work / "logs" / f"{r.name}.log"
         if r.status in ("ok", "failed") and log_path.is_file():
-            lines = log_path.read_text(errors="replace").splitlines()
-            r.output_tail = "\n".join(line for line in lines if not _noise(line))
+            r.output_tail = _clean(log_path.read_text(errors="replace"))
         runs.append(r)
     meta = {k: state[k] for k in ("command", "started", "machine", "ended", "load_end") if k in state}
     write_report(runs, state["unknown"], work, report, meta)
