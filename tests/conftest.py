@@ -47,8 +47,13 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(policy_model_path):
-    """One vLLM engine for the session (prefix caching on, float32, 256-token context)."""
+def vllm_engine(policy_model_path, ray_session):
+    """One vLLM engine for the session (prefix caching on, float32, 256-token context).
+
+    Ray starts first: creating a vLLM engine in this process sets environment variables (LD_PRELOAD of
+    torch's libgomp among them) that a Ray started afterwards would pass to every actor, whose float bits
+    then differ from this process's and the fault tests' equality with the reference build fails.
+    """
     from cluster.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(policy_model_path, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3, seed=0)
