@@ -125,11 +125,13 @@ def build_dataset(cfg: Any, cache: Path, engine: Engine) -> Path:
     from tasks.build import build
 
     out = cache / "datasets" / f"{cfg.name.rsplit('-s', 1)[0]}-{cfg.config_hash()}"
-    if not (out / "manifest.json").is_file():
-        t0 = time.perf_counter()
-        build(cfg, out, engine)
+    # Always through build: it reuses a shard only when its completion record's key and sha256 still match
+    # (and starts no engine then), so a damaged or stale cached dataset is rebuilt, not trusted by its name.
+    t0 = time.perf_counter()
+    report = build(cfg, out, engine)
+    if report.shards_built:
         CACHE["datasets_built"] += 1
-        log(f"built {out.name} in {time.perf_counter() - t0:.0f}s")
+        log(f"built {out.name} ({report.shards_built} shards) in {time.perf_counter() - t0:.0f}s")
     else:
         CACHE["datasets_reused"] += 1
     return out
