@@ -1,13 +1,13 @@
 """End to end: held-out PRM quality per generated labelling token, one curve per labeller (issue 14).
 
 Every arm labels the same toy problems (a seeded pool, disjoint from the toy ruler), trains a PRM with the same
-trainer (`cluster.train.train_prm`, Ray Train, the ``train:`` section of the base config) and is measured on the
+trainer (`cluster.train.train_on_ray`, Ray Train, the ``train:`` section of the base config) and is measured on the
 same held-out ruler problems (`assets/toy-ruler`, exact step truth):
 
 - ``ms-N`` (Math-Shepherd style): newline steps, no tree, N policy samples per step, N in ``--ms-ns``;
 - ``edu-N``: EDU entropy cuts and branching (the base config's partition and tree), samples topped up to N;
   on the whole pool this is also the "full data" PRM of the ActPRM share;
-- ``actprm``: the ActPRM loop (`tasks.active.ActiveLoop`: round 0 labels a random seed set, later rounds label
+- ``actprm``: the ActPRM loop (`tasks.active.loop.ActiveLoop`: round 0 labels a random seed set, later rounds label
   the trajectories the ensemble is unsure about) on the same pool, EDU labels, warm-started Ray Train rounds;
 - ``random``: the same loop with ``selector: random`` (as many problems per round, drawn at random).
 
@@ -110,11 +110,11 @@ class Engine:
 
     def __call__(self) -> Any:
         if self.engine is None:
-            from cluster.actors import make_engine
+            from cluster.engines import start_policy_engines
 
             t0 = time.perf_counter()
             log(f"starting the {self.cfg.policy.backend} engine")
-            self.engine = make_engine(self.cfg.policy, self.cfg.offline)
+            self.engine = start_policy_engines(self.cfg, local=True)
             self.start_seconds = round(time.perf_counter() - t0, 1)
             log(f"engine up in {self.start_seconds}s")
         return self.engine
@@ -139,13 +139,13 @@ def build_dataset(cfg: Any, cache: Path, engine: Engine) -> Path:
 
 def train_cached(cfg: Any, dataset: Path, cache: Path) -> Path:
     """A PRM trained on ``dataset`` (Ray Train), once per (dataset version, train hash)."""
-    from cluster.train import train_prm
+    from cluster.train import train_on_ray
 
     version = json.loads((dataset / "manifest.json").read_text())["dataset_version"]
     run = cache / "runs" / f"{version}-{cfg.train.train_hash()}"
     if not (run / "train_summary.json").is_file():
         t0 = time.perf_counter()
-        train_prm(cfg, dataset, run)
+        train_on_ray(cfg, dataset, run)
         CACHE["prms_trained"] += 1
         log(f"trained {run.name} in {time.perf_counter() - t0:.0f}s")
     else:
@@ -154,15 +154,18 @@ def train_cached(cfg: Any, dataset: Path, cache: Path) -> Path:
 
 
 def dataset_cost(dataset: Path) -> dict[str, int]:
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    cost = manifest.get("extra", {}).get("cost", {})
-    return {k: int(cost.get(k, 0)) for k in ("generated_tokens", "generate_tokens", "branch_tokens", "rollout_tokens")}
+    """The dataset's generated tokens, in total and by stage, from its manifest's sum of the shards' records."""
+    from tasks.cost import COST_STAGES, ShardCost
+    from tasks.store.dataset import read_manifest
+
+    cost = ShardCost.from_dict(read_manifest(dataset).get("extra", {}).get("cost", {}))
+    return {"generated_tokens": cost.generated_tokens, **{stage: getattr(cost, stage) for stage in COST_STAGES}}
 
 
 def dataset_size(dataset: Path) -> dict[str, int]:
     import pyarrow.parquet as pq
 
-    from cluster.train import dataset_shards
+    from tasks.prm.training import dataset_shards
 
     shards, _ = dataset_shards(dataset)
     rows = steps = 0
@@ -177,9 +180,9 @@ def dataset_size(dataset: Path) -> dict[str, int]:
 
 def evaluate(model_dir: Path, ruler: Any, ns: list[int], cache: Path) -> dict[str, Any]:
     """Ruler figures of a checkpoint, cached by the weights' sha256 and the ruler subset."""
-    from tasks.dataset import sha256_file
-    from tasks.prm_model import load_prm
-    from tasks.ruler import evaluate_ruler
+    from tasks.evaluation.ruler import evaluate_ruler
+    from tasks.prm.model import load_prm
+    from tasks.store.dataset import sha256_file
 
     key = content_key([sha256_file(model_dir / "model.safetensors"), ruler.manifest["content_hash"],
                        len(ruler.problem_ids), ns])
@@ -230,15 +233,15 @@ def _static_cached(cfg: Any, cache: Path) -> bool:
 
 def run_active_arm(arm: str, seed: int, base: dict, args: argparse.Namespace, engine: Engine, ruler: Any,
                    ns: list[int]) -> list[dict[str, Any]]:
-    from cluster.active import ray_train_fn
+    from cluster.active_run import ray_train_fn
     from configs.schema import parse_config
-    from tasks.active import ActiveLoop, pin_payload
+    from tasks.active.loop import ActiveLoop, pin_payload
 
     cfg = parse_config(arm_config(base, arm, seed, args), f"bench_e2e {arm} seed {seed}")
     out = args.cache / "active" / f"{arm}-s{seed}-{content_key([pin_payload(cfg), cfg.active.model_dump()])}"
     t0 = time.perf_counter()
     if args.cached_only:  # the rounds a run finished so far, without running more
-        from tasks.active import ActiveResult, read_rounds
+        from tasks.active.loop import ActiveResult, read_rounds
 
         pool = json.loads((out / "pool" / "pool.json").read_text()) if (out / "pool" / "pool.json").is_file() else {}
         rounds = read_rounds(out) if out.is_dir() else []
@@ -422,8 +425,8 @@ def main() -> None:
     import yaml
 
     from configs.schema import ToySource, parse_config
-    from tasks.ruler import load_ruler
-    from tasks.toy_world import generate_problems
+    from tasks.evaluation.ruler import load_ruler
+    from tasks.sources.toy_world import generate_problems
 
     torch.set_num_threads(2)
     started = time.perf_counter()

@@ -158,7 +158,7 @@ def main() -> None:
 
     import ray
 
-    from cluster.actors import start_engines
+    from cluster.engines import start_policy_engines
     from cluster.vllm_engine import VLLMEngine
     from configs.schema import parse_config
 
@@ -183,7 +183,7 @@ def main() -> None:
             "partition": {"entropy_source": "topk_lower"},
         }
     )
-    pool = start_engines(cfg)
+    pool = start_policy_engines(cfg)
     pairs = []
     try:
         engine.generate(requests[:2])  # warm-up: compile paths, first allocations

@@ -1,7 +1,7 @@
 """Evaluation figures on the toy ruler: step AUROC/accuracy and best-of-N accuracy vs N per selector.
 
 Scorers: the two reference scorers (oracle = exact toy truth, constant = 0.5), which bound what any PRM can
-reach on the ruler, and any trained PRM checkpoints given with --checkpoint (needs tasks.prm_model). With
+reach on the ruler, and any trained PRM checkpoints given with --checkpoint (needs tasks.prm.model). With
 --processbench DIR and a checkpoint, ProcessBench F1 per subset at --limit. With --smollm2-smoke, also
 times the real-language smoke: preparing SmolLM2-135M from its GGUF and the 4-problem GSM8K build on vLLM.
 
@@ -30,7 +30,7 @@ set_offline_env()
 
 
 def ruler_rows(scorer, name: str, ruler, ns: list[int]) -> dict:
-    from tasks.ruler import evaluate_ruler
+    from tasks.evaluation.ruler import evaluate_ruler
 
     t0 = time.time()
     report = evaluate_ruler(scorer, ruler, ns)
@@ -63,7 +63,7 @@ def smollm2_smoke() -> dict:
 
 
 def _load_prm(checkpoint: str):
-    from tasks.prm_model import load_prm  # issue 13's trainer module; imported only when a checkpoint is given
+    from tasks.prm.model import load_prm  # issue 13's trainer module; imported only when a checkpoint is given
 
     return load_prm(checkpoint)
 
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
 
-    from tasks.ruler import ConstantScorer, OracleScorer, load_ruler
+    from tasks.evaluation.ruler import ConstantScorer, OracleScorer, load_ruler
 
     ns = [int(x) for x in args.bon.split(",")]
     ruler = load_ruler(args.ruler)
@@ -92,7 +92,7 @@ def main() -> None:
                                                                                 ns)],
     }
     if args.checkpoint:
-        from tasks.evaluation import evaluate_processbench
+        from tasks.evaluation.processbench import evaluate_processbench
 
         for ckpt in args.checkpoint:
             t0 = time.time()

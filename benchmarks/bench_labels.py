@@ -13,7 +13,7 @@ One run, one engine, side by side:
 Every labeller is scored on the same footing: hard accuracy on every non-final step; soft and ER metrics
 only on steps whose soft label exists (N policy samples from the prefix); early-stop and rule-estimated
 steps have no soft label (null) and are counted separately. Truth of a step =
-`tasks.toy_world.prefix_is_correct(problem, text up to the end of the step)`. The last step's label is an
+`tasks.sources.toy_world.prefix_is_correct(problem, text up to the end of the step)`. The last step's label is an
 outcome check (final answer right), not the step truth (a solution can reach the right answer through a
 wrong line), so it is left out of every figure.
 
@@ -65,9 +65,9 @@ def quality(rows, problems_by_id) -> dict:
     """
     import numpy as np
 
-    from tasks.label_rule import er_label
-    from tasks.metrics import accuracy, auroc, brier
-    from tasks.toy_world import prefix_is_correct
+    from tasks.evaluation.metrics import accuracy, auroc, brier
+    from tasks.labelling.label_rule import er_label
+    from tasks.sources.toy_world import prefix_is_correct
 
     truth, hard, soft, ks, ns, tree = [], [], [], [], [], []
     for row in rows:
@@ -136,7 +136,8 @@ def anchor_ranks(labeller, trees) -> dict:
 
 def run(label, cfg_dict, engine, tok, problems, by_id, results):
     from configs.schema import parse_config
-    from tasks.tree_labeller import ShardCost, ShardLabeller
+    from tasks.cost import ShardCost
+    from tasks.labelling.tree_labeller import ShardLabeller
 
     cfg = parse_config(cfg_dict)
     t0 = time.perf_counter()
@@ -181,16 +182,16 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from cluster.actors import make_engine
+    from cluster.engines import start_policy_engines
     from configs.schema import ToySource, parse_config
-    from tasks.toy_world import generate_problems
+    from tasks.sources.toy_world import generate_problems
 
     problems = generate_problems(ToySource(num_problems=args.problems, seed=args.seed, min_steps=2, max_steps=6))
     by_id = {p.problem_id: p for p in problems}
     cfg0 = parse_config(base_config(args))
     tok = AutoTokenizer.from_pretrained(str(REPO / "assets" / "toy-policy"))
     t0 = time.perf_counter()
-    engine = make_engine(cfg0.policy)
+    engine = start_policy_engines(cfg0, local=True)
     print(f"engine {args.engine} up in {time.perf_counter() - t0:.0f}s; {len(problems)} problems, seed {args.seed}")
     results: list[dict] = []
 
@@ -223,7 +224,7 @@ def main() -> None:
         for on in (True, False):
             cfg = parse_config(base_config(args, rollouts={"n": 16}))
             cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"prefix_caching": on})})
-            eng = make_engine(cfg.policy)
+            eng = start_policy_engines(cfg, local=True)
             entry = run(f"newline N=16 prefix caching {'on' if on else 'off'}", cfg.model_dump(mode="json"), eng,
                         tok, problems, by_id, results)
             caching["on" if on else "off"] = entry

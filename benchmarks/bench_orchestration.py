@@ -131,7 +131,7 @@ def main() -> None:
     from engine_fixtures import SHIPPED_POLICY, make_tiny_policy, shipped_policy_ready
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cluster.actors import start_engines
+    from cluster.engines import start_policy_engines
     from cluster.stack import deploy, prefect_env, start_server, start_worker
     from configs.schema import load_config
 
@@ -139,8 +139,7 @@ def main() -> None:
     config = write_config(tmp, model, args.problems, args.per_shard, args.backend)
     cfg = load_config(config)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    pool = start_engines(cfg)  # warm engine for both paths
-    pool.health()
+    pool = start_policy_engines(cfg)  # warm engine for both paths (returns once it has loaded the model)
     server, api_url = start_server(home, ui=False)
     env = prefect_env(home, api_url, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
                       PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="2")

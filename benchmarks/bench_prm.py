@@ -55,7 +55,7 @@ def _dataset_info(dataset: Path) -> dict:
 
 
 def ruler_row(scorer, name: str, ruler, ns: list[int]) -> dict:
-    from tasks.ruler import evaluate_ruler
+    from tasks.evaluation.ruler import evaluate_ruler
 
     t0 = time.time()
     report = evaluate_ruler(scorer, ruler, ns)
@@ -64,7 +64,7 @@ def ruler_row(scorer, name: str, ruler, ns: list[int]) -> dict:
 
 def train_smollm2(run: Path, dataset: Path) -> dict:
     """Train the SmolLM2-backbone PRM on ``dataset`` unless RUN already holds a finished model."""
-    from cluster.train import train_prm
+    from cluster.train import train_on_ray
     from configs.schema import load_config, parse_config, resolve_path
     from tasks.smollm2 import prepare_smollm2
 
@@ -75,7 +75,7 @@ def train_smollm2(run: Path, dataset: Path) -> dict:
     raw["train"] = {**raw["train"], **SMOLLM2_TRAIN, "model_path": str(backbone)}
     cfg = parse_config(raw)
     if not (run / "train_summary.json").is_file():
-        train_prm(cfg, dataset, run)
+        train_on_ray(cfg, dataset, run)
     return {"config": "configs/toy.yaml with train: " + json.dumps(SMOLLM2_TRAIN), "backbone": str(backbone)}
 
 
@@ -93,9 +93,9 @@ def main() -> None:
 
     import torch
 
-    from tasks.evaluation import evaluate_processbench
-    from tasks.prm_model import load_prm
-    from tasks.ruler import ConstantScorer, OracleScorer, check_disjoint, dataset_problem_ids, load_ruler
+    from tasks.evaluation.processbench import evaluate_processbench
+    from tasks.evaluation.ruler import ConstantScorer, OracleScorer, check_disjoint, dataset_problem_ids, load_ruler
+    from tasks.prm.model import load_prm
 
     torch.set_num_threads(2)
     ns = [int(x) for x in args.bon.split(",")]

@@ -6,7 +6,7 @@ DIR is a finished toy dataset version (e.g. `prm-factory build --config configs/
 All runs share one local Ray (2 CPUs, workers at 0.5 CPU each so Ray Data keeps a core). Per run: the config's
 `train:` section with the overrides below. samples/s is the median over epochs after the first (epoch 0 pays
 for the data pipeline start and first-touch costs); the held-out AUROC is the 2-worker run's final model
-scored on the held-out problems against the exact toy truth (`tasks.toy_world.prefix_is_correct`) and
+scored on the held-out problems against the exact toy truth (`tasks.sources.toy_world.prefix_is_correct`) and
 against the dataset's own hard labels.
 """
 
@@ -51,9 +51,10 @@ def main() -> None:
 
     import ray
 
-    from cluster.train import TrainError, dataset_shards, held_out_rows, train_prm
-    from tasks.prm_model import load_prm
-    from tasks.prm_report import held_out_metrics
+    from cluster.train import train_on_ray
+    from tasks.prm.model import load_prm
+    from tasks.prm.report import held_out_metrics
+    from tasks.prm.training import TrainError, dataset_shards, held_out_rows
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -66,7 +67,7 @@ def main() -> None:
         cfg = _cfg(args.config, num_workers=workers, cpus_per_worker=0.5, epochs=args.epochs,
                    batch_size=args.batch_size)
         t0 = time.perf_counter()
-        res = train_prm(cfg, args.dataset, tmp / f"run-{workers}w")
+        res = train_on_ray(cfg, args.dataset, tmp / f"run-{workers}w")
         wall = time.perf_counter() - t0
         out["runs"][f"{workers}_workers"] = {
             "wall_s": round(wall, 1), "global_step": res.global_step,
@@ -86,12 +87,12 @@ def main() -> None:
     run = tmp / "run-resume"
     t0 = time.perf_counter()
     try:
-        train_prm(cfg2, args.dataset, run, fault_after_epoch=0)
+        train_on_ray(cfg2, args.dataset, run, fault_after_epoch=0)
     except TrainError as err:
         assert "injected fault" in str(err), err
     to_fault = time.perf_counter() - t0
     t0 = time.perf_counter()
-    resumed = train_prm(cfg2, args.dataset, run)
+    resumed = train_on_ray(cfg2, args.dataset, run)
     resume_wall = time.perf_counter() - t0
     trained = sum(h["train_seconds"] for h in resumed.history[1:])
     out["resume"] = {"wall_to_fault_s": round(to_fault, 1), "resumed_run_wall_s": round(resume_wall, 1),

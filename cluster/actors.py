@@ -79,7 +79,7 @@ class EngineActor:
     """
 
     def __init__(self, policy: PolicyConfig, engine_name: str, offline: bool = False, log_file: str | None = None):
-        from cluster.metrics import EngineMetrics
+        from cluster.engine_metrics import EngineMetrics
 
         if log_file:  # quiet terminal: this actor's output (and its vLLM engine core's) goes to the run's log file
             from cluster.logs import redirect_output
@@ -337,6 +337,13 @@ class EnginePool:
             except Exception as err:  # noqa: BLE001 - report any failure, do not raise from a health check
                 engines.append({"engine": name, "ok": False, "error": f"{type(err).__name__}: {err}"})
         return {"engines": engines, "ok": all(e.get("ok") for e in engines)}
+
+    def wait_ready(self, timeout_s: float | None = None) -> list[dict]:
+        """Block until every engine actor answers `health`, i.e. its constructor (model load, vLLM warm-up) is
+        done; returns their health records. Creating a Ray actor returns at once; only a method call waits for
+        the constructor. Raises GetTimeoutError past `timeout_s` (default: the pool's request timeout)."""
+        timeout = self.request_timeout_s if timeout_s is None else timeout_s
+        return ray.get([actor.health.remote() for actor in self.actors], timeout=timeout)
 
     def shutdown(self) -> None:
         """Kill the engine actors (no restart) and free their placement group."""

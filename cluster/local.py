@@ -13,7 +13,7 @@ Interfaces: by default the node's IP is 127.0.0.1. ``ray start`` 2.60 replaces a
 (its single-machine mode, the default on macOS). With both, every listener of the cluster binds 127.0.0.1:
 GCS, raylet (node and object manager), dashboard and its metrics port, dashboard agent (HTTP, gRPC,
 metrics export), runtime-env agent, autoscaler metrics, Ray client server and the workers' gRPC ports
-(tests/test_monitoring.py lists them with ``ss -ltnp``). Without the switch, the C++ gRPC servers and the
+(tests/e2e/test_monitoring.py lists them with ``ss -ltnp``). Without the switch, the C++ gRPC servers and the
 metrics endpoint listen on every interface. A multi-node head names its interface with ``node_ip``
 (``--node-ip`` on the command line).
 """

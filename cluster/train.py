@@ -20,7 +20,6 @@ ids). The run shows in the Ray dashboard's Train view like any Ray Train run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -34,22 +33,26 @@ from pathlib import Path
 from typing import Any
 
 from configs.models import ModelNotFoundError, resolve_model
-from configs.schema import FactoryConfig, TrainConfig
+from configs.schema import FactoryConfig
+from tasks.prm.training import (
+    READ_COLUMNS,
+    TrainError,
+    batch_rows,
+    dataset_shards,
+    evaluate_held_out,
+    held_out_rows,
+    is_held_out,
+    optimizer_tensors,
+    restore_optimizer,
+    run_prm_config,
+    train_step,
+)
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
 STATE_FILE = "train_state.json"
 EVAL_FILE = "eval_scores.json"
 OPTIM_FILE = "optimizer.safetensors"
-READ_COLUMNS = ("prompt", "completions", "labels", "problem_id")
-
-
-class TrainError(RuntimeError):
-    """A training run that cannot start or did not finish; the message says why in one line."""
-
-
-class NaNLossError(FloatingPointError):
-    """Raised inside a worker when a batch's loss is not finite."""
 
 
 @dataclass
@@ -64,56 +67,14 @@ class TrainResult:
     resumed_from_epoch: int | None
     seconds: float
     dataset_version: str | None
-    config_hash: str
+    prm_config_hash: str
     last_eval: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "model_dir": str(self.model_dir), "global_step": self.global_step,
                 "epochs": self.epochs, "history": self.history, "resumed_from_epoch": self.resumed_from_epoch,
                 "seconds": round(self.seconds, 2), "dataset_version": self.dataset_version,
-                "config_hash": self.config_hash, "last_eval": self.last_eval}
-
-
-def is_held_out(problem_id: str, fraction: float, seed: int) -> bool:
-    """True for the ``fraction`` of problems whose seeded sha256 falls lowest: a split stable across runs."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def dataset_shards(dataset_dir: str | Path) -> tuple[list[Path], str | None]:
-    """The Parquet shards of a dataset version (from its manifest) and its version id; TrainError if absent."""
-    root = Path(dataset_dir)
-    if not root.is_dir():
-        raise TrainError(f"dataset directory not found: {root}")
-    manifest = root / "manifest.json"
-    if not manifest.is_file():
-        raise TrainError(f"{root} is not a finished dataset version (no manifest.json; build or refresh it first)")
-    try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError as err:
-        raise TrainError(f"{manifest} is not valid JSON: {err}") from None
-    paths = [root / e["path"] for e in data.get("shards", [])]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise TrainError(f"{root}: shards listed in the manifest are missing: {missing[:3]}")
-    if not paths:
-        raise TrainError(f"{root}: the manifest lists no shards (an empty dataset)")
-    return paths, data.get("dataset_version")
-
-
-def _prm_config(train: TrainConfig, backbone: Path, dataset_version: str | None) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    from tasks.prm_model import backbone_context, make_prm_config
-
-    context = backbone_context(backbone)
-    max_length = min(train.max_length or context, context)
-    return make_prm_config(train.model_path, AutoConfig.from_pretrained(str(backbone)).hidden_size,
-                           train.num_heads, train.head_hidden, train.target, max_length, train.seed,
-                           train=train.model_dump(mode="json"), train_hash=train.train_hash(),
-                           dataset_version=dataset_version)
+                "prm_config_hash": self.prm_config_hash, "last_eval": self.last_eval}
 
 
 def _check_run_dir(run_dir: Path, pinned: dict[str, Any]) -> bool:
@@ -134,98 +95,6 @@ def _check_run_dir(run_dir: Path, pinned: dict[str, Any]) -> bool:
 # -- the per-worker loop ------------------------------------------------------------------------------------
 
 
-def _optimizer_tensors(optimizer: Any) -> dict[str, Any]:
-    import torch
-
-    out = {}
-    for pid, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return out
-
-
-def _restore_optimizer(optimizer: Any, tensors: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    sd = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-
-
-def _batch_rows(batch: Any, target: str) -> list[dict[str, Any]]:
-    cols = {name: batch.column(name).to_pylist() for name in {*READ_COLUMNS, target}}
-    return [{k: cols[k][i] for k in cols} for i in range(batch.num_rows)]
-
-
-def held_out_rows(shards: list[str], target: str, fraction: float, seed: int) -> list[dict[str, Any]]:
-    """The held-out rows, read from the shards with pyarrow (a few problems: no Ray Data pipeline needed)."""
-    import pyarrow.parquet as pq
-
-    rows = []
-    for path in shards:
-        table = pq.read_table(path, columns=sorted({*READ_COLUMNS, target}))
-        rows.extend(r for r in _batch_rows(table, target) if is_held_out(r["problem_id"], fraction, seed))
-    return rows
-
-
-def _evaluate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str, max_length: int,
-              device: str) -> dict[str, Any]:
-    """Held-out loss (BCE of the ensemble mean vs the target), step AUROC and accuracy vs the hard labels."""
-    from tasks.metrics import accuracy, auroc
-    from tasks.prm_model import score_trajectories
-
-    scores = score_trajectories(model, tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows],
-                                max_length, batch_size=16, device=device)
-    means, hard, losses = [], [], []
-    for row, s in zip(rows, scores, strict=True):
-        for j, m in enumerate(s.mean):
-            if math.isnan(m):
-                continue
-            means.append(m)
-            hard.append(bool(row["labels"][j]))
-            y = row[target][j]
-            if y is not None and not math.isnan(float(y)):
-                p = min(max(m, 1e-7), 1 - 1e-7)
-                losses.append(-(float(y) * math.log(p) + (1 - float(y)) * math.log(1 - p)))
-    return {
-        "eval_rows": len(rows), "eval_steps": len(means),
-        "eval_loss": float(sum(losses) / len(losses)) if losses else math.nan,
-        "eval_auroc": auroc(means, hard) if means else math.nan,
-        "eval_acc": accuracy(means, hard) if means else math.nan,
-        "eval_truncated": sum(s.truncated for s in scores),
-        "scores": [{"problem_id": r["problem_id"], "prompt": r["prompt"], "completions": r["completions"],
-                    "mean": s.mean, "std": s.std} for r, s in zip(rows, scores, strict=True)],
-    }
-
-
-def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str,
-               max_length: int, pull_lambda: float, device: str, where: str) -> tuple[float, dict[str, float], int]:
-    """One optimizer step on a batch of rows; returns (loss, its parts, truncated rows).
-
-    Raises ``NaNLossError`` naming ``where`` and the batch's problem ids when the loss is not finite (before
-    the step, so the weights stay as they were).
-    """
-    import torch
-
-    from tasks.prm_model import collate, encode_trajectory, ensemble_loss, pad_token_id, target_tensor
-
-    bare = model.module if hasattr(model, "module") else model
-    encoded = [encode_trajectory(tokenizer, r["prompt"], r["completions"], max_length) for r in rows]
-    tensors = {k: v.to(device) for k, v in collate(encoded, pad_token_id(tokenizer)).items()}
-    targets = target_tensor([r[target] for r in rows], encoded, tensors["step_ends"].shape[1]).to(device)
-    logits = model(tensors["input_ids"], tensors["attention_mask"], tensors["step_ends"])
-    loss, parts = ensemble_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), bare.heads.pull(),
-                                pull_lambda)
-    if not torch.isfinite(loss):
-        ids = [r["problem_id"] for r in rows]
-        raise NaNLossError(f"non-finite loss {float(loss.detach())} at {where} (problem_ids {ids})")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach()), parts, sum(e.truncated for e in encoded)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build or restore the PRM, train the remaining epochs, checkpoint each one."""
     import ray.train
@@ -235,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from tasks.prm_model import build_prm, load_state_into, save_checkpoint
+    from tasks.prm.model import build_prm, load_state_into, save_checkpoint
 
     prm_config, train = config["prm_config"], config["train"]
     target, max_length = prm_config["target"], prm_config["max_length"]
@@ -262,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if state["config_hash"] != prm_config["config_hash"] or state["train_hash"] != prm_config["train_hash"]:
                 raise RuntimeError(f"checkpoint {d} is from another config ({state['config_hash']})")
             load_state_into(model, load_file(str(Path(d) / "model.safetensors")), str(d))
-            _restore_optimizer(optimizer, load_file(str(Path(d) / OPTIM_FILE)))
+            restore_optimizer(optimizer, load_file(str(Path(d) / OPTIM_FILE)))
         start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], state["history"]
         resumed_from = state["epoch"]
         restore_seconds = round(time.perf_counter() - restore_started, 3)
@@ -285,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                                 batch_format="pyarrow")):
             if fault_after is not None and epoch == fault_after + 1 and batch_index == 1:
                 raise RuntimeError(f"injected fault in epoch {epoch} (after the epoch {fault_after} checkpoint)")
-            rows = _batch_rows(batch, target)
+            rows = batch_rows(batch, target)
             where = f"epoch {epoch}, global step {global_step + 1}, rank {rank} batch {batch_index}"
             loss, parts, cut = train_step(model, optimizer, tokenizer, rows, target, max_length, train["pull_lambda"],
                                           device, where)
@@ -308,12 +177,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             record["restore_seconds"] = restore_seconds
         if rank == 0:
             eval_rows = held_out_rows(config["shards"], target, train["eval_fraction"], train["seed"])
-            ev = _evaluate(bare, tokenizer, eval_rows, target, max_length, device) if eval_rows else {}
+            ev = evaluate_held_out(bare, tokenizer, eval_rows, target, max_length, device) if eval_rows else {}
             record.update({k: v for k, v in ev.items() if k != "scores"})
             tmp = Path(tempfile.mkdtemp(prefix="prm-ckpt-"))
             write_started = time.perf_counter()
             save_checkpoint(bare, prm_config, tmp, tokenizer)
-            save_file({k: v.contiguous() for k, v in _optimizer_tensors(optimizer).items()}, str(tmp / OPTIM_FILE))
+            save_file({k: v.contiguous() for k, v in optimizer_tensors(optimizer).items()}, str(tmp / OPTIM_FILE))
             record["checkpoint_seconds"] = round(time.perf_counter() - write_started, 3)  # local write, before upload
             history = [*history, record]
             (tmp / STATE_FILE).write_text(json.dumps({
@@ -359,7 +228,7 @@ def _connect(cfg: FactoryConfig) -> None:
         ray.init(address=cfg.cluster.address, namespace=cfg.cluster.namespace, log_to_driver=True)
 
 
-def train_prm(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, *,
+def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, *,
               on_epoch: Callable[[dict[str, Any]], None] | None = None,
               fault_after_epoch: int | None = None, init_from: str | Path | None = None) -> TrainResult:
     """Train (or resume) the PRM of ``cfg.train`` on a dataset version; returns the finished run.
@@ -385,7 +254,7 @@ def train_prm(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, 
         backbone = resolve_model(train.model_path, offline=cfg.offline)
     except ModelNotFoundError as err:
         raise TrainError(f"train.model_path: {err}") from None
-    prm_config = _prm_config(train, backbone, version)
+    prm_config = run_prm_config(train, backbone, version)
     init_dir = _warm_start_dir(init_from, prm_config) if init_from is not None else None
     _check_run_dir(run, {"train_hash": train.train_hash(), "config_hash": prm_config["config_hash"],
                                     "dataset_version": version, "dataset_dir": str(Path(dataset_dir).resolve()),
@@ -455,7 +324,7 @@ def train_prm(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, 
 
 def _warm_start_dir(init_from: str | Path, prm_config: dict[str, Any]) -> str:
     """The checkpoint dir to warm-start from; TrainError when it is missing or was written for another model."""
-    from tasks.prm_model import WEIGHTS_NAME, CheckpointError, find_checkpoint_dir, read_prm_config
+    from tasks.prm.model import WEIGHTS_NAME, CheckpointError, find_checkpoint_dir, read_prm_config
 
     try:
         ckpt = find_checkpoint_dir(init_from)

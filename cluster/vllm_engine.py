@@ -13,7 +13,7 @@ The cost: on CUDA, vLLM's FlashInfer top-p kernel cannot return processed logpro
 top_p < 1 use its PyTorch sampler; at top_p = 1 nothing changes.
 
 Entropy: the top-k (k = ``entropy_top_k``, default 20, vLLM's cap) logprobs bound H_t from both sides
-(tasks.entropy.topk_entropy_bounds): the lower bound goes in ``Sample.entropy``, the upper in
+(tasks.labelling.entropy.topk_entropy_bounds): the lower bound goes in ``Sample.entropy``, the upper in
 ``Sample.entropy_upper``, ``entropy_kind="topk_bounds"``. vLLM adds the sampled token to each position's
 logprobs when it is outside the top-k; only the top-k (rank <= k) enter the bounds and ``top_logprobs``.
 Tokens cut by top-p (logprob -inf) are dropped from ``top_logprobs``.
@@ -32,8 +32,8 @@ import time
 import numpy as np
 
 from configs.models import resolve_model
-from tasks.entropy import topk_entropy_bounds
 from tasks.generation import GenerationRequest, GenerationResult, PackedResults, check_request, unpack_results
+from tasks.labelling.entropy import topk_entropy_bounds
 
 LOGPROBS_MODE = "processed_logprobs"
 

@@ -2,7 +2,7 @@
 
 configs/ is the bottom layer, so tasks/ (which stamps the code version into shards and manifests), cluster/
 (which forwards these variables to engine actors), flows/ and the CLI all read them from here.
-scripts/offline-env.sh is the shell twin of OFFLINE_ENV; tests/test_env.py checks that the two agree.
+scripts/offline-env.sh is the shell twin of OFFLINE_ENV; tests/configs/test_env.py checks that the two agree.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from configs.paths import REPO_ROOT, resolve_path  # noqa: F401  (REPO_ROOT: imported from here across the repo)
 
-CHAT_TEMPLATE = "chat"  # prompt_template value: render with the tokenizer's chat template (tasks/prompts.py)
+CHAT_TEMPLATE = "chat"  # prompt_template value: render with the tokenizer's chat template (tasks/sources/prompts.py)
 
 
 class ConfigError(ValueError):
@@ -279,7 +279,7 @@ _REMOVED_DATASET_FIELDS = {"quarantine_dir": None}
 
 
 class SelectionConfig(_Strict):
-    """ActPRM's confidence thresholds (arXiv 2504.10559; tasks/selection.py has the rules).
+    """ActPRM's confidence thresholds (arXiv 2504.10559; tasks/active/selection.py has the rules).
 
     ``preset``: ``paper`` (delta_pred 0.95, delta_std 0.005, as the paper states) or ``actprm_code`` (0.9 / 0.01,
     the authors' released code). Giving ``delta_pred`` and ``delta_std`` replaces the preset (both or neither).
@@ -300,7 +300,7 @@ class SelectionConfig(_Strict):
 
 
 class ActiveConfig(_Strict):
-    """The ActPRM active-labelling loop (`prm-factory active`, the `active_learning` flow; tasks/active.py).
+    """The ActPRM active-labelling loop (`prm-factory active`, the `active_learning` flow; tasks/active/loop.py).
 
     The pool is the config's ``sources`` (the first ``pool_size`` problems ingested): one policy solution per
     problem, generated with the labeller's own seeded request and cut by ``partition``, with no rollouts. Round
@@ -392,13 +392,10 @@ class FactoryConfig(_Strict):
 
         The trainer and active-loop sections are left out: they do not change what `build` writes.
         """
-        dump = self.model_dump(mode="json", exclude={"train"})
+        dump = self.model_dump(mode="json", exclude={"train", "active"})
         dump["rollouts"].update(_REMOVED_ROLLOUT_FIELDS)
         dump["dataset"].update(_REMOVED_DATASET_FIELDS)
         blob = json.dumps(dump, sort_keys=True).encode()
-
-
-        blob = json.dumps(self.model_dump(mode="json", exclude={"train", "active"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def labelling_hash(self) -> str:
@@ -450,8 +447,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_config(path: str | Path, check_paths: bool = True) -> FactoryConfig:
-    """Read and validate a YAML config file (check_paths: see parse_config)."""
-    p = Path(path)
+    """Read and validate a YAML config file (check_paths: see parse_config): the one config loader.
+
+    A relative path names a file in the current directory when there is one there, else in the repository
+    (``configs/toy.yaml`` works from anywhere, and in a Prefect worker whatever its directory).
+    """
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.is_file():
+        p = resolve_path(p)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:

@@ -12,12 +12,11 @@ import time
 
 from prefect import flow, get_run_logger
 
-from configs.schema import resolve_path
+from configs.schema import load_config, resolve_path
 from flows.steps import (
     artifact_key,
     finalize_task,
     label_shards,
-    load,
     prepare_task,
     publish_report,
     run_summary,
@@ -31,7 +30,7 @@ def build_dataset(config_path: str = "configs/toy.yaml", out_dir: str | None = N
     """Build the Parquet dataset of `config_path` in `out_dir` (default: the config's dataset.out_dir)."""
     started = time.perf_counter()
     validate_config(config_path)
-    cfg = load(config_path)
+    cfg = load_config(config_path)
     out = str(resolve_path(out_dir or cfg.dataset.out_dir))
 
     shards = prepare_task(config_path, out)

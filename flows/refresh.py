@@ -15,13 +15,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from configs.schema import resolve_path
+from configs.schema import load_config, resolve_path
 from flows.steps import (
     artifact_key,
     default_root,
     finalize_task,
     label_shards,
-    load,
     plan_refresh,
     point_latest,
     prepare_task,
@@ -32,7 +31,7 @@ from flows.steps import (
     validate_config,
 )
 from flows.train_prm import trigger_training
-from tasks.versions import version_dir
+from tasks.store.versions import version_dir
 
 
 @flow(name="refresh-dataset", log_prints=True)
@@ -44,7 +43,7 @@ def refresh(config_path: str = "configs/toy.yaml", root: str | None = None, trai
     started = time.perf_counter()
     log = get_run_logger()
     validate_config(config_path)
-    cfg = load(config_path)
+    cfg = load_config(config_path)
     root = str(resolve_path(root or default_root(config_path)))
     key = artifact_key(cfg.name, "refresh")
 

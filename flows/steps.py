@@ -2,7 +2,7 @@
 
 ``prepare_task`` -> ``label_shard_task`` (one per shard) -> ``finalize_task`` run the stages ``prepare`` ->
 ``run_shard`` -> ``finalize`` of tasks/build.py, the same functions the CLI's local loop (``tasks.build.build``)
-runs; the refresh tasks wrap tasks/versions.py, the report task tasks/report.py.
+runs; the refresh tasks wrap tasks/store/versions.py, the report task tasks/store/report.py.
 
 Tasks receive small references (config path, output directory, shard index and key), never problems or
 rows, so Prefect can hash their inputs for caching and the API never carries data: a stage reads what the
@@ -34,7 +34,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.futures import PrefectFuture, as_completed
 
+from cluster.engines import ray_dashboard_url, start_policy_engines
 from configs.schema import FactoryConfig, load_config, resolve_path
+from tasks.cost import ShardCost, total_cost
 
 SHARD_CACHE = INPUTS + TASK_SOURCE
 
@@ -55,10 +57,6 @@ _lock = threading.Lock()
 _engines: dict[tuple[str, str], tuple[Any, Any]] = {}  # (flow run, config) -> (pool, tokenizer)
 
 
-def load(config_path: str) -> FactoryConfig:
-    return load_config(resolve_path(config_path))
-
-
 def _labeller(cfg: FactoryConfig):
     """A new ShardLabeller for one shard, over the config's engine pool (attached or started once per flow run).
 
@@ -67,19 +65,18 @@ def _labeller(cfg: FactoryConfig):
     """
     from prefect.runtime import flow_run
 
-    from cluster.actors import start_engines
     from tasks.build import load_tokenizer
-    from tasks.tree_labeller import ShardLabeller
+    from tasks.labelling.tree_labeller import ShardLabeller
 
     key = (str(flow_run.id), cfg.config_hash())
     with _lock:
         if key not in _engines:
             log = get_run_logger()
             t0 = time.perf_counter()
-            pool = start_engines(cfg)
-            log.info("engine actors %s placed; waiting for them to load the model%s", ", ".join(pool.names),
+            log.info("placing engine actors for '%s'; each loads the model%s", cfg.name,
                      " (vLLM: ~45 s on 2 CPU cores)" if cfg.policy.backend == "vllm" else "")
-            health = wait_engines_ready(pool, cfg.cluster.request_timeout_s)
+            pool = start_policy_engines(cfg, wait=False)
+            health = pool.wait_ready()
             waited = time.perf_counter() - t0
             started = [h for h in health if h.get("started_at", 0) >= time.time() - waited - 1]
             _engines[key] = (pool, load_tokenizer(cfg))
@@ -93,34 +90,12 @@ def _labeller(cfg: FactoryConfig):
 
 def default_root(config_path: str) -> str:
     """Where a config's versions live when no root is given: `datasets/` beside its dataset.out_dir."""
-    return str(resolve_path(load(config_path).dataset.out_dir).parent / "datasets")
-
-
-def wait_engines_ready(pool, timeout_s: float) -> list[dict[str, Any]]:
-    """Block until every engine actor answers `health`, i.e. its constructor (model load, vLLM warm-up) is done.
-
-    Creating a Ray actor returns at once; only a method call waits for the constructor.
-    """
-    import ray
-
-    return ray.get([actor.health.remote() for actor in pool.actors], timeout=timeout_s)
+    return str(resolve_path(load_config(config_path).dataset.out_dir).parent / "datasets")
 
 
 def artifact_key(config_name: str, kind: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9-]", "-", f"{config_name}-{kind}".lower())
-
-
-def ray_dashboard_url() -> str | None:
-    """The dashboard URL of the Ray cluster this process is connected to (None when not connected)."""
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    from ray._private.worker import get_dashboard_url
-
-    url = get_dashboard_url()
-    return f"http://{url}" if url and not url.startswith("http") else url or None
 
 
 # -- tasks ---------------------------------------------------------------------------------------------
@@ -129,7 +104,7 @@ def ray_dashboard_url() -> str | None:
 @task(name="validate-config")
 def validate_config(config_path: str) -> dict[str, str]:
     """Consumes a YAML path; produces the config's name and hashes, or fails naming each bad field."""
-    cfg = load(config_path)
+    cfg = load_config(config_path)
     return {"name": cfg.name, "config_hash": cfg.config_hash(), "labelling_hash": cfg.labelling_hash()}
 
 
@@ -139,7 +114,7 @@ def prepare_task(config_path: str, out_dir: str, staged: str | None = None) -> l
     ingest counts) and one ref per shard. The only task that reads the sources."""
     from tasks.build import prepare
 
-    cfg = load(config_path)
+    cfg = load_config(config_path)
     prepared = prepare(cfg, out_dir, staged=staged)
     get_run_logger().info("%d problems (%d quarantined) in %d shards -> %s", prepared.problems,
                           prepared.quarantined, len(prepared.plans), out_dir)
@@ -152,13 +127,13 @@ def start_engines_task(config_path: str, refs: Sequence[ShardRef]) -> dict[str, 
 
     Its own task so that the flow's timeline shows engine start-up as such, not inside the first shard.
     """
-    from tasks.dataset import shard_done
+    from tasks.store.dataset import shard_done
 
     todo = [r.index for r in refs if not shard_done(r.out_dir, r.index)]
     if not todo:
         return {"started": False, "shards_to_label": 0}
     t0 = time.perf_counter()
-    _labeller(load(config_path))
+    _labeller(load_config(config_path))
     return {"started": True, "shards_to_label": len(todo), "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -171,11 +146,11 @@ def label_shard_task(config_path: str, out_dir: str, index: int, key: str) -> di
     Idempotent: a done shard returns at once, and a shard is written whole or not at all, so retries and
     re-runs after a crash never duplicate rows. Returns the shard's status, rows and engine cost.
     """
-    from cluster.metrics import record_anchors
+    from cluster.engine_metrics import record_anchors
     from tasks.build import read_plan, run_shard
 
     started = time.perf_counter()
-    cfg = load(config_path)
+    cfg = load_config(config_path)
     outcome = run_shard(cfg, out_dir, read_plan(cfg, out_dir, index, key), lambda: _labeller(cfg))
     if outcome.reason is not None:
         get_run_logger().warning("shard %d: the file on disk was not reused (%s); rebuilt it", index, outcome.reason)
@@ -197,7 +172,7 @@ def label_shards(refs: Sequence[ShardRef], max_in_flight: int,
     under runs/prefect). A cache entry is only trusted while the shard it vouches for is on disk: a
     missing shard (a deleted dataset) refreshes its entry instead of returning a stale "done".
     """
-    from tasks.dataset import shard_done
+    from tasks.store.dataset import shard_done
 
     results: dict[int, dict[str, Any]] = {}
     pending: list[PrefectFuture] = []
@@ -244,7 +219,7 @@ class ShardProgress:
 
     def shard_done(self, result: dict[str, Any]) -> None:
         self.by_status[result["status"]] = self.by_status.get(result["status"], 0) + 1
-        tokens = shard_tokens(result.get("cost", {}))
+        tokens = ShardCost.from_dict(result.get("cost", {})).generated_tokens
         self.tokens += tokens
         done = sum(self.by_status.values())
         get_run_logger().info("shard %05d %s: %s rows, %s tokens; %d/%d shards done, %s tokens so far",
@@ -257,22 +232,13 @@ class ShardProgress:
                                      description=self.describe())
 
 
-def shard_tokens(cost: dict[str, Any]) -> int:
-    """Generated tokens of one shard's cost record (its total when present, else the sum of the stages)."""
-    from tasks.report import COST_STAGES
-
-    if "generated_tokens" in cost:
-        return int(cost["generated_tokens"])
-    return sum(int(cost.get(stage, 0)) for stage in COST_STAGES)  # prompt tokens are not generated
-
-
 @task(name="write-manifest")
 def finalize_task(config_path: str, out_dir: str, parents: list[str], extra: dict[str, Any]) -> dict[str, Any]:
     """Consumes the finished shards and problems.parquet; produces manifest.json (row counts, sha256 per shard,
     parents, lineage) via ``tasks.build.finalize``."""
     from tasks.build import finalize
 
-    return finalize(load(config_path), out_dir, parents=parents, extra=extra)
+    return finalize(load_config(config_path), out_dir, parents=parents, extra=extra)
 
 
 @task(name="publish-report")
@@ -284,7 +250,7 @@ def publish_report(dataset_dir: str, run: dict[str, Any], artifact_key: str,
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.report import build_report
+    from tasks.store.report import build_report
 
     report = build_report(dataset_dir, run=run, embed_images=True, write_files=write_files)
     create_markdown_artifact(report.markdown, key=artifact_key, description=f"dataset report: {dataset_dir}")
@@ -297,10 +263,7 @@ def publish_report(dataset_dir: str, run: dict[str, Any], artifact_key: str,
 
 def run_summary(results: Sequence[dict[str, Any]], started: float, **extra: Any) -> dict[str, Any]:
     """This run's figures from the shard results: shards built / skipped, tokens spent per stage."""
-    cost: dict[str, int] = {}
-    for r in results:
-        for name, value in r.get("cost", {}).items():
-            cost[name] = cost.get(name, 0) + int(value)
+    cost = total_cost(r.get("cost", {}) for r in results).to_dict()
     by_status: dict[str, int] = {}
     for r in results:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
@@ -319,9 +282,9 @@ def plan_refresh(config_path: str, root: str, staging_dir: str) -> dict[str, Any
     version, so the sources are read once per refresh).
     """
     from tasks.build import stage_ingest
-    from tasks.versions import next_version_id, plan_reuse, read_latest, version_dir
+    from tasks.store.versions import next_version_id, plan_reuse, read_latest, version_dir
 
-    cfg = load(config_path)
+    cfg = load_config(config_path)
     keys = [p.key for p in stage_ingest(cfg, staging_dir)]
     parent = read_latest(root)
     reuse = plan_reuse(parent, version_dir(root, parent) if parent else None, keys)
@@ -344,8 +307,8 @@ def plan_refresh(config_path: str, root: str, staging_dir: str) -> dict[str, Any
 @task(name="reuse-shards")
 def reuse_shards(out_dir: str, reuse: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Consumes the parent's shards with unchanged keys; produces them in `out_dir` (hard link, sha256-checked)."""
-    from tasks.dataset import shard_done
-    from tasks.versions import ReusableShard, VersionError, link_shard
+    from tasks.store.dataset import shard_done
+    from tasks.store.versions import ReusableShard, VersionError, link_shard
 
     done = []
     for r in reuse:
@@ -363,7 +326,7 @@ def reuse_shards(out_dir: str, reuse: list[dict[str, Any]]) -> list[dict[str, An
 @task(name="point-latest")
 def point_latest(root: str, version: str, record: dict[str, Any]) -> dict[str, Any]:
     """Consumes a complete version; produces LATEST pointing at it and a line in refresh.jsonl."""
-    from tasks.versions import append_refresh_log, write_latest
+    from tasks.store.versions import append_refresh_log, write_latest
 
     if version:
         write_latest(root, version)

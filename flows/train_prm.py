@@ -13,8 +13,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from configs.schema import resolve_path
-from flows.steps import artifact_key, default_root, load, ray_dashboard_url, validate_config
+from cluster.engines import ray_dashboard_url
+from configs.schema import load_config, resolve_path
+from flows.steps import artifact_key, default_root, validate_config
 
 DEPLOYMENT = "train-prm/train-prm"
 
@@ -22,7 +23,7 @@ DEPLOYMENT = "train-prm/train-prm"
 @task(name="find-dataset-version")
 def find_dataset(config_path: str, dataset_dir: str | None) -> str:
     """Consumes a dataset dir (or None: the LATEST version of the config's refresh root); produces its path."""
-    from tasks.versions import read_latest, version_dir
+    from tasks.store.versions import read_latest, version_dir
 
     if dataset_dir:
         return str(resolve_path(dataset_dir))
@@ -36,11 +37,11 @@ def find_dataset(config_path: str, dataset_dir: str | None) -> str:
 @task(name="train-prm-ray")
 def train(config_path: str, dataset_dir: str, run_dir: str) -> dict[str, Any]:
     """Consumes a config and a dataset version; trains on Ray Train into run_dir; produces the run summary."""
-    from cluster.train import train_prm
+    from cluster.train import train_on_ray
 
     log = get_run_logger()
-    cfg = load(config_path)
-    result = train_prm(cfg, dataset_dir, run_dir, on_epoch=lambda r: log.info(
+    cfg = load_config(config_path)
+    result = train_on_ray(cfg, dataset_dir, run_dir, on_epoch=lambda r: log.info(
         "epoch %d: train loss %.4f, held-out loss %.4f, AUROC %.3f", r["epoch"], r["train_loss"],
         r.get("eval_loss", float("nan")), r.get("eval_auroc", float("nan"))))
     log.info("Ray Train run %s (dashboard: %s)", run_dir, ray_dashboard_url())
@@ -50,11 +51,11 @@ def train(config_path: str, dataset_dir: str, run_dir: str) -> dict[str, Any]:
 @task(name="score-held-out")
 def score_held_out(config_path: str, dataset_dir: str, run_dir: str) -> dict[str, Any]:
     """Consumes the saved checkpoint and the dataset's held-out problems; produces loss, AUROC and calibration."""
-    from cluster.train import dataset_shards, held_out_rows
-    from tasks.prm_model import load_prm
-    from tasks.prm_report import held_out_metrics
+    from tasks.prm.model import load_prm
+    from tasks.prm.report import held_out_metrics
+    from tasks.prm.training import dataset_shards, held_out_rows
 
-    cfg = load(config_path)
+    cfg = load_config(config_path)
     shards, _ = dataset_shards(dataset_dir)
     rows = held_out_rows([str(p) for p in shards], cfg.train.target, cfg.train.eval_fraction, cfg.train.seed)
     prm = load_prm(run_dir)
@@ -66,8 +67,8 @@ def score_held_out(config_path: str, dataset_dir: str, run_dir: str) -> dict[str
 def evaluate_on_ruler(dataset_dir: str, run_dir: str, ruler_problems: int | None) -> dict[str, Any]:
     """Consumes the saved checkpoint; produces step AUROC/accuracy against the exact toy truth on the held-out
     toy ruler and best-of-N accuracy per selector (refuses a dataset that shares a problem with the ruler)."""
-    from tasks.prm_model import load_prm
-    from tasks.ruler import check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler
+    from tasks.evaluation.ruler import check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler
+    from tasks.prm.model import load_prm
 
     ruler = load_ruler().limited(ruler_problems)
     check_disjoint(ruler, dataset_problem_ids(dataset_dir), f"dataset {dataset_dir}")
@@ -100,7 +101,7 @@ def publish_training_report(title: str, summary: dict[str, Any], metrics: dict[s
 
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.prm_report import render_training_report
+    from tasks.prm.report import render_training_report
 
     markdown, pngs = render_training_report(title, summary, metrics)
     markdown += ("\n" + extra_markdown) if extra_markdown else ""
@@ -129,9 +130,9 @@ def train_prm(config_path: str = "configs/toy.yaml", dataset_dir: str | None = N
     the toy ruler (toy datasets; ``ruler_problems`` limits it to the first K problems), report."""
     started = time.perf_counter()
     validate_config(config_path)
-    cfg = load(config_path)
+    cfg = load_config(config_path)
     dataset = find_dataset(config_path, dataset_dir)
-    from tasks.dataset import read_manifest
+    from tasks.store.dataset import read_manifest
 
     version = read_manifest(dataset).get("dataset_version", "unversioned")
     run = str(resolve_path(run_dir or f"runs/{cfg.name}/prm/{version}"))

@@ -6,8 +6,10 @@ answer in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -49,14 +51,30 @@ def _unwritable(err: OSError, out_dir: Path | str) -> typer.Exit:
     return typer.Exit(EXIT_UNWRITABLE)
 
 
+@contextlib.contextmanager
+def _fails(*errors: type[BaseException], code: int = 2, out: Path | str | None = None, note: str = ""
+           ) -> Iterator[None]:
+    """The CLI's one error handler: an expected error of the wrapped step (one of `errors`) prints its message
+    (plus `note`) as one red line and exits `code`, without a traceback. With `out`, an error of the output's file
+    system (read-only, no permission, full) prints where and why and exits 3 (finished work is kept).
+    Exit codes: 2 bad input or config (nothing ran), 1 the run itself failed, 3 the output cannot be written."""
+    try:
+        yield
+    except errors as err:
+        console.print(f"{err}{note}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(code) from None
+    except OSError as err:
+        if out is None or err.errno not in _DISK_ERRNOS:
+            raise
+        raise _unwritable(err, out) from None
+
+
 def _load(config: Path, check_paths: bool = True):
+    """The config at `config` through the one loader (configs.schema.load_config); its offline switch applied."""
     from configs.schema import ConfigError, load_config
 
-    try:
+    with _fails(ConfigError):
         cfg = load_config(config, check_paths=check_paths)
-    except ConfigError as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(2) from None
     use_hub_offline(cfg.offline)
     return cfg
 
@@ -94,22 +112,15 @@ def ingest(
     from configs.schema import resolve_path
     from tasks.build import ingest as run_ingest
     from tasks.build import write_ingest
-    from tasks.loaders import SourceError
+    from tasks.sources.loaders import SourceError
 
     cfg = _load(config, check_paths=False)
     out_dir = out or resolve_path(f"runs/{cfg.name}/ingest")
-    try:
+    with _fails(SourceError):
         ingested = run_ingest(cfg)
-    except SourceError as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(2) from None
     problems, quarantined, per_source = ingested.problems, ingested.quarantined, ingested.per_source
-    try:
+    with _fails(out=out_dir):
         problems_path, quarantine_path = write_ingest(cfg, ingested, out_dir)
-    except OSError as err:
-        if err.errno not in _DISK_ERRNOS:
-            raise
-        raise _unwritable(err, out_dir) from None
     if json_out:
         print(json.dumps({"ok": True, "problems": str(problems_path), "quarantine": str(quarantine_path),
                           "kept": len(problems), "quarantined": len(quarantined), "sources": per_source}))
@@ -128,28 +139,15 @@ def ingest(
 
 
 def _engine_factory(cfg, local: bool, log_file: Path | None = None):
-    """A callable that starts the engines: in-process (local) or as named Ray actors (default).
+    """cluster.engines' factory; when the engines do not start, a line says where their log is.
 
     `log_file`: where the engines' start-up output goes (cluster.logs); None (--verbose) leaves it on the terminal.
     """
+    from cluster.engines import start_policy_engines
 
     def start():
         try:
-            if local:
-                from cluster.actors import make_engine
-
-                if log_file is None:
-                    return make_engine(cfg.policy, cfg.offline)
-                from cluster.logs import output_to, vllm_info_to_file
-
-                with output_to(log_file):
-                    engine = make_engine(cfg.policy, cfg.offline)
-                if cfg.policy.backend == "vllm":
-                    vllm_info_to_file(log_file)
-                return engine
-            from cluster.actors import start_engines
-
-            return start_engines(cfg, log_file)
+            return start_policy_engines(cfg, local=local, log_file=log_file)
         except Exception:
             if log_file is not None and log_file.exists():
                 console.print(f"the engine did not start; its log: {log_file}", style="red", markup=False)
@@ -171,13 +169,13 @@ def build(
     """Ingest, partition, roll out, label and write the Parquet dataset (resumes an interrupted build)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cluster.engine_metrics import record_anchors
     from cluster.logs import engine_log_path
-    from cluster.metrics import record_anchors
     from configs.models import ModelNotFoundError
     from configs.schema import resolve_path
     from tasks.build import BuildError
     from tasks.build import build as run_build
-    from tasks.prompts import PromptTemplateError
+    from tasks.sources.prompts import PromptTemplateError
 
     cfg = _load(config)
     out_dir = out or resolve_path(cfg.dataset.out_dir)
@@ -195,18 +193,11 @@ def build(
         def on_plan(plans):
             bar.update(shards, total=len(plans))
 
-        try:
+        with _fails(BuildError, ModelNotFoundError, PromptTemplateError, out=out_dir):
             log_file = None if verbose else engine_log_path(out_dir)
             report = run_build(cfg, out_dir, _engine_factory(cfg, local, log_file), progress=on_requests,
                                on_plan=on_plan, on_shard=on_shard)
             record_anchors(report.cost.anchors)  # Ray metrics come from here, not from the labeller (no-op off Ray)
-        except (BuildError, ModelNotFoundError, PromptTemplateError) as err:
-            console.print(str(err), style="red", markup=False)
-            raise typer.Exit(2) from None
-        except OSError as err:
-            if err.errno not in _DISK_ERRNOS:
-                raise
-            raise _unwritable(err, out_dir) from None
     summary = {
         "out_dir": str(report.out_dir), "version": report.manifest.get("dataset_version"), "rows": report.rows,
         "shards": report.shards_total, "shards_built": report.shards_built, "shards_skipped": report.shards_skipped,
@@ -234,16 +225,13 @@ def eval_policy(
     """Sample one temperature-1.0 solution per held-out toy problem; print accuracy, first errors, entropy."""
     from rich.table import Table
 
-    from tasks.policy_eval import TRAINING_SEEDS, eval_problems, evaluate_policy
+    from tasks.evaluation.policy_eval import TRAINING_SEEDS, eval_problems, evaluate_policy
 
     cfg = _load(config)
     if seed in TRAINING_SEEDS:
         console.print(f"[yellow]warning[/yellow]: seed {seed} is one the shipped policy was trained/stopped on")
-    try:
+    with _fails(ValueError):
         held_out = eval_problems(cfg, problems, seed)
-    except ValueError as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(2) from None
     report = evaluate_policy(cfg.policy.model_path, held_out, cfg.policy.prompt_template, seed=seed,
                              batch_size=batch_size, max_new_tokens=cfg.rollouts.max_new_tokens,
                              show_progress=not json_out)
@@ -272,8 +260,9 @@ def partition(
     """Grow EDU trees for a few problems and show their steps, high-entropy tokens highlighted."""
     from configs.schema import parse_config
     from tasks.build import ingest, load_tokenizer
-    from tasks.tree_labeller import ShardCost, ShardLabeller
-    from tasks.tree_view import LeafView, leaf_text, tree_html
+    from tasks.cost import ShardCost
+    from tasks.labelling.tree_labeller import ShardLabeller
+    from tasks.labelling.tree_view import LeafView, leaf_text, tree_html
 
     cfg = _load(config)
     if backend:
@@ -282,10 +271,10 @@ def partition(
         data["partition"]["entropy_source"] = "exact" if backend == "transformers" else "topk_lower"
         cfg = parse_config(data, f"{config} (backend {backend})")
     chosen = ingest(cfg).problems[:problems]
-    from cluster.actors import make_engine
+    from cluster.engines import start_policy_engines
 
     with console.status(f"starting the {cfg.policy.backend} engine"):
-        engine = make_engine(cfg.policy)
+        engine = start_policy_engines(cfg, local=True)
     labeller = ShardLabeller(cfg, engine, load_tokenizer(cfg))
     cost = ShardCost()
     with console.status(f"growing {len(chosen)} trees"):
@@ -314,21 +303,14 @@ def relabel(
     json_out: JsonOpt = False,
 ) -> None:
     """Recompute ER labels for another eta from the stored (successes, rollouts): no engine, seconds."""
-    from tasks.dataset import DatasetError
-    from tasks.relabel import relabel_dataset
+    from tasks.store.dataset import DatasetError
+    from tasks.store.relabel import relabel_dataset
 
     if not eta > 0:
         console.print(f"--eta must be > 0, got {eta}", style="red")
         raise typer.Exit(2)
-    try:
+    with _fails(DatasetError, FileNotFoundError, out=out):
         manifest = relabel_dataset(dataset, out, eta)
-    except (DatasetError, FileNotFoundError) as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(2) from None
-    except OSError as err:
-        if err.errno not in _DISK_ERRNOS:
-            raise
-        raise _unwritable(err, out) from None
     if json_out:
         print(json.dumps({"out_dir": str(out), "dataset_version": manifest["dataset_version"],
                           "parents": manifest["parents"], "rows": manifest["num_rows"], "eta": eta}))
@@ -356,12 +338,9 @@ def cluster_up(
     """Start a local Ray head node with the dashboard on 127.0.0.1 and token auth on."""
     from cluster.local import LocalClusterError, up
 
-    try:
+    with _fails(LocalClusterError, code=1):
         state = up(port=port, dashboard_port=dashboard_port, metrics_export_port=metrics_export_port,
                    num_cpus=num_cpus, num_gpus=num_gpus, node_ip=node_ip)
-    except LocalClusterError as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(1) from None
     if json_out:
         print(json.dumps(state))
         return
@@ -421,8 +400,8 @@ def inspect(
     json_out: JsonOpt = False,
 ) -> None:
     """Counts, label distributions, step entropies and cost per labelled step of a finished dataset."""
-    from tasks.report import dataset_stats, render_markdown
-    from tasks.versions import read_latest, version_dir
+    from tasks.store.report import dataset_stats, render_markdown
+    from tasks.store.versions import read_latest, version_dir
 
     target = dataset_dir
     if not (target / "manifest.json").is_file() and (target / "LATEST").is_file():
@@ -450,12 +429,9 @@ def serve(
     from cluster.stack import ServeError
     from cluster.stack import serve as run_serve
 
-    try:
+    with _fails(ServeError, code=1):
         code = run_serve(check=check, port=port, database_url=database_url,
                          echo=lambda line: console.print(line, markup=False, soft_wrap=True))
-    except ServeError as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 
@@ -489,17 +465,14 @@ def ruler_cmd(
     from rich.progress import Progress
 
     from configs.schema import resolve_path
-    from tasks.evaluation import EvaluationError
-    from tasks.ruler import TOY_RULER, build_ruler, load_ruler
+    from tasks.evaluation.ruler import TOY_RULER, build_ruler, load_ruler
+    from tasks.evaluation.scorers import EvaluationError
 
     target = resolve_path(out)
     manifest = None
     if not force and (target / "manifest.json").is_file():
-        try:
+        with _fails(EvaluationError, note="; rebuild with --force"):
             manifest = load_ruler(target).manifest
-        except EvaluationError as err:
-            console.print(f"{err}; rebuild with --force", style="red", markup=False)
-            raise typer.Exit(2) from None
     if manifest is None:
         with Progress(console=console, disable=json_out, transient=True) as bar:
             task = bar.add_task(f"sampling {TOY_RULER.version}", total=TOY_RULER.num_problems)
@@ -543,25 +516,17 @@ def _load_scorer(checkpoint: Path | None, scorer: str | None, device: str):
         console.print("give exactly one of --checkpoint RUN or --scorer oracle|constant", style="red")
         raise typer.Exit(2)
     if scorer is not None:
-        from tasks.ruler import REFERENCE_SCORERS
+        from tasks.evaluation.ruler import REFERENCE_SCORERS
 
         if scorer not in REFERENCE_SCORERS:
             console.print(f"--scorer must be one of {sorted(REFERENCE_SCORERS)}, got {scorer!r}", style="red",
                           markup=False)
             raise typer.Exit(2)
         return REFERENCE_SCORERS[scorer](), scorer
-    try:
-        from tasks.prm_model import CheckpointError, load_prm
-    except ImportError as err:
-        console.print(f"cannot load {checkpoint}: the PRM checkpoint loader tasks.prm_model.load_prm is not in this "
-                      f"build ({err}); use --scorer oracle|constant for the toy ruler and best-of-N",
-                      style="red", markup=False)
-        raise typer.Exit(2) from None
-    try:
+    from tasks.prm.model import CheckpointError, load_prm
+
+    with _fails(CheckpointError, FileNotFoundError):
         return load_prm(checkpoint, device=device), str(checkpoint)
-    except (CheckpointError, FileNotFoundError) as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(2) from None
 
 
 @app.command("eval")
@@ -591,8 +556,9 @@ def eval_cmd(
     """Evaluate a PRM: ProcessBench F1, step AUROC/accuracy on the toy ruler, best-of-N accuracy per selector."""
     import time
 
-    from tasks.evaluation import EvaluationError, evaluate_processbench
-    from tasks.ruler import check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler
+    from tasks.evaluation.processbench import evaluate_processbench
+    from tasks.evaluation.ruler import check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler
+    from tasks.evaluation.scorers import EvaluationError
 
     ns = _parse_ns(bon)
     if scorer is not None and processbench is not None:
@@ -604,7 +570,7 @@ def eval_cmd(
         raise typer.Exit(2)
     t0 = time.time()
     report: dict = {"threshold": threshold}
-    try:
+    with _fails(EvaluationError):
         loaded_ruler = None
         if not no_ruler:
             loaded_ruler = load_ruler(ruler).limited(ruler_problems)
@@ -622,9 +588,6 @@ def eval_cmd(
         if processbench is not None:
             report["processbench"] = evaluate_processbench(step_scorer, processbench, limit=limit,
                                                            threshold=threshold, batch_size=batch_size)
-    except EvaluationError as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(2) from None
     report["seconds"] = round(time.time() - t0, 1)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -685,14 +648,12 @@ def train_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cluster.train import TrainError, dataset_shards, train_prm
+    from cluster.train import train_on_ray
+    from tasks.prm.training import TrainError, dataset_shards
 
     cfg = _load(config)
-    try:
+    with _fails(TrainError):
         dataset_shards(dataset)
-    except TrainError as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(2) from None
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=json_out) as bar:
         epochs = bar.add_task(f"Ray Train: {cfg.train.num_workers} workers, PRM on {cfg.train.target}",
@@ -703,11 +664,8 @@ def train_cmd(
                        description=f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, "
                                    f"held-out AUROC {record.get('eval_auroc', float('nan')):.3f}")
 
-        try:
-            result = train_prm(cfg, dataset, out, on_epoch=on_epoch)
-        except TrainError as err:
-            console.print(str(err), style="red", markup=False)
-            raise typer.Exit(1) from None
+        with _fails(TrainError, code=1):
+            result = train_on_ray(cfg, dataset, out, on_epoch=on_epoch)
     if json_out:
         print(json.dumps(result.to_dict()))
         return
@@ -737,18 +695,15 @@ def score_cmd(
     """Add `step_scores` (ensemble mean per step) and `step_std` to every row; other columns pass through."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.prm_model import CheckpointError, load_prm
-    from tasks.prm_score import ScoreInputError, read_trajectories, score_file
+    from tasks.prm.model import CheckpointError, load_prm
+    from tasks.prm.score import ScoreInputError, read_trajectories, score_file
 
     if batch_size < 1:
         console.print(f"--batch-size must be >= 1, got {batch_size}", style="red")
         raise typer.Exit(2)
-    try:
+    with _fails(CheckpointError, ScoreInputError):
         _, _, prompts, _ = read_trajectories(input_path)
         prm = load_prm(checkpoint, device=device)
-    except (CheckpointError, ScoreInputError) as err:
-        console.print(str(err), style="red", markup=False)
-        raise typer.Exit(2) from None
     with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                   disable=json_out) as bar:
         task = bar.add_task("rows", total=len(prompts))
@@ -771,7 +726,7 @@ def verify(
     On a refresh root: every version, LATEST, and the shards reused (hard-linked) from a parent. Exit 0 when
     everything matches, 1 naming each bad shard, 2 when PATH holds nothing to verify.
     """
-    from tasks.versions import verify_path
+    from tasks.store.versions import verify_path
 
     report = verify_path(path)
     if json_out:
@@ -811,9 +766,9 @@ def active_cmd(
     resumes at its last finished round and buys no label twice. Exit 2: bad config, empty pool, a budget below
     one problem's labelling cost, or an OUT of another config (all before any engine starts).
     """
-    from cluster.active import run_active
-    from cluster.train import TrainError
-    from tasks.active import ActiveError, estimate_label_cost, format_round_line
+    from cluster.active_run import run_active
+    from tasks.active.loop import ActiveError, estimate_label_cost, format_round_line
+    from tasks.prm.training import TrainError
 
     cfg = _load(config)
     act = cfg.active
@@ -836,18 +791,8 @@ def active_cmd(
         elif kind == "stop":
             console.print(f"stopped: {payload['message']}", markup=False, soft_wrap=True)
 
-    try:
+    with _fails(ActiveError, out=out), _fails(TrainError, code=1):
         result = run_active(cfg, out, local=local, on_event=on_event)
-    except ActiveError as err:
-        console.print(str(err), style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except TrainError as err:
-        console.print(str(err), style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except OSError as err:
-        if err.errno not in _DISK_ERRNOS:
-            raise
-        raise _unwritable(err, out) from None
     if json_out:
         print(json.dumps(result.to_dict(), default=str))
         return

@@ -1,4 +1,4 @@
-# Sourced by the scripts and tests: no downloads, no telemetry (configs.env.OFFLINE_ENV's shell twin; tests/test_env.py checks).
+# Sourced by the scripts and tests: no downloads, no telemetry (configs.env.OFFLINE_ENV's shell twin; tests/configs/test_env.py checks).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false RAY_USAGE_STATS_ENABLED=0 VLLM_NO_USAGE_STATS=1 HF_HUB_DISABLE_TELEMETRY=1
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}

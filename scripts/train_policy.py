@@ -33,8 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from configs.schema import ToySource  # noqa: E402
-from tasks.problems import Problem  # noqa: E402
-from tasks.toy_world import canonical_solution, check_solution, generate_problems  # noqa: E402
+from tasks.sources.problems import Problem  # noqa: E402
+from tasks.sources.toy_world import canonical_solution, check_solution, generate_problems  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 PROMPT_TEMPLATE = "{question}\n"

@@ -40,19 +40,37 @@ from typing import Any
 
 from configs.env import __version__
 from configs.schema import FactoryConfig
-from tasks.dataset import NOT_WRITTEN, SCHEMA_VERSION, check_shard, shard_info, write_manifest, write_shard
+from tasks.cost import ShardCost, total_cost
 from tasks.generation import Engine
-from tasks.io import REJECTED_DIR, atomic_write_json, atomic_write_lines, read_provenance, reject_path, shard_path
-from tasks.loaders import QuarantineRow
-from tasks.problems import Problem
-from tasks.tree_labeller import Rejected, ShardCost, ShardLabeller, ShardResult
+from tasks.io import (
+    REJECTED_DIR,
+    atomic_write_json,
+    atomic_write_lines,
+    read_provenance,
+    reject_path,
+    sha256_file,
+    shard_path,
+)
+from tasks.labelling.tree_labeller import Rejected, ShardLabeller, ShardResult
+from tasks.sources.loaders import QuarantineRow
+from tasks.sources.problems import Problem
+from tasks.sources.prompts import render_prompt
+from tasks.store.dataset import (
+    INGEST_REPORT,
+    NOT_WRITTEN,
+    PROBLEMS_FILE,
+    PROBLEMS_SHA256,
+    SCHEMA_VERSION,
+    check_shard,
+    shard_info,
+    write_manifest,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
 BUILD_MARKER = "build.json"
-PROBLEMS_FILE = "problems.parquet"
 QUARANTINE_FILE = "quarantine.jsonl"
-INGEST_REPORT = "ingest.json"
 INGEST_FILES = (PROBLEMS_FILE, QUARANTINE_FILE, INGEST_REPORT)
 
 
@@ -124,9 +142,9 @@ def ingest(cfg: FactoryConfig) -> IngestResult:
     """Every configured source's problems, with the rows that could not be used and why.
 
     Problems without a gold answer (ProcessBench samples) cannot be labelled by rollouts: quarantined, with
-    the reason ``no_gold_answer``. Raises ``tasks.loaders.SourceError`` for a source that cannot be read.
+    the reason ``no_gold_answer``. Raises ``tasks.sources.loaders.SourceError`` for a source that cannot be read.
     """
-    from tasks.loaders import load_sources, raw_row
+    from tasks.sources.loaders import load_sources, raw_row
 
     problems: list[Problem] = []
     quarantined: list[QuarantineRow] = []
@@ -150,7 +168,7 @@ def ingest(cfg: FactoryConfig) -> IngestResult:
 
 def write_ingest(cfg: FactoryConfig, ingested: IngestResult, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``problems.parquet`` and ``quarantine.jsonl`` (each atomically) into `out_dir`; their paths."""
-    from tasks.loaders import write_problems, write_quarantine
+    from tasks.sources.loaders import write_problems, write_quarantine
 
     out = Path(out_dir)
     problems = write_problems(ingested.problems, out / PROBLEMS_FILE,
@@ -168,10 +186,13 @@ def stage_ingest(cfg: FactoryConfig, staging_dir: str | Path) -> list[ShardPlan]
     staging = Path(staging_dir)
     staging.mkdir(parents=True, exist_ok=True)
     ingested = ingest(cfg)
-    write_ingest(cfg, ingested, staging)
+    problems_path, _ = write_ingest(cfg, ingested, staging)
+    # The problems file's sha256 as written: `prm-factory verify` checks the file against it (its rows are
+    # what the shards were labelled from, and a refresh plans from them).
     atomic_write_json(staging / INGEST_REPORT, {"per_source": ingested.per_source,
                                                  "problems": len(ingested.problems),
-                                                 "quarantined": len(ingested.quarantined)})
+                                                 "quarantined": len(ingested.quarantined),
+                                                 PROBLEMS_SHA256: sha256_file(problems_path)})
     return plan_shards([p.problem_id for p in ingested.problems], cfg)
 
 
@@ -308,17 +329,45 @@ def label_shard(cfg: FactoryConfig, out_dir: str | Path, plan: ShardPlan, labell
     out = Path(out_dir)
     fits, too_long = split_by_context(cfg, read_problems(out, plan), labeller.tok)
     result = labeller.label(fits) if fits else ShardResult([], ShardCost())
-    for row in result.rows:
-        row["shard"] = plan.index
-    atomic_write_lines(reject_path(out, plan.index), [json.dumps(r.__dict__) for r in too_long + result.rejected])
-    # The shard file is written last: its existence is what marks the shard done.
-    write_shard(out, plan.index, result.rows, {
-        "name": cfg.name, "config_hash": cfg.config_hash(), "code_version": __version__,
-        "schema_version": SCHEMA_VERSION, "shard_key": plan.key, "labelling_hash": cfg.labelling_hash(),
-        "problems": len(plan.problem_ids),
-        "cost": result.cost.to_dict(), "rejected": len(too_long) + len(result.rejected),
-    })
+    write_labelled_shard(cfg, out, plan.index, plan.key, result, problems=len(plan.problem_ids), rejected=too_long)
     return result.cost
+
+
+def write_labelled_shard(cfg: FactoryConfig, out_dir: str | Path, index: int, key: str, result: ShardResult, *,
+                         problems: int, rejected: Sequence[Rejected] = (),
+                         provenance: dict[str, Any] | None = None) -> None:
+    """The factory's one shard writer (a build's shards, the active loop's round shards): the problems that
+    produced no row go to ``rejected/part-<index>.jsonl`` with their reason, then the rows are written, atomically,
+    with their provenance (config and code versions, the shard key, the cost record; `provenance` adds keys).
+
+    The shard file is written last: its existence, with its completion record, is what marks the shard done.
+    """
+    rejects = [*rejected, *result.rejected]
+    path = reject_path(out_dir, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_lines(path, [json.dumps(r.__dict__) for r in rejects])
+    write_shard(out_dir, index, result.rows, {
+        "name": cfg.name, "config_hash": cfg.config_hash(), "code_version": __version__,
+        "schema_version": SCHEMA_VERSION, "shard_key": key, "labelling_hash": cfg.labelling_hash(),
+        "problems": problems, "cost": result.cost.to_dict(), "rejected": len(rejects), **(provenance or {}),
+    })
+
+
+def write_version_manifest(cfg: FactoryConfig, out_dir: str | Path, indices: Sequence[int], keys: Sequence[str], *,
+                           problems: int, parents: Sequence[str] = (),
+                           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest over shards `indices` (keys `keys`) of `out_dir`, for a build's finalize and an active round.
+
+    The shard hashes come from the completion records written with the shards, never from the files as they are
+    now (callers check the shards first); the cost is the sum of the shards' cost records (tasks.cost).
+    """
+    out = Path(out_dir)
+    cost = total_cost(read_provenance(shard_path(out, i)).get("cost", {}) for i in indices)
+    return write_manifest(out, schema_version=SCHEMA_VERSION, config_hash=cfg.config_hash(),
+                          code_version=__version__, shards=[shard_info(out, i) for i in indices],
+                          parents=list(parents),
+                          extra={"name": cfg.name, "policy_model": cfg.policy.model_path, "shard_keys": list(keys),
+                                 "problems": problems, **(extra or {}), "cost": cost.to_dict()})
 
 
 def run_shard(cfg: FactoryConfig, out_dir: str | Path, plan: ShardPlan,
@@ -344,13 +393,17 @@ def split_by_context(cfg: FactoryConfig, problems: Sequence[Problem], tokenizer:
     """The problems whose prompt leaves room for a solution in the policy's context, and the rest, rejected.
 
     An engine refuses a prompt that fills its context, and it refuses the whole batch: one over-long question
-    would otherwise end the build. Such a problem produces no row and is recorded with its reason.
+    would otherwise end the build. Such a problem produces no row and is recorded with its reason. The prompt
+    is measured as the labeller renders and encodes it (``render_prompt``: a chat template with its system
+    prompt), so what is checked here is what the engine is sent.
     """
-    limit = cfg.policy.max_model_len
+    pol = cfg.policy
+    limit = pol.max_model_len
     fits: list[Problem] = []
     too_long: list[Rejected] = []
     for p in problems:
-        n = len(tokenizer.encode(cfg.policy.prompt_template.format(question=p.question), add_special_tokens=False))
+        prompt = render_prompt(pol.prompt_template, p.question, tokenizer, pol.system_prompt)
+        n = len(tokenizer.encode(prompt, add_special_tokens=False))
         if n >= limit:
             too_long.append(Rejected(p.problem_id, p.source, f"prompt_too_long: the prompt is {n} tokens, the "
                                      f"policy's context (policy.max_model_len) is {limit}"))
@@ -370,12 +423,10 @@ def finalize(cfg: FactoryConfig, out_dir: str | Path, parents: Sequence[str] = (
     not_done = {p.index: reason for p in plans if (reason := check_shard(out, p.index, p.key)) is not None}
     if not_done:
         raise BuildError(f"cannot write the manifest: shards not done: {not_done}")
-    # The hashes come from the completion records written with the shards, never from the files as they are
-    # now; check_shard just confirmed that the files still match them.
-    infos = [shard_info(out, plan.index) for plan in plans]
-    return write_manifest(out, schema_version=SCHEMA_VERSION, config_hash=cfg.config_hash(),
-                          code_version=__version__, shards=infos, parents=list(parents),
-                          extra={**_manifest_extra(cfg, out, plans), **(extra or {})})
+    counts = read_ingest_report(out)
+    return write_version_manifest(cfg, out, [p.index for p in plans], [p.key for p in plans],
+                                  problems=int(counts["problems"]), parents=parents,
+                                  extra={"quarantined": int(counts["quarantined"]), **(extra or {})})
 
 
 def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Engine],
@@ -401,11 +452,11 @@ def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], 
 
     rebuilt: dict[int, str] = {}
     by_status: Counter[str] = Counter()
-    total_cost = ShardCost()
+    outcomes = []
     for plan in prepared.plans:
         outcome = run_shard(cfg, out, plan, get_labeller)
+        outcomes.append(outcome)
         by_status[outcome.status] += 1
-        total_cost.add(outcome.cost)
         if outcome.reason is not None:
             rebuilt[plan.index] = outcome.reason
         if on_shard:
@@ -414,22 +465,5 @@ def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], 
     rejected = sum(len(path.read_text().splitlines()) for p in prepared.plans
                    if (path := reject_path(out, p.index)).exists())
     return BuildReport(out, len(prepared.plans), by_status["built"] + by_status["rebuilt"], by_status["skipped"],
-                       manifest["num_rows"], total_cost, prepared.quarantined, rejected, manifest, rebuilt)
-
-
-def _manifest_extra(cfg: FactoryConfig, out: Path, plans: list[ShardPlan]) -> dict:
-    """Totals for the manifest: cost per stage summed from every shard's provenance, keys per shard."""
-    cost = ShardCost()
-    for plan in plans:
-        for name, value in read_provenance(shard_path(out, plan.index)).get("cost", {}).items():
-            if name in cost.__dataclass_fields__:
-                setattr(cost, name, getattr(cost, name) + int(value))
-    counts = read_ingest_report(out)
-    return {
-        "name": cfg.name,
-        "policy_model": cfg.policy.model_path,
-        "shard_keys": [plan.key for plan in plans],
-        "problems": int(counts["problems"]),
-        "quarantined": int(counts["quarantined"]),
-        "cost": cost.to_dict(),
-    }
+                       manifest["num_rows"], total_cost(o.cost for o in outcomes), prepared.quarantined, rejected,
+                       manifest, rebuilt)

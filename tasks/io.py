@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 PROVENANCE_KEY = b"prm_factory"
+MANIFEST_NAME = "manifest.json"  # a dataset version's and the ruler's manifest
 SHARDS_DIR = "shards"
 COMPLETIONS_DIR = "completions"
 REJECTED_DIR = "rejected"

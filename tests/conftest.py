@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-from engine_fixtures import SHIPPED_POLICY, shipped_policy_ready
 
 from prm_factory import set_offline_env
+from tests.engine_fixtures import SHIPPED_POLICY, shipped_policy_ready
 
 set_offline_env()  # the engines' processes inherit these
 
@@ -68,7 +68,7 @@ def toy_build(vllm_engine, tmp_path_factory):
     quality and Monte-Carlo consistency tests."""
     from configs.schema import REPO_ROOT, load_config
     from tasks.build import build
-    from tasks.dataset import read_dataset
+    from tasks.store.dataset import read_dataset
 
     cfg = load_config(REPO_ROOT / "configs" / "toy.yaml")
     out = tmp_path_factory.mktemp("toy-build") / "dataset"
@@ -114,10 +114,9 @@ def toy_prm_dataset(tmp_path_factory) -> dict:
 def integrity_engine():
     """The shipped toy policy on the transformers backend, in this process (128-token context), one torch thread
     per call: the same float bits as the engines in Ray actors and in `OMP_NUM_THREADS=1` subprocesses."""
-    from integrity_helpers import OneThreadEngine
-
     from cluster.hf_engine import HFEngine
     from configs.schema import REPO_ROOT
+    from tests.integrity_helpers import OneThreadEngine
 
     return OneThreadEngine(HFEngine(str(REPO_ROOT / "assets" / "toy-policy"), max_model_len=128))
 
@@ -125,11 +124,10 @@ def integrity_engine():
 @pytest.fixture(scope="session")
 def integrity_reference(tmp_path_factory, integrity_engine):
     """An uninterrupted build of 4 toy problems from JSONL (4 shards): what every resumed build must equal."""
-    from integrity_helpers import build_config, problem_counts, rows_digest, toy_questions, write_jsonl
-
     from configs.schema import parse_config
     from tasks.build import build
-    from tasks.dataset import read_dataset, verify_dataset
+    from tasks.store.dataset import read_dataset, verify_dataset
+    from tests.integrity_helpers import build_config, problem_counts, rows_digest, toy_questions, write_jsonl
 
     tmp = tmp_path_factory.mktemp("integrity-reference")
     source = write_jsonl(tmp / "problems.jsonl", toy_questions(4))

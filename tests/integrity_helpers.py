@@ -21,7 +21,7 @@ from configs.schema import REPO_ROOT, ToySource
 
 def toy_questions(n: int, seed: int = 31) -> list[dict[str, str]]:
     """`n` two-step toy-world problems as user JSONL rows (`question`, `answer`): the shipped policy solves some."""
-    from tasks.toy_world import generate_problems
+    from tasks.sources.toy_world import generate_problems
 
     problems = generate_problems(ToySource(num_problems=n, seed=seed, min_steps=2, max_steps=2))
     return [{"question": p.question, "answer": p.answer} for p in problems]

@@ -1,6 +1,6 @@
 """Several Ray nodes on one machine: engines spread over them, a build across them, a node lost mid-build.
 
-Run by tests/test_multinode.py in its own process (``python tests/multinode_scenario.py OUT_DIR``), because it
+Run by tests/e2e/test_multinode.py in its own process (``python tests/multinode_scenario.py OUT_DIR``), because it
 needs its own multi-node Ray (``ray.cluster_utils.Cluster``: one raylet per node on this host) and a process
 holds one Ray connection: the test session's ``ray_session`` stays untouched. Prints one JSON report.
 
@@ -77,7 +77,7 @@ def config(model_path: str) -> dict:
 
 def rows_hash(dataset_dir: Path) -> tuple[str, int]:
     """sha256 over the dataset's rows, sorted (row order is not part of the contract), and the row count."""
-    from tasks.dataset import read_dataset
+    from tasks.store.dataset import read_dataset
 
     rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in read_dataset(dataset_dir).to_pylist())
     return hashlib.sha256("\n".join(rows).encode()).hexdigest(), len(rows)

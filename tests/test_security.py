@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from integrity_helpers import build_config
 
 from configs.schema import REPO_ROOT, ConfigError, parse_config
-from tasks.dataset import (
+from tasks.store.dataset import (
     SCHEMA_VERSION,
     DatasetError,
     read_dataset,
@@ -18,7 +17,8 @@ from tasks.dataset import (
     write_manifest,
     write_shard,
 )
-from tasks.relabel import relabel_dataset
+from tasks.store.relabel import relabel_dataset
+from tests.integrity_helpers import build_config
 
 CODE_DIRS = ("tasks", "flows", "cluster", "configs", "prm_factory", "scripts", "benchmarks")
 UNSAFE_MODULES = {"pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}

@@ -1,4 +1,5 @@
-"""The import graph points one way and has no cycle: configs <- tasks <- cluster <- flows <- prm_factory (the CLI).
+"""The import graph points one way and has no cycle: configs <- tasks <- cluster <- flows <- prm_factory (the CLI),
+and inside tasks/ its stages point one way too, in the order `tasks.LAYERS` states once.
 
 Every ``import`` in every module of those packages counts, those inside functions too (a lazy import is still
 a dependency; it only moves the cost). A package may import its own modules and those of the packages to its
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import tasks
 from configs.schema import REPO_ROOT
 
 LAYERS = ("configs", "tasks", "cluster", "flows", "prm_factory")
@@ -88,6 +90,54 @@ def test_imports_point_down_and_form_no_cycle():
     assert len(graph) > 40 and "tasks.build" in graph["flows.steps"]  # the walk found the repo's modules
     assert upward_imports(graph, LAYERS) == []
     assert import_cycles(graph) == []
+
+
+def layer_of(module: str, layers: tuple[tuple[str, ...], ...]) -> int | None:
+    """The index of the layer whose entry is `module` or a package above it; None for a module outside them."""
+    for i, layer in enumerate(layers):
+        if any(module == entry or module.startswith(entry + ".") for entry in layer):
+            return i
+    return None
+
+
+def upward_layer_imports(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], ...]) -> list[str]:
+    """`a -> b` for each import of a module in a later layer than the importer's, among modules in `layers`."""
+    bad = []
+    for src, dsts in graph.items():
+        for dst in dsts:
+            s, d = layer_of(src, layers), layer_of(dst, layers)
+            if s is not None and d is not None and d > s:
+                bad.append(f"{src} -> {dst}")
+    return sorted(bad)
+
+
+def test_tasks_stages_import_in_the_stated_order():
+    graph = module_imports(REPO_ROOT, LAYERS)
+    tasks_modules = {m for m in graph if m.startswith("tasks.")}
+    # every module of tasks/ sits in exactly one stated layer, so no new module escapes the check
+    assert {m for m in tasks_modules if layer_of(m, tasks.LAYERS) is None} == set()
+    assert len(tasks_modules) > 30 and "tasks.build" in graph["tasks.active.loop"]  # the walk found them
+    assert upward_layer_imports(graph, tasks.LAYERS) == []
+    # at most 8 modules directly in tasks/ (the rest live in a stage's sub-package)
+    top = [p.name for p in (REPO_ROOT / "tasks").glob("*.py") if p.name != "__init__.py"]
+    assert len(top) <= 8, top
+
+
+def test_flows_hold_no_ray_code():
+    """Flows orchestrate; engines and Ray live in cluster/ (cluster/engines.py is the one entry point)."""
+    for path in sorted((REPO_ROOT / "flows").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n == "ray" or n.startswith("ray.")], f"{path.name} imports {names}"
+
+
+def test_layer_check_catches_an_import_against_the_stated_order():
+    layers = (("t.io",), ("t.sources",), ("t.build",))
+    graph = {"t.io": {"t.sources.loaders"}, "t.sources.loaders": {"t.io"}, "t.build": {"t.sources.loaders"},
+             "t.sources": set(), "elsewhere": {"t.build"}}
+    assert upward_layer_imports(graph, layers) == ["t.io -> t.sources.loaders"]
+    assert layer_of("t.sources.loaders", layers) == 1 and layer_of("t.sourcesx", layers) is None
 
 
 def test_checker_catches_a_planted_upward_import_and_cycle(tmp_path):

@@ -1,0 +1,682 @@
+"""The ActPRM active-labelling loop (arXiv 2504.10559): label only what the PRM ensemble is unsure about.
+
+One run lives in one output directory::
+
+    OUT/active.json              what the run is pinned to (config name and hashes); another config is refused
+    OUT/pool/pool.parquet        the pool: one policy solution per problem, cut into steps, no rollouts
+    OUT/pool/pool.json           its ids, sha256 and the tokens its generation cost
+    OUT/labels/versions/<id>/    the labels bought so far, one dataset version per round (tasks/store/versions.py):
+    OUT/labels/LATEST            shard r holds round r's rows; version r links shards 0..r-1 from version r-1
+    OUT/rounds/round-RRR/        selection.json (written before labelling) and prm/ (the Ray Train run dir)
+    OUT/rounds.jsonl             one line per finished round: the round's figures and hashes
+    OUT/summary.json             the last run's stop reason and totals
+
+**Pool.** The config's sources (the first ``active.pool_size`` problems ingested). Each problem's solution is
+generated with the labeller's own seeded root request (``tasks.labelling.tree_labeller``: seed from the config
+seed and the problem id), so labelling that problem later regenerates the same solution, and cut by the configured
+partitioner. No branching, no rollouts: the pool costs one solution per problem (``pool_tokens``), which is not
+labelling cost.
+
+**Rounds** r = 0 .. R-1. Round 0 has no PRM: it labels ``seed_size`` problems drawn at random (seeded). Round
+r > 0 scores every unlabelled pool trajectory with round r-1's PRM ensemble and keeps the uncertain ones
+(tasks/active/selection.py), most uncertain first, at most ``max_selected``; ``selector: random`` instead draws
+``max_selected`` (else ``seed_size``) at random, the baseline at the same budget. The chosen problems are
+labelled by a ``Labeller`` (default: the build's ``ShardLabeller``, an EDU tree and ER-PRM rollouts), written as
+shard r of a new dataset version whose lineage names the parent version, the round and the problem ids, and
+the PRM is trained on the whole version (``TrainFn``: Ray Train in cluster/active_run.py), warm-started from round
+r-1's weights. Its held-out figures come from the toy ruler (``tasks.evaluation.ruler``) when the sources are toy.
+
+**Stops.** After R rounds; when the label-token budget is spent (checked before each round; a round after the
+first is also cut to what the remaining budget buys at the average cost per problem so far, at least one
+problem); when the pool has no unlabelled trajectory left; when the PRM is confident on every unlabelled
+trajectory (nothing to label: no empty training run). An empty pool, or a budget below the estimated cost of
+labelling one problem (``estimate_label_cost``), is an ``ActiveError`` before any engine starts.
+
+**Resume.** A finished round is a line in rounds.jsonl and is never redone. An unfinished round resumes from
+what it left: its selection.json (the same problems), its dataset version when the manifest was written (or
+its round shard when only that was: the shard's completion record vouches for the bytes and its cost record
+for the tokens), its Ray Train run dir (Ray Train resumes from the last epoch checkpoint). So a killed loop
+buys no label twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from configs.env import __version__
+from configs.schema import FactoryConfig
+from tasks.active.selection import random_selection, select_uncertain, selection_params
+from tasks.build import write_labelled_shard, write_version_manifest
+from tasks.cost import ShardCost
+from tasks.labelling.tree_labeller import ShardResult, Trajectory
+from tasks.sources.problems import Problem
+from tasks.store.dataset import (
+    MANIFEST_NAME,
+    atomic_write_bytes,
+    check_shard,
+    read_manifest,
+    read_provenance,
+    sha256_file,
+    shard_info,
+    shard_path,
+)
+from tasks.store.versions import (
+    ReusableShard,
+    append_refresh_log,
+    content_id,
+    link_shard,
+    next_version_id,
+    version_dir,
+    versions_dir,
+    write_latest,
+)
+
+log = logging.getLogger(__name__)
+
+PIN_FILE = "active.json"
+POOL_DIR = "pool"
+LABELS_DIR = "labels"
+ROUNDS_DIR = "rounds"
+ROUNDS_LOG = "rounds.jsonl"
+SUMMARY_FILE = "summary.json"
+SELECTION_FILE = "selection.json"
+PRM_DIR = "prm"
+
+
+class ActiveError(RuntimeError):
+    """An active run that cannot start or go on (empty pool, budget too small, another config's directory)."""
+
+
+class Labeller(Protocol):
+    """What the loop needs of a labeller: rows (the dataset row schema, tasks/store/dataset.py) and their cost.
+
+    ``ShardLabeller`` (EDU tree + ER-PRM rollouts) is the default. An LLM-judge labeller slots in by returning
+    rows of the same schema with ``cost.generated_tokens`` counting the judge's tokens, which is what the
+    budget is charged.
+    """
+
+    def label(self, problems: Sequence[Problem]) -> ShardResult: ...
+
+
+# (dataset_dir, run_dir, init_from or None) -> the run summary (cluster.train.TrainResult.to_dict()).
+TrainFn = Callable[[Path, Path, Path | None], dict[str, Any]]
+# (checkpoint dir, labelled problem ids) -> held-out figures ({"step_auroc": ..., ...}); may return {}.
+EvalFn = Callable[[Path, set[str]], dict[str, Any]]
+# (event, payload): "pool", "round_start", "selected", "labelled", "trained", "round", "stop".
+EventFn = Callable[[str, dict[str, Any]], None]
+
+
+# -- pure pieces -----------------------------------------------------------------------------------------------
+
+
+def estimate_label_cost(cfg: FactoryConfig) -> dict[str, Any]:
+    """An estimate, from the config alone, of the tokens labelling one problem generates.
+
+    ``leaves x rollouts.n x rollouts.max_new_tokens``: a tree of ``leaves`` solutions (1 without branching; with
+    EDU branching ``tree.branch_width``, a tree that branched once), each with N generations (its own and the
+    rollouts of its step prefixes) at the ``max_new_tokens`` cap. Real solutions stop earlier (the toy policy
+    writes ~36 tokens), so the real cost is lower; the estimate guards against a budget that cannot buy one
+    problem, before any engine starts.
+    """
+    branching = cfg.tree.enabled and cfg.partition.method == "edu" and cfg.tree.branch_width > 1
+    leaves = min(cfg.tree.branch_width, cfg.tree.max_leaves) if branching and cfg.tree.max_depth > 0 else 1
+    tokens = leaves * cfg.rollouts.n * cfg.rollouts.max_new_tokens
+    how = (f"{leaves} tree leaves x {cfg.rollouts.n} rollouts x {cfg.rollouts.max_new_tokens} max_new_tokens")
+    return {"tokens": tokens, "leaves": leaves, "how": how}
+
+
+def check_budget(cfg: FactoryConfig) -> None:
+    """ActiveError when ``active.label_token_budget`` cannot buy one problem's labels (see estimate_label_cost)."""
+    budget = cfg.active.label_token_budget
+    if budget is None:
+        return
+    est = estimate_label_cost(cfg)
+    if budget < est["tokens"]:
+        raise ActiveError(f"active.label_token_budget {budget:,} is below the estimated cost of labelling one "
+                          f"problem, {est['tokens']:,} tokens ({est['how']}); raise the budget or lower "
+                          "rollouts.n / rollouts.max_new_tokens")
+
+
+def round_shard_key(labelling_hash: str, problem_ids: Sequence[str]) -> str:
+    """The shard key of a round's rows: the same formula as tasks.build.plan_shards (config hash + problem ids)."""
+    return hashlib.sha256("\x1f".join((labelling_hash, *problem_ids)).encode()).hexdigest()[:16]
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The seed of a round's random draw: stable, and different per round."""
+    return int(hashlib.sha256(f"active:{seed}:{round_index}".encode()).hexdigest()[:8], 16)
+
+
+def budget_cap(budget: int | None, spent: int, labelled_problems: int) -> int | None:
+    """How many problems the remaining budget buys at the average cost per problem so far (None: no cap).
+
+    At least 1 while some budget is left (the round may overshoot; the next round then stops).
+    """
+    if budget is None or labelled_problems == 0 or spent <= 0:
+        return None
+    return max(1, int((budget - spent) // (spent / labelled_problems)))
+
+
+@dataclass(frozen=True)
+class PoolItem:
+    """One unlabelled pool trajectory: the policy's own solution to a problem, cut into steps."""
+
+    problem_id: str
+    source: str
+    prompt: str
+    completions: list[str]
+    completion_tokens: int
+    finish_reason: str
+
+
+def pool_steps(labeller: Any, leaf: Trajectory) -> list[str]:
+    """A solution's step texts, cut exactly as ``ShardLabeller`` cuts the rows it labels."""
+    bounds = labeller.boundaries(leaf)
+    if not bounds:
+        return []
+    ends = bounds[1:] + [len(leaf.token_ids)]
+    return [labeller.tok.decode(leaf.token_ids[a:b], skip_special_tokens=True)
+            for a, b in zip(bounds, ends, strict=True)]
+
+
+# -- files -----------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def pin_payload(cfg: FactoryConfig) -> dict[str, Any]:
+    """What an output directory is pinned to: what its pool and its bought labels mean.
+
+    A resume may change how far the loop goes and how it picks from now on (rounds, budget, thresholds, the cap per
+    round, the ruler size); not the pool, the labeller, the trainer, the selector, round 0 or the warm start.
+    """
+    active = cfg.active.model_dump(mode="json", exclude={"rounds", "label_token_budget", "selection",
+                                                         "max_selected", "ruler_problems"})
+    return {"name": cfg.name, "labelling_hash": cfg.labelling_hash(), "train_hash": cfg.train.train_hash(),
+            "sources": [s.model_dump(mode="json") for s in cfg.sources],
+            **{f"active.{k}": v for k, v in active.items()}}
+
+
+def check_out_dir(out: Path, cfg: FactoryConfig) -> bool:
+    """Pin OUT to this config (or check the pin); True when OUT already holds this run (a resume)."""
+    pin = pin_payload(cfg)
+    path = out / PIN_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in pin if old.get(k) != pin[k]]
+        if changed:
+            raise ActiveError(f"{out} holds an active run of another config ({', '.join(changed)} differ); "
+                              "use a new --out, or delete it")
+        return True
+    if out.exists() and any(out.iterdir()):
+        raise ActiveError(f"{out} exists and is not an active-run directory; choose an empty or new --out")
+    _write_json(path, {**pin, "code_version": __version__})
+    return False
+
+
+def read_rounds(out: Path) -> list[dict[str, Any]]:
+    """The finished rounds' records, in order (a torn last line, from a kill mid-write, is ignored)."""
+    path = out / ROUNDS_LOG
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: ignoring a torn line (a kill while it was written)", path)
+    for i, r in enumerate(records):
+        if r.get("round") != i:
+            raise ActiveError(f"{path}: line {i + 1} is round {r.get('round')}, expected {i}")
+    return records
+
+
+def _append_round(out: Path, record: dict[str, Any]) -> None:
+    path = out / ROUNDS_LOG
+    text = path.read_text() if path.is_file() else ""
+    if text and not text.endswith("\n"):  # a torn line from a kill: drop it before appending
+        text = text[: text.rfind("\n") + 1]
+    atomic_write_bytes(path, (text + json.dumps(record, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_pool(out: Path, items: Sequence[PoolItem], meta: dict[str, Any]) -> dict[str, Any]:
+    """pool.parquet (atomically) and pool.json with its ids, sha256 and cost."""
+    table = pa.Table.from_pylist([asdict(i) for i in items], schema=pa.schema([
+        ("problem_id", pa.string()), ("source", pa.string()), ("prompt", pa.string()),
+        ("completions", pa.list_(pa.string())), ("completion_tokens", pa.int64()), ("finish_reason", pa.string())]))
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue().to_pybytes()
+    path = out / POOL_DIR / "pool.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+    record = {**meta, "trajectories": len(items), "sha256": hashlib.sha256(data).hexdigest(),
+              "problem_ids": [i.problem_id for i in items]}
+    _write_json(out / POOL_DIR / "pool.json", record)
+    return record
+
+
+def read_pool(out: Path, labelling_hash: str) -> tuple[list[PoolItem], dict[str, Any]] | None:
+    """The pool written before (None when absent, or written for another labelling config, or damaged)."""
+    meta_path, path = out / POOL_DIR / "pool.json", out / POOL_DIR / "pool.parquet"
+    if not meta_path.is_file() or not path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("labelling_hash") != labelling_hash or sha256_file(path) != meta.get("sha256"):
+        log.warning("%s is stale or damaged: generating the pool again", path)
+        return None
+    items = [PoolItem(**row) for row in pq.read_table(path).to_pylist()]
+    return items, meta
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActiveResult:
+    """What a run of the loop did: every finished round's record, why it stopped, the totals."""
+
+    out_dir: Path
+    rounds: list[dict[str, Any]]
+    stop_reason: str
+    message: str
+    pool: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_tokens(self) -> int:
+        return sum(int(r["label_tokens"]) for r in self.rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "stop_reason": self.stop_reason, "message": self.message,
+                "rounds": self.rounds, "label_tokens": self.label_tokens,
+                "pool": {k: v for k, v in self.pool.items() if k != "problem_ids"}}
+
+
+class ActiveLoop:
+    """Runs (or resumes) the rounds of one active run in ``out_dir``; see the module docstring.
+
+    ``engine_factory`` starts the policy engines (called at most once, and only when a pool must be generated
+    or labels bought); ``train_fn`` trains a PRM on a dataset version; ``eval_fn`` measures a checkpoint on a
+    held-out set; ``labeller_factory`` makes the labeller for a round from (cfg, engine, tokenizer).
+    """
+
+    def __init__(self, cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Any],
+                 train_fn: TrainFn, eval_fn: EvalFn | None = None, *,
+                 labeller_factory: Callable[[FactoryConfig, Any, Any], Labeller] | None = None,
+                 on_event: EventFn | None = None, tokenizer_factory: Callable[[], Any] | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self._engine_factory = engine_factory
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._tokenizer_factory = tokenizer_factory
+        self.train_fn = train_fn
+        self.eval_fn = eval_fn
+        self.labeller_factory = labeller_factory or _shard_labeller
+        self.on_event = on_event or (lambda kind, payload: None)
+        self._problems: dict[str, Problem] = {}
+        self._pool: list[PoolItem] = []
+        self._pool_meta: dict[str, Any] = {}
+
+    # -- lazily started resources ---------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            self._engine = self._engine_factory()
+        return self._engine
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            if self._tokenizer_factory is not None:
+                self._tokenizer = self._tokenizer_factory()
+            else:
+                from tasks.build import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.cfg)
+        return self._tokenizer
+
+    @property
+    def engine_started(self) -> bool:
+        return self._engine is not None
+
+    # -- pool ------------------------------------------------------------------------------------------------
+
+    def problems(self) -> list[Problem]:
+        """The pool's problems: the sources, ingested (quarantine as in `build`), the first ``pool_size``."""
+        from tasks.build import ingest
+
+        problems = ingest(self.cfg).problems
+        if self.cfg.active.pool_size is not None:
+            problems = problems[: self.cfg.active.pool_size]
+        if not problems:
+            raise ActiveError("empty pool: the sources gave no usable problem (see the quarantine of "
+                              "`prm-factory ingest`); nothing to label")
+        return problems
+
+    def pool(self, problems: Sequence[Problem]) -> tuple[list[PoolItem], dict[str, Any]]:
+        """The pool's trajectories, generated once (reused from OUT/pool when written for this config)."""
+        cached = read_pool(self.out, self.cfg.labelling_hash())
+        if cached is not None and cached[1].get("problem_ids_in") == [p.problem_id for p in problems]:
+            return cached
+        from tasks.build import split_by_context
+
+        started = time.perf_counter()
+        fits, too_long = split_by_context(self.cfg, problems, self.tokenizer)
+        # The labeller's own root request (same seed, same sampling): labelling a chosen problem regenerates this
+        # solution. Branching off: the pool is one solution per problem.
+        no_tree = self.cfg.model_copy(update={"tree": self.cfg.tree.model_copy(update={"enabled": False})})
+        labeller = _shard_labeller(no_tree, self.engine, self.tokenizer)
+        cost = ShardCost()
+        _, trees = labeller.grow_trees(fits, cost) if fits else ({}, {})
+        items: list[PoolItem] = []
+        rejected = [{"problem_id": r.problem_id, "reason": r.reason} for r in too_long]
+        for p in fits:
+            leaf = trees[p.problem_id][0]
+            steps = pool_steps(labeller, leaf)
+            if not steps:
+                rejected.append({"problem_id": p.problem_id, "reason": "empty generation: the policy wrote no tokens"})
+                continue
+            from tasks.sources.prompts import render_prompt
+
+            pol = self.cfg.policy
+            items.append(PoolItem(p.problem_id, p.source, render_prompt(pol.prompt_template, p.question,
+                                                                         self.tokenizer, pol.system_prompt),
+                                  steps, len(leaf.token_ids), leaf.finish_reason))
+        meta = {"labelling_hash": self.cfg.labelling_hash(), "problem_ids_in": [p.problem_id for p in problems],
+                "pool_tokens": cost.generated_tokens, "rejected": rejected,
+                "seconds": round(time.perf_counter() - started, 2)}
+        record = write_pool(self.out, items, meta)
+        if not items:
+            raise ActiveError(f"empty pool: none of the {len(problems)} problems gave a trajectory "
+                              f"({len(rejected)} rejected, e.g. {rejected[:1]})")
+        return items, record
+
+    # -- one round's steps -----------------------------------------------------------------------------------
+
+    def select(self, r: int, pool: Sequence[PoolItem], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Round r's selection (read back when a killed run wrote it already): problem ids and the figures."""
+        path = self.out / ROUNDS_DIR / f"round-{r:03d}" / SELECTION_FILE
+        if path.is_file():
+            return json.loads(path.read_text())
+        act = self.cfg.active
+        labelled = {pid for rec in records for pid in rec["selected_problem_ids"]}
+        unlabelled = [item for item in pool if item.problem_id not in labelled]
+        spent = sum(int(rec["label_tokens"]) for rec in records)
+        cap = budget_cap(act.label_token_budget, spent, len(labelled))
+        ids = [i.problem_id for i in unlabelled]
+        scored_by = None
+        if r == 0 or act.selector == "random":
+            k = act.seed_size if r == 0 else (act.max_selected or act.seed_size)
+            k = k if cap is None else min(k, cap)
+            sel = random_selection(ids, k, round_seed(act.seed, r))
+            how = "random (round 0: no PRM yet)" if r == 0 else "random (baseline)"
+        else:
+            from tasks.prm.model import load_prm
+
+            scored_by = self.out / ROUNDS_DIR / f"round-{r - 1:03d}" / PRM_DIR
+            prm = load_prm(scored_by)
+            scores = prm.score([i.prompt for i in unlabelled], [i.completions for i in unlabelled])
+            limit = act.max_selected if cap is None else min(act.max_selected or cap, cap)
+            sel = select_uncertain(ids, scores, selection_params(act.selection), limit)
+            how = "uncertainty"
+        selection = {"round": r, "how": how, "unlabelled": len(unlabelled), "uncertain": sel.uncertain,
+                     "confident": sel.confident, "selected_problem_ids": list(sel.selected),
+                     "selected_digest": sel.digest(), "budget_cap": cap,
+                     "scored_by": str(scored_by) if scored_by else None,
+                     "params": asdict(sel.params) if sel.params else None}
+        if sel.selected:  # an empty selection stops the loop; nothing to resume
+            _write_json(path, selection)
+        return selection
+
+    def label(self, r: int, selected: Sequence[str], problems: dict[str, Problem],
+              records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Round r's labels as a new dataset version (shard r new, shards 0..r-1 linked from round r-1's version).
+
+        Reuses what a killed run left: a complete version of this plan, or just its round shard.
+        """
+        cfg = self.cfg
+        root = self.out / LABELS_DIR
+        key = round_shard_key(cfg.labelling_hash(), selected)
+        keys = [rec["shard_key"] for rec in records] + [key]
+        parent = records[-1]["version_id"] if records else None
+        vid = _complete_version(root, keys) or next_version_id(root, keys)
+        vdir = version_dir(root, vid)
+        bought = True
+        if (vdir / MANIFEST_NAME).is_file():
+            bought = False
+        else:
+            reused = self._link_parent(vdir, parent, keys[:-1])
+            if check_shard(vdir, r, key) is None:
+                bought = False  # written by a run that was killed before its manifest: the tokens were spent then
+            else:
+                labeller = self.labeller_factory(cfg, self.engine, self.tokenizer)
+                result = labeller.label([problems[pid] for pid in selected])
+                write_labelled_shard(cfg, vdir, r, key, result, problems=len(selected),
+                                     provenance={"active_round": r, "labeller": type(labeller).__name__})
+            lineage = {"version": vid, "parent": parent, "round": r, "selected_problem_ids": list(selected),
+                       "reused_shards": reused, "labelled_shards": [r]}
+            write_version_manifest(
+                cfg, vdir, range(r + 1), keys, parents=[parent] if parent else [],
+                problems=sum(len(rec["selected_problem_ids"]) for rec in records) + len(selected),
+                extra={"lineage": lineage})
+            write_latest(root, vid)
+            append_refresh_log(root, {"status": "active_round", "version": vid, "parents": [parent] if parent else [],
+                                      "round": r, "labelled": len(selected)})
+        manifest = read_manifest(vdir)
+        shard = shard_path(vdir, r)
+        cost = read_provenance(shard).get("cost", {})
+        table = pq.read_table(shard, columns=["problem_id", "step_origin"])
+        origins = table.column("step_origin").to_pylist()
+        steps = sum(len(o) for o in origins)  # every step is a training target, the final (outcome) one too
+        rollout_steps = sum(sum(1 for x in o if x != "final") for o in origins)
+        return {"version_id": vid, "version_dir": str(vdir), "dataset_version": manifest["dataset_version"],
+                "parent_version": parent, "shard_key": key, "shard_sha256": shard_info(vdir, r).sha256,
+                "labelled_rows": table.num_rows, "labelled_steps": steps, "rollout_labelled_steps": rollout_steps,
+                "labelled_problems": len(set(table.column("problem_id").to_pylist())),
+                "rejected": int(read_provenance(shard).get("rejected", 0)), "bought_now": bought,
+                "label_tokens": int(cost.get("generated_tokens", 0)),
+                "rollout_tokens": int(cost.get("rollout_tokens", 0)),
+                "tree_tokens": int(cost.get("generate_tokens", 0)) + int(cost.get("branch_tokens", 0))}
+
+    def _link_parent(self, vdir: Path, parent: str | None, keys: Sequence[str]) -> list[dict[str, Any]]:
+        if parent is None:
+            return []
+        pdir = version_dir(self.out / LABELS_DIR, parent)
+        sha = {e["path"]: e["sha256"] for e in read_manifest(pdir)["shards"]}
+        reused = []
+        for i, k in enumerate(keys):
+            rel = shard_path("", i).as_posix()
+            how = "present" if check_shard(vdir, i, k) is None else link_shard(
+                ReusableShard(i, k, i, pdir / rel, sha[rel]), vdir)
+            reused.append({"index": i, "parent_index": i, "key": k, "how": how})
+        return reused
+
+    # -- the rounds ------------------------------------------------------------------------------------------
+
+    def prepare(self) -> dict[str, Any]:
+        """Check the budget and OUT, ingest, read the finished rounds, get the pool. Engines start only for a pool
+        that is not on disk yet. Returns {"resumed", "rounds_done", "pool" (its record)}."""
+        check_budget(self.cfg)  # before anything starts
+        problems = self.problems()
+        resumed = check_out_dir(self.out, self.cfg)
+        records = read_rounds(self.out)
+        self._check_records(records)
+        self._problems = {p.problem_id: p for p in problems}
+        self._pool, self._pool_meta = self.pool(problems)
+        self.on_event("pool", {"trajectories": len(self._pool), "pool_tokens": self._pool_meta.get("pool_tokens"),
+                               "resumed_rounds": len(records), "resumed": resumed})
+        return {"resumed": resumed, "rounds_done": len(records), "pool": self._pool_meta}
+
+    def stop_before(self, r: int, records: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
+        """(reason, message) when round r must not start: rounds done, or the budget spent; else None."""
+        act = self.cfg.active
+        spent = sum(int(rec["label_tokens"]) for rec in records)
+        if act.label_token_budget is not None and spent >= act.label_token_budget:
+            return "budget", (f"label-token budget spent: {spent:,} of {act.label_token_budget:,} tokens after "
+                              f"{len(records)} rounds")
+        if r >= act.rounds:
+            return "rounds", f"{act.rounds} rounds done"
+        return None
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        """Round r (the next one, or a finished one: its record is returned as is, nothing redone).
+
+        Returns the round's record, or {"stop": reason, "message": ...} when the round cannot buy anything
+        (budget spent, pool exhausted, nothing uncertain, all rounds done).
+        """
+        records = read_rounds(self.out)
+        if r < len(records):
+            return records[r]
+        if r > len(records):
+            raise ActiveError(f"round {r} cannot run before round {len(records)}")
+        stop = self.stop_before(r, records)
+        if stop is not None:
+            return {"stop": stop[0], "message": stop[1]}
+        act, pool = self.cfg.active, self._pool
+        spent = sum(int(rec["label_tokens"]) for rec in records)
+        started = time.perf_counter()
+        self.on_event("round_start", {"round": r})
+        sel = self.select(r, pool, records)
+        if not sel["selected_problem_ids"]:
+            if sel["unlabelled"] == 0:
+                return {"stop": "pool_exhausted", "message": f"round {r}: every pool trajectory is labelled already"}
+            return {"stop": "nothing_uncertain", "message": (
+                f"round {r}: the round-{r - 1} PRM is confident on all {sel['unlabelled']} unlabelled trajectories "
+                f"(delta_pred {sel['params']['delta_pred']}, delta_std {sel['params']['delta_std']}): nothing to "
+                "label, no training run")}
+        self.on_event("selected", sel)
+        labels = self.label(r, sel["selected_problem_ids"], self._problems, records)
+        self.on_event("labelled", {"round": r, **labels})
+        run_dir = self.out / ROUNDS_DIR / f"round-{r:03d}" / PRM_DIR
+        init_from = Path(records[-1]["checkpoint"]) if act.warm_start and records else None
+        train = self.train_fn(Path(labels["version_dir"]), run_dir, init_from)
+        self.on_event("trained", {"round": r, **train})
+        model_dir = Path(train["model_dir"])
+        labelled_ids = {pid for rec in records for pid in rec["selected_problem_ids"]}
+        labelled_ids |= set(sel["selected_problem_ids"])
+        evaluation = self.eval_fn(model_dir, labelled_ids) if self.eval_fn else {}
+        last = train.get("last_eval") or (train.get("history") or [{}])[-1]
+        record = {
+            "round": r, "selector": "random" if sel["how"].startswith("random") else "uncertainty",
+            "how": sel["how"], "pool_size": len(pool), "unlabelled": sel["unlabelled"],
+            "uncertain": sel["uncertain"], "confident": sel["confident"],
+            "selected": len(sel["selected_problem_ids"]), "selected_problem_ids": sel["selected_problem_ids"],
+            "selected_digest": sel["selected_digest"], "budget_cap": sel["budget_cap"],
+            **{k: labels[k] for k in ("version_id", "dataset_version", "parent_version", "shard_key", "shard_sha256",
+                                      "labelled_rows", "labelled_steps", "rollout_labelled_steps",
+                                      "labelled_problems", "rejected", "label_tokens", "rollout_tokens",
+                                      "tree_tokens", "bought_now")},
+            "cumulative_label_tokens": spent + labels["label_tokens"],
+            "train_loss": last.get("train_loss"), "train_epochs": train.get("epochs"),
+            "train_steps": train.get("global_step"), "train_seconds": train.get("seconds"),
+            "warm_start_from": str(init_from) if init_from else None,
+            "checkpoint": str(model_dir), "checkpoint_sha256": sha256_file(model_dir / "model.safetensors"),
+            **{f"heldout_{k}": v for k, v in evaluation.items()},
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        _append_round(self.out, record)
+        self.on_event("round", record)
+        return record
+
+    def finish(self, stop: str, message: str) -> ActiveResult:
+        """Write OUT/summary.json for this run and return the result."""
+        result = ActiveResult(self.out, read_rounds(self.out), stop, message, self._pool_meta)
+        _write_json(self.out / SUMMARY_FILE, {**result.to_dict(), "engine_started": self.engine_started,
+                                              "estimated_label_cost": estimate_label_cost(self.cfg)})
+        self.on_event("stop", {"reason": stop, "message": message})
+        return result
+
+    def run(self) -> ActiveResult:
+        """Run the remaining rounds; see the module docstring for the stops and the resume."""
+        self.prepare()
+        r = 0
+        while True:
+            outcome = self.run_round(r)
+            if "stop" in outcome:
+                return self.finish(outcome["stop"], outcome["message"])
+            r += 1
+
+    def _check_records(self, records: Sequence[dict[str, Any]]) -> None:
+        """A finished round's labels must still be on disk as recorded (never re-bought, never silently changed)."""
+        for rec in records:
+            vdir = version_dir(self.out / LABELS_DIR, rec["version_id"])
+            try:
+                version = read_manifest(vdir)["dataset_version"]
+            except FileNotFoundError:
+                raise ActiveError(f"round {rec['round']}'s labels {vdir} are gone; they will not be bought again: "
+                                  "restore them, or start a new --out") from None
+            if version != rec["dataset_version"]:
+                raise ActiveError(f"round {rec['round']}'s labels {vdir} changed (dataset_version {version}, "
+                                  f"recorded {rec['dataset_version']})")
+
+
+def _complete_version(root: Path, keys: Sequence[str]) -> str | None:
+    """A finished version of exactly this plan (a killed run wrote its manifest before its round record)."""
+    suffix = content_id(keys)
+    for d in sorted(versions_dir(root).glob(f"*-{suffix}")) if versions_dir(root).is_dir() else []:
+        if (d / MANIFEST_NAME).is_file() and read_manifest(d).get("extra", {}).get("shard_keys") == list(keys):
+            return d.name
+    return None
+
+
+def _shard_labeller(cfg: FactoryConfig, engine: Any, tokenizer: Any) -> Labeller:
+    from tasks.labelling.tree_labeller import ShardLabeller
+
+    return ShardLabeller(cfg, engine, tokenizer)
+
+
+def ruler_eval_fn(ruler_problems: int | None, bon_ns: Sequence[int] = (1, 8)) -> EvalFn:
+    """Held-out figures on the toy ruler: step AUROC / accuracy against the exact truth and best-of-N (min score).
+
+    Refuses (EvaluationError) a labelled set that shares a problem with the ruler.
+    """
+
+    def evaluate(model_dir: Path, labelled: set[str]) -> dict[str, Any]:
+        from tasks.evaluation.ruler import check_disjoint, evaluate_ruler, load_ruler
+        from tasks.prm.model import load_prm
+
+        ruler = load_ruler().limited(ruler_problems)
+        check_disjoint(ruler, labelled, "the labels bought by the active loop")
+        report = evaluate_ruler(load_prm(model_dir), ruler, bon_ns=list(bon_ns))
+        steps = report["steps"]
+        out = {"ruler_problems": steps["problems"], "step_auroc": steps["step_auroc"],
+               "step_accuracy": steps["step_accuracy"]}
+        if "best_of_n" in report:  # best-of-N accuracy at the largest N, choosing by the minimum step score
+            bon = report["best_of_n"]
+            out[f"bon{bon['ns'][-1]}_min_step"] = bon["accuracy"]["min_step"][-1]
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+    return evaluate
+
+
+def efficiency_curve(records: Sequence[dict[str, Any]]) -> list[tuple[int, float | None]]:
+    """(cumulative label tokens, held-out step AUROC) per round: the label-efficiency curve."""
+    return [(int(r["cumulative_label_tokens"]), r.get("heldout_step_auroc")) for r in records]
+
+
+def format_round_line(record: dict[str, Any]) -> str:
+    """One progress line per round (CLI and flow log)."""
+    auroc = record.get("heldout_step_auroc")
+    loss = record.get("train_loss")
+    return (f"round {record['round']} ({record['how']}): pool {record['unlabelled']} unlabelled, "
+            f"{record['uncertain']} uncertain, {record['selected']} labelled -> {record['labelled_rows']} rows, "
+            f"{record['labelled_steps']} steps, {record['label_tokens']:,} tokens "
+            f"({record['rollout_tokens']:,} rollout; {record['cumulative_label_tokens']:,} so far); "
+            f"train loss {'-' if loss is None else f'{loss:.4f}'}, held-out AUROC "
+            f"{'-' if auroc is None else f'{auroc:.3f}'}")

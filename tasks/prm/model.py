@@ -1,0 +1,408 @@
+"""The process reward model: a causal-LM backbone plus an ensemble of E small heads (ActPRM, arXiv 2504.10559).
+
+A trajectory is a dataset row's ``prompt`` followed by its ``completions`` (the steps), joined exactly as
+the rows store them: the text is ``prompt + completions[0] + completions[1] + ...``. Each piece is
+tokenized on its own (the prompt with the tokenizer's special tokens, the steps without) and the token
+ids are concatenated, so every step ends on a known token even with a BPE tokenizer that would merge
+across a step boundary. Head ``e`` reads the backbone's last hidden state at each step's END token and
+gives ``p_e = sigmoid(head_e(h))``; a step's score is ``mean_e p_e`` and its uncertainty ``std_e p_e``
+(population std over the E heads).
+
+Bad input, and what happens to it (choices of ours, counted where they happen):
+
+- **Too long**: a trajectory with more tokens than ``max_length`` (the config's cap, at most the
+  backbone's context) keeps its first ``max_length`` tokens, so the question is never cut; steps whose end
+  token falls beyond the cap get ``NaN`` scores and are left out of the loss. ``StepScores.truncated`` and
+  ``EncodedTrajectory.truncated`` say so; the trainer and ``score`` count them.
+- **Empty step** (no tokens): it is scored at the previous token (nothing was added, so nothing changed)
+  and left out of the loss (no evidence of its own).
+- **Missing labels**: a target that is null (None/NaN; issue 10 leaves soft and ER labels null for steps
+  labelled by rule) is masked out of every head's BCE. A row without a single usable target adds nothing.
+
+Loss (ours, following the ActPRM description): with ``m`` the mask of usable steps,
+``L = (1/E) sum_e [ BCE_e + lambda * ||theta_e - theta_e^0||^2 ]``, where ``BCE_e`` is the mean binary
+cross-entropy of head ``e``'s logits against the (hard, soft or ER) targets over the masked steps and
+``theta_e^0`` is head ``e``'s initial weights (kept as buffers, saved with the checkpoint, so a resumed
+run pulls toward the same point). Heads get different init seeds, so the ensemble starts spread out.
+
+Checkpoints are a directory: ``model.safetensors`` (backbone, heads, initial heads), ``prm_config.json``
+(backbone, E, widths, target, hash) and ``backbone/`` (the backbone's HF config and tokenizer), so a
+checkpoint loads without the original backbone directory. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PRM_CONFIG_NAME = "prm_config.json"
+WEIGHTS_NAME = "model.safetensors"
+BACKBONE_DIR = "backbone"
+FORMAT = "prm-factory/ensemble-prm/v1"
+# Keys of prm_config.json that define the model's shape and meaning; the hash covers exactly these.
+MODEL_KEYS = ("backbone", "hidden_size", "num_heads", "head_hidden", "target", "max_length", "seed")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, damaged, or written for another config."""
+
+
+@dataclass
+class StepScores:
+    """One trajectory's per-step ensemble mean and std (NaN for steps cut off by truncation)."""
+
+    mean: list[float]
+    std: list[float]
+    truncated: bool
+
+
+@dataclass
+class EncodedTrajectory:
+    """Token ids of prompt + steps, and the index of each step's end token (-1: cut off by truncation)."""
+
+    input_ids: list[int]
+    step_ends: list[int]
+    empty_steps: list[bool]
+    truncated: bool
+
+
+def prm_config_hash(prm_config: dict[str, Any]) -> str:
+    """Hash of the model-defining keys of a prm_config (what a checkpoint must match to be loaded)."""
+    part = {k: prm_config.get(k) for k in MODEL_KEYS}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def encode_trajectory(tokenizer: Any, prompt: str, steps: Sequence[str], max_length: int) -> EncodedTrajectory:
+    """Tokenize prompt and steps piece by piece; cut at ``max_length`` tokens (see the module docstring)."""
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    ends: list[int] = []
+    empty: list[bool] = []
+    for step in steps:
+        piece = tokenizer(step, add_special_tokens=False)["input_ids"] if step else []
+        ids.extend(piece)
+        empty.append(len(piece) == 0)
+        ends.append(len(ids) - 1)
+    truncated = len(ids) > max_length
+    if truncated:
+        ids = ids[:max_length]
+        ends = [e if e < max_length else -1 for e in ends]
+    return EncodedTrajectory(ids, ends, empty, truncated)
+
+
+def collate(encoded: Sequence[EncodedTrajectory], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids/attention_mask [B, T], step_ends [B, S] (-1 where no step)."""
+    width = max(len(e.input_ids) for e in encoded)
+    steps = max(1, max(len(e.step_ends) for e in encoded))
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    step_ends = torch.full((len(encoded), steps), -1, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention[i, : len(e.input_ids)] = 1
+        if e.step_ends:
+            step_ends[i, : len(e.step_ends)] = torch.tensor(e.step_ends, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "step_ends": step_ends}
+
+
+def target_tensor(targets: Sequence[Sequence[float | bool | None] | None], encoded: Sequence[EncodedTrajectory],
+                  steps: int) -> torch.Tensor:
+    """[B, S] float targets with NaN wherever the step is masked: null label, empty step, cut off, padding."""
+    out = torch.full((len(encoded), steps), math.nan, dtype=torch.float32)
+    for i, (row, e) in enumerate(zip(targets, encoded, strict=True)):
+        if row is None:
+            continue
+        if len(row) != len(e.step_ends):
+            raise ValueError(f"row {i}: {len(row)} targets for {len(e.step_ends)} steps")
+        for j, y in enumerate(row):
+            if y is None or e.step_ends[j] < 0 or e.empty_steps[j]:
+                continue
+            y = float(y)
+            if not math.isnan(y):
+                if not 0.0 <= y <= 1.0:
+                    raise ValueError(f"row {i} step {j}: target {y} is outside [0, 1]")
+                out[i, j] = y
+    return out
+
+
+class EnsembleHeads(nn.Module):
+    """E independent MLP heads evaluated as one batched matmul per layer; their initial weights kept as buffers.
+
+    Layer l of head e is ``x -> relu(x @ W_l[e] + b_l[e])`` (no relu after the last layer, width 1).
+    Head e is initialised from its own seed ``seed * 1_000_003 + e`` with PyTorch Linear's default range
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so the heads differ from the first step.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_hidden: Sequence[int], seed: int = 0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        widths = [hidden_size, *head_hidden, 1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+            self.weights.append(nn.Parameter(torch.empty(num_heads, fan_in, fan_out)))
+            self.biases.append(nn.Parameter(torch.empty(num_heads, fan_out)))
+        with torch.no_grad():
+            for e in range(num_heads):
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + e)
+                for w, b in zip(self.weights, self.biases, strict=True):
+                    bound = 1.0 / math.sqrt(w.shape[1])
+                    w[e].copy_(torch.rand(w.shape[1:], generator=gen) * 2 * bound - bound)
+                    b[e].copy_(torch.rand(b.shape[1:], generator=gen) * 2 * bound - bound)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            self.register_buffer(f"init_weight_{i}", w.detach().clone())
+            self.register_buffer(f"init_bias_{i}", b.detach().clone())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] hidden states -> [N, E] logits."""
+        x = hidden.unsqueeze(0).expand(self.num_heads, -1, -1)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = torch.baddbmm(b.unsqueeze(1), x, w)
+            if i < last:
+                x = torch.relu(x)
+        return x.squeeze(-1).transpose(0, 1)
+
+    def pull(self) -> torch.Tensor:
+        """[E] squared distance of each head's weights from its initial weights."""
+        total = torch.zeros(self.num_heads, device=self.weights[0].device)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            w0, b0 = getattr(self, f"init_weight_{i}"), getattr(self, f"init_bias_{i}")
+            total = total + (w - w0).pow(2).sum(dim=(1, 2)) + (b - b0).pow(2).sum(dim=1)
+        return total
+
+
+def ensemble_loss(logits: torch.Tensor, targets: torch.Tensor, pull: torch.Tensor, pull_lambda: float
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(1/E) sum_e [mean BCE_e over usable steps + lambda * pull_e]``; logits [N, E], targets [N] (NaN: masked).
+
+    Returns the loss and its parts (``bce``, ``pull``, ``steps``). With no usable step the BCE part is 0.
+    """
+    mask = ~torch.isnan(targets)
+    steps = int(mask.sum())
+    if steps:
+        y = targets[mask].unsqueeze(1).expand(-1, logits.shape[1]).to(logits.dtype)
+        bce_per_head = nn.functional.binary_cross_entropy_with_logits(logits[mask], y, reduction="none").mean(0)
+    else:
+        bce_per_head = logits.sum(0) * 0.0  # keeps the graph (DDP needs every parameter to get a gradient)
+    loss = (bce_per_head + pull_lambda * pull).mean()
+    return loss, {"bce": float(bce_per_head.detach().mean()), "pull": float(pull.detach().mean()), "steps": steps}
+
+
+class ProcessRewardModel(nn.Module):
+    """Backbone (HF ``AutoModel``: the decoder without its LM head) + ``EnsembleHeads`` at step end tokens."""
+
+    def __init__(self, backbone: nn.Module, num_heads: int, head_hidden: Sequence[int], seed: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        hidden = int(backbone.config.hidden_size)
+        self.heads = EnsembleHeads(hidden, num_heads, head_hidden, seed)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_ends: torch.Tensor
+                ) -> torch.Tensor:
+        """Per-step logits [B, S, E]; rows of ``step_ends`` equal to -1 give garbage logits (mask them)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        index = step_ends.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        at_ends = torch.gather(hidden, 1, index)  # [B, S, H]
+        b, s, h = at_ends.shape
+        return self.heads(at_ends.reshape(b * s, h).to(self.heads.weights[0].dtype)).reshape(b, s, -1)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_backbone(model_path: str | Path, dtype: str = "float32") -> nn.Module:
+    """The HF decoder (hidden states only) from a local directory."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(model_path), dtype=_DTYPES[dtype])
+
+
+def backbone_context(model_path: str | Path) -> int:
+    """The backbone's context length (``max_position_embeddings``) from its HF config."""
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(str(model_path)), "max_position_embeddings", 2048))
+
+
+def make_prm_config(backbone: str, hidden_size: int, num_heads: int, head_hidden: Sequence[int], target: str,
+                    max_length: int, seed: int, **extra: Any) -> dict[str, Any]:
+    """A prm_config dict with its hash (``extra``: provenance such as the train config and dataset version)."""
+    cfg = {"format": FORMAT, "backbone": str(backbone), "hidden_size": int(hidden_size), "num_heads": int(num_heads),
+           "head_hidden": [int(w) for w in head_hidden], "target": target, "max_length": int(max_length),
+           "seed": int(seed), **extra}
+    cfg["config_hash"] = prm_config_hash(cfg)
+    return cfg
+
+
+def build_prm(prm_config: dict[str, Any], dtype: str = "float32") -> ProcessRewardModel:
+    """A fresh model (pretrained backbone, newly initialised heads) for a prm_config."""
+    backbone = load_backbone(prm_config["backbone"], dtype)
+    return ProcessRewardModel(backbone, prm_config["num_heads"], prm_config["head_hidden"], prm_config["seed"])
+
+
+def save_checkpoint(model: ProcessRewardModel, prm_config: dict[str, Any], out_dir: str | Path,
+                    tokenizer: Any = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model.safetensors (+ optional extra tensors such as optimizer state), prm_config.json, backbone/."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if extra_tensors:
+        tensors.update({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()})
+    # Tied embeddings etc. can share storage; safetensors refuses shared tensors, so give each its own copy.
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        if v.untyped_storage().data_ptr() in seen:
+            tensors[k] = v.clone()
+        seen.add(tensors[k].untyped_storage().data_ptr())
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT, "config_hash": prm_config["config_hash"]})
+    (out / PRM_CONFIG_NAME).write_text(json.dumps(prm_config, indent=2, sort_keys=True) + "\n")
+    model.backbone.config.save_pretrained(out / BACKBONE_DIR)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out / BACKBONE_DIR)
+    return out
+
+
+def find_checkpoint_dir(checkpoint: str | Path) -> Path:
+    """The directory holding prm_config.json: the path itself, or ``<run>/model`` for a training run dir."""
+    p = Path(checkpoint)
+    for candidate in (p, p / "model"):
+        if (candidate / PRM_CONFIG_NAME).is_file():
+            return candidate
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    raise CheckpointError(f"{p} is not a PRM checkpoint (no {PRM_CONFIG_NAME} in it or in {p / 'model'})")
+
+
+def read_prm_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The checkpoint's prm_config.json, checked against its own hash."""
+    path = find_checkpoint_dir(checkpoint) / PRM_CONFIG_NAME
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {cfg.get('format')!r} is not {FORMAT!r}")
+    if cfg.get("config_hash") != prm_config_hash(cfg):
+        raise CheckpointError(f"{path}: config_hash {cfg.get('config_hash')} does not match its content "
+                              f"({prm_config_hash(cfg)}); the file was edited")
+    return cfg
+
+
+def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load exactly the model's keys, failing with one clear line on any missing, extra or reshaped tensor."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    reshaped = sorted(k for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape))
+    if missing or reshaped:
+        detail = "; ".join(
+            ([f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}"] if missing else [])
+            + [f"{k}: checkpoint {tuple(tensors[k].shape)} vs config {tuple(own[k].shape)}" for k in reshaped[:3]])
+        raise CheckpointError(f"{where} does not fit the model its config describes: {detail}")
+    model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+
+
+@dataclass
+class LoadedPRM:
+    """A PRM ready to score: model in eval mode, its tokenizer, its prm_config and token cap."""
+
+    model: ProcessRewardModel
+    tokenizer: Any
+    config: dict[str, Any]
+    max_length: int
+    device: str = "cpu"
+    truncations: int = field(default=0)
+
+    def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 16) -> list[StepScores]:
+        """Per-step ensemble mean and std for each (prompt, steps); truncated trajectories are counted."""
+        return score_trajectories(self.model, self.tokenizer, prompts, completions, self.max_length,
+                                  batch_size=batch_size, device=self.device, counter=self)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The pad id, else EOS, else 0 (padding is masked out; any id works)."""
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+@torch.no_grad()
+def step_probs(model: ProcessRewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, S, E] head probabilities for a collated batch (in the model's current mode)."""
+    return torch.sigmoid(model(batch["input_ids"], batch["attention_mask"], batch["step_ends"]).float())
+
+
+def score_trajectories(model: ProcessRewardModel, tokenizer: Any, prompts: Sequence[str],
+                       completions: Sequence[Sequence[str]], max_length: int, *, batch_size: int = 16,
+                       device: str = "cpu", counter: Any = None) -> list[StepScores]:
+    """Score trajectories with a bare model (the trainer's eval and ``LoadedPRM.score`` share this path)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion lists")
+    was_training = model.training
+    model.eval()
+    pad = pad_token_id(tokenizer)
+    out: list[StepScores] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            encoded = [encode_trajectory(tokenizer, p, list(c), max_length)
+                       for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size],
+                                       strict=True)]
+            batch = {k: v.to(device) for k, v in collate(encoded, pad).items()}
+            probs = step_probs(model, batch).cpu().double()
+            mean, std = probs.mean(-1), probs.std(-1, unbiased=False)
+            for i, e in enumerate(encoded):
+                n = len(e.step_ends)
+                cut = torch.tensor([end < 0 for end in e.step_ends], dtype=torch.bool)
+                m = mean[i, :n].masked_fill(cut, math.nan)
+                s = std[i, :n].masked_fill(cut, math.nan)
+                out.append(StepScores(m.tolist(), s.tolist(), e.truncated))
+                if counter is not None and e.truncated:
+                    counter.truncations += 1
+    finally:
+        model.train(was_training)
+    return out
+
+
+def load_prm(checkpoint: str | Path, device: str = "cpu", *, expect_hash: str | None = None) -> LoadedPRM:
+    """Load a checkpoint directory (or a training run dir holding ``model/``) for scoring.
+
+    Raises ``CheckpointError`` when it is missing or damaged, when its weights do not fit its config, or
+    when ``expect_hash`` is given and the checkpoint was written for another config.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    ckpt = find_checkpoint_dir(checkpoint)
+    cfg = read_prm_config(ckpt)
+    if expect_hash is not None and cfg["config_hash"] != expect_hash:
+        raise CheckpointError(f"{ckpt} was written for config {cfg['config_hash']}, expected {expect_hash} "
+                              f"(backbone {cfg['backbone']}, {cfg['num_heads']} heads {cfg['head_hidden']}, "
+                              f"target {cfg['target']})")
+    if not (ckpt / WEIGHTS_NAME).is_file() or not (ckpt / BACKBONE_DIR / "config.json").is_file():
+        raise CheckpointError(f"{ckpt} lacks {WEIGHTS_NAME} or {BACKBONE_DIR}/config.json (an incomplete checkpoint)")
+    hf_config = AutoConfig.from_pretrained(str(ckpt / BACKBONE_DIR))
+    if int(hf_config.hidden_size) != cfg["hidden_size"]:
+        raise CheckpointError(f"{ckpt}: backbone hidden size {hf_config.hidden_size} but the PRM config says "
+                              f"{cfg['hidden_size']}")
+    backbone = AutoModel.from_config(hf_config)
+    model = ProcessRewardModel(backbone, cfg["num_heads"], cfg["head_hidden"], cfg["seed"])
+    try:
+        tensors = load_file(str(ckpt / WEIGHTS_NAME))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{ckpt / WEIGHTS_NAME} cannot be read: {err}") from None
+    load_state_into(model, tensors, str(ckpt / WEIGHTS_NAME))
+    tok_dir = ckpt / BACKBONE_DIR if (ckpt / BACKBONE_DIR / "tokenizer_config.json").is_file() else cfg["backbone"]
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    model.to(device).eval()
+    return LoadedPRM(model, tokenizer, cfg, int(cfg["max_length"]), device)

@@ -1,0 +1,163 @@
+"""The PRM's training pieces in plain torch, free of Ray: one optimizer step, the held-out split and its
+evaluation, optimizer state as tensors, and the model config of a run.
+
+cluster/train.py runs them under Ray Train (``train_loop_per_worker``, DDP over gloo or NCCL); a benchmark or a
+study runs the same ``train_step`` in one process, so both train the same way. Problems are held out by a
+seeded hash of ``problem_id`` (``is_held_out``): the same split every run and every worker, so the eval rows never
+reach the optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+from configs.schema import TrainConfig
+from tasks.store.dataset import DatasetError, manifest_shards, read_manifest
+
+READ_COLUMNS = ("prompt", "completions", "labels", "problem_id")
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or did not finish; the message says why in one line."""
+
+
+class NaNLossError(FloatingPointError):
+    """Raised inside a worker when a batch's loss is not finite."""
+
+
+def is_held_out(problem_id: str, fraction: float, seed: int) -> bool:
+    """True for the ``fraction`` of problems whose seeded sha256 falls lowest: a split stable across runs."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def dataset_shards(dataset_dir: str | Path) -> tuple[list[Path], str | None]:
+    """The Parquet shards of a finished dataset version (from its manifest, through the store's path guard) and
+    its version id; TrainError, in one line, when the version is absent, unreadable, empty or missing a shard."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise TrainError(f"dataset directory not found: {root}")
+    try:
+        manifest = read_manifest(root)
+        paths = manifest_shards(root, manifest)
+    except FileNotFoundError:
+        raise TrainError(f"{root} is not a finished dataset version (no manifest.json; build or refresh it first)"
+                         ) from None
+    except DatasetError as err:
+        raise TrainError(str(err)) from None
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise TrainError(f"{root}: shards listed in the manifest are missing: {missing[:3]}")
+    if not paths:
+        raise TrainError(f"{root}: the manifest lists no shards (an empty dataset)")
+    return paths, manifest.get("dataset_version")
+
+
+def run_prm_config(train: TrainConfig, backbone: Path, dataset_version: str | None) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from tasks.prm.model import backbone_context, make_prm_config
+
+    context = backbone_context(backbone)
+    max_length = min(train.max_length or context, context)
+    return make_prm_config(train.model_path, AutoConfig.from_pretrained(str(backbone)).hidden_size,
+                           train.num_heads, train.head_hidden, train.target, max_length, train.seed,
+                           train=train.model_dump(mode="json"), train_hash=train.train_hash(),
+                           dataset_version=dataset_version)
+
+
+def optimizer_tensors(optimizer: Any) -> dict[str, Any]:
+    import torch
+
+    out = {}
+    for pid, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def restore_optimizer(optimizer: Any, tensors: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    sd = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def batch_rows(batch: Any, target: str) -> list[dict[str, Any]]:
+    cols = {name: batch.column(name).to_pylist() for name in {*READ_COLUMNS, target}}
+    return [{k: cols[k][i] for k in cols} for i in range(batch.num_rows)]
+
+
+def held_out_rows(shards: list[str], target: str, fraction: float, seed: int) -> list[dict[str, Any]]:
+    """The held-out rows, read from the shards with pyarrow (a few problems: no Ray Data pipeline needed)."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path in shards:
+        table = pq.read_table(path, columns=sorted({*READ_COLUMNS, target}))
+        rows.extend(r for r in batch_rows(table, target) if is_held_out(r["problem_id"], fraction, seed))
+    return rows
+
+
+def evaluate_held_out(model: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str, max_length: int,
+              device: str) -> dict[str, Any]:
+    """Held-out loss (BCE of the ensemble mean vs the target), step AUROC and accuracy vs the hard labels."""
+    from tasks.evaluation.metrics import accuracy, auroc
+    from tasks.prm.model import score_trajectories
+
+    scores = score_trajectories(model, tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows],
+                                max_length, batch_size=16, device=device)
+    means, hard, losses = [], [], []
+    for row, s in zip(rows, scores, strict=True):
+        for j, m in enumerate(s.mean):
+            if math.isnan(m):
+                continue
+            means.append(m)
+            hard.append(bool(row["labels"][j]))
+            y = row[target][j]
+            if y is not None and not math.isnan(float(y)):
+                p = min(max(m, 1e-7), 1 - 1e-7)
+                losses.append(-(float(y) * math.log(p) + (1 - float(y)) * math.log(1 - p)))
+    return {
+        "eval_rows": len(rows), "eval_steps": len(means),
+        "eval_loss": float(sum(losses) / len(losses)) if losses else math.nan,
+        "eval_auroc": auroc(means, hard) if means else math.nan,
+        "eval_acc": accuracy(means, hard) if means else math.nan,
+        "eval_truncated": sum(s.truncated for s in scores),
+        "scores": [{"problem_id": r["problem_id"], "prompt": r["prompt"], "completions": r["completions"],
+                    "mean": s.mean, "std": s.std} for r, s in zip(rows, scores, strict=True)],
+    }
+
+
+def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str,
+               max_length: int, pull_lambda: float, device: str, where: str) -> tuple[float, dict[str, float], int]:
+    """One optimizer step on a batch of rows; returns (loss, its parts, truncated rows).
+
+    Raises ``NaNLossError`` naming ``where`` and the batch's problem ids when the loss is not finite (before
+    the step, so the weights stay as they were).
+    """
+    import torch
+
+    from tasks.prm.model import collate, encode_trajectory, ensemble_loss, pad_token_id, target_tensor
+
+    bare = model.module if hasattr(model, "module") else model
+    encoded = [encode_trajectory(tokenizer, r["prompt"], r["completions"], max_length) for r in rows]
+    tensors = {k: v.to(device) for k, v in collate(encoded, pad_token_id(tokenizer)).items()}
+    targets = target_tensor([r[target] for r in rows], encoded, tensors["step_ends"].shape[1]).to(device)
+    logits = model(tensors["input_ids"], tensors["attention_mask"], tensors["step_ends"])
+    loss, parts = ensemble_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), bare.heads.pull(),
+                                pull_lambda)
+    if not torch.isfinite(loss):
+        ids = [r["problem_id"] for r in rows]
+        raise NaNLossError(f"non-finite loss {float(loss.detach())} at {where} (problem_ids {ids})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach()), parts, sum(e.truncated for e in encoded)

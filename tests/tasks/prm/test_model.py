@@ -1,0 +1,284 @@
+"""The PRM's pieces on hand-made tensors (heads, loss, masking, truncation), its checkpoints, and the trainer's
+pure helpers (held-out split, dataset checks, NaN stop). No Ray here: tests/cluster/test_train.py runs Ray Train."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cluster.train import _failure_line
+from configs.schema import REPO_ROOT
+from tasks.prm.model import (
+    CheckpointError,
+    EnsembleHeads,
+    build_prm,
+    collate,
+    encode_trajectory,
+    ensemble_loss,
+    load_prm,
+    make_prm_config,
+    prm_config_hash,
+    save_checkpoint,
+    score_trajectories,
+    target_tensor,
+)
+from tasks.prm.training import NaNLossError, TrainError, dataset_shards, is_held_out, train_step
+
+TOY = REPO_ROOT / "assets" / "toy-policy"
+
+
+class CharTokenizer:
+    """One token per character, BOS id 1 in front when special tokens are asked for."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def _set_heads(heads: EnsembleHeads, first: list[torch.Tensor], last: torch.Tensor) -> None:
+    with torch.no_grad():
+        for e, w in enumerate(first):
+            heads.weights[0][e].copy_(w)
+            heads.weights[1][e].copy_(last)
+        for b in heads.biases:
+            b.zero_()
+
+
+def test_heads_compute_relu_mlps_per_head():
+    heads = EnsembleHeads(hidden_size=2, num_heads=2, head_hidden=[2], seed=0)
+    _set_heads(heads, [torch.eye(2), -torch.eye(2)], torch.ones(2, 1))
+    logits = heads(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    # head 0: relu([1,-2]) = [1,0] -> 1; relu([3,.5]) -> 3.5.  head 1: relu([-1,2]) -> 2; relu([-3,-.5]) -> 0.
+    assert logits.tolist() == [[1.0, 2.0], [3.5, 0.0]]
+
+
+def test_heads_differ_by_seed_and_repeat_for_the_same_seed():
+    a, b = EnsembleHeads(8, 3, [4, 4], seed=5), EnsembleHeads(8, 3, [4, 4], seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    w = a.weights[0]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    bound = 1 / math.sqrt(8)  # Linear's default range for fan_in 8
+    assert float(w.detach().abs().max()) <= bound
+    c = EnsembleHeads(8, 3, [4, 4], seed=6)
+    assert not torch.equal(c.weights[0][0], w[0])
+
+
+def test_pull_is_the_squared_distance_from_init_per_head():
+    heads = EnsembleHeads(4, 2, [3], seed=0)
+    assert heads.pull().tolist() == [0.0, 0.0]
+    with torch.no_grad():
+        heads.weights[0][1, 0, 0] += 0.1
+        heads.biases[1][1, 0] -= 0.2
+    assert heads.pull().tolist() == pytest.approx([0.0, 0.01 + 0.04])
+
+
+def test_loss_is_mean_over_heads_of_masked_bce_plus_pull():
+    logits = torch.tensor([[0.0, math.log(3)], [5.0, -5.0]])  # second step masked (NaN target)
+    targets = torch.tensor([1.0, math.nan])
+    loss, parts = ensemble_loss(logits, targets, torch.tensor([1.0, 0.0]), pull_lambda=0.5)
+    # head 0: p=0.5 -> ln 2 + 0.5*1; head 1: p=0.75 -> -ln .75; mean of the two.
+    assert float(loss) == pytest.approx((math.log(2) + 0.5 - math.log(0.75)) / 2, abs=1e-6)
+    assert parts["steps"] == 1 and parts["bce"] == pytest.approx((math.log(2) - math.log(0.75)) / 2, abs=1e-6)
+    soft, _ = ensemble_loss(logits[:1], torch.tensor([0.5]), torch.zeros(2), pull_lambda=0.5)
+    assert float(soft) == pytest.approx((math.log(2) + 0.5 * (-math.log(0.75) - math.log(0.25))) / 2, abs=1e-6)
+
+
+def test_loss_without_usable_steps_is_only_the_pull_and_keeps_gradients():
+    logits = torch.zeros(3, 2, requires_grad=True)
+    loss, parts = ensemble_loss(logits, torch.full((3,), math.nan), torch.tensor([0.2, 0.4]), pull_lambda=1.0)
+    assert float(loss.detach()) == pytest.approx(0.3) and parts["steps"] == 0
+    loss.backward()
+    assert logits.grad is not None and torch.equal(logits.grad, torch.zeros(3, 2))
+
+
+def test_encoding_marks_step_ends_empty_steps_and_truncation():
+    tok = CharTokenizer()
+    enc = encode_trajectory(tok, "Q\n", ["1+1=2\n", "", "Answer: 2"], max_length=64)
+    # BOS, 'Q', '\n' = positions 0..2; step 0 ends at 2+6=8; the empty step stays there; step 2 ends at 17.
+    assert enc.step_ends == [8, 8, 17] and enc.empty_steps == [False, True, False] and not enc.truncated
+    assert len(enc.input_ids) == 18
+    cut = encode_trajectory(tok, "Q\n", ["1+1=2\n", "", "Answer: 2"], max_length=12)
+    assert cut.truncated and cut.step_ends == [8, 8, -1] and len(cut.input_ids) == 12
+
+
+def test_targets_mask_null_labels_empty_and_cut_steps():
+    tok = CharTokenizer()
+    encoded = [encode_trajectory(tok, "Q\n", ["a\n", "", "b"], 5), encode_trajectory(tok, "Q\n", ["ab"], 64)]
+    t = target_tensor([[True, 1.0, 0.0], [None]], encoded, steps=3)
+    nan = math.nan
+    expected = torch.tensor([[1.0, nan, nan], [nan, nan, nan]])  # empty step; cut ('b' ends at 5); null; pad
+    assert torch.equal(torch.isnan(t), torch.isnan(expected)) and t[0, 0] == 1.0
+    with pytest.raises(ValueError, match="outside"):
+        target_tensor([[1.5]], [encoded[1]], steps=1)
+    with pytest.raises(ValueError, match="2 targets for 1 steps"):
+        target_tensor([[1.0, 0.0]], [encoded[1]], steps=1)
+    batch = collate(encoded, pad_id=0)
+    assert batch["step_ends"].tolist() == [[4, 4, -1], [4, -1, -1]]
+    assert batch["attention_mask"].sum(1).tolist() == [5, 5]
+
+
+def _toy_config(**over) -> dict:
+    args = {"backbone": str(TOY), "hidden_size": 128, "num_heads": 3, "head_hidden": [16, 16], "target": "labels",
+            "max_length": 256, "seed": 1, **over}
+    return make_prm_config(**args)
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    cfg = _toy_config()
+    model = build_prm(cfg)
+    tok = AutoTokenizer.from_pretrained(str(TOY))
+    out = save_checkpoint(model, cfg, tmp_path_factory.mktemp("ckpt") / "model", tok)
+    return out, model, tok
+
+
+PROMPTS = ["Start at 5. Apply in order: +3.\n", "Start at 2. Apply in order: *4, -1.\n"]
+STEPS = [["5+3=8\n", "Answer: 8"], ["2*4=8\n", "8-1=7\n", "Answer: 7"]]
+
+
+def test_checkpoint_round_trip_scores_identically(toy_checkpoint):
+    path, model, tok = toy_checkpoint
+    before = score_trajectories(model, tok, PROMPTS, STEPS, 256)
+    loaded = load_prm(path.parent)  # a run dir holding model/ works too
+    after = loaded.score(PROMPTS, STEPS, batch_size=1)
+    flat = [m for s in after for m in s.mean]
+    assert flat == pytest.approx([m for s in before for m in s.mean], abs=1e-6)
+    assert len(set(flat)) == 5  # five different steps, five different scores
+    assert [len(s.mean) for s in after] == [2, 3] and all(not s.truncated for s in after)
+    probs = torch.sigmoid(model(**{k: v for k, v in collate([encode_trajectory(tok, PROMPTS[0], STEPS[0], 256)], 0)
+                                  .items()})).detach()[0]
+    assert after[0].std == pytest.approx(probs.std(-1, unbiased=False).tolist(), abs=1e-6)  # population std
+    assert loaded.config["num_heads"] == 3 and loaded.max_length == 256
+    long = loaded.score(["x" * 300], [["1\n", "2"]])
+    assert long[0].truncated and all(math.isnan(v) for v in long[0].mean) and loaded.truncations == 1
+
+
+def test_checkpoint_from_another_config_fails_clearly(toy_checkpoint, tmp_path):
+    import shutil
+
+    path, _, _ = toy_checkpoint
+    with pytest.raises(CheckpointError, match="expected 0123"):
+        load_prm(path, expect_hash="0123")
+    edited = tmp_path / "edited"
+    shutil.copytree(path, edited)
+    cfg = json.loads((edited / "prm_config.json").read_text())
+    cfg["num_heads"] = 4
+    (edited / "prm_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="was edited"):
+        load_prm(edited)
+    cfg["config_hash"] = prm_config_hash(cfg)  # a consistent config whose shapes differ from the weights
+    (edited / "prm_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"does not fit .*heads.biases.0: checkpoint \(3, 16\) vs config"
+                                              r" \(4, 16\)"):
+        load_prm(edited)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_prm(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="not a PRM checkpoint"):
+        load_prm(tmp_path)
+
+
+def test_nan_loss_stops_naming_the_batch_and_leaves_weights(toy_checkpoint):
+    _, _, tok = toy_checkpoint
+    model = build_prm(_toy_config())
+    with torch.no_grad():
+        model.heads.weights[1][0, 0, 0] = math.nan
+    before = model.heads.weights[0].detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    rows = [{"prompt": PROMPTS[0], "completions": STEPS[0], "labels": [True, True], "problem_id": "p-7"}]
+    with pytest.raises(NaNLossError, match=r"at epoch 2, step 9 \(problem_ids \['p-7'\]\)"):
+        train_step(model, opt, tok, rows, "labels", 256, 0.5, "cpu", "epoch 2, step 9")
+    assert torch.equal(model.heads.weights[0], before)
+    # A batch whose every target is null trains nothing but the pull (zero at init): loss 0, no error.
+    rows[0]["labels"] = [None, None]
+    healthy = build_prm(_toy_config())
+    loss, parts, cut = train_step(healthy, torch.optim.AdamW(healthy.parameters()), tok, rows, "labels", 256, 0.5,
+                                  "cpu", "x")
+    assert loss == 0.0 and parts["steps"] == 0 and cut == 0
+
+
+def test_held_out_split_is_stable_and_near_its_fraction():
+    ids = [f"p{i}" for i in range(2000)]
+    held = [i for i in ids if is_held_out(i, 0.2, 0)]
+    assert held == [i for i in ids if is_held_out(i, 0.2, 0)]
+    assert 340 < len(held) < 460  # binomial(2000, 0.2): mean 400, sd 18
+    assert not any(is_held_out(i, 0.0, 0) for i in ids[:50])
+    assert held != [i for i in ids if is_held_out(i, 0.2, 1)]
+
+
+def test_dataset_checks_fail_before_ray(tmp_path):
+    with pytest.raises(TrainError, match="dataset directory not found"):
+        dataset_shards(tmp_path / "missing")
+    with pytest.raises(TrainError, match="no manifest.json"):
+        dataset_shards(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"path": "shards/part-00000.parquet"}]}))
+    with pytest.raises(TrainError, match="missing"):
+        dataset_shards(tmp_path)
+
+
+def test_failure_line_names_the_workers_error():
+    try:
+        try:
+            raise NaNLossError("non-finite loss nan at epoch 0, global step 3")
+        except NaNLossError as inner:
+            raise RuntimeError("Training failed\nTraceback ...\ncluster.train.NaNLossError: non-finite loss nan at "
+                               "epoch 0, global step 3 (problem_ids ['a'])") from inner
+    except RuntimeError as err:
+        assert _failure_line(err) == "non-finite loss nan at epoch 0, global step 3 (problem_ids ['a'])"
+
+
+@pytest.mark.parametrize("size", ["1.5b", "7b"])
+def test_gpu_prm_configs_follow_actprm(size):
+    from configs.schema import load_config
+
+    cfg = load_config(REPO_ROOT / "configs" / f"prm-qwen2.5-math-{size}.yaml", check_paths=False)
+    t = cfg.train
+    assert t.use_gpu and t.num_workers == 8 and t.dtype == "bfloat16" and t.lr == 1e-5
+    assert (t.num_heads, t.head_hidden, t.pull_lambda) == (8, [128, 128], 0.5)
+    assert f"Qwen2.5-Math-{size.upper()}" in t.model_path
+
+
+def test_train_section_errors_name_the_field():
+    from configs.schema import ConfigError, load_config, parse_config
+
+    data = load_config(REPO_ROOT / "configs" / "toy.yaml").model_dump(mode="json")
+    for key, value, field in (("target", "soft", "train.target"), ("num_heads", 0, "train.num_heads"),
+                              ("lernrate", 1.0, "train.lernrate"), ("model_path", "/nowhere", "train.model_path")):
+        bad = {**data, "train": {**data["train"], key: value}}
+        with pytest.raises(ConfigError, match=field):
+            parse_config(bad)
+    # The trainer section does not change the dataset's config hash (a dataset is the same whoever trains on it).
+    other = {**data, "train": {**data["train"], "lr": 0.5}}
+    assert parse_config(other).config_hash() == parse_config(data).config_hash()
+    assert parse_config(other).train.train_hash() != parse_config(data).train.train_hash()
+
+
+def test_calibration_bins_and_ece_by_hand():
+    from tasks.prm.report import calibration_bins, expected_calibration_error
+
+    bins = calibration_bins([0.05, 0.15, 0.12, 0.95, 1.0], [False, True, False, True, True], bins=10)
+    assert [(b["lo"], b["count"]) for b in bins] == [(0.0, 1), (0.1, 2), (0.9, 2)]
+    assert bins[1]["mean_score"] == pytest.approx(0.135) and bins[1]["fraction_true"] == 0.5
+    # |0.05-0| * 1 + |0.135-0.5| * 2 + |0.975-1| * 2, over 5 steps
+    assert expected_calibration_error(bins) == pytest.approx((0.05 + 0.73 + 0.05) / 5)
+
+
+def test_toy_truth_and_held_out_metrics():
+    from tasks.prm.model import StepScores
+    from tasks.prm.report import held_out_metrics, toy_step_truth
+
+    prompt = "Start at 2. Apply in order: *4, -1.\n"
+    steps = ["2*4=8\n", "8-1=6\n", "Answer: 6"]
+    assert toy_step_truth(prompt, steps, "{question}\n") == [True, False, False]
+    assert toy_step_truth("What is 2+2?\n", ["4"], "{question}\n") is None
+    rows = [{"prompt": prompt, "completions": steps, "labels": [True, True, False],
+             "soft_labels": [0.5, None, 0.0]}]
+    scores = [StepScores([0.9, 0.2, math.nan], [0.0, 0.0, math.nan], truncated=True)]
+    m = held_out_metrics(rows, scores, "soft_labels", "{question}\n")
+    assert m["steps"] == 2 and m["truncated_rows"] == 1
+    assert m["loss"] == pytest.approx(-(0.5 * math.log(0.9) + 0.5 * math.log(0.1)))  # the null target is skipped
+    assert m["auroc_vs_truth"] == 1.0 and m["accuracy_vs_truth"] == 1.0  # 0.9 true step, 0.2 false step
+    assert m["accuracy_vs_labels"] == 0.5  # the labels call step 2 good
