@@ -135,7 +135,7 @@ def test_prefect_server_restarted_during_a_flow_run(tmp_path, ray_session, integ
     dataset, and it equals the reference build.
     """
     import ray
-    from conftest import free_port
+    from tests.conftest import free_port
 
     from cluster.stack import prefect_env, start_server
 
