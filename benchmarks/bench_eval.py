@@ -99,7 +99,8 @@ def main() -> None:
             prm = _load_prm(ckpt)
             row = ruler_rows(prm, ckpt, ruler, ns)
             if args.processbench:
-                row["processbench"] = evaluate_processbench(prm, args.processbench, limit=args.limit)
+                row["processbench"] = evaluate_processbench(prm, args.processbench, limit=args.limit,
+                                                            format_prompt=prm.format_prompt)
             row["seconds"] = round(time.time() - t0, 1)
             results["scorers"].append(row)
     else:

@@ -130,7 +130,7 @@ def main() -> None:
             extra["dataset"] = _dataset_info(args.smollm2_train)
         prm = load_prm(args.smollm2_run)
         t0 = time.time()
-        pb = evaluate_processbench(prm, args.processbench, limit=args.limit)
+        pb = evaluate_processbench(prm, args.processbench, limit=args.limit, format_prompt=prm.format_prompt)
         results["smollm2_processbench"] = {**extra, "train": _train_summary(args.smollm2_run), **pb,
                                            "eval_seconds": round(time.time() - t0, 1)}
         print(f"smollm2 ProcessBench mean F1 {pb['mean_f1']}", file=sys.stderr)

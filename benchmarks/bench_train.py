@@ -1,10 +1,14 @@
-"""Ray Train PRM trainer: samples/s with 1 vs 2 workers, checkpoint and resume cost, held-out step AUROC vs toy truth.
+"""Ray Train PRM trainer: samples/s in one process vs Ray Train with 1 and 2 workers, scoring throughput,
+checkpoint and resume cost, held-out step AUROC vs toy truth.
 
     python benchmarks/bench_train.py --dataset DIR --json-out benchmarks/results/train.json
 
 DIR is a finished toy dataset version (e.g. `prm-factory build --config configs/toy.yaml --local --out DIR`).
 All runs share one local Ray (2 CPUs, workers at 0.5 CPU each so Ray Data keeps a core). Per run: the config's
-`train:` section with the overrides below. samples/s is the median over epochs after the first (epoch 0 pays
+`train:` section with the overrides below. The in-process run is the same loop (tasks/prm/training.py's
+train_step over the same training rows, one torch thread like a worker) without Ray, side by side in this run;
+scoring throughput is the 2-worker model scoring the toy ruler's first 64 problems (1,024 trajectories).
+samples/s is the median over epochs after the first (epoch 0 pays
 for the data pipeline start and first-touch costs); the held-out AUROC is the 2-worker run's final model
 scored on the held-out problems against the exact toy truth (`tasks.sources.toy_world.prefix_is_correct`) and
 against the dataset's own hard labels.
@@ -47,14 +51,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--skip-resume", action="store_true", help="leave out the checkpoint/resume measurement")
     args = ap.parse_args()
 
     import ray
 
     from cluster.train import train_on_ray
-    from tasks.prm.model import load_prm
-    from tasks.prm.report import held_out_metrics
-    from tasks.prm.training import TrainError, dataset_shards, held_out_rows
+    from tasks.prm.training import TrainError, dataset_shards
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -63,6 +66,9 @@ def main() -> None:
     out: dict = {"dataset": str(args.dataset), "dataset_version": version, "epochs": args.epochs,
                  "batch_size_per_worker": args.batch_size, "runs": {}}
 
+    out["runs"]["in_process"] = _in_process(_cfg(args.config, epochs=args.epochs, batch_size=args.batch_size),
+                                            shards)
+    print(f"in process: {out['runs']['in_process']['samples_per_s_median']} samples/s", flush=True)
     for workers in (1, 2):
         cfg = _cfg(args.config, num_workers=workers, cpus_per_worker=0.5, epochs=args.epochs,
                    batch_size=args.batch_size)
@@ -82,6 +88,12 @@ def main() -> None:
             cfg2, model_run = cfg, tmp / "run-2w"
     one, two = out["runs"]["1_workers"], out["runs"]["2_workers"]
     out["speedup_2_vs_1"] = round(two["samples_per_s_median"] / one["samples_per_s_median"], 3)
+    out["ray_1_worker_vs_in_process"] = round(one["samples_per_s_median"]
+                                              / out["runs"]["in_process"]["samples_per_s_median"], 3)
+    out["scoring"] = _scoring_rate(model_run)
+    if args.skip_resume:
+        _finish(out, shards, cfg2, model_run, args)
+        return
 
     # Checkpoint + resume: fail early in epoch 1 (after the epoch 0 checkpoint), start again with the same run dir.
     run = tmp / "run-resume"
@@ -102,7 +114,17 @@ def main() -> None:
                      "resumed_run_overhead_s": round(resume_wall - trained, 1),
                      "global_step": resumed.global_step, "uninterrupted_global_step": two["global_step"]}
 
-    # Held-out quality of the 2-worker model, against the exact toy truth and the hard labels.
+    _finish(out, shards, cfg2, model_run, args)
+
+
+def _finish(out: dict, shards: list, cfg2, model_run: Path, args) -> None:
+    """Held-out quality of the 2-worker model, against the exact toy truth and the hard labels; write out."""
+    import ray
+
+    from tasks.prm.model import load_prm
+    from tasks.prm.report import held_out_metrics
+    from tasks.prm.training import held_out_rows
+
     prm = load_prm(model_run)
     rows = held_out_rows([str(p) for p in shards], cfg2.train.target, cfg2.train.eval_fraction, cfg2.train.seed)
     metrics = held_out_metrics(rows, prm.score([r["prompt"] for r in rows], [r["completions"] for r in rows]),
@@ -114,6 +136,60 @@ def main() -> None:
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+
+def _in_process(cfg, shards: list) -> dict:
+    """The trainer's own step loop in this process, no Ray: the rows the workers train on, the same epochs."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoTokenizer
+
+    from configs.schema import resolve_path
+    from tasks.prm.model import build_prm
+    from tasks.prm.training import READ_COLUMNS, batch_rows, is_held_out, run_prm_config, train_step
+
+    train = cfg.train
+    torch.set_num_threads(1)
+    torch.manual_seed(train.seed)
+    backbone = resolve_path(train.model_path)
+    prm_config = run_prm_config(train, backbone, "bench")
+    model = build_prm({**prm_config, "backbone": str(backbone)})
+    if not train.train_backbone:
+        model.backbone.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr,
+                                  weight_decay=train.weight_decay)
+    rows = [r for path in shards
+            for r in batch_rows(pq.read_table(path, columns=sorted({*READ_COLUMNS, train.target})), train.target)
+            if not is_held_out(r["problem_id"], train.eval_fraction, train.seed)]
+    rates = []
+    for epoch in range(train.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for start in range(0, len(rows), train.batch_size):
+            train_step(model, optimizer, tokenizer, rows[start:start + train.batch_size], train.target,
+                       prm_config["max_length"], train.pull_lambda, "cpu", f"epoch {epoch}", train.pull_reduction)
+        rates.append(len(rows) / (time.perf_counter() - t0))
+    return {"samples_per_s_median": round(_median_rate([{"samples_per_s": r} for r in rates]), 2),
+            "samples_per_s_by_epoch": [round(r, 2) for r in rates], "rows": len(rows)}
+
+
+def _scoring_rate(model_run: Path) -> dict:
+    """Trajectories/s of a trained PRM scoring the ruler's first 64 problems (batch 16, this process)."""
+    from tasks.evaluation.ruler import load_ruler
+    from tasks.prm.model import load_prm
+
+    ruler = load_ruler().limited(64)
+    prm = load_prm(model_run)
+    prompts = [r["prompt"] for r in ruler.rows]
+    steps = [r["completions"] for r in ruler.rows]
+    prm.score(prompts[:16], steps[:16])  # warm-up
+    t0 = time.perf_counter()
+    prm.score(prompts, steps, batch_size=16)
+    seconds = time.perf_counter() - t0
+    return {"trajectories": len(prompts), "seconds": round(seconds, 2),
+            "trajectories_per_s": round(len(prompts) / seconds, 1)}
 
 
 if __name__ == "__main__":

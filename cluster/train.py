@@ -150,14 +150,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = 0
         truncated = 0
         shard = ray.train.get_dataset_shard("train")
+        shuffle = {"local_shuffle_buffer_size": 4096, "local_shuffle_seed": train["seed"] * 1000 + epoch
+                   } if train["shuffle"] else {}
         for batch_index, batch in enumerate(shard.iter_batches(batch_size=train["batch_size"],
-                                                                batch_format="pyarrow")):
+                                                                batch_format="pyarrow", **shuffle)):
             if fault_after is not None and epoch == fault_after + 1 and batch_index == 1:
                 raise RuntimeError(f"injected fault in epoch {epoch} (after the epoch {fault_after} checkpoint)")
             rows = batch_rows(batch, target)
             where = f"epoch {epoch}, global step {global_step + 1}, rank {rank} batch {batch_index}"
             loss, parts, cut = train_step(model, optimizer, tokenizer, rows, target, max_length, train["pull_lambda"],
-                                          device, where)
+                                          device, where, train["pull_reduction"])
             truncated += cut
             global_step += 1
             batches += 1
@@ -254,7 +256,8 @@ def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Pat
         backbone = resolve_model(train.model_path, offline=cfg.offline)
     except ModelNotFoundError as err:
         raise TrainError(f"train.model_path: {err}") from None
-    prm_config = run_prm_config(train, backbone, version)
+    prm_config = {**run_prm_config(train, backbone, version, cfg.policy.prompt_template, cfg.policy.system_prompt),
+                  "factory_config": {"name": cfg.name, "config_hash": cfg.config_hash()}}
     init_dir = _warm_start_dir(init_from, prm_config) if init_from is not None else None
     _check_run_dir(run, {"train_hash": train.train_hash(), "config_hash": prm_config["config_hash"],
                                     "dataset_version": version, "dataset_dir": str(Path(dataset_dir).resolve()),
@@ -286,7 +289,8 @@ def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Pat
                                      resources_per_worker={"CPU": train.cpus_per_worker,
                                                            **({"GPU": 1} if train.use_gpu else {})}),
         run_config=RunConfig(name=run.name, storage_path=str(run.parent),
-                             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=None if train.keep == "best" else train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=train.max_failures)),
         datasets={"train": train_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -308,16 +312,25 @@ def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Pat
         raise TrainError(f"training finished without a checkpoint in {run}")
     model_dir = run / MODEL_DIR
     with result.checkpoint.as_directory() as d:
+        last = json.loads((Path(d) / STATE_FILE).read_text())  # its history: every epoch, this run's and before
+        history = last["history"]
+        chosen = _best_epoch_dir(run) if train.keep == "best" else None
         tmp = run / f".{MODEL_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(d, tmp, ignore=shutil.ignore_patterns(OPTIM_FILE))
+        shutil.copytree(chosen or d, tmp, ignore=shutil.ignore_patterns(OPTIM_FILE))
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)
+    from tasks.prm.model import TRAINING_PROBLEMS_NAME
+
+    problem_ids = sorted({pid for path in shards for pid in pq.read_table(path, columns=["problem_id"])
+                          .column("problem_id").to_pylist()})
+    (model_dir / TRAINING_PROBLEMS_NAME).write_text(json.dumps({"dataset_version": version,
+                                                                "problem_ids": problem_ids}) + "\n")
     state = json.loads((model_dir / STATE_FILE).read_text())
-    history = state["history"]
-    summary = TrainResult(run, model_dir, state["global_step"], len(history), history,
-                          state.get("resumed_from"), time.perf_counter() - started, version,
-                          prm_config["config_hash"], history[-1] if history else {})
+    kept = state["history"][-1] if state["history"] else {}
+    summary = TrainResult(run, model_dir, last["global_step"], len(history), history,
+                          last.get("resumed_from"), time.perf_counter() - started, version,
+                          prm_config["config_hash"], kept)
     (run / "train_summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     return summary
 
@@ -337,6 +350,20 @@ def _warm_start_dir(init_from: str | Path, prm_config: dict[str, Any]) -> str:
     if not (ckpt / WEIGHTS_NAME).is_file():
         raise TrainError(f"warm start: {ckpt} has no {WEIGHTS_NAME}")
     return str(ckpt.resolve())
+
+
+def _best_epoch_dir(run: Path) -> Path | None:
+    """The epoch checkpoint in RUN whose held-out within-position AUROC is highest (the earliest on a tie)."""
+    best, best_value = None, -math.inf
+    for path in sorted(run.glob("epoch-*")):
+        try:
+            record = json.loads((path / STATE_FILE).read_text())["history"][-1]
+        except (OSError, json.JSONDecodeError, KeyError, IndexError):
+            continue
+        value = record.get("eval_within_position_auroc")
+        if isinstance(value, int | float) and not math.isnan(value) and value > best_value:
+            best, best_value = path, value
+    return best
 
 
 def _watch_epochs(run: Path, stop: threading.Event, on_epoch: Callable[[dict[str, Any]], None]) -> None:

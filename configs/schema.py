@@ -218,9 +218,17 @@ class RolloutConfig(_Strict):
 
 
 class LabelConfig(_Strict):
-    """ER-PRM label: (1/eta) ln(1 - k/N + (k/N) e^eta), between soft (eta->0) and hard (eta->inf)."""
+    """ER-PRM label: (1/eta) ln(1 - k/N + (k/N) e^eta), between soft (eta->0) and hard (eta->inf).
+
+    ``labeller``: ``tree`` (the factory's: EDU tree + rollouts, tasks/labelling/tree_labeller.py) or ``truth``
+    (toy world only: ``truth_samples`` policy samples per problem, cut by the partition method, each step labelled
+    by the toy world's exact checker, tasks/labelling/truth_labeller.py). ``truth`` is an upper bound that no real
+    run has: it measures what the PRM learner can do with perfect labels, never a labelling method.
+    """
 
     eta: float = Field(1.0, gt=0)
+    labeller: Literal["tree", "truth"] = "tree"
+    truth_samples: int = Field(4, ge=1, le=64, description="policy samples per problem (labeller: truth)")
 
 
 class DatasetConfig(_Strict):
@@ -247,6 +255,17 @@ class TrainConfig(_Strict):
     target: Literal["labels", "soft_labels", "er_labels"] = Field(
         "labels", description="training target column: hard, soft (k/N) or ER-PRM labels; null steps are masked")
     pull_lambda: float = Field(0.5, ge=0, description="weight of ||head - head_init||^2 (ActPRM, lambda ~0.5)")
+    pull_reduction: Literal["sum", "mean"] = Field("sum", description="the pull term over a head's parameters: "
+                                                   "their squared distance summed, or its mean per parameter")
+    reads: Literal["end", "tokens"] = Field("end", description="what the heads read: each step's end token, or "
+                                            "every token with a step's score the product of its tokens' "
+                                            "(tasks/prm/model.py ProcessRewardModel)")
+    token_features: Literal["none", "logprob"] = Field("none", description="logprob: each token's log-probability "
+                                                       "under the backbone's LM head is a head input too")
+    shuffle: bool = Field(False, description="a new order of the training rows every epoch")
+    keep: Literal["last", "best"] = Field("last", description="the model a run ends with: its last epoch, or the "
+                                          "epoch with the best held-out within-position AUROC (every epoch's "
+                                          "checkpoint is then kept)")
     train_backbone: bool = True
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -266,8 +285,13 @@ class TrainConfig(_Strict):
         return _local_model_exists(v, info)
 
     def train_hash(self) -> str:
-        """A stable hash of the trainer section (a resumed run must have the same one)."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """A stable hash of the trainer section (a resumed run must have the same one). Fields added later are
+        hashed only when they differ from their default, so a run written before them keeps its hash."""
+        dump = self.model_dump(mode="json")
+        for name, default in _LATER_TRAIN_DEFAULTS.items():
+            if dump.get(name) == default:
+                dump.pop(name)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Fields removed from the schema, still hashed at their old defaults: a dataset built before the removal with
@@ -275,6 +299,8 @@ class TrainConfig(_Strict):
 # rollouts.seed was never read (request seeds derive from the top-level seed); dataset.quarantine_dir was
 # never read either (the quarantine is <out_dir>/quarantine.jsonl). Neither can change a key any more.
 _REMOVED_ROLLOUT_FIELDS = {"seed": 0}
+_LATER_TRAIN_DEFAULTS = {"pull_reduction": "sum", "reads": "end", "token_features": "none", "shuffle": False,
+                         "keep": "last"}
 _REMOVED_DATASET_FIELDS = {"quarantine_dir": None}
 
 
@@ -378,6 +404,13 @@ class FactoryConfig(_Strict):
         return {**data, "partition": {**partition, "entropy_source": source}}
 
     @model_validator(mode="after")
+    def _truth_needs_the_toy_world(self) -> FactoryConfig:
+        if self.labels.labeller == "truth" and any(src.kind != "toy" for src in self.sources):
+            raise ValueError("labels.labeller 'truth' needs the exact step truth, which only the toy world has: "
+                             "every source must be kind 'toy'")
+        return self
+
+    @model_validator(mode="after")
     def _entropy_source_matches_backend(self) -> FactoryConfig:
         src, backend = self.partition.entropy_source, self.policy.backend
         if src == "exact" and backend != "transformers":
@@ -393,6 +426,7 @@ class FactoryConfig(_Strict):
         The trainer and active-loop sections are left out: they do not change what `build` writes.
         """
         dump = self.model_dump(mode="json", exclude={"train", "active"})
+        _drop_default_labeller(dump["labels"])
         dump["rollouts"].update(_REMOVED_ROLLOUT_FIELDS)
         dump["dataset"].update(_REMOVED_DATASET_FIELDS)
         blob = json.dumps(dump, sort_keys=True).encode()
@@ -407,8 +441,17 @@ class FactoryConfig(_Strict):
         part = self.model_dump(mode="json", include={"seed", "policy", "partition", "tree", "rollouts", "labels"})
         if part["policy"].get("system_prompt") is None:  # a field added later: old hashes stay valid
             part["policy"].pop("system_prompt", None)
+        _drop_default_labeller(part["labels"])
         part["rollouts"].update(_REMOVED_ROLLOUT_FIELDS)
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _drop_default_labeller(labels: dict) -> None:
+    """labels.labeller and truth_samples came later: with the tree labeller they are not hashed, so every config
+    and dataset written before keeps its hashes and shard keys."""
+    if labels.get("labeller") == "tree":
+        labels.pop("labeller", None)
+        labels.pop("truth_samples", None)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

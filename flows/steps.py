@@ -66,7 +66,7 @@ def _labeller(cfg: FactoryConfig):
     from prefect.runtime import flow_run
 
     from tasks.build import load_tokenizer
-    from tasks.labelling.tree_labeller import ShardLabeller
+    from tasks.labelling.truth_labeller import make_labeller
 
     key = (str(flow_run.id), cfg.config_hash())
     with _lock:
@@ -85,7 +85,7 @@ def _labeller(cfg: FactoryConfig):
                      ", ".join(f"{h['engine']} ({h.get('backend', '?')})" for h in health),
                      ray_dashboard_url() or "(not available)")
         pool, tokenizer = _engines[key]
-    return ShardLabeller(cfg, pool, tokenizer)
+    return make_labeller(cfg, pool, tokenizer)
 
 
 def default_root(config_path: str) -> str:

@@ -510,19 +510,20 @@ def _parse_ns(text: str) -> list[int]:
     return ns
 
 
-def _load_scorer(checkpoint: Path | None, scorer: str | None, device: str):
-    """The StepScorer for `eval`: a trained PRM checkpoint, or a reference scorer on the toy truth."""
+def _load_scorer(checkpoint: Path | None, scorer: str | None, device: str, ruler):
+    """The StepScorer for `eval`: a trained PRM checkpoint, or a reference scorer (policy-confidence reads the
+    policy named in `ruler`'s manifest)."""
+    from tasks.evaluation.ruler import REFERENCE_SCORERS, reference_scorer
+
     if (checkpoint is None) == (scorer is None):
-        console.print("give exactly one of --checkpoint RUN or --scorer oracle|constant", style="red")
+        console.print(f"give exactly one of --checkpoint RUN or --scorer {'|'.join(REFERENCE_SCORERS)}", style="red")
         raise typer.Exit(2)
     if scorer is not None:
-        from tasks.evaluation.ruler import REFERENCE_SCORERS
-
         if scorer not in REFERENCE_SCORERS:
-            console.print(f"--scorer must be one of {sorted(REFERENCE_SCORERS)}, got {scorer!r}", style="red",
+            console.print(f"--scorer must be one of {list(REFERENCE_SCORERS)}, got {scorer!r}", style="red",
                           markup=False)
             raise typer.Exit(2)
-        return REFERENCE_SCORERS[scorer](), scorer
+        return reference_scorer(scorer, ruler, device), scorer
     from tasks.prm.model import CheckpointError, load_prm
 
     with _fails(CheckpointError, FileNotFoundError):
@@ -534,7 +535,9 @@ def eval_cmd(
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="PRM run directory written by `train`")]
     = None,
     scorer: Annotated[str | None, typer.Option(
-        "--scorer", help="a reference scorer instead of a checkpoint: oracle | constant (toy ruler/BoN only)")] = None,
+        "--scorer", help="a reference scorer instead of a checkpoint (toy ruler/BoN only): oracle | constant | "
+                         "position (earlier steps higher) | policy-confidence (the sampling policy's own token "
+                         "probabilities)")] = None,
     processbench: Annotated[Path | None, typer.Option(
         "--processbench", help="ProcessBench directory (gsm8k/math/olympiadbench/omnimath .json)")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="ProcessBench samples per subset (half erroneous)")]
@@ -546,23 +549,27 @@ def eval_cmd(
     bon: Annotated[str, typer.Option("--bon", help="best-of-N sizes, comma-separated ('none' to skip)")]
     = "1,2,4,8,16",
     dataset: Annotated[Path | None, typer.Option(
-        "--dataset", help="the PRM's training dataset: refuse if it shares a problem with the ruler")] = None,
+        "--dataset", help="the PRM's training dataset: refuse if it shares a problem with the ruler (default: "
+                          "the problems the checkpoint records it was trained on)")] = None,
     threshold: Annotated[float, typer.Option(help="a step scoring below this is judged wrong")] = 0.5,
     batch_size: Annotated[int, typer.Option(help="trajectories per scorer batch")] = 16,
     device: Annotated[str, typer.Option(help="device for a checkpoint: cpu | cuda")] = "cpu",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write the report as JSON here")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Evaluate a PRM: ProcessBench F1, step AUROC/accuracy on the toy ruler, best-of-N accuracy per selector."""
+    """Evaluate a step scorer on the toy ruler (within-position AUROC, first-error F1, best-of-N with 95% CIs,
+    step AUROC beside them) and on ProcessBench (F1)."""
     import time
 
+    from configs.schema import resolve_path
     from tasks.evaluation.processbench import evaluate_processbench
-    from tasks.evaluation.ruler import check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler
+    from tasks.evaluation.ruler import TOY_RULER, check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler
     from tasks.evaluation.scorers import EvaluationError
+    from tasks.prm.model import CheckpointError, training_problem_ids
 
     ns = _parse_ns(bon)
     if scorer is not None and processbench is not None:
-        console.print("--scorer oracle|constant knows only the toy truth; ProcessBench needs --checkpoint",
+        console.print("--scorer: reference scorers know only the toy ruler; ProcessBench needs --checkpoint",
                       style="red")
         raise typer.Exit(2)
     if no_ruler and processbench is None:
@@ -570,24 +577,36 @@ def eval_cmd(
         raise typer.Exit(2)
     t0 = time.time()
     report: dict = {"threshold": threshold}
-    with _fails(EvaluationError):
+    with _fails(EvaluationError, CheckpointError):
         loaded_ruler = None
         if not no_ruler:
-            loaded_ruler = load_ruler(ruler).limited(ruler_problems)
-            if dataset is not None:
-                check_disjoint(loaded_ruler, dataset_problem_ids(dataset), f"dataset {dataset}")
+            # the shipped ruler must be exactly its spec; another set (a fresh one) is checked by its own hashes
+            default = resolve_path(ruler) == resolve_path("assets/toy-ruler")
+            loaded_ruler = load_ruler(ruler, TOY_RULER if default else None).limited(ruler_problems)
+            if checkpoint is not None or dataset is not None:
+                if dataset is not None:
+                    trained_on, what = dataset_problem_ids(dataset), f"dataset {dataset}"
+                else:  # what the trainer recorded in the checkpoint
+                    trained_on, what = training_problem_ids(checkpoint)
+                if trained_on is None:
+                    console.print(f"[yellow]warning[/yellow]: {what}; the ruler's disjointness from the training "
+                                  "data is not checked (give --dataset)", soft_wrap=True)
+                else:
+                    check_disjoint(loaded_ruler, trained_on, what)
+                report["disjoint_from"] = what
             per_problem = loaded_ruler.manifest["spec"]["samples_per_problem"]
             if ns and max(ns) > per_problem:
                 raise EvaluationError(f"--bon {max(ns)} exceeds the ruler's {per_problem} samples per problem")
         if processbench is not None and not processbench.is_dir():
             raise EvaluationError(f"ProcessBench directory not found: {processbench}")
-        step_scorer, scorer_name = _load_scorer(checkpoint, scorer, device)
+        step_scorer, scorer_name = _load_scorer(checkpoint, scorer, device, loaded_ruler)
         report["scorer"] = scorer_name
         if loaded_ruler is not None:
             report["ruler"] = evaluate_ruler(step_scorer, loaded_ruler, ns, threshold, batch_size)
         if processbench is not None:
             report["processbench"] = evaluate_processbench(step_scorer, processbench, limit=limit,
-                                                           threshold=threshold, batch_size=batch_size)
+                                                           threshold=threshold, batch_size=batch_size,
+                                                           format_prompt=step_scorer.format_prompt)
     report["seconds"] = round(time.time() - t0, 1)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -607,20 +626,30 @@ def _print_eval(report: dict) -> None:
 
     if "ruler" in report:
         st = report["ruler"]["steps"]
-        auc = "-" if st["step_auroc"] is None else f"{st['step_auroc']:.3f}"
-        acc = "-" if st["step_accuracy"] is None else f"{st['step_accuracy']:.3f}"
+
+        def f3(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        ci = st.get("within_position_auroc_ci")
         console.print(f"ruler {st['ruler_version']} ({st['problems']} problems, {st['trajectories']} trajectories, "
-                      f"{st['steps']} steps, {st['correct_steps']} correct): step AUROC [bold]{auc}[/bold], "
-                      f"step accuracy@{st['threshold']:g} [bold]{acc}[/bold]"
-                      + (f"; {st['unscored_steps']} steps unscored (truncated)" if st["unscored_steps"] else ""))
+                      f"{st['steps']} steps, {st['correct_steps']} correct), scorer {report['scorer']}:")
+        console.print(f"  within-position AUROC [bold]{f3(st['within_position_auroc'])}[/bold]"
+                      + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+                      + f", first-error F1@{st['threshold']:g} [bold]{f3(st['first_error_f1'])}[/bold]; "
+                      f"beside them: step AUROC {f3(st['step_auroc'])}, step accuracy {f3(st['step_accuracy'])}"
+                      + (f"; {st['unscored_steps']} steps unscored" if st["unscored_steps"] else ""), soft_wrap=True)
         if "best_of_n" in report["ruler"]:
             b = report["ruler"]["best_of_n"]
-            table = Table(title=f"best-of-N accuracy, scorer {report['scorer']}")
+            table = Table(title=f"best-of-N accuracy (95% CI over problems), scorer {report['scorer']}")
             table.add_column("selector")
             for n in b["ns"]:
                 table.add_column(f"N={n}", justify="right")
             for name, accs in b["accuracy"].items():
-                table.add_row(name, *[f"{a:.3f}" for a in accs])
+                cis = b.get("ci", {}).get(name) or [None] * len(accs)
+                table.add_row(name, *[f"{a:.3f}" + (f" ({c[0]:.2f}-{c[1]:.2f})" if c else "")
+                                      for a, c in zip(accs, cis, strict=True)])
+            for name, diffs in b.get("diff_vs_majority", {}).items():
+                table.add_row(f"{name} - majority", *[f"{d[0]:+.3f}..{d[1]:+.3f}" for d in diffs])
             table.add_row("(any right)", *[f"{a:.3f}" for a in b["oracle_any_correct"]])
             console.print(table)
     if "processbench" in report:
@@ -714,6 +743,15 @@ def score_cmd(
         return
     console.print(f"[green]scored[/green] {summary['rows']} rows ({summary['steps']} steps) into {summary['output']}; "
                   f"{summary['truncated_rows']} truncated to the backbone's {prm.max_length} tokens")
+    if "quality" in summary:
+        q = summary["quality"]
+
+        def f3(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        console.print(f"against the file's `{q['against']}` ({q['rows']} rows): within-position AUROC "
+                      f"{f3(q['within_position_auroc'])}, first-error F1 {f3(q['first_error_f1'])}; step AUROC "
+                      f"{f3(q['step_auroc'])}", markup=False, soft_wrap=True)
 
 
 @app.command()

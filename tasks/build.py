@@ -52,6 +52,7 @@ from tasks.io import (
     shard_path,
 )
 from tasks.labelling.tree_labeller import Rejected, ShardLabeller, ShardResult
+from tasks.labelling.truth_labeller import make_labeller
 from tasks.sources.loaders import QuarantineRow
 from tasks.sources.problems import Problem
 from tasks.sources.prompts import render_prompt
@@ -447,7 +448,7 @@ def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], 
     def get_labeller() -> ShardLabeller:
         nonlocal labeller
         if labeller is None:
-            labeller = ShardLabeller(cfg, engine_factory(), load_tokenizer(cfg), progress)
+            labeller = make_labeller(cfg, engine_factory(), load_tokenizer(cfg), progress)
         return labeller
 
     rebuilt: dict[int, str] = {}

@@ -636,9 +636,9 @@ def _complete_version(root: Path, keys: Sequence[str]) -> str | None:
 
 
 def _shard_labeller(cfg: FactoryConfig, engine: Any, tokenizer: Any) -> Labeller:
-    from tasks.labelling.tree_labeller import ShardLabeller
+    from tasks.labelling.truth_labeller import make_labeller
 
-    return ShardLabeller(cfg, engine, tokenizer)
+    return make_labeller(cfg, engine, tokenizer)
 
 
 def ruler_eval_fn(ruler_problems: int | None, bon_ns: Sequence[int] = (1, 8)) -> EvalFn:

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from tasks.evaluation.metrics import bootstrap_ci
 from tasks.evaluation.scorers import EvaluationError
 
 
@@ -24,22 +25,31 @@ Selector = Callable[[Sequence[Candidate], random.Random], int]
 
 
 def _argmax(values: Sequence[float]) -> int:
-    """Index of the largest value; the first one on ties (deterministic)."""
+    """Index of the largest value; the first one on ties (deterministic). NaN ranks below every number, so a
+    NaN never wins unless every value is NaN (then the first)."""
     best = 0
     for i, v in enumerate(values):
-        if v > values[best]:
+        if not math.isnan(v) and (math.isnan(values[best]) or v > values[best]):
             best = i
     return best
 
 
+def _aggregate(step_scores: Sequence[float], how: Callable[[Sequence[float]], float]) -> float:
+    """A candidate's score from its steps: NaN when it has no step or any step is NaN (unscored, e.g. past the
+    context), so such a candidate never wins over a fully scored one (see `_argmax`)."""
+    if not step_scores or any(math.isnan(s) for s in step_scores):
+        return math.nan
+    return how(step_scores)
+
+
 def select_min_step(cands: Sequence[Candidate], rng: random.Random) -> int:
-    """The solution whose weakest step scores highest (ActPRM/Qwen PRM aggregation); no steps scores 0."""
-    return _argmax([min(c.step_scores) if c.step_scores else 0.0 for c in cands])
+    """The solution whose weakest step scores highest (ActPRM/Qwen PRM aggregation)."""
+    return _argmax([_aggregate(c.step_scores, min) for c in cands])
 
 
 def select_last_step(cands: Sequence[Candidate], rng: random.Random) -> int:
-    """The solution whose last step scores highest; no steps scores 0."""
-    return _argmax([c.step_scores[-1] if c.step_scores else 0.0 for c in cands])
+    """The solution whose last step scores highest."""
+    return _argmax([_aggregate(c.step_scores, lambda s: s[-1]) for c in cands])
 
 
 def select_majority(cands: Sequence[Candidate], rng: random.Random) -> int:
@@ -74,8 +84,9 @@ def _select_any_correct(cands: Sequence[Candidate], rng: random.Random) -> int:
     return next((i for i, c in enumerate(cands) if c.correct), 0)
 
 
-def best_of_n_accuracy(problems: Sequence[Sequence[Candidate]], n: int, selector: Selector, seed: int = 0) -> float:
-    """Accuracy of `selector` picking among N solutions, over every problem's disjoint groups of N.
+def best_of_n_hits(problems: Sequence[Sequence[Candidate]], n: int, selector: Selector, seed: int = 0
+                   ) -> list[tuple[int, int]]:
+    """Per problem: (groups whose pick was right, groups), picking among disjoint groups of N solutions.
 
     Problem j's M samples are cut into floor(M/N) groups (samples 0..N-1, N..2N-1, ...); each group counts
     once, so every N uses all samples and the estimate is deterministic. A problem with fewer than N
@@ -84,15 +95,28 @@ def best_of_n_accuracy(problems: Sequence[Sequence[Candidate]], n: int, selector
     if n < 1:
         raise EvaluationError(f"N must be >= 1, got {n}")
     rng = random.Random(seed)
-    hits = groups = 0
+    out = []
     for j, cands in enumerate(problems):
         if len(cands) < n:
             raise EvaluationError(f"problem {j} has {len(cands)} samples, fewer than N={n}")
+        hits = groups = 0
         for start in range(0, len(cands) - n + 1, n):
             group = cands[start : start + n]
             hits += group[selector(group, rng)].correct
             groups += 1
-    return hits / groups if groups else math.nan
+        out.append((hits, groups))
+    return out
+
+
+def hit_rate(per_problem: Sequence[tuple[int, int]]) -> float:
+    """Right picks over groups, summed over problems (NaN with no group)."""
+    groups = sum(g for _, g in per_problem)
+    return sum(h for h, _ in per_problem) / groups if groups else math.nan
+
+
+def best_of_n_accuracy(problems: Sequence[Sequence[Candidate]], n: int, selector: Selector, seed: int = 0) -> float:
+    """Accuracy of `selector` picking among N solutions, over every problem's disjoint groups of N."""
+    return hit_rate(best_of_n_hits(problems, n, selector, seed))
 
 
 @dataclass
@@ -104,16 +128,31 @@ class BestOfNResult:
     samples_per_problem: int
     accuracy: dict[str, list[float]] = field(default_factory=dict)
     oracle_any_correct: list[float] = field(default_factory=list)  # pass@N ceiling: some solution is right
+    # 95% bootstrap intervals over problems: ci[selector][i] = [lo, hi] for ns[i]; diff_vs_majority[selector][i]
+    # is the paired interval of (selector - majority) on the same resampled problems: above majority "outside
+    # the CI" means its lo > 0.
+    ci: dict[str, list[list[float]]] = field(default_factory=dict)
+    diff_vs_majority: dict[str, list[list[float]]] = field(default_factory=dict)
 
 
 def best_of_n(problems: Sequence[Sequence[Candidate]], ns: Sequence[int], selectors: Sequence[str] = tuple(SELECTORS),
-              seed: int = 0) -> BestOfNResult:
-    """`best_of_n_accuracy` for every selector and N, plus the share of groups where any solution is right."""
+              seed: int = 0, n_boot: int = 1000) -> BestOfNResult:
+    """Accuracy for every selector and N with bootstrap intervals over problems, plus the pass@N ceiling."""
     unknown = [s for s in selectors if s not in SELECTORS]
     if unknown:
         raise EvaluationError(f"unknown selector(s) {unknown}; known: {sorted(SELECTORS)}")
     res = BestOfNResult(list(ns), len(problems), min((len(c) for c in problems), default=0))
+    hits = {name: [best_of_n_hits(problems, n, SELECTORS[name], seed) for n in ns] for name in selectors}
     for name in selectors:
-        res.accuracy[name] = [best_of_n_accuracy(problems, n, SELECTORS[name], seed) for n in ns]
+        res.accuracy[name] = [hit_rate(h) for h in hits[name]]
+        res.ci[name] = [list(bootstrap_ci(h, hit_rate, n_boot=n_boot, seed=seed)) for h in hits[name]]
+        if "majority" in hits and name != "majority":
+            res.diff_vs_majority[name] = [
+                list(bootstrap_ci(list(zip(h, m, strict=True)), _paired_diff, n_boot=n_boot, seed=seed))
+                for h, m in zip(hits[name], hits["majority"], strict=True)]
     res.oracle_any_correct = [best_of_n_accuracy(problems, n, _select_any_correct, seed) for n in ns]
     return res
+
+
+def _paired_diff(pairs: Sequence[tuple[tuple[int, int], tuple[int, int]]]) -> float:
+    return hit_rate([a for a, _ in pairs]) - hit_rate([b for _, b in pairs])

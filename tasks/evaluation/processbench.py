@@ -10,7 +10,7 @@ as labelled samples for evaluation.)
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,16 +114,19 @@ def processbench_metric(subset: str, labels: Sequence[int], predictions: Sequenc
 
 
 def evaluate_processbench(scorer: StepScorer, data_dir: str | Path, subsets: Sequence[str] = PROCESSBENCH_SUBSETS,
-                          limit: int | None = None, threshold: float = DEFAULT_THRESHOLD,
-                          batch_size: int = 16) -> dict:
+                          limit: int | None = None, threshold: float = DEFAULT_THRESHOLD, batch_size: int = 16,
+                          format_prompt: Callable[[str], str] | None = None) -> dict:
     """Score every (limited) subset and apply the metric; returns per-subset rows and their mean F1.
 
-    A truncated sample is predicted from the steps that were scored (its later steps count as unjudged).
+    The scorer sees each sample in the format it was trained on (``training_format``): the problem through
+    `format_prompt` (a PRM's own training template), each step ended by a newline. A truncated sample is
+    predicted from the steps that were scored (its later steps count as unjudged).
     """
     rows = []
     for subset in subsets:
         samples = balanced_limit(read_processbench_subset(Path(data_dir) / f"{subset}.json"), limit)
-        scores = scorer.score([s.problem for s in samples], [s.steps for s in samples], batch_size=batch_size)
+        formatted = [training_format(s, format_prompt) for s in samples]
+        scores = scorer.score([p for p, _ in formatted], [steps for _, steps in formatted], batch_size=batch_size)
         if len(scores) != len(samples):
             raise EvaluationError(f"scorer returned {len(scores)} results for {len(samples)} samples ({subset})")
         preds = [first_error_index(sc.mean, threshold) for sc in scores]
@@ -132,3 +135,12 @@ def evaluate_processbench(scorer: StepScorer, data_dir: str | Path, subsets: Seq
     f1s = [r.f1 for r in rows if r.f1 is not None]
     return {"threshold": threshold, "limit": limit, "subsets": [asdict(r) for r in rows],
             "mean_f1": sum(f1s) / len(f1s) if len(f1s) == len(rows) and rows else None}
+
+
+def training_format(sample: ProcessBenchSample, format_prompt: Callable[[str], str] | None = None
+                    ) -> tuple[str, list[str]]:
+    """A ProcessBench sample as a training row looks: the prompt rendered by `format_prompt` (the PRM's training
+    template; the bare problem without one) and steps that each end in a newline, as the factory's rows cut at
+    newlines do (ProcessBench stores its steps without one). The text is then ``prompt + "".join(steps)``."""
+    prompt = format_prompt(sample.problem) if format_prompt is not None else sample.problem
+    return prompt, [s if s.endswith("\n") else s + "\n" for s in sample.steps]

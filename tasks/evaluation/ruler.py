@@ -37,12 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from configs.schema import REPO_ROOT, ToySource, resolve_path
 from tasks.evaluation.best_of_n import SELECTORS, Candidate, best_of_n
-from tasks.evaluation.metrics import accuracy, auroc
+from tasks.evaluation.metrics import accuracy, auroc, bootstrap_ci, first_error_f1, within_position_auroc
 from tasks.evaluation.scorers import DEFAULT_THRESHOLD, EvaluationError, ScoresLike, StepScorer
 from tasks.generation import GenerationRequest
 from tasks.io import MANIFEST_NAME, atomic_write_bytes, atomic_write_json, sha256_bytes, shard_files
@@ -161,7 +162,100 @@ class ConstantScorer:
         return [ReferenceScores([self.value] * len(steps), [0.0] * len(steps)) for steps in completions]
 
 
-REFERENCE_SCORERS: dict[str, Callable[[], StepScorer]] = {"oracle": OracleScorer, "constant": ConstantScorer}
+class PositionScorer:
+    """Earlier steps score higher, ``1 / (1 + index)``, whatever they say: a content-free reference.
+
+    Errors persist, so later steps are wrong more often and this alone gets a step AUROC near 0.7 on the ruler;
+    within-position AUROC gives it exactly 0.5. A metric it does well on measures position, not quality.
+    """
+
+    name = "position"
+
+    def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 16) -> list[ReferenceScores]:
+        return [ReferenceScores([1.0 / (1 + j) for j in range(len(steps))], [0.0] * len(steps))
+                for steps in completions]
+
+
+class PolicyConfidenceScorer:
+    """The sampling policy's own confidence, with no training: a step's score is the running minimum, over the
+    steps so far, of the smallest probability the policy gave a token of the step (at temperature 1).
+
+    It reads the policy that sampled the trajectories (the ruler's ``spec.policy_path``). Where the policy's
+    errors are sampling slips (an unlikely token drawn at T=1), it is close to an oracle; it cannot see an error
+    the policy makes with confidence. The prompt and each step are tokenized piece by piece, as the PRM does.
+    """
+
+    name = "policy-confidence"
+
+    def __init__(self, policy_path: str | Path, device: str = "cpu"):
+        path = resolve_path(policy_path)
+        if not (path / "config.json").is_file():
+            raise EvaluationError(f"policy-confidence needs the policy that sampled the trajectories; no model at "
+                                  f"{path} (the ruler's manifest names it as spec.policy_path)")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        self.device = device
+        self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 16) -> list[ReferenceScores]:
+        torch = self.torch
+        out: list[ReferenceScores] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = []
+            for prompt, steps in zip(prompts[start:start + batch_size], completions[start:start + batch_size],
+                                     strict=True):
+                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+                spans = []
+                for step in steps:
+                    piece = self.tokenizer.encode(step, add_special_tokens=False) if step else []
+                    spans.append((len(ids), len(ids) + len(piece)))
+                    ids += piece
+                batch.append((ids[: self.max_length], spans))
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (ids, _) in enumerate(batch):
+                input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                mask[i, : len(ids)] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            # probability of token t given the tokens before it, for t >= 1
+            probs = torch.softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None].to(self.device))
+            probs = probs[..., 0].cpu()
+            for i, (ids, spans) in enumerate(batch):
+                running, mean, truncated = 1.0, [], False
+                for lo, hi in spans:
+                    if hi > len(ids):  # past the policy's context: unscored
+                        truncated = True
+                        break
+                    step_min = min((float(probs[i, t - 1]) for t in range(max(lo, 1), hi)), default=1.0)
+                    running = min(running, step_min)
+                    mean.append(running)
+                out.append(ReferenceScores(mean, [0.0] * len(mean), truncated))
+        return out
+
+
+def reference_scorer(name: str, ruler: Ruler | None = None, device: str = "cpu") -> StepScorer:
+    """A reference scorer by name: oracle, constant, position, or policy-confidence (which reads the policy
+    named in `ruler`'s manifest; a ruler is needed for it)."""
+    if name == "policy-confidence":
+        if ruler is None:
+            raise EvaluationError("--scorer policy-confidence reads the policy that sampled the ruler: give a ruler")
+        policy = ruler.manifest.get("spec", {}).get("policy_path")
+        if not policy:
+            raise EvaluationError(f"{ruler.path}: the ruler's manifest names no policy (spec.policy_path)")
+        return PolicyConfidenceScorer(policy, device)
+    simple = {"oracle": OracleScorer, "constant": ConstantScorer, "position": PositionScorer}
+    if name not in simple:
+        raise EvaluationError(f"unknown reference scorer {name!r}; known: {list(REFERENCE_SCORERS)}")
+    return simple[name]()
+
+
+REFERENCE_SCORERS = ("oracle", "constant", "position", "policy-confidence")
 
 
 # -- building -------------------------------------------------------------------------------------------
@@ -387,22 +481,35 @@ def score_ruler(scorer: StepScorer, ruler: Ruler, batch_size: int = 16) -> list[
 
 
 def ruler_step_metrics(ruler: Ruler, scores: Sequence[ScoresLike | None],
-                       threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """Step AUROC and accuracy at `threshold` against the exact truth; unscored (truncated) steps are left out
-    and counted."""
-    flat_scores: list[float] = []
-    flat_truth: list[bool] = []
+                       threshold: float = DEFAULT_THRESHOLD, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Step metrics against the exact truth; unscored (truncated) steps are left out and counted.
+
+    The headline is within-position AUROC (with a 95% bootstrap interval over problems) and first-error F1:
+    neither can be won by position alone. Step AUROC over all steps is reported beside them, never alone.
+    """
+    per_traj_scores: list[list[float]] = []
+    per_traj_truth: list[list[bool]] = []
     unscored = truncated = 0
     for row, sc in zip(ruler.rows, scores, strict=True):
-        truth = row["step_truth"]
-        mean = [] if sc is None else list(sc.mean)
+        truth = list(row["step_truth"])
+        mean = [] if sc is None else [float(x) for x in sc.mean]
         if len(mean) > len(truth):
             raise EvaluationError(f"{len(mean)} scores for {len(truth)} steps (problem {row['problem_id']})")
         truncated += bool(sc is not None and sc.truncated)
         unscored += len(truth) - len(mean)
-        flat_scores += mean
-        flat_truth += truth[: len(mean)]
+        per_traj_scores.append(mean)
+        per_traj_truth.append(truth)
+    # A NaN is no score (a step past the scorer's context, or a scorer that failed on it): left out, counted.
+    pairs = [(s, t) for traj, truth in zip(per_traj_scores, per_traj_truth, strict=True)
+             for s, t in zip(traj, truth, strict=False) if not math.isnan(s)]
+    unscored += sum(len(traj) for traj in per_traj_scores) - len(pairs)
+    flat_scores, flat_truth = [s for s, _ in pairs], [t for _, t in pairs]
     value = auroc(flat_scores, flat_truth) if flat_scores else math.nan
+    within = within_position_auroc(per_traj_scores, per_traj_truth)
+    # first-error F1 judges whole trajectories: only those scored to the end, every step
+    complete = [(s, t) for s, t in zip(per_traj_scores, per_traj_truth, strict=True)
+                if t and len(s) == len(t) and not any(math.isnan(x) for x in s)]
+    f1 = first_error_f1([s for s, _ in complete], [t for _, t in complete], threshold)
     return {
         "ruler_version": ruler.manifest.get("ruler_version"),
         "content_hash": ruler.manifest.get("content_hash"),
@@ -412,10 +519,45 @@ def ruler_step_metrics(ruler: Ruler, scores: Sequence[ScoresLike | None],
         "correct_steps": sum(flat_truth),
         "unscored_steps": unscored,
         "truncated_trajectories": truncated,
+        "within_position_auroc": None if math.isnan(within["mean"]) else within["mean"],
+        "within_position_auroc_ci": _within_position_ci(ruler, per_traj_scores, per_traj_truth, n_boot, seed),
+        "first_error_f1": f1["f1"],
+        "first_error": {**f1, "judged_trajectories": len(complete)},
         "step_auroc": None if math.isnan(value) else value,
         "step_accuracy": accuracy(flat_scores, flat_truth, threshold) if flat_scores else None,
+        "positions": within["positions"],
         "threshold": threshold,
     }
+
+
+def _within_position_ci(ruler: Ruler, scores: list[list[float]], truth: list[list[bool]], n_boot: int,
+                        seed: int) -> list[float] | None:
+    """95% bootstrap interval of within-position AUROC, resampling problems (their samples together)."""
+    by_problem: dict[str, dict[int, tuple[list[float], list[bool]]]] = {}
+    for row, s, t in zip(ruler.rows, scores, truth, strict=True):
+        positions = by_problem.setdefault(row["problem_id"], {})
+        for j, value in enumerate(s):
+            if math.isnan(value):
+                continue
+            xs, ys = positions.setdefault(j, ([], []))
+            xs.append(value)
+            ys.append(t[j])
+    groups = [{j: (np.asarray(xs), np.asarray(ys, dtype=bool)) for j, (xs, ys) in pos.items()}
+              for pos in by_problem.values()]
+    max_j = max((j for g in groups for j in g), default=-1)
+
+    def statistic(picked: Sequence[dict[int, tuple[np.ndarray, np.ndarray]]]) -> float:
+        values = []
+        for j in range(max_j + 1):
+            parts = [g[j] for g in picked if j in g]
+            if parts:
+                value = auroc(np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+                if not math.isnan(value):
+                    values.append(value)
+        return float(np.mean(values)) if values else math.nan
+
+    lo, hi = bootstrap_ci(groups, statistic, n_boot=n_boot, seed=seed)
+    return None if math.isnan(lo) else [lo, hi]
 
 
 def ruler_candidates(ruler: Ruler, scores: Sequence[ScoresLike | None]) -> list[list[Candidate]]:
@@ -428,11 +570,13 @@ def ruler_candidates(ruler: Ruler, scores: Sequence[ScoresLike | None]) -> list[
 
 
 def evaluate_ruler(scorer: StepScorer, ruler: Ruler, bon_ns: Sequence[int] | None = DEFAULT_BON_NS,
-                   threshold: float = DEFAULT_THRESHOLD, batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
-    """Score the ruler once; step metrics and (unless bon_ns is None/empty) best-of-N accuracy per selector."""
+                   threshold: float = DEFAULT_THRESHOLD, batch_size: int = 16, seed: int = 0,
+                   n_boot: int = 1000) -> dict[str, Any]:
+    """Score the ruler once; step metrics and (unless bon_ns is None/empty) best-of-N accuracy per selector,
+    each with 95% bootstrap intervals over problems."""
     scores = score_ruler(scorer, ruler, batch_size)
-    report: dict[str, Any] = {"steps": ruler_step_metrics(ruler, scores, threshold)}
+    report: dict[str, Any] = {"steps": ruler_step_metrics(ruler, scores, threshold, n_boot, seed)}
     if bon_ns:
-        res = best_of_n(ruler_candidates(ruler, scores), list(bon_ns), tuple(SELECTORS), seed)
+        res = best_of_n(ruler_candidates(ruler, scores), list(bon_ns), tuple(SELECTORS), seed, n_boot)
         report["best_of_n"] = asdict(res)
     return report

@@ -101,12 +101,15 @@ SAMPLED_ORIGINS = frozenset({"rollout", "tree"})  # k of N completions sampled f
 FINAL_ORIGIN = "final"  # the whole solution: its label is the outcome (final answer right)
 EARLY_STOP_ORIGIN = "early_stop"  # counts drawn until the first success: k/N is biased upward
 ESTIMATED_ORIGIN = "estimated"  # labelled by the binary search's rule; the counts are no sample of N
+TRUTH_ORIGIN = "truth"  # the toy world's exact checker (the truth labeller: an upper bound, never a real run)
 # Counts real but not a fixed-size sample (early stop) or no sample behind the label (binary-search rule):
 # the hard label is kept, soft and ER are null.
 UNSAMPLED_ORIGINS = frozenset({EARLY_STOP_ORIGIN, ESTIMATED_ORIGIN})
-STEP_ORIGINS = SAMPLED_ORIGINS | UNSAMPLED_ORIGINS | {FINAL_ORIGIN}
-# Origins whose hard label is not read from the counts but given: the outcome, or the bisection's verdict.
-GIVEN_HARD_ORIGINS = frozenset({FINAL_ORIGIN, ESTIMATED_ORIGIN})
+STEP_ORIGINS = SAMPLED_ORIGINS | UNSAMPLED_ORIGINS | {FINAL_ORIGIN, TRUTH_ORIGIN}
+# Origins whose hard label is not read from the counts but given: the outcome, the bisection's or the checker's
+# verdict. A given verdict that is exact (the outcome, the checker) is also the step's soft and ER value.
+GIVEN_HARD_ORIGINS = frozenset({FINAL_ORIGIN, ESTIMATED_ORIGIN, TRUTH_ORIGIN})
+EXACT_ORIGINS = frozenset({FINAL_ORIGIN, TRUTH_ORIGIN})
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,10 @@ def step_labels(successes: Sequence[int] | np.ndarray, rollouts: Sequence[int] |
       null (no sample behind the label; the counts are whatever the tree gave).
     - ``"final"`` (the whole solution): hard = ``given_hard[i]``, the outcome (final answer right); soft =
       ER = that outcome as 0.0/1.0. Its counts are not read.
+    - ``"truth"`` (the toy world's exact checker; the truth labeller): as ``"final"``, with the checker's
+      verdict on the step as ``given_hard[i]``.
 
-    ``given_hard`` is read only for ``"estimated"`` and ``"final"`` steps (entries for other steps may be
+    ``given_hard`` is read only for ``"estimated"``, ``"final"`` and ``"truth"`` steps (entries for other steps may be
     None or anything). Raises ValueError naming the step (``step i: ...``) for an unknown origin, a
     sampled step with N < 1, a missing given label, or counts outside 0 <= k <= N; and for η <= 0.
     """
@@ -184,7 +189,7 @@ def step_labels(successes: Sequence[int] | np.ndarray, rollouts: Sequence[int] |
 
     hard = k > 0
     hard[needs_given] = given[needs_given].astype(bool)
-    final = origin == FINAL_ORIGIN
+    final = np.isin(origin, list(EXACT_ORIGINS))
     soft = np.full(len(k), np.nan)
     er = np.full(len(k), np.nan)
     soft[final] = er[final] = hard[final].astype(np.float64)

@@ -46,9 +46,18 @@ from torch import nn
 PRM_CONFIG_NAME = "prm_config.json"
 WEIGHTS_NAME = "model.safetensors"
 BACKBONE_DIR = "backbone"
+TRAINING_PROBLEMS_NAME = "training_problems.json"  # the problem ids a checkpoint was trained on (eval's check)
 FORMAT = "prm-factory/ensemble-prm/v1"
 # Keys of prm_config.json that define the model's shape and meaning; the hash covers exactly these.
 MODEL_KEYS = ("backbone", "hidden_size", "num_heads", "head_hidden", "target", "max_length", "seed")
+# Keys added later, with the value every checkpoint written before them has: hashed only when they differ from it,
+# so older checkpoints keep their hash. What they mean: ProcessRewardModel.
+READS = ("end", "tokens")
+TOKEN_FEATURES = ("none", "logprob")
+LATER_MODEL_KEYS = {"reads": "end", "token_features": "none"}
+# reads "tokens": a token's head logit starts near +TOKEN_LOGIT_OFFSET, i.e. a token is "fine" with p ~ 0.99, so a
+# fresh model's prefix probability (a product over tokens) starts high instead of at 0.5 ** tokens.
+TOKEN_LOGIT_OFFSET = 5.0
 
 
 class CheckpointError(ValueError):
@@ -72,17 +81,20 @@ class EncodedTrajectory:
     step_ends: list[int]
     empty_steps: list[bool]
     truncated: bool
+    prompt_tokens: int = 0  # the first completion token's index
 
 
 def prm_config_hash(prm_config: dict[str, Any]) -> str:
     """Hash of the model-defining keys of a prm_config (what a checkpoint must match to be loaded)."""
     part = {k: prm_config.get(k) for k in MODEL_KEYS}
+    part.update({k: prm_config[k] for k, default in LATER_MODEL_KEYS.items() if prm_config.get(k, default) != default})
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def encode_trajectory(tokenizer: Any, prompt: str, steps: Sequence[str], max_length: int) -> EncodedTrajectory:
     """Tokenize prompt and steps piece by piece; cut at ``max_length`` tokens (see the module docstring)."""
     ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    prompt_tokens = len(ids)
     ends: list[int] = []
     empty: list[bool] = []
     for step in steps:
@@ -94,22 +106,25 @@ def encode_trajectory(tokenizer: Any, prompt: str, steps: Sequence[str], max_len
     if truncated:
         ids = ids[:max_length]
         ends = [e if e < max_length else -1 for e in ends]
-    return EncodedTrajectory(ids, ends, empty, truncated)
+    return EncodedTrajectory(ids, ends, empty, truncated, min(prompt_tokens, len(ids)))
 
 
 def collate(encoded: Sequence[EncodedTrajectory], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids/attention_mask [B, T], step_ends [B, S] (-1 where no step)."""
+    """Right-padded batch: input_ids/attention_mask [B, T], step_ends [B, S] (-1 where no step), and
+    completion_mask [B, T] (True at the steps' tokens, False at the prompt's and at padding)."""
     width = max(len(e.input_ids) for e in encoded)
     steps = max(1, max(len(e.step_ends) for e in encoded))
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
     step_ends = torch.full((len(encoded), steps), -1, dtype=torch.long)
+    completion = torch.zeros((len(encoded), width), dtype=torch.bool)
     for i, e in enumerate(encoded):
         input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
         attention[i, : len(e.input_ids)] = 1
+        completion[i, e.prompt_tokens : len(e.input_ids)] = True
         if e.step_ends:
             step_ends[i, : len(e.step_ends)] = torch.tensor(e.step_ends, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention, "step_ends": step_ends}
+    return {"input_ids": input_ids, "attention_mask": attention, "step_ends": step_ends, "completion_mask": completion}
 
 
 def target_tensor(targets: Sequence[Sequence[float | bool | None] | None], encoded: Sequence[EncodedTrajectory],
@@ -170,13 +185,16 @@ class EnsembleHeads(nn.Module):
                 x = torch.relu(x)
         return x.squeeze(-1).transpose(0, 1)
 
-    def pull(self) -> torch.Tensor:
-        """[E] squared distance of each head's weights from its initial weights."""
+    def pull(self, reduction: str = "sum") -> torch.Tensor:
+        """[E] squared distance of each head's weights from its initial weights: summed over the head's
+        parameters, or (``reduction="mean"``) their mean, which does not grow with the head's size."""
         total = torch.zeros(self.num_heads, device=self.weights[0].device)
+        count = 0
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             w0, b0 = getattr(self, f"init_weight_{i}"), getattr(self, f"init_bias_{i}")
             total = total + (w - w0).pow(2).sum(dim=(1, 2)) + (b - b0).pow(2).sum(dim=1)
-        return total
+            count += w[0].numel() + b[0].numel()
+        return total / count if reduction == "mean" else total
 
 
 def ensemble_loss(logits: torch.Tensor, targets: torch.Tensor, pull: torch.Tensor, pull_lambda: float
@@ -197,22 +215,65 @@ def ensemble_loss(logits: torch.Tensor, targets: torch.Tensor, pull: torch.Tenso
 
 
 class ProcessRewardModel(nn.Module):
-    """Backbone (HF ``AutoModel``: the decoder without its LM head) + ``EnsembleHeads`` at step end tokens."""
+    """Backbone (HF ``AutoModel``: the decoder without its LM head) + ``EnsembleHeads``.
 
-    def __init__(self, backbone: nn.Module, num_heads: int, head_hidden: Sequence[int], seed: int = 0) -> None:
+    What the heads read (``reads``):
+
+    - ``"end"``: the hidden state at each step's end token; a step's logit is the head's output there, each step
+      judged on its own.
+    - ``"tokens"``: every completion token. Head e gives token t a logit ``l_t`` (plus ``TOKEN_LOGIT_OFFSET``),
+      read as P(token t keeps the solution right | the text before it is right). A prefix is right iff every
+      token so far is, so the probability that the text up to token t is right is ``prod_{s <= t} sigmoid(l_s)``
+      (the chain rule over tokens), and a step's score is that product at its end token. This matches how
+      correctness works (a wrong step makes every later step wrong), and it is defined at every token, so a PRM
+      trained on steps cut one way (EDU anchors mid-line) scores steps cut another way (newlines) with the same
+      meaning.
+
+    ``token_features``: ``"logprob"`` adds to each token's hidden state the backbone's own log-probability of that
+    token given the tokens before it (its LM head on the previous position): how surprised the language model is.
+    With the toy policy as backbone that is the sampling policy's confidence; with another backbone it is that
+    model's surprise, which the PRM still reads for free.
+    """
+
+    def __init__(self, backbone: nn.Module, num_heads: int, head_hidden: Sequence[int], seed: int = 0,
+                 reads: str = "end", token_features: str = "none", lm_head: nn.Module | None = None) -> None:
         super().__init__()
+        if reads not in READS or token_features not in TOKEN_FEATURES:
+            raise ValueError(f"reads must be one of {READS} and token_features one of {TOKEN_FEATURES}, got "
+                             f"{reads!r}, {token_features!r}")
         self.backbone = backbone
-        hidden = int(backbone.config.hidden_size)
+        self.reads, self.token_features = reads, token_features
+        hidden = int(backbone.config.hidden_size) + (1 if token_features == "logprob" else 0)
         self.heads = EnsembleHeads(hidden, num_heads, head_hidden, seed)
+        # An untied LM head is a module of its own; a tied one is the input embedding (no second copy is saved).
+        self.lm_head = lm_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_ends: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_ends: torch.Tensor,
+                completion_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-step logits [B, S, E]; rows of ``step_ends`` equal to -1 give garbage logits (mask them)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        index = step_ends.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        at_ends = torch.gather(hidden, 1, index)  # [B, S, H]
-        b, s, h = at_ends.shape
-        return self.heads(at_ends.reshape(b * s, h).to(self.heads.weights[0].dtype)).reshape(b, s, -1)
+        if self.token_features == "logprob":
+            hidden = torch.cat([hidden, self._token_logprobs(hidden, input_ids)], dim=-1)
+        hidden = hidden.to(self.heads.weights[0].dtype)
+        index = step_ends.clamp(min=0)
+        b, t, h = hidden.shape
+        if self.reads == "end":
+            at_ends = torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, h))  # [B, S, H]
+            return self.heads(at_ends.reshape(-1, h)).reshape(b, index.shape[1], -1)
+        if completion_mask is None:
+            raise ValueError("reads 'tokens' needs the completion mask (collate makes it)")
+        token_logits = self.heads(hidden.reshape(-1, h)).reshape(b, t, -1) + TOKEN_LOGIT_OFFSET
+        fine = nn.functional.logsigmoid(token_logits) * completion_mask.unsqueeze(-1).to(token_logits.dtype)
+        log_p = torch.gather(fine.cumsum(dim=1), 1, index.unsqueeze(-1).expand(-1, -1, fine.shape[-1]))
+        log_p = log_p.clamp(max=-1e-6)  # p < 1, so log(1 - p) is finite
+        return log_p - torch.log(-torch.expm1(log_p))  # the logit of p = exp(log_p)
+
+    def _token_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T, 1]: log p(token t | tokens < t) under the backbone's LM head (0 at t = 0, which has no context)."""
+        weight = self.lm_head.weight if self.lm_head is not None else self.backbone.get_input_embeddings().weight
+        logp = torch.log_softmax((hidden[:, :-1] @ weight.t()).float(), dim=-1)
+        taken = torch.gather(logp, -1, input_ids[:, 1:].unsqueeze(-1))
+        return torch.cat([torch.zeros_like(taken[:, :1]), taken], dim=1).clamp(min=-30.0).to(hidden.dtype)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -233,11 +294,12 @@ def backbone_context(model_path: str | Path) -> int:
 
 
 def make_prm_config(backbone: str, hidden_size: int, num_heads: int, head_hidden: Sequence[int], target: str,
-                    max_length: int, seed: int, **extra: Any) -> dict[str, Any]:
+                    max_length: int, seed: int, reads: str = "end", token_features: str = "none",
+                    **extra: Any) -> dict[str, Any]:
     """A prm_config dict with its hash (``extra``: provenance such as the train config and dataset version)."""
     cfg = {"format": FORMAT, "backbone": str(backbone), "hidden_size": int(hidden_size), "num_heads": int(num_heads),
            "head_hidden": [int(w) for w in head_hidden], "target": target, "max_length": int(max_length),
-           "seed": int(seed), **extra}
+           "seed": int(seed), "reads": reads, "token_features": token_features, **extra}
     cfg["config_hash"] = prm_config_hash(cfg)
     return cfg
 
@@ -245,7 +307,23 @@ def make_prm_config(backbone: str, hidden_size: int, num_heads: int, head_hidden
 def build_prm(prm_config: dict[str, Any], dtype: str = "float32") -> ProcessRewardModel:
     """A fresh model (pretrained backbone, newly initialised heads) for a prm_config."""
     backbone = load_backbone(prm_config["backbone"], dtype)
-    return ProcessRewardModel(backbone, prm_config["num_heads"], prm_config["head_hidden"], prm_config["seed"])
+    return ProcessRewardModel(backbone, prm_config["num_heads"], prm_config["head_hidden"], prm_config["seed"],
+                              **_shape_options(prm_config, lambda: _pretrained_lm_head(prm_config["backbone"], dtype),
+                                               backbone))
+
+
+def _shape_options(prm_config: dict[str, Any], lm_head: Any, backbone: nn.Module) -> dict[str, Any]:
+    """ProcessRewardModel's later options from a prm_config; `lm_head()` makes an untied LM head when needed."""
+    options = {k: prm_config.get(k, default) for k, default in LATER_MODEL_KEYS.items()}
+    tied = getattr(backbone.config, "tie_word_embeddings", True)
+    options["lm_head"] = lm_head() if options["token_features"] == "logprob" and not tied else None
+    return options
+
+
+def _pretrained_lm_head(model_path: str | Path, dtype: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=_DTYPES[dtype]).get_output_embeddings()
 
 
 def save_checkpoint(model: ProcessRewardModel, prm_config: dict[str, Any], out_dir: str | Path,
@@ -327,6 +405,17 @@ class LoadedPRM:
         return score_trajectories(self.model, self.tokenizer, prompts, completions, self.max_length,
                                   batch_size=batch_size, device=self.device, counter=self)
 
+    def format_prompt(self, question: str) -> str:
+        """A bare question as the PRM saw prompts in training: the training config's prompt template, rendered
+        (tasks.sources.prompts.render_prompt). A checkpoint written before the template was recorded gets the
+        question as it is."""
+        from tasks.sources.prompts import render_prompt
+
+        template = self.config.get("prompt_template")
+        if template is None:
+            return question
+        return render_prompt(template, question, self.tokenizer, self.config.get("system_prompt"))
+
 
 def pad_token_id(tokenizer: Any) -> int:
     """The pad id, else EOS, else 0 (padding is masked out; any id works)."""
@@ -339,7 +428,8 @@ def pad_token_id(tokenizer: Any) -> int:
 @torch.no_grad()
 def step_probs(model: ProcessRewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, S, E] head probabilities for a collated batch (in the model's current mode)."""
-    return torch.sigmoid(model(batch["input_ids"], batch["attention_mask"], batch["step_ends"]).float())
+    return torch.sigmoid(model(batch["input_ids"], batch["attention_mask"], batch["step_ends"],
+                               batch.get("completion_mask")).float())
 
 
 def score_trajectories(model: ProcessRewardModel, tokenizer: Any, prompts: Sequence[str],
@@ -396,7 +486,9 @@ def load_prm(checkpoint: str | Path, device: str = "cpu", *, expect_hash: str | 
         raise CheckpointError(f"{ckpt}: backbone hidden size {hf_config.hidden_size} but the PRM config says "
                               f"{cfg['hidden_size']}")
     backbone = AutoModel.from_config(hf_config)
-    model = ProcessRewardModel(backbone, cfg["num_heads"], cfg["head_hidden"], cfg["seed"])
+    model = ProcessRewardModel(backbone, cfg["num_heads"], cfg["head_hidden"], cfg["seed"],
+                               **_shape_options(cfg, lambda: nn.Linear(hf_config.hidden_size, hf_config.vocab_size,
+                                                                        bias=False), backbone))
     try:
         tensors = load_file(str(ckpt / WEIGHTS_NAME))
     except (SafetensorError, OSError) as err:
@@ -406,3 +498,18 @@ def load_prm(checkpoint: str | Path, device: str = "cpu", *, expect_hash: str | 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     model.to(device).eval()
     return LoadedPRM(model, tokenizer, cfg, int(cfg["max_length"]), device)
+
+
+def training_problem_ids(checkpoint: str | Path) -> tuple[set[str] | None, str]:
+    """The problem ids the checkpoint was trained on (the trainer stores them, with the dataset version), and a
+    phrase saying where from; (None, why) for a checkpoint that does not record them."""
+    ckpt = find_checkpoint_dir(checkpoint)
+    path = ckpt / TRAINING_PROBLEMS_NAME
+    if not path.is_file():
+        return None, f"{ckpt} does not record its training problems (written before they were recorded)"
+    try:
+        data = json.loads(path.read_text())
+        ids = set(data["problem_ids"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is damaged: {err}") from None
+    return ids, f"the checkpoint's training dataset (version {data.get('dataset_version')})"

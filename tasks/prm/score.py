@@ -90,6 +90,36 @@ def score_file(prm: LoadedPRM, input_path: str | Path, output_path: str | Path, 
 
         atomic_write_lines(out, (json.dumps({**row, "step_scores": clean(s.mean), "step_std": clean(s.std)})
                                  for row, s in zip(data, scores, strict=True)))
-    return {"input": str(input_path), "output": str(out), "format": kind, "rows": len(scores),
-            "steps": sum(len(s.mean) for s in scores), "truncated_rows": sum(s.truncated for s in scores),
-            "checkpoint_config_hash": prm.config["config_hash"]}
+    summary = {"input": str(input_path), "output": str(out), "format": kind, "rows": len(scores),
+               "steps": sum(len(s.mean) for s in scores), "truncated_rows": sum(s.truncated for s in scores),
+               "checkpoint_config_hash": prm.config["config_hash"]}
+    truth_column = next((c for c in TRUTH_COLUMNS if c in _columns(kind, data)), None)
+    if truth_column is not None:
+        truth = data.column(truth_column).to_pylist() if kind == "parquet" else [r[truth_column] for r in data]
+        summary["quality"] = step_quality([s.mean for s in scores], truth, truth_column)
+    return summary
+
+
+# Per-step columns a scored file may carry, most exact first: the ruler's exact truth, a dataset's hard labels.
+TRUTH_COLUMNS = ("step_truth", "labels")
+
+
+def _columns(kind: str, data: Any) -> set[str]:
+    return set(data.column_names) if kind == "parquet" else (set(data[0]) if data else set())
+
+
+def step_quality(scores: list[list[float]], truth: list[list[bool] | None], column: str) -> dict[str, Any]:
+    """The scores against the file's own per-step truth or labels: within-position AUROC and first-error F1 first,
+    step AUROC beside them (rows without a usable truth list, or of another length, are left out and counted)."""
+    from tasks.evaluation.metrics import auroc, first_error_f1, within_position_auroc
+
+    kept = [(s, [bool(x) for x in t]) for s, t in zip(scores, truth, strict=True)
+            if isinstance(t, list) and len(t) == len(s) and None not in t and not any(math.isnan(x) for x in s)]
+    flat_s = [x for s, _ in kept for x in s]
+    flat_t = [y for _, t in kept for y in t]
+    within = within_position_auroc([s for s, _ in kept], [t for _, t in kept])["mean"]
+    step = auroc(flat_s, flat_t) if flat_s else math.nan
+    return {"against": column, "rows": len(kept), "rows_left_out": len(scores) - len(kept),
+            "within_position_auroc": None if math.isnan(within) else within,
+            "first_error_f1": first_error_f1([s for s, _ in kept], [t for _, t in kept])["f1"] if kept else None,
+            "step_auroc": None if math.isnan(step) else step}

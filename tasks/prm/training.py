@@ -38,8 +38,9 @@ def is_held_out(problem_id: str, fraction: float, seed: int) -> bool:
 
 def dataset_shards(dataset_dir: str | Path) -> tuple[list[Path], str | None]:
     """The Parquet shards of a finished dataset version (from its manifest, through the store's path guard) and
-    its version id; TrainError, in one line, when the version is absent, unreadable, empty or missing a shard."""
-    root = Path(dataset_dir)
+    its version id; TrainError, in one line, when the version is absent, unreadable, empty or missing a shard.
+    The paths are absolute: Ray Train workers read them from another working directory."""
+    root = Path(dataset_dir).resolve()
     if not root.is_dir():
         raise TrainError(f"dataset directory not found: {root}")
     try:
@@ -58,7 +59,10 @@ def dataset_shards(dataset_dir: str | Path) -> tuple[list[Path], str | None]:
     return paths, manifest.get("dataset_version")
 
 
-def run_prm_config(train: TrainConfig, backbone: Path, dataset_version: str | None) -> dict[str, Any]:
+def run_prm_config(train: TrainConfig, backbone: Path, dataset_version: str | None, prompt_template: str | None = None,
+                   system_prompt: str | None = None) -> dict[str, Any]:
+    """The PRM config of a run: the model's shape (hashed) plus provenance, and the prompt format of its training
+    rows (``prompt_template``, ``system_prompt``: how eval renders a bare question, e.g. ProcessBench's)."""
     from transformers import AutoConfig
 
     from tasks.prm.model import backbone_context, make_prm_config
@@ -67,8 +71,10 @@ def run_prm_config(train: TrainConfig, backbone: Path, dataset_version: str | No
     max_length = min(train.max_length or context, context)
     return make_prm_config(train.model_path, AutoConfig.from_pretrained(str(backbone)).hidden_size,
                            train.num_heads, train.head_hidden, train.target, max_length, train.seed,
+                           reads=train.reads, token_features=train.token_features,
                            train=train.model_dump(mode="json"), train_hash=train.train_hash(),
-                           dataset_version=dataset_version)
+                           dataset_version=dataset_version, prompt_template=prompt_template,
+                           system_prompt=system_prompt)
 
 
 def optimizer_tensors(optimizer: Any) -> dict[str, Any]:
@@ -109,7 +115,7 @@ def held_out_rows(shards: list[str], target: str, fraction: float, seed: int) ->
 def evaluate_held_out(model: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str, max_length: int,
               device: str) -> dict[str, Any]:
     """Held-out loss (BCE of the ensemble mean vs the target), step AUROC and accuracy vs the hard labels."""
-    from tasks.evaluation.metrics import accuracy, auroc
+    from tasks.evaluation.metrics import accuracy, auroc, within_position_auroc
     from tasks.prm.model import score_trajectories
 
     scores = score_trajectories(model, tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows],
@@ -129,6 +135,8 @@ def evaluate_held_out(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ta
         "eval_rows": len(rows), "eval_steps": len(means),
         "eval_loss": float(sum(losses) / len(losses)) if losses else math.nan,
         "eval_auroc": auroc(means, hard) if means else math.nan,
+        "eval_within_position_auroc": within_position_auroc(
+            [s.mean for s in scores], [[bool(x) for x in r["labels"]] for r in rows])["mean"],
         "eval_acc": accuracy(means, hard) if means else math.nan,
         "eval_truncated": sum(s.truncated for s in scores),
         "scores": [{"problem_id": r["problem_id"], "prompt": r["prompt"], "completions": r["completions"],
@@ -137,7 +145,8 @@ def evaluate_held_out(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ta
 
 
 def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str,
-               max_length: int, pull_lambda: float, device: str, where: str) -> tuple[float, dict[str, float], int]:
+               max_length: int, pull_lambda: float, device: str, where: str,
+               pull_reduction: str = "sum") -> tuple[float, dict[str, float], int]:
     """One optimizer step on a batch of rows; returns (loss, its parts, truncated rows).
 
     Raises ``NaNLossError`` naming ``where`` and the batch's problem ids when the loss is not finite (before
@@ -151,9 +160,9 @@ def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, 
     encoded = [encode_trajectory(tokenizer, r["prompt"], r["completions"], max_length) for r in rows]
     tensors = {k: v.to(device) for k, v in collate(encoded, pad_token_id(tokenizer)).items()}
     targets = target_tensor([r[target] for r in rows], encoded, tensors["step_ends"].shape[1]).to(device)
-    logits = model(tensors["input_ids"], tensors["attention_mask"], tensors["step_ends"])
-    loss, parts = ensemble_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), bare.heads.pull(),
-                                pull_lambda)
+    logits = model(tensors["input_ids"], tensors["attention_mask"], tensors["step_ends"], tensors["completion_mask"])
+    loss, parts = ensemble_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                bare.heads.pull(pull_reduction), pull_lambda)
     if not torch.isfinite(loss):
         ids = [r["problem_id"] for r in rows]
         raise NaNLossError(f"non-finite loss {float(loss.detach())} at {where} (problem_ids {ids})")

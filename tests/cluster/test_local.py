@@ -60,9 +60,8 @@ def test_specs_keep_dashboard_token_auth_on(path):
 @pytest.mark.slow
 def test_local_cluster_up_status_down(tmp_path):
     """Runs the CLI in subprocesses: its own head on free ports, its own state file; `down` stops only it."""
-    from tests.conftest import free_port
-
     from cluster.local import _alive
+    from tests.conftest import free_port
 
     env = dict(os.environ, PRM_FACTORY_CLUSTER_STATE=str(tmp_path / "cluster.json"))
     cli = [sys.executable, "-m", "prm_factory.cli", "cluster"]

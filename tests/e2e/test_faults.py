@@ -135,9 +135,9 @@ def test_prefect_server_restarted_during_a_flow_run(tmp_path, ray_session, integ
     dataset, and it equals the reference build.
     """
     import ray
-    from tests.conftest import free_port
 
     from cluster.stack import prefect_env, start_server
+    from tests.conftest import free_port
 
     home = tmp_path / "prefect-home"
     home.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -60,3 +61,32 @@ def test_best_of_n_table_and_pass_at_n_ceiling():
     assert res.oracle_any_correct == [0.25, 0.5]
     with pytest.raises(EvaluationError, match="unknown selector"):
         best_of_n([p1], [1], selectors=("best",))
+
+
+def test_a_nan_step_never_wins_whatever_the_order():
+    nan = math.nan
+    rng = random.Random(0)
+    for cands in ([_c([nan, 0.1], "1", False), _c([0.2, 0.3], "2", True)],
+                  [_c([0.2, 0.3], "2", True), _c([nan, 0.1], "1", False)],
+                  [_c([0.9, nan], "1", False), _c([0.05], "2", True)]):
+        picked = cands[select_min_step(cands, rng)]
+        assert picked.correct, "a candidate with an unscored step must not beat a fully scored one"
+        picked = cands[select_last_step(cands, rng)]
+        assert picked.correct
+    assert select_min_step([_c([nan], "1", False), _c([], "2", True)], rng) == 0  # none scored: the first
+
+
+def test_best_of_n_reports_bootstrap_intervals_and_the_paired_difference_to_majority():
+    # 40 problems x 4 samples: min_step always finds the right sample, majority only on half the problems
+    problems = []
+    for j in range(40):
+        right = _c([0.9], "7", True)
+        wrong = [_c([0.1], "5", False) for _ in range(3)] if j % 2 else [_c([0.1], "7", True)] * 3
+        problems.append([wrong[0], right, *wrong[1:]] if j % 2 else [right, *wrong])
+    res = best_of_n(problems, [1, 4], n_boot=300)
+    assert res.accuracy["min_step"][1] == 1.0 and res.accuracy["majority"][1] == 0.5
+    lo, hi = res.ci["majority"][1]
+    assert lo < 0.5 < hi
+    d_lo, d_hi = res.diff_vs_majority["min_step"][1]
+    assert 0 < d_lo <= 0.5 <= d_hi  # above majority, outside the interval
+    assert "majority" not in res.diff_vs_majority

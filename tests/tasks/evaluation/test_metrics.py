@@ -6,9 +6,18 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 
-from tasks.evaluation.metrics import accuracy, auroc, brier
+from tasks.evaluation.metrics import (
+    accuracy,
+    auroc,
+    bootstrap_ci,
+    brier,
+    first_error_f1,
+    first_error_labels,
+    within_position_auroc,
+)
 
 
 def test_auroc_hand_computed():
@@ -70,3 +79,52 @@ def test_step_accuracy_threshold_is_inclusive_for_correct():
     # 0.5 counts as "correct" (only scores below 0.5 are judged wrong, as in ProcessBench)
     assert accuracy([0.5, 0.49, 0.9, 0.1], [True, False, False, True]) == 0.5
     assert accuracy([0.2], [False], threshold=0.1) == 0.0
+
+
+# -- within-position AUROC, first-error F1, bootstrap intervals ---------------------------------------------
+
+
+def test_within_position_auroc_averages_the_positions_with_both_classes():
+    # index 0: right steps 0.9, 0.2 vs wrong 0.4 -> pairs (0.9>0.4, 0.2<0.4) = 1/2
+    # index 1: right 0.8 vs wrong 0.1, 0.3 -> 1; index 2: one class only -> not counted
+    scores = [[0.9, 0.8, 0.7], [0.2, 0.1], [0.4, 0.3]]
+    truth = [[True, True, True], [True, False], [False, False]]
+    res = within_position_auroc(scores, truth)
+    assert res["mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert [p["auroc"] for p in res["positions"]] == [0.5, 1.0, None]
+    assert [p["steps"] for p in res["positions"]] == [3, 3, 1]
+
+
+def test_within_position_auroc_gives_position_nothing_and_leaves_nan_out():
+    # a scorer that only knows the index (earlier higher) wins step AUROC but is 0.5 at every index
+    truth = [[True, False, False], [True, True, False], [False, False, False], [True, True, True]]
+    position = [[1.0, 0.5, 1 / 3] for _ in truth]
+    flat_s = [s for traj in position for s in traj]
+    flat_t = [t for traj in truth for t in traj]
+    assert auroc(flat_s, flat_t) > 0.7
+    assert within_position_auroc(position, truth)["mean"] == 0.5
+    res = within_position_auroc([[0.9, math.nan], [0.1, 0.5]], [[True, True], [False, False]])
+    assert res["left_out"] == 1 and res["mean"] == 1.0  # index 1 has one class left once the NaN is out
+    assert math.isnan(within_position_auroc([[0.5]], [[True]])["mean"])
+
+
+def test_first_error_f1_is_processbench_rule_on_exact_truth():
+    truth = [[True, False, False], [True, True, True], [False, True], [True, True]]
+    # predictions: 1 (right), -1 (right), 1 (wrong: the first error is 0), 1 (wrong: no error)
+    scores = [[0.9, 0.2, 0.1], [0.9, 0.8, 0.7], [0.6, 0.3], [0.9, 0.4]]
+    res = first_error_f1(scores, truth)
+    assert (res["error_acc"], res["correct_acc"]) == (0.5, 0.5)
+    assert res["f1"] == pytest.approx(0.5)
+    assert res["erroneous"] == 2 and res["correct"] == 2
+    assert first_error_f1([[0.5, math.nan]], [[True, True]])["correct_acc"] == 0.0  # NaN never passes
+    assert first_error_labels(truth) == [1, -1, 0, -1]
+
+
+def test_bootstrap_ci_covers_the_known_mean_and_degenerates_on_constants():
+    lo, hi = bootstrap_ci([1.0] * 50, lambda xs: float(np.mean(xs)), n_boot=200)
+    assert lo == hi == 1.0
+    # 0/1 values with mean 0.5 over 400 groups: the 95% interval of the mean is about 0.5 +- 0.049
+    values = [0.0, 1.0] * 200
+    lo, hi = bootstrap_ci(values, lambda xs: float(np.mean(xs)), n_boot=2000, seed=1)
+    assert 0.44 < lo < 0.47 and 0.53 < hi < 0.56
+    assert all(math.isnan(x) for x in bootstrap_ci([], lambda xs: 0.0))

@@ -4,7 +4,6 @@ the oracle/constant reference scorers through the real `eval` command, and repro
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -21,11 +20,13 @@ from tasks.evaluation.ruler import (
     TOY_RULER,
     ConstantScorer,
     OracleScorer,
+    Ruler,
     check_disjoint,
     cut_at_newlines,
     dataset_problem_ids,
     evaluate_ruler,
     load_ruler,
+    reference_scorer,
     ruler_problems,
     sample_ruler_rows,
     step_truth,
@@ -180,7 +181,7 @@ def test_eval_command_with_reference_scorers(ruler, tmp_path):
 
 def test_eval_command_bad_input(ruler, tmp_path):
     cases = [
-        (("eval", "--scorer", "oracle", "--processbench", "../shared/data/processbench"), "knows only the toy truth"),
+        (("eval", "--scorer", "oracle", "--processbench", "../shared/data/processbench"), "know only the toy ruler"),
         (("eval", "--scorer", "oracle", "--bon", "32"), "exceeds the ruler's 16 samples"),
         (("eval", "--scorer", "oracle", "--bon", "two"), "--bon must be"),
         (("eval", "--scorer", "best"), "--scorer must be one of"),
@@ -200,13 +201,38 @@ def test_eval_command_bad_input(ruler, tmp_path):
         assert message in " ".join(res.stderr.split()), (args, res.stderr)
 
 
-def test_eval_checkpoint_needs_the_prm_loader(tmp_path):
-    res = _cli("eval", "--checkpoint", str(tmp_path / "run"), "--no-ruler", "--processbench",
-               "../shared/data/processbench", "--limit", "2")
+def test_eval_of_a_missing_checkpoint_is_one_line_exit_2(tmp_path):
+    res = _cli("eval", "--checkpoint", str(tmp_path / "run"), "--ruler-problems", "2", "--bon", "none")
     assert res.returncode == 2
-    if importlib.util.find_spec("tasks.prm.model") is None:
-        assert "tasks.prm.model.load_prm" in " ".join(res.stderr.split())
-    # with the loader merged, a checkpoint directory that does not exist is its CheckpointError (exit 2)
+    assert f"checkpoint not found: {tmp_path / 'run'}" in " ".join(res.stderr.split())
+    assert "Traceback" not in res.stderr
+
+
+def test_position_reference_wins_step_auroc_but_not_the_metrics_it_cannot_game(ruler):
+    small = ruler.limited(64)
+    report = evaluate_ruler(reference_scorer("position"), small, bon_ns=[8], n_boot=100)
+    steps = report["steps"]
+    assert steps["step_auroc"] > 0.65  # later steps are wrong more often: position alone "ranks" them
+    assert steps["within_position_auroc"] == 0.5 and steps["within_position_auroc_ci"] == [0.5, 0.5]
+    assert steps["first_error_f1"] == 0.0  # 1/(1+j) >= 0.5 for j <= 1 then below: it "finds" errors at step 2
+    lo, hi = report["best_of_n"]["diff_vs_majority"]["min_step"][0]
+    assert hi < 0  # picking the shortest solution is worse than majority vote
+
+
+def test_policy_confidence_reads_the_rulers_policy_and_sees_a_slip():
+    prompt = "Start at 7. Apply in order: +5, *3.\n"
+    right = ["7+5=12\n", "12*3=36\n", "Answer: 36"]
+    slip = ["7+5=12\n", "12*3=38\n", "Answer: 38"]
+    scorer = reference_scorer("policy-confidence", Ruler([], {"spec": {"policy_path": "assets/toy-policy"}}))
+    good, bad = scorer.score([prompt, prompt], [right, slip])
+    assert all(0 < x <= 1 for x in good.mean + bad.mean)
+    assert all(a >= b for a, b in zip(good.mean, good.mean[1:], strict=False))  # a running minimum
+    assert good.mean[0] == pytest.approx(bad.mean[0])  # the same first step
+    assert bad.mean[1] < 0.1 < good.mean[1]  # the policy did not expect 38: the step where the slip is
+    with pytest.raises(EvaluationError, match="names no policy"):
+        reference_scorer("policy-confidence", Ruler([], {"spec": {}}))
+    with pytest.raises(EvaluationError, match="no model at"):
+        reference_scorer("policy-confidence", Ruler([], {"spec": {"policy_path": "assets/no-such-policy"}}))
 
 
 @pytest.mark.slow

@@ -72,6 +72,8 @@ def test_pull_is_the_squared_distance_from_init_per_head():
         heads.weights[0][1, 0, 0] += 0.1
         heads.biases[1][1, 0] -= 0.2
     assert heads.pull().tolist() == pytest.approx([0.0, 0.01 + 0.04])
+    # per parameter: a head of 4*3 + 3 + 3*1 + 1 = 19 parameters
+    assert heads.pull("mean").tolist() == pytest.approx([0.0, 0.05 / 19])
 
 
 def test_loss_is_mean_over_heads_of_masked_bce_plus_pull():
@@ -217,6 +219,20 @@ def test_dataset_checks_fail_before_ray(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"path": "shards/part-00000.parquet"}]}))
     with pytest.raises(TrainError, match="missing"):
         dataset_shards(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"path": "../elsewhere.parquet"}]}))
+    with pytest.raises(TrainError, match="is not shards/part-XXXXX.parquet"):  # the store's path guard
+        dataset_shards(tmp_path)
+
+
+def test_dataset_shards_are_absolute_for_workers_in_other_directories(tmp_path, monkeypatch):
+    (tmp_path / "ds" / "shards").mkdir(parents=True)
+    (tmp_path / "ds" / "shards" / "part-00000.parquet").write_bytes(b"x")
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({"shards": [{"path": "shards/part-00000.parquet"}],
+                                                              "dataset_version": "v"}))
+    monkeypatch.chdir(tmp_path)
+    paths, version = dataset_shards("ds")  # a relative dataset dir, as `prm-factory train --dataset runs/...`
+    assert paths == [tmp_path / "ds" / "shards" / "part-00000.parquet"] and paths[0].is_absolute()
+    assert version == "v"
 
 
 def test_failure_line_names_the_workers_error():
@@ -282,3 +298,59 @@ def test_toy_truth_and_held_out_metrics():
     assert m["loss"] == pytest.approx(-(0.5 * math.log(0.9) + 0.5 * math.log(0.1)))  # the null target is skipped
     assert m["auroc_vs_truth"] == 1.0 and m["accuracy_vs_truth"] == 1.0  # 0.9 true step, 0.2 false step
     assert m["accuracy_vs_labels"] == 0.5  # the labels call step 2 good
+
+
+# -- what the heads read: every token (a product over tokens), the backbone's own token log-probabilities ------
+
+
+def test_later_model_options_keep_old_checkpoint_hashes():
+    old = {k: v for k, v in _toy_config().items() if k not in ("reads", "token_features", "config_hash")}
+    assert prm_config_hash(old) == _toy_config()["config_hash"]  # written before the options existed
+    assert _toy_config(reads="tokens")["config_hash"] != _toy_config()["config_hash"]
+    assert _toy_config(token_features="logprob")["config_hash"] != _toy_config()["config_hash"]
+
+
+def test_token_reads_score_a_prefix_as_the_product_over_its_tokens():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOY))
+    model = build_prm(_toy_config(reads="tokens")).eval()
+    steps = ["2*4=8\n", "8-1=7\n", "Answer: 7"]
+    batch = collate([encode_trajectory(tok, PROMPTS[1], steps, 256)], 0)
+    with torch.no_grad():
+        step_p = torch.sigmoid(model(**batch))[0]  # [S, E]
+        hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        token_p = torch.sigmoid(model.heads(hidden[0]) + 5.0)  # [T, E]: every token's own "fine" probability
+    start = int(batch["completion_mask"][0].float().argmax())
+    for j, end in enumerate(batch["step_ends"][0].tolist()):
+        assert step_p[j].tolist() == pytest.approx(token_p[start:end + 1].prod(0).tolist(), rel=1e-4)
+    assert (step_p[1:] <= step_p[:-1] + 1e-7).all()  # a prefix can only get less likely to be right
+
+
+def test_logprob_feature_is_the_backbones_own_token_log_probability():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOY))
+    model = build_prm(_toy_config(token_features="logprob")).eval()
+    assert model.heads.weights[0].shape[1] == 128 + 1  # the hidden state plus one feature
+    batch = collate([encode_trajectory(tok, PROMPTS[0], STEPS[0], 256)], 0)
+    lm = AutoModelForCausalLM.from_pretrained(str(TOY)).eval()
+    with torch.no_grad():
+        hidden = model.backbone(input_ids=batch["input_ids"]).last_hidden_state
+        ours = model._token_logprobs(hidden, batch["input_ids"])[0, :, 0]
+        logp = torch.log_softmax(lm(input_ids=batch["input_ids"]).logits[0], dim=-1)
+    ids = batch["input_ids"][0]
+    expected = [0.0] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+    assert ours.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_tokens_logprob_checkpoint_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOY))
+    cfg = _toy_config(reads="tokens", token_features="logprob")
+    model = build_prm(cfg)
+    before = score_trajectories(model, tok, PROMPTS, STEPS, 256)
+    after = load_prm(save_checkpoint(model, cfg, tmp_path / "model", tok)).score(PROMPTS, STEPS)
+    assert [m for s in after for m in s.mean] == pytest.approx([m for s in before for m in s.mean], abs=1e-6)
+    assert load_prm(tmp_path / "model").config["reads"] == "tokens"
