@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -10,6 +11,20 @@ from prm_factory import set_offline_env
 from tests.engine_fixtures import SHIPPED_POLICY, shipped_policy_ready
 
 set_offline_env()  # the engines' processes inherit these
+
+# A vLLM engine created in this process puts torch's libgomp into os.environ["LD_PRELOAD"]; a subprocess started
+# afterwards inherits it and computes other float bits than this process. Tests that compare a subprocess's rows
+# with rows made here start it with the preload the session began with (`subprocess_env`).
+_SESSION_LD_PRELOAD = os.environ.get("LD_PRELOAD")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ as a subprocess should get it: LD_PRELOAD as the session began, plus `extra`."""
+    env = {**os.environ, **extra}
+    env.pop("LD_PRELOAD", None)
+    if _SESSION_LD_PRELOAD is not None:
+        env["LD_PRELOAD"] = _SESSION_LD_PRELOAD
+    return env
 
 
 def free_port() -> int:

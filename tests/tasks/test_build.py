@@ -35,6 +35,7 @@ from tasks.build import (
 from tasks.io import sha256_file
 from tasks.store.dataset import read_dataset, read_manifest, verify_dataset
 from tasks.store.relabel import relabel, relabel_dataset
+from tests.conftest import subprocess_env
 from tests.integrity_helpers import build_config, toy_questions, write_jsonl
 
 TINY = {
@@ -123,7 +124,7 @@ def test_relabel_recomputes_er_labels_only(built, tmp_path):
 def _cli_build(config: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "prm_factory.cli", "build", "--config", str(config), "--out",
                              str(out), "--local", "--json"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.DEVNULL, env=subprocess_env(PYTHONUNBUFFERED="1"))
 
 
 @pytest.mark.slow
