@@ -143,23 +143,16 @@ def _in_process(cfg, shards: list) -> dict:
     """The trainer's own step loop in this process, no Ray: the rows the workers train on, the same epochs."""
     import pyarrow.parquet as pq
     import torch
-    from transformers import AutoTokenizer
 
     from configs.schema import resolve_path
-    from tasks.prm.model import build_prm
-    from tasks.prm.training import READ_COLUMNS, batch_rows, is_held_out, run_prm_config, train_step
+    from tasks.prm.training import READ_COLUMNS, batch_rows, is_held_out, run_prm_config, start_model, train_step
 
     train = cfg.train
     torch.set_num_threads(1)
     torch.manual_seed(train.seed)
     backbone = resolve_path(train.model_path)
     prm_config = run_prm_config(train, backbone, "bench")
-    model = build_prm({**prm_config, "backbone": str(backbone)})
-    if not train.train_backbone:
-        model.backbone.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(backbone))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr,
-                                  weight_decay=train.weight_decay)
+    model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
     rows = [r for path in shards
             for r in batch_rows(pq.read_table(path, columns=sorted({*READ_COLUMNS, train.target})), train.target)
             if not is_held_out(r["problem_id"], train.eval_fraction, train.seed)]

@@ -31,6 +31,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_toy_prm import figures  # noqa: E402  (the same figures of a ruler report in both studies)
+
 # Named recipes: overrides of configs/toy.yaml's `train:` section (tasks/prm/model.py says what each knob means).
 RECIPES: dict[str, dict[str, Any]] = {
     "baseline": {},  # the landed defaults: end token, lambda 0.5 on the summed pull, lr 1e-3, no shuffle
@@ -135,25 +137,13 @@ def heldout_quality(scorer: ModelScorer, rows: list[dict[str, Any]]) -> float:
     return within_position_auroc([s.mean for s in scores], [r["labels"] for r in rows])["mean"]
 
 
-def ruler_figures(report: dict[str, Any]) -> dict[str, Any]:
-    st, bon = report["steps"], report["best_of_n"]
-    i8 = bon["ns"].index(8)
-    return {"within_position_auroc": st["within_position_auroc"], "within_position_auroc_ci":
-            st["within_position_auroc_ci"], "first_error_f1": st["first_error_f1"], "step_auroc": st["step_auroc"],
-            "bon8_min_step": bon["accuracy"]["min_step"][i8], "bon8_min_step_ci": bon["ci"]["min_step"][i8],
-            "bon8_majority": bon["accuracy"]["majority"][i8], "bon8_random": bon["accuracy"]["random"][i8],
-            "bon8_min_step_minus_majority_ci": bon["diff_vs_majority"]["min_step"][i8]}
-
-
 def train_recipe(name: str, overrides: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace,
                  ruler: Any) -> dict[str, Any]:
     import torch
-    from transformers import AutoTokenizer
 
     from configs.schema import TrainConfig
     from tasks.evaluation.ruler import evaluate_ruler
-    from tasks.prm.model import build_prm
-    from tasks.prm.training import is_held_out, run_prm_config, train_step
+    from tasks.prm.training import is_held_out, run_prm_config, start_model, train_step
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -163,12 +153,7 @@ def train_recipe(name: str, overrides: dict[str, Any], rows: list[dict[str, Any]
     train = TrainConfig(**{**base, "epochs": args.epochs, **overrides})
     backbone = REPO / train.model_path
     prm_config = run_prm_config(train, backbone, "study")
-    model = build_prm({**prm_config, "backbone": str(backbone)})
-    if not train.train_backbone:
-        model.backbone.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(backbone))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr,
-                                  weight_decay=train.weight_decay)
+    model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
     heldout = [r for r in rows if is_held_out(r["problem_id"], 0.1, args.seed)]
     train_rows = [r for r in rows if not is_held_out(r["problem_id"], 0.1, args.seed)]
     scorer = ModelScorer(model, tokenizer, prm_config["max_length"])
@@ -200,7 +185,7 @@ def train_recipe(name: str, overrides: dict[str, Any], rows: list[dict[str, Any]
             "best_epoch": max(history, key=lambda h: h["heldout_within_position_auroc"])["epoch"],
             "train_seconds": round(train_seconds, 1),
             "trajectories_per_s": round(len(train_rows) * train.epochs / train_seconds, 1),
-            "ruler": ruler_figures(report)}
+            "ruler": figures(report)}
 
 
 def plot_ceiling(results: dict[str, Any], recipe: str, png: Path) -> None:
@@ -272,7 +257,7 @@ def main() -> None:
     if args.references:
         for name in ("position", "policy-confidence"):
             report = evaluate_ruler(reference_scorer(name, ruler), ruler, [1, 8], n_boot=args.n_boot)
-            results["references"][f"{name}@ruler{args.ruler_problems}"] = ruler_figures(report)
+            results["references"][f"{name}@ruler{args.ruler_problems}"] = figures(report)
             log(f"reference {name}: {results['references'][f'{name}@ruler{args.ruler_problems}']}")
     for name in args.recipes.split(","):
         entry = {**train_recipe(name, RECIPES[name], rows, args, ruler), "setup": setup,

@@ -45,6 +45,7 @@ from tasks.prm.training import (
     optimizer_tensors,
     restore_optimizer,
     run_prm_config,
+    start_model,
     train_step,
 )
 
@@ -102,9 +103,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
     from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
 
-    from tasks.prm.model import build_prm, load_state_into, save_checkpoint
+    from tasks.prm.model import load_state_into, save_checkpoint
 
     prm_config, train = config["prm_config"], config["train"]
     target, max_length = prm_config["target"], prm_config["max_length"]
@@ -113,13 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(train["seed"])
     torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
 
-    model = build_prm({**prm_config, "backbone": config["backbone_path"]}, train["dtype"])
-    if not train["train_backbone"]:
-        model.backbone.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(config["backbone_path"])
-    tokenizer.model_max_length = 10**9  # we cut at max_length ourselves; silence the tokenizer's warning
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+    model, tokenizer, optimizer = start_model(prm_config, config["backbone_path"], train)
 
     start_epoch, global_step, history, resumed_from = 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()

@@ -316,6 +316,22 @@ class ShardLabeller:
             decode=lambda token_ids: self.tok.decode(token_ids, skip_special_tokens=True),
         )
 
+    def leaf_fields(self, p: Problem, leaf: Trajectory, bounds: Sequence[int]) -> dict[str, Any]:
+        """The row fields every labeller fills the same way from a problem and a cut solution: its problem,
+        policy, partitioner, η and the entropy at each step's first token."""
+        cfg = self.cfg
+        return {
+            "eta": float(cfg.labels.eta),
+            "step_entropies": [float(leaf.entropy[b]) if b < len(leaf.entropy) else math.nan for b in bounds],
+            "entropy_kind": cfg.partition.entropy_source,
+            "problem_id": p.problem_id,
+            "source": p.source,
+            "split": p.split,
+            "policy_model": cfg.policy.model_path,
+            "partitioner": self.partitioner.name,
+            "partitioner_params": json.dumps(self.partitioner.params(), sort_keys=True),
+        }
+
     def _row(self, index: int, plan: LeafSteps, prompts: dict[str, list[int]],
              prefix_stats: dict[PrefixKey, list[int]], tree_values: dict[PrefixKey, float], ledger: RolloutLedger,
              tree_share: float) -> dict[str, Any]:
@@ -342,15 +358,7 @@ class ShardLabeller:
             "soft_labels": labels.soft_list(),
             "er_labels": labels.er_list(),
             "tree_value": [tree_values[key] for key in keys] + [float(leaf.final_correct)],
-            "eta": float(cfg.labels.eta),
-            "step_entropies": [float(leaf.entropy[b]) if b < len(leaf.entropy) else math.nan for b in bounds],
-            "entropy_kind": cfg.partition.entropy_source,
-            "problem_id": p.problem_id,
-            "source": p.source,
-            "split": p.split,
-            "policy_model": cfg.policy.model_path,
-            "partitioner": self.partitioner.name,
-            "partitioner_params": json.dumps(self.partitioner.params(), sort_keys=True),
+            **self.leaf_fields(p, leaf, bounds),
             "step_origin": [*origins, FINAL_ORIGIN],
             "answer": p.answer,
             "final_correct": bool(leaf.final_correct),

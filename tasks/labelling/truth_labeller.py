@@ -15,8 +15,6 @@ ER labels are all the checker's verdict, stored as 1 of 1 or 0 of 1 in (successe
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,15 +89,7 @@ class TruthLabeller(ShardLabeller):
             "soft_labels": labels.soft_list(),
             "er_labels": labels.er_list(),
             "tree_value": [float(v) for v in verdicts],
-            "eta": float(cfg.labels.eta),
-            "step_entropies": [float(leaf.entropy[b]) if b < len(leaf.entropy) else math.nan for b in bounds],
-            "entropy_kind": cfg.partition.entropy_source,
-            "problem_id": p.problem_id,
-            "source": p.source,
-            "split": p.split,
-            "policy_model": cfg.policy.model_path,
-            "partitioner": self.partitioner.name,
-            "partitioner_params": json.dumps(self.partitioner.params(), sort_keys=True),
+            **self.leaf_fields(p, leaf, bounds),
             "step_origin": origins,
             "answer": p.answer,
             "final_correct": bool(final_correct),

@@ -77,6 +77,26 @@ def run_prm_config(train: TrainConfig, backbone: Path, dataset_version: str | No
                            system_prompt=system_prompt)
 
 
+def start_model(prm_config: dict[str, Any], backbone_path: str | Path, train: dict[str, Any]
+                ) -> tuple[Any, Any, Any]:
+    """The model (pretrained backbone, fresh heads; the backbone frozen unless ``train_backbone``), its tokenizer
+    and the AdamW optimizer over what trains: how every training run starts, on Ray Train or in one process.
+    `train` is the trainer section as a dict (``TrainConfig.model_dump(mode="json")``)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasks.prm.model import build_prm
+
+    model = build_prm({**prm_config, "backbone": str(backbone_path)}, train["dtype"])
+    if not train["train_backbone"]:
+        model.backbone.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone_path))
+    tokenizer.model_max_length = 10**9  # trajectories are cut at max_length here; silence the tokenizer's warning
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train["lr"],
+                                  weight_decay=train["weight_decay"])
+    return model, tokenizer, optimizer
+
+
 def optimizer_tensors(optimizer: Any) -> dict[str, Any]:
     import torch
 
