@@ -416,6 +416,52 @@ def inspect(
         print(render_markdown(stats))
 
 
+@app.command("export-dataset")
+def export_dataset_cmd(
+    dataset_dir: Annotated[Path, typer.Argument(help="a dataset dir (manifest.json + shards/) or a refresh root")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="math-shepherd (Math-Shepherd / OpenRLHF: text with a "
+                                     "step tag after every step, +/- labels) | qwen-prm (steps each followed by "
+                                     "<extra_0>, 0/1 labels) | trl-stepwise (TRL PRMTrainer: prompt, completions, "
+                                     "bool labels)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory: data/<split>-*.parquet + README.md "
+                                      "(the dataset card)")],
+    label: Annotated[str, typer.Option("--label", help="the column that makes a step good or bad: labels (hard, "
+                                       "k>0) | soft_labels (k/N) | er_labels (ER-PRM), the last two against "
+                                       "--threshold")] = "labels",
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="soft_labels/er_labels: a step is good when its value is >= this (default 0.5); a step "
+                            "with a null soft/ER label keeps its hard label")] = None,
+    file_format: Annotated[str, typer.Option("--file-format", help="parquet | jsonl")] = "parquet",
+    step_tag: Annotated[str | None, typer.Option(
+        "--step-tag", help="math-shepherd's tag after every step (default ' ки', as Math-Shepherd writes it)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace OUT when it exists and is not empty")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a verified dataset in the layout another PRM trainer reads, with a dataset card (OUT/README.md).
+
+    The card holds the config and its hash, the code version, counts and label balance, what each label column
+    estimates, the sources and the cost in tokens, all read from the dataset. A row whose text holds the format's
+    step tag is refused (exit 2), never escaped. OUT is written whole or not at all (temp dir, then rename).
+    """
+    from tasks.store.dataset import DatasetError
+    from tasks.store.export import ExportError, export_dataset
+    from tasks.store.versions import VersionError, read_latest, version_dir
+
+    target = dataset_dir
+    with _fails(VersionError, ExportError, DatasetError, out=out):
+        if not (target / "manifest.json").is_file() and (target / "LATEST").is_file():
+            target = version_dir(target, read_latest(target))  # a refresh root: its latest version
+        summary = export_dataset(target, out, fmt, label=label, threshold=threshold, file_format=file_format,
+                                 step_tag=step_tag, force=force)
+    if json_out:
+        print(json.dumps({**summary.to_dict(), "dataset_dir": str(target)}))
+        return
+    balance = f"{summary.good_steps:,} good / {summary.steps - summary.good_steps:,} bad steps"
+    console.print(f"[green]exported[/green] {summary.rows:,} rows ({summary.steps:,} steps, {balance} by "
+                  f"{summary.label}) from {target} as {summary.format} into {out}; card {out / 'README.md'}",
+                  soft_wrap=True)
+
+
 @app.command()
 def serve(
     check: Annotated[bool, typer.Option("--check", help="start the server, deploy prefect.yaml, list, stop")] = False,

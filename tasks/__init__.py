@@ -8,7 +8,8 @@
 ``sources/``       problems: the toy world, file loaders, answer checking, the problem record, prompts
 ``labelling/``     entropy, step partition (EDU-PRM arXiv 2503.22233), the tree labeller, rollouts, the label
                    rule (ER-PRM arXiv 2412.11006)
-``store/``         the Parquet dataset contract, versions, η relabelling, the dataset report
+``store/``         the Parquet dataset contract, versions, η relabelling, the dataset report, exports for other
+                   trainers (Math-Shepherd / OpenRLHF, Qwen2.5-Math-PRM, TRL) with a dataset card
 ``evaluation/``    metrics, the toy ruler, ProcessBench, best-of-N, the policy's own evaluation
 ``prm/``           the PRM (ensemble heads, ActPRM arXiv 2504.10559), its pure-torch training step, scoring, report
 ``build``          the build pipeline (prepare -> label shard -> finalize) that the CLI and the flows execute

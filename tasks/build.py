@@ -57,6 +57,7 @@ from tasks.sources.loaders import QuarantineRow
 from tasks.sources.problems import Problem
 from tasks.sources.prompts import render_prompt
 from tasks.store.dataset import (
+    BUILD_MARKER,
     INGEST_REPORT,
     NOT_WRITTEN,
     PROBLEMS_FILE,
@@ -70,7 +71,6 @@ from tasks.store.dataset import (
 
 log = logging.getLogger(__name__)
 
-BUILD_MARKER = "build.json"
 QUARANTINE_FILE = "quarantine.jsonl"
 INGEST_FILES = (PROBLEMS_FILE, QUARANTINE_FILE, INGEST_REPORT)
 

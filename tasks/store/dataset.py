@@ -58,6 +58,9 @@ NOT_WRITTEN = "not written yet"  # check_shard's reason for a shard with no file
 PROBLEMS_FILE = "problems.parquet"
 INGEST_REPORT = "ingest.json"
 PROBLEMS_SHA256 = "problems_sha256"  # the key in INGEST_REPORT
+# A build's config (name, hash, code version, the whole config), written when the build claims the directory
+# (tasks/build.py); the report and the export's dataset card read it. A relabelled or active-loop version has none.
+BUILD_MARKER = "build.json"
 
 ROW_SCHEMA = pa.schema(
     [

@@ -46,7 +46,9 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 def _tau(dataset_dir: Path) -> float | None:
-    marker = dataset_dir / "build.json"
+    from tasks.store.dataset import BUILD_MARKER
+
+    marker = dataset_dir / BUILD_MARKER
     if not marker.is_file():
         return None
     config = json.loads(marker.read_text()).get("config", {})
