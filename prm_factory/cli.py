@@ -765,9 +765,15 @@ def score_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="output file, same format as the input")],
     batch_size: Annotated[int, typer.Option(help="trajectories per forward pass")] = 16,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    engine: Annotated[str, typer.Option(help="transformers: a checkpoint from `train`, or an export; vllm: an "
+                                             "export from `export`, through a vLLM pooling engine")]
+    = "transformers",
     json_out: JsonOpt = False,
 ) -> None:
-    """Add `step_scores` (ensemble mean per step) and `step_std` to every row; other columns pass through."""
+    """Add `step_scores` (ensemble mean per step) and `step_std` to every row; other columns pass through.
+
+    An export (`prm-factory export`) has one head: it scores each line at its newline and its `step_std` is 0.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tasks.prm.model import CheckpointError, load_prm
@@ -776,14 +782,34 @@ def score_cmd(
     if batch_size < 1:
         console.print(f"--batch-size must be >= 1, got {batch_size}", style="red")
         raise typer.Exit(2)
-    with _fails(CheckpointError, ScoreInputError):
+    if engine not in ("transformers", "vllm"):
+        console.print(f"--engine must be transformers or vllm, got {engine!r}", style="red")
+        raise typer.Exit(2)
+    from tasks.prm.export import ExportError
+
+    with _fails(CheckpointError, ScoreInputError, ExportError):
         _, _, prompts, _ = read_trajectories(input_path)
-        prm = load_prm(checkpoint, device=device)
+        exported = (checkpoint / "config.json").is_file() and not (checkpoint / "prm_config.json").is_file()
+        if engine == "vllm" and not exported:
+            raise ExportError(f"--engine vllm scores an export; write one first: prm-factory export --checkpoint "
+                              f"{checkpoint} --data DATA --out EXPORT_DIR")
+        if engine == "vllm":
+            from cluster.pooling_engine import PoolingUnsupported, VLLMPooledPRM
+
+            with _fails(PoolingUnsupported):
+                prm = VLLMPooledPRM(checkpoint)
+        elif exported:
+            from tasks.prm.export import ExportedPRM
+
+            prm = ExportedPRM(checkpoint, device=device)
+        else:
+            prm = load_prm(checkpoint, device=device)
     with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                   disable=json_out) as bar:
         task = bar.add_task("rows", total=len(prompts))
-        summary = score_file(prm, input_path, out, batch_size=batch_size,
-                             progress=lambda n: bar.update(task, advance=n))
+        with _fails(ExportError):  # an export refuses a line that does not end on its own tag, naming it
+            summary = score_file(prm, input_path, out, batch_size=batch_size,
+                                 progress=lambda n: bar.update(task, advance=n))
     if json_out:
         print(json.dumps(summary))
         return
@@ -798,6 +824,68 @@ def score_cmd(
         console.print(f"against the file's `{q['against']}` ({q['rows']} rows): within-position AUROC "
                       f"{f3(q['within_position_auroc'])}, first-error F1 {f3(q['first_error_f1'])}; step AUROC "
                       f"{f3(q['step_auroc'])}", markup=False, soft_wrap=True)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="a run dir from `train` (or its model/ dir)")],
+    data: Annotated[Path, typer.Option("--data", help="trajectories to distill the head on: a dataset dir, or a "
+                                                      "JSONL/Parquet file with `prompt` and `completions`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the export directory to write")],
+    limit: Annotated[int, typer.Option(help="distill on at most this many trajectories (0: all)")] = 0,
+    epochs: Annotated[int, typer.Option(help="passes of the head's distillation")] = 30,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing OUT")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a Hugging Face directory vLLM serves as Qwen2ForProcessRewardModel (runner pooling, token_classify).
+
+    One head of vLLM's shape is distilled from the ensemble mean on --data; a step is a line, scored at its newline
+    (the id is in OUT/config.json `step_tag_id` and OUT/serve.json). Exit 2: a backbone that does not map onto
+    Qwen2, a tokenizer that cannot, or bad data; nothing is left at OUT.
+    """
+    import shutil
+
+    from tasks.prm.export import ExportError, export_prm
+    from tasks.prm.model import BACKBONE_DIR, CheckpointError, find_checkpoint_dir, load_prm
+    from tasks.prm.score import ScoreInputError, read_trajectories
+    from tasks.store.dataset import DatasetError, read_dataset, read_manifest
+
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        console.print(f"{out} exists; pass --force to replace it", style="red")
+        raise typer.Exit(2)
+    with _fails(CheckpointError, ScoreInputError, ExportError, DatasetError):
+        if data.is_dir():
+            read_manifest(data)
+            table = read_dataset(data)
+            prompts, completions = table.column("prompt").to_pylist(), table.column("completions").to_pylist()
+        else:
+            _, _, prompts, completions = read_trajectories(data)
+        if limit > 0:
+            prompts, completions = prompts[:limit], completions[:limit]
+        prm = load_prm(checkpoint)
+        source = find_checkpoint_dir(checkpoint) / BACKBONE_DIR
+        work = out.parent / f".{out.name}.export-tmp"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            with console.status(f"distilling one head from {prm.config['num_heads']} on {len(prompts)} "
+                                f"trajectories", spinner="dots") if not json_out else contextlib.nullcontext():
+                summary = export_prm(prm, source, prompts, completions, work, epochs=epochs)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    summary["path"] = str(out)
+    if json_out:
+        print(json.dumps(summary))
+        return
+    fit = summary["distillation"]
+    console.print(f"[green]exported[/green] {out} ({summary['architecture']}, step tag id {summary['step_tag_id']}); "
+                  f"head distilled from {summary['heads_distilled']} heads on {fit['steps']} steps: held-out mean "
+                  f"|diff| {fit.get('held_out_mean_abs_diff', float('nan')):.3f}, correlation "
+                  f"{fit.get('held_out_correlation', float('nan')):.3f}")
+    console.print(f"serve: {json.loads((out / 'serve.json').read_text())['cli']}", markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -1,0 +1,414 @@
+"""Export a trained PRM as a Hugging Face directory that vLLM serves as ``Qwen2ForProcessRewardModel``.
+
+vLLM 0.32 registers ``Qwen2ForProcessRewardModel`` (the layout of Qwen2.5-Math-PRM): a Qwen2 decoder, then
+``score = Linear(h, h) -> ReLU -> Linear(h, 2)`` on every token, and a STEP pooler that returns the softmax of
+those two logits at every token equal to ``step_tag_id``. Column 1 is the probability that the solution is still
+right at that token. What the export writes, so that no code of ours is needed to serve it:
+
+- **The backbone in the Qwen2 layout** (``model.*`` tensors). A Qwen2 backbone is copied. A Llama backbone maps
+  onto Qwen2 exactly when its attention and MLP have no biases, its activation is SiLU, its rope is the default
+  one and its head size is hidden / heads: Qwen2's q/k/v biases are then written as zeros and the hidden states
+  are the same (``tests/tasks/prm/test_export.py`` checks them). Any other architecture is refused by name.
+- **One score head** (``score.0``, ``score.2``). vLLM has room for one head, our checkpoints hold an ensemble (and
+  the ``reads: tokens`` recipe reads every token with the backbone's log-probabilities as an input, which vLLM's
+  head cannot). So the export *distills*: the ensemble mean scores a set of trajectories (``--data``), and a head
+  of vLLM's shape is fitted to those scores from the backbone's hidden state at each step tag (soft cross-entropy,
+  a tenth held out). ``export.json`` reports the fit; ``benchmarks/bench_export.py`` its gap to the ensemble on the
+  ruler. The native checkpoint keeps the whole ensemble and its spread (ActPRM's uncertainty).
+- **The step tag.** A step is a line: it ends at its newline token, the rule ``eval`` and ``score`` use on the
+  ruler (``tasks.evaluation.ruler.cut_at_newlines``). The export's text is the prompt, then each line with its
+  newline (a last line without one gets one, and the head learns the ensemble's score of that line as written).
+  The tag is the newline token's id, written to ``config.json`` as
+  ``step_tag_id``; vLLM reads the tag only from the engine's pooler config (it defaults to Qwen's ``<extra_0>``,
+  151651), so a server passes it: ``--pooler-config '{"step_tag_id": N}'`` (``serve.json`` holds the line).
+  Newlines in the prompt are tags too: a client drops the first ``prompt_tags`` rows vLLM returns (the count of
+  tags in the prompt's tokens). A tokenizer that merges a newline with its neighbours (blank lines in Qwen's BPE)
+  gives fewer tags than lines: such a trajectory is refused, never scored at the wrong token.
+- **The tokenizer.** transformers and vLLM load a ``qwen2`` directory's tokenizer as ``Qwen2Tokenizer`` (a
+  byte-level BPE) whatever ``tokenizer_config.json`` says. A backbone tokenizer that tokenizes the same way is
+  copied; the toy policy's one-character word-level tokenizer is rewritten as a byte-level BPE with the same ids
+  and no merges. Either way the export's tokenizer must give the source's ids on every trajectory of ``--data``,
+  or the export is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.evaluation.ruler import cut_at_newlines
+from tasks.io import atomic_write_text
+from tasks.prm.model import LoadedPRM, StepScores
+
+ARCHITECTURE = "Qwen2ForProcessRewardModel"
+STEP_TAG = "\n"
+EXPORT_NAME = "export.json"
+SERVE_NAME = "serve.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+# Keys copied from a Llama config into the Qwen2 one (the rest are Qwen2's own or fixed below).
+SHARED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+               "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
+
+
+class ExportError(ValueError):
+    """A checkpoint or data the export cannot write faithfully; the message says what and why."""
+
+
+# -- the backbone ------------------------------------------------------------------------------------------------
+
+
+def qwen2_config(backbone: dict[str, Any]) -> dict[str, Any]:
+    """The Qwen2 config.json fields of a backbone's HF config, or ExportError naming what does not map."""
+    arch = ",".join(backbone.get("architectures") or []) or "?"
+    kind = backbone.get("model_type")
+    if kind == "qwen2":
+        cfg = {k: v for k, v in backbone.items() if not k.startswith("_")}
+    elif kind == "llama":
+        heads, hidden = int(backbone["num_attention_heads"]), int(backbone["hidden_size"])
+        rope = backbone.get("rope_parameters") or {}
+        problems = [
+            what for what, bad in (
+                ("attention biases", backbone.get("attention_bias", False)),
+                ("MLP biases", backbone.get("mlp_bias", False)),
+                (f"activation {backbone.get('hidden_act')!r} (Qwen2: silu)", backbone.get("hidden_act") != "silu"),
+                (f"rope type {rope.get('rope_type')!r} (Qwen2 here: default)",
+                 rope.get("rope_type", "default") != "default" or "rope_scaling" in backbone
+                 and backbone["rope_scaling"]),
+                (f"head size {backbone.get('head_dim')} != hidden / heads = {hidden // heads}",
+                 backbone.get("head_dim", hidden // heads) != hidden // heads),
+                ("pretraining_tp != 1", backbone.get("pretraining_tp", 1) != 1),
+            ) if bad]
+        if problems:
+            raise ExportError(f"backbone {arch} does not map onto Qwen2: {'; '.join(problems)}")
+        cfg = {k: backbone[k] for k in SHARED_KEYS if k in backbone}
+        cfg.update(hidden_act="silu", attention_dropout=0.0, use_sliding_window=False, use_cache=True)
+    else:
+        raise ExportError(f"backbone architecture {arch} (model_type {kind!r}) has no Qwen2 layout; export maps "
+                          "Llama and Qwen2 backbones")
+    cfg.update(model_type="qwen2", architectures=[ARCHITECTURE], num_labels=2)
+    for key in ("id2label", "label2id", "sliding_window", "layer_types", "max_window_layers", "rope_scaling",
+                "rope_theta", "attention_bias", "mlp_bias", "pretraining_tp", "head_dim", "dtype", "torch_dtype",
+                "transformers_version"):
+        if kind != "qwen2":
+            cfg.pop(key, None)
+    return cfg
+
+
+def qwen2_tensors(backbone_state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """The backbone's tensors under ``model.``, with zero q/k/v biases added for a Llama backbone."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in backbone_state.items():
+        if name.startswith("lm_head."):
+            continue
+        out[f"model.{name}"] = tensor.detach().float().contiguous().clone()
+        if kind == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            out[f"model.{name[:-len('weight')]}bias"] = torch.zeros(tensor.shape[0])
+    return out
+
+
+# -- the tokenizer -----------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def byte_level_tokenizer(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
+    """A one-character word-level tokenizer rewritten as a byte-level BPE with the same ids and no merges (what
+    Qwen2Tokenizer loads); ExportError for any other kind."""
+    model = tokenizer_json.get("model", {})
+    special = {t["content"] for t in tokenizer_json.get("added_tokens", [])}
+    vocab = model.get("vocab", {})
+    if model.get("type") != "WordLevel" or any(len(t.encode()) != 1 for t in vocab if t not in special):
+        raise ExportError(f"the backbone's tokenizer ({model.get('type')}) is neither Qwen2's byte-level BPE nor a "
+                          "one-byte word-level vocabulary; export cannot give it a tokenizer vLLM loads the same way")
+    table = _bytes_to_unicode()
+    byte_vocab = {t if t in special else table[t.encode()[0]]: i for t, i in vocab.items()}
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": tokenizer_json.get("added_tokens", []), "normalizer": None, "pre_tokenizer": level,
+            "post_processor": tokenizer_json.get("post_processor"), "decoder": level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": model.get("unk_token"),
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                      "byte_fallback": False, "ignore_merges": False, "vocab": byte_vocab, "merges": []}}
+
+
+def write_tokenizer(source: Any, source_dir: Path, out: Path, texts: Sequence[str]) -> Any:
+    """Write a tokenizer to ``out`` (which already holds the qwen2 config.json) that gives ``source``'s ids on
+    every text; returns it loaded the way transformers and vLLM load it."""
+    from transformers import AutoTokenizer
+
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy(source_dir / name, out / name)
+    exported = AutoTokenizer.from_pretrained(str(out))
+    tj = json.loads((source_dir / "tokenizer.json").read_text()) if (source_dir / "tokenizer.json").is_file() else {}
+    if _first_mismatch(source, exported, texts) is not None and tj.get("model", {}).get("type") == "WordLevel":
+        atomic_write_text(out / "tokenizer.json", json.dumps(byte_level_tokenizer(tj)))
+        tc = json.loads((out / "tokenizer_config.json").read_text())
+        atomic_write_text(out / "tokenizer_config.json", json.dumps({**tc, "tokenizer_class": "Qwen2Tokenizer"},
+                                                                    indent=2))
+        exported = AutoTokenizer.from_pretrained(str(out))
+    mismatch = _first_mismatch(source, exported, texts)
+    if mismatch is not None:
+        text, a, b = mismatch
+        raise ExportError(f"the exported tokenizer ({type(exported).__name__}, which transformers and vLLM use for "
+                          f"any qwen2 directory) tokenizes {text[:60]!r} as {b[:12]}... where the backbone's gives "
+                          f"{a[:12]}...")
+    return exported
+
+
+def _first_mismatch(a: Any, b: Any, texts: Sequence[str]) -> tuple[str, list[int], list[int]] | None:
+    for text in texts:
+        ia, ib = list(a(text)["input_ids"]), list(b(text)["input_ids"])
+        if ia != ib:
+            start = next((i for i, (x, y) in enumerate(zip(ia, ib, strict=False)) if x != y), min(len(ia), len(ib)))
+            return text, ia[start:], ib[start:]
+    return None
+
+
+# -- the step tag and the inputs ---------------------------------------------------------------------------------
+
+
+def step_tag_id(tokenizer: Any) -> int:
+    ids = tokenizer(STEP_TAG, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ExportError(f"the step tag {STEP_TAG!r} is {len(ids)} tokens in this tokenizer; it must be one")
+    return int(ids[0])
+
+
+def export_lines(completions: Sequence[str]) -> list[str]:
+    """The steps as the export scores them: the completion's lines, each ending with a newline."""
+    lines = cut_at_newlines("".join(completions))
+    if lines and not lines[-1].endswith(STEP_TAG):
+        lines[-1] += STEP_TAG
+    return lines
+
+
+@dataclass
+class TaggedInput:
+    """One trajectory as vLLM sees it: token ids, how many tags sit in the prompt, and the steps' tag positions."""
+
+    input_ids: list[int]
+    prompt_tags: int
+    positions: list[int]
+
+
+def tagged_input(tokenizer: Any, tag_id: int, prompt: str, lines: Sequence[str], max_length: int) -> TaggedInput:
+    """Tokenize the whole text (as a server does); ExportError if a line does not end on its own tag token."""
+    ids = list(tokenizer(prompt + "".join(lines))["input_ids"])
+    prompt_tags = list(tokenizer(prompt)["input_ids"]).count(tag_id)
+    tags = [i for i, t in enumerate(ids) if t == tag_id]
+    if len(tags) != prompt_tags + len(lines):
+        raise ExportError(f"{len(tags) - prompt_tags} step tags for {len(lines)} lines (the tokenizer merges a "
+                          f"newline with its neighbours): {prompt[-40:]!r} ...")
+    if len(ids) > max_length:
+        raise ExportError(f"a trajectory of {len(ids)} tokens exceeds the backbone's {max_length}")
+    return TaggedInput(ids, prompt_tags, tags[prompt_tags:])
+
+
+# -- the head and its distillation -------------------------------------------------------------------------------
+
+
+def score_head(hidden_size: int) -> nn.Sequential:
+    """vLLM's ``Qwen2ForProcessRewardModel.score``: Linear(h, h) -> ReLU -> Linear(h, 2)."""
+    return nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 2))
+
+
+@torch.no_grad()
+def tag_hidden_states(backbone: nn.Module, inputs: Sequence[TaggedInput], batch_size: int = 32) -> torch.Tensor:
+    """[sum of steps, h]: the backbone's last hidden state at every step tag, in input order."""
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        width = max(len(x.input_ids) for x in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, x in enumerate(chunk):
+            ids[i, :len(x.input_ids)] = torch.tensor(x.input_ids)
+            mask[i, :len(x.input_ids)] = 1
+        hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        out.extend(hidden[i, x.positions] for i, x in enumerate(chunk))
+    return torch.cat(out) if out else torch.zeros(0, int(backbone.config.hidden_size))
+
+
+def fit_head(features: torch.Tensor, targets: torch.Tensor, *, epochs: int, lr: float, seed: int,
+             holdout: float = 0.1, batch_size: int = 256) -> tuple[nn.Sequential, dict[str, float]]:
+    """Fit vLLM's head to the teacher's step probabilities (soft cross-entropy on softmax column 1); returns the
+    head and its fit on the held-out tenth: mean absolute difference and the correlation with the teacher."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    order = torch.randperm(len(targets), generator=gen)
+    cut = max(1, int(len(targets) * holdout)) if len(targets) > 10 else 0
+    held, train = order[:cut], order[cut:]
+    head = score_head(features.shape[1])
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    soft = torch.stack([1 - targets, targets], dim=1)
+    for _ in range(epochs):
+        shuffled = train[torch.randperm(len(train), generator=gen)]
+        for start in range(0, len(train), batch_size):
+            idx = shuffled[start:start + batch_size]
+            loss = -(soft[idx] * torch.log_softmax(head(features[idx]), dim=-1)).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    fit: dict[str, float] = {"steps": len(targets), "held_out_steps": int(len(held))}
+    if len(held) > 1:
+        with torch.no_grad():
+            student = torch.softmax(head(features[held]), dim=-1)[:, 1]
+        teacher = targets[held]
+        fit["held_out_mean_abs_diff"] = float((student - teacher).abs().mean())
+        corr = torch.corrcoef(torch.stack([student, teacher]))[0, 1]
+        fit["held_out_correlation"] = float(corr) if torch.isfinite(corr) else math.nan
+    return head.eval(), fit
+
+
+# -- the export --------------------------------------------------------------------------------------------------
+
+
+def export_prm(prm: LoadedPRM, source_dir: Path, prompts: Sequence[str], completions: Sequence[Sequence[str]],
+               out: Path, *, epochs: int = 30, lr: float = 1e-3, seed: int = 0, batch_size: int = 16
+               ) -> dict[str, Any]:
+    """Write ``out`` (a fresh directory; the caller renames it into place). ``source_dir`` holds the backbone's HF
+    config and tokenizer; ``prompts``/``completions`` are the trajectories the head is distilled on."""
+    from safetensors.torch import save_file
+
+    if not prompts:
+        raise ExportError("no trajectories to distill the head on")
+    backbone_cfg = json.loads((source_dir / "config.json").read_text())
+    cfg = qwen2_config(backbone_cfg)
+    out.mkdir(parents=True)
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
+    lines = [export_lines(c) for c in completions]
+    texts = [p + "".join(ls) for p, ls in zip(prompts, lines, strict=True)]
+    # Runs of newlines are where BPE tokenizers part ways (SmolLM2's splits "\n\n", Qwen2's merges it); a text with
+    # a blank line has a line without its own tag and is left out below, so the ids are compared on the others.
+    tokenizer = write_tokenizer(prm.tokenizer, source_dir, out, [t for t in texts if STEP_TAG * 2 not in t] or texts)
+    tag = step_tag_id(tokenizer)
+    cfg["step_tag_id"] = tag
+    max_length = int(cfg.get("max_position_embeddings", prm.max_length))
+    # A trajectory whose lines do not each end on a tag token (a merged blank line), or that is too long, is left
+    # out of the distillation and counted; none left is an error.
+    inputs, kept, skipped = [], [], []
+    for i, (p, ls) in enumerate(zip(prompts, lines, strict=True)):
+        try:
+            inputs.append(tagged_input(tokenizer, tag, p, ls, max_length))
+            kept.append(i)
+        except ExportError as err:
+            skipped.append(str(err))
+    if not kept:
+        raise ExportError(f"no trajectory of the data can be scored at its lines' tags: {skipped[0]}")
+
+    # The teacher scores the lines as they are: a newline after the final "Answer: ..." line is text the policy
+    # never writes (it ends there), and the ensemble's token-reading heads would mark it as an error.
+    teacher = prm.score([prompts[i] for i in kept], [cut_at_newlines("".join(completions[i])) for i in kept],
+                        batch_size=batch_size)
+    targets = torch.tensor([x for s in teacher for x in s.mean], dtype=torch.float32)
+    if torch.isnan(targets).any():
+        raise ExportError("the checkpoint left steps unscored (cut by its max_length); give shorter trajectories")
+    features = tag_hidden_states(prm.model.backbone, inputs)
+    head, fit = fit_head(features, targets, epochs=epochs, lr=lr, seed=seed)
+
+    tensors = qwen2_tensors(prm.model.backbone.state_dict(), backbone_cfg.get("model_type"))
+    for name, tensor in head.state_dict().items():
+        tensors[f"score.{name}"] = tensor.detach().contiguous().clone()
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    cfg["prm_factory"] = {"checkpoint_config_hash": prm.config["config_hash"], "step_tag": STEP_TAG,
+                          "distilled_from_heads": int(prm.config["num_heads"])}
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
+    serve = {"runner": "pooling", "pooling_task": "token_classify", "pooler_config": {"step_tag_id": tag},
+             "cli": f"vllm serve {out.name} --runner pooling --pooler-config '{{\"step_tag_id\": {tag}}}'",
+             "score_column": 1}
+    atomic_write_text(out / SERVE_NAME, json.dumps(serve, indent=2) + "\n")
+    with torch.no_grad():
+        student = torch.softmax(head(features), dim=-1)[:, 1]
+    summary = {"architecture": ARCHITECTURE, "step_tag_id": tag, "checkpoint_config_hash": prm.config["config_hash"],
+               "heads_distilled": int(prm.config["num_heads"]), "trajectories": len(kept),
+               "trajectories_left_out": len(skipped), "first_left_out": skipped[0] if skipped else None,
+               "distillation": {"epochs": epochs, "lr": lr, "seed": seed, **fit,
+                                "train_mean_abs_diff": float((student - targets).abs().mean())},
+               "tokenizer": type(tokenizer).__name__}
+    atomic_write_text(out / EXPORT_NAME, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# -- scoring an export ------------------------------------------------------------------------------------------
+
+
+class ExportReader:
+    """What any scorer of an export needs: its config, tokenizer, step tag and context, and the checkpoint's hash
+    (``config["config_hash"]``, as ``score`` reports it). Scorers subclass it and add ``score``."""
+
+    def __init__(self, export_dir: str | Path):
+        from transformers import AutoTokenizer
+
+        self.path = Path(export_dir)
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file() or not (self.path / WEIGHTS_NAME).is_file():
+            raise ExportError(f"{self.path} is not an export (no config.json or {WEIGHTS_NAME}); write one with "
+                              "`prm-factory export`")
+        self.hf_config = json.loads(cfg_path.read_text())
+        if self.hf_config.get("architectures") != [ARCHITECTURE] or "step_tag_id" not in self.hf_config:
+            raise ExportError(f"{self.path} is not a {ARCHITECTURE} export with a step_tag_id")
+        self.tag = int(self.hf_config["step_tag_id"])
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        self.max_length = int(self.hf_config.get("max_position_embeddings", 2048))
+        origin = self.hf_config.get("prm_factory", {})
+        self.config = {"config_hash": origin.get("checkpoint_config_hash"), "export": str(self.path)}
+
+    def inputs(self, prompts: Sequence[str], completions: Sequence[Sequence[str]]) -> list[TaggedInput]:
+        return [tagged_input(self.tokenizer, self.tag, p, export_lines(c), self.max_length)
+                for p, c in zip(prompts, completions, strict=True)]
+
+
+def split_scores(inputs: Sequence[TaggedInput], probs: Sequence[float]) -> list[StepScores]:
+    """Flat per-tag probabilities back into one StepScores per trajectory (no spread: one head)."""
+    out, at = [], 0
+    for x in inputs:
+        n = len(x.positions)
+        out.append(StepScores([float(v) for v in probs[at:at + n]], [0.0] * n, False))
+        at += n
+    return out
+
+
+class ExportedPRM(ExportReader):
+    """An export scored through transformers (``Qwen2Model`` and the head, read from the directory): the reference
+    ``score --engine vllm`` is checked against. Same interface as ``LoadedPRM.score``."""
+
+    def __init__(self, export_dir: str | Path, device: str = "cpu"):
+        from safetensors.torch import load_file
+        from transformers import Qwen2Config, Qwen2Model
+
+        super().__init__(export_dir)
+        tensors = load_file(str(self.path / WEIGHTS_NAME))
+        self.backbone = Qwen2Model(Qwen2Config.from_pretrained(str(self.path)))
+        self.backbone.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.head = score_head(int(self.hf_config["hidden_size"]))
+        self.head.load_state_dict({k[len("score."):]: v for k, v in tensors.items() if k.startswith("score.")})
+        self.backbone.to(device).eval()
+        self.head.to(device).eval()
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 16) -> list[StepScores]:
+        inputs = self.inputs(prompts, completions)
+        logits = self.head(tag_hidden_states(self.backbone, inputs, batch_size))
+        return split_scores(inputs, torch.softmax(logits, dim=-1)[:, 1].double().tolist())
