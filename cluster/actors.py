@@ -19,8 +19,10 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -269,11 +271,21 @@ class EnginePool:
     # -- tasks.generation.Engine -----------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest], stage: str = "generate") -> list[GenerationResult]:
         """Serve a batch over the engines; results in request order, each request answered exactly once."""
+        return self._serve(requests, lambda actor, chunk: actor.generate.remote(chunk, stage), unpack_results)
+
+    def score(self, trajectories: list[tuple[str, list[str]]]) -> list[Any]:
+        """Score (prompt, steps) pairs over PRM scoring actors (cluster/pooling_engine.py ``PoolingActor``): one
+        StepScores per pair, in order, with the same chunking, backpressure, health probes and resends."""
+        return self._serve(trajectories, lambda actor, chunk: actor.score.remote(chunk), lambda scored: scored)
+
+    def _serve(self, requests: list, submit: Callable[[Any, list], Any], unpack: Callable[[Any], list]) -> list:
+        """Cut `requests` into chunks, send each with `submit(actor, chunk)`, resend a chunk whose engine died or
+        timed out, and return `unpack(answer)` of every chunk, flattened, in request order."""
         if not requests:
             return []
         size = min(self.max_chunk_requests, math.ceil(len(requests) / len(self.actors)))
         chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
-        results: list[list[GenerationResult] | None] = [None] * len(chunks)
+        results: list[list | None] = [None] * len(chunks)
         attempts = [0] * len(chunks)
         last_engine: dict[int, int] = {}
         pending = deque(range(len(chunks)))
@@ -287,7 +299,7 @@ class EnginePool:
                     break
                 ci = pending.popleft()
                 attempts[ci] += 1
-                ref = self.actors[engine].generate.remote(chunks[ci], stage)
+                ref = submit(self.actors[engine], chunks[ci])
                 calls[ref] = _Call(ci, engine, time.monotonic() + self.request_timeout_s)
                 load[engine] += 1
             with self._state_lock:
@@ -309,7 +321,7 @@ class EnginePool:
                 call = calls.pop(ref)
                 load[call.engine] -= 1
                 try:
-                    packed: PackedResults = ray.get(ref)
+                    answer = ray.get(ref)
                 except EngineRequestError:
                     self._abandon(calls)
                     raise
@@ -317,7 +329,7 @@ class EnginePool:
                     self._retry(call, err, attempts, last_engine, pending)
                     continue
                 if results[call.chunk] is None:  # the first answer wins; there is never a second here
-                    results[call.chunk] = unpack_results(packed)  # while the engines work on the other chunks
+                    results[call.chunk] = unpack(answer)  # while the engines work on the other chunks
             now = time.monotonic()
             for ref, call in [(r, c) for r, c in calls.items() if c.deadline <= now]:
                 calls.pop(ref)

@@ -60,3 +60,101 @@ class VLLMPooledPRM(ExportReader):
                                   f"{len(x.positions)} steps")
             probs.extend(rows[x.prompt_tags:, 1].double().tolist())
         return split_scores(inputs, probs)
+
+
+class PoolingActor:
+    """A Ray actor hosting one ``VLLMPooledPRM``: the PRM-scoring counterpart of ``cluster.actors.EngineActor``,
+    served by the same ``EnginePool`` (``EnginePool.score``: chunking, backpressure, health probes, one resend of
+    a chunk whose actor died or timed out) and counted in the same Prometheus metrics (stage ``score``)."""
+
+    def __init__(self, export_dir: str, engine_name: str, log_file: str | None = None):
+        import threading
+        import time
+
+        from cluster.engine_metrics import EngineMetrics
+
+        if log_file:
+            from cluster.logs import redirect_output
+
+            redirect_output(log_file)
+        self.engine_name = engine_name
+        self.export_dir = export_dir
+        self.started_at = time.time()
+        self.engine = VLLMPooledPRM(export_dir)
+        self.metrics = EngineMetrics(engine_name)
+        self._lock = threading.Lock()
+        self._served = 0
+
+    def score(self, trajectories: list[tuple[str, list[str]]]) -> list[StepScores]:
+        import time
+
+        t0 = time.perf_counter()
+        self.metrics.batch_started(len(trajectories))
+        scored: list[StepScores] = []
+        try:
+            with self._lock:  # one batch through the engine at a time; more queue in the actor
+                scored = self.engine.score([p for p, _ in trajectories], [list(c) for _, c in trajectories])
+        finally:
+            self.metrics.batch_finished(len(trajectories), len(scored), 0, time.perf_counter() - t0, "score")
+        self._served += len(scored)
+        return scored
+
+    def health(self) -> dict:
+        import ray
+
+        return {"ok": True, "engine": self.engine_name, "backend": f"vllm {self.engine.vllm_version} pooling",
+                "export": self.export_dir, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "started_at": self.started_at, "requests_served": self._served}
+
+
+def start_scoring_pool(export_dir: str | Path, *, num_engines: int = 1, cpus_per_engine: float = 1.0,
+                       gpus_per_engine: float = 0.0, max_in_flight: int = 2, request_timeout_s: float = 600.0,
+                       max_restarts: int = 1, log_file: str | Path | None = None) -> Any:
+    """Start `num_engines` PoolingActors on the export (Ray is joined or started locally when needed), placed in
+    one placement group, and return the ``EnginePool`` serving them once every actor has loaded its engine."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from cluster.actors import EnginePool
+
+    ExportReader(export_dir)  # a directory that is no export fails here, in one line, before Ray starts
+    if not ray.is_initialized():
+        ray.init(log_to_driver=log_file is None)
+    bundle = {"CPU": cpus_per_engine, **({"GPU": gpus_per_engine} if gpus_per_engine > 0 else {})}
+    pg = placement_group([dict(bundle) for _ in range(num_engines)])
+    ray.get(pg.ready(), timeout=request_timeout_s)
+    names = [f"prm-scorer-{i}" for i in range(num_engines)]
+    actors = [
+        ray.remote(PoolingActor).options(
+            max_restarts=max_restarts, max_task_retries=0, max_concurrency=max_in_flight + 1,
+            num_cpus=cpus_per_engine, num_gpus=gpus_per_engine,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i),
+        ).remote(str(Path(export_dir).resolve()), name, str(Path(log_file).resolve()) if log_file else None)
+        for i, name in enumerate(names)
+    ]
+    pool = EnginePool(actors, max_in_flight=max_in_flight, request_timeout_s=request_timeout_s,
+                      max_attempts=max_restarts + 2, names=names, placement_group=pg, model_path=str(export_dir))
+    try:
+        pool.wait_ready()
+    except ray.exceptions.RayError as err:  # the actor's constructor raised (vLLM could not load the export)
+        pool.shutdown()
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise PoolingUnsupported(f"the scoring actors did not start: {cause}") from None
+    return pool
+
+
+class PooledPRM(ExportReader):
+    """``score(prompts, completions)`` like ``LoadedPRM``, through a pool of PoolingActors (``start_scoring_pool``);
+    ``close()`` kills the actors."""
+
+    def __init__(self, export_dir: str | Path, **pool_options: Any):
+        super().__init__(export_dir)
+        self.pool = start_scoring_pool(export_dir, **pool_options)
+
+    def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 16) -> list[StepScores]:
+        self.inputs(prompts, completions)  # a line without its own tag is refused here, naming it, before Ray
+        return self.pool.score([(p, list(c)) for p, c in zip(prompts, completions, strict=True)])
+
+    def close(self) -> None:
+        self.pool.shutdown()

@@ -768,11 +768,16 @@ def score_cmd(
     engine: Annotated[str, typer.Option(help="transformers: a checkpoint from `train`, or an export; vllm: an "
                                              "export from `export`, through a vLLM pooling engine")]
     = "transformers",
+    local: Annotated[bool, typer.Option("--local", help="--engine vllm: the engine in this process, not Ray")]
+    = False,
+    engines: Annotated[int, typer.Option(help="--engine vllm: scoring actors in the Ray pool")] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Add `step_scores` (ensemble mean per step) and `step_std` to every row; other columns pass through.
 
     An export (`prm-factory export`) has one head: it scores each line at its newline and its `step_std` is 0.
+    `--engine vllm` serves it from vLLM pooling engines in Ray actors (a local Ray when none is running), the
+    pool the build's generation engines use; `--local` keeps one engine in this process.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -794,10 +799,10 @@ def score_cmd(
             raise ExportError(f"--engine vllm scores an export; write one first: prm-factory export --checkpoint "
                               f"{checkpoint} --data DATA --out EXPORT_DIR")
         if engine == "vllm":
-            from cluster.pooling_engine import PoolingUnsupported, VLLMPooledPRM
+            from cluster.pooling_engine import PooledPRM, PoolingUnsupported, VLLMPooledPRM
 
             with _fails(PoolingUnsupported):
-                prm = VLLMPooledPRM(checkpoint)
+                prm = VLLMPooledPRM(checkpoint) if local else PooledPRM(checkpoint, num_engines=engines)
         elif exported:
             from tasks.prm.export import ExportedPRM
 
@@ -807,9 +812,13 @@ def score_cmd(
     with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                   disable=json_out) as bar:
         task = bar.add_task("rows", total=len(prompts))
-        with _fails(ExportError):  # an export refuses a line that does not end on its own tag, naming it
-            summary = score_file(prm, input_path, out, batch_size=batch_size,
-                                 progress=lambda n: bar.update(task, advance=n))
+        try:
+            with _fails(ExportError):  # an export refuses a line that does not end on its own tag, naming it
+                summary = score_file(prm, input_path, out, batch_size=batch_size,
+                                     progress=lambda n: bar.update(task, advance=n))
+        finally:
+            if hasattr(prm, "close"):  # the Ray scoring actors
+                prm.close()
     if json_out:
         print(json.dumps(summary))
         return
