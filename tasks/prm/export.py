@@ -96,11 +96,6 @@ def qwen2_config(backbone: dict[str, Any]) -> dict[str, Any]:
         raise ExportError(f"backbone architecture {arch} (model_type {kind!r}) has no Qwen2 layout; export maps "
                           "Llama and Qwen2 backbones")
     cfg.update(model_type="qwen2", architectures=[ARCHITECTURE], num_labels=2)
-    for key in ("id2label", "label2id", "sliding_window", "layer_types", "max_window_layers", "rope_scaling",
-                "rope_theta", "attention_bias", "mlp_bias", "pretraining_tp", "head_dim", "dtype", "torch_dtype",
-                "transformers_version"):
-        if kind != "qwen2":
-            cfg.pop(key, None)
     return cfg
 
 
@@ -119,19 +114,6 @@ def qwen2_tensors(backbone_state: dict[str, torch.Tensor], kind: str) -> dict[st
 # -- the tokenizer -----------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
 def byte_level_tokenizer(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
     """A one-character word-level tokenizer rewritten as a byte-level BPE with the same ids and no merges (what
     Qwen2Tokenizer loads); ExportError for any other kind."""
@@ -141,7 +123,9 @@ def byte_level_tokenizer(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
     if model.get("type") != "WordLevel" or any(len(t.encode()) != 1 for t in vocab if t not in special):
         raise ExportError(f"the backbone's tokenizer ({model.get('type')}) is neither Qwen2's byte-level BPE nor a "
                           "one-byte word-level vocabulary; export cannot give it a tokenizer vLLM loads the same way")
-    table = _bytes_to_unicode()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte -> printable character map
+
+    table = bytes_to_unicode()
     byte_vocab = {t if t in special else table[t.encode()[0]]: i for t, i in vocab.items()}
     level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     return {"version": "1.0", "truncation": None, "padding": None,
