@@ -64,6 +64,9 @@ def ci_runs(work: Path) -> list[Run]:
     return [
         Run("eval", [PY, "benchmarks/bench_eval.py", "--json-out", f"{w}/results/eval.json"], 300,
             json_out=f"{w}/results/eval.json", note="ruler reference scorers (no SmolLM2 smoke: minutes of CPU)"),
+        Run("toy_v2", [PY, "benchmarks/bench_toy_v2.py", "--problems", "64", "--json-out",
+                       f"{w}/results/toy_v2.json"], 600, json_out=f"{w}/results/toy_v2.json",
+            note="toy world v2 (issue 21): error kinds and references on rulers v1 and v2, their first 64 problems"),
         Run("e2e", [PY, "benchmarks/bench_e2e.py", "--ci", "--cache", f"{w}/e2e-cache", "--json-out",
                     f"{w}/results/e2e.json", "--plot", f"{w}/plots/e2e.png"], 1500,
             json_out=f"{w}/results/e2e.json", plots=[f"{w}/plots/e2e.png"],

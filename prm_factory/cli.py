@@ -502,8 +502,11 @@ def doctor(
 
 @app.command("ruler")
 def ruler_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="where to write it (default: the shipped assets/toy-ruler)")]
-    = Path("assets/toy-ruler"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="where to write it (default: --spec's shipped assets/toy-ruler or assets/toy-ruler-v2)")]
+    = None,
+    spec_name: Annotated[str, typer.Option("--spec", help="v1 (the toy policy's samples) | v2 (toy world v2: the "
+                                                          "policy with confident misconceptions, issue 21)")] = "v1",
     force: Annotated[bool, typer.Option("--force", help="rebuild even if a valid ruler is there")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -511,17 +514,22 @@ def ruler_cmd(
     from rich.progress import Progress
 
     from configs.schema import resolve_path
-    from tasks.evaluation.ruler import TOY_RULER, build_ruler, load_ruler
+    from tasks.evaluation.ruler import SHIPPED_RULERS, build_ruler, load_ruler
     from tasks.evaluation.scorers import EvaluationError
 
-    target = resolve_path(out)
+    if spec_name not in SHIPPED_RULERS:
+        console.print(f"--spec must be one of {', '.join(SHIPPED_RULERS)}, got {spec_name!r}", style="red",
+                      markup=False)
+        raise typer.Exit(2)
+    shipped_dir, spec = SHIPPED_RULERS[spec_name]
+    target = resolve_path(out or shipped_dir)
     manifest = None
     if not force and (target / "manifest.json").is_file():
         with _fails(EvaluationError, note="; rebuild with --force"):
-            manifest = load_ruler(target).manifest
+            manifest = load_ruler(target, spec).manifest
     if manifest is None:
         with Progress(console=console, disable=json_out, transient=True) as bar:
-            task = bar.add_task(f"sampling {TOY_RULER.version}", total=TOY_RULER.num_problems)
+            task = bar.add_task(f"sampling {spec.version}", total=spec.num_problems)
             import torch
 
             from cluster.hf_engine import HFEngine
@@ -529,8 +537,8 @@ def ruler_cmd(
             # One thread: the model is tiny, and more threads on a shared 2-core machine spin against each other
             # (measured: 0.6 s per problem with 1 thread, 48 s with the default while other jobs ran).
             torch.set_num_threads(1)
-            engine = HFEngine(str(resolve_path(TOY_RULER.policy_path)), dtype="float32", seed=TOY_RULER.sample_seed)
-            manifest = build_ruler(target, TOY_RULER, engine, progress=lambda n: bar.advance(task, n))
+            engine = HFEngine(str(resolve_path(spec.policy_path)), dtype="float32", seed=spec.sample_seed)
+            manifest = build_ruler(target, spec, engine, progress=lambda n: bar.advance(task, n))
     keys = ("ruler_version", "spec_hash", "content_hash", "problems", "trajectories", "steps", "correct_steps",
             "final_correct")
     summary = {"path": str(target), **{k: manifest[k] for k in keys}}
@@ -588,7 +596,8 @@ def eval_cmd(
         "--processbench", help="ProcessBench directory (gsm8k/math/olympiadbench/omnimath .json)")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="ProcessBench samples per subset (half erroneous)")]
     = None,
-    ruler: Annotated[Path, typer.Option("--ruler", help="toy ruler directory")] = Path("assets/toy-ruler"),
+    ruler: Annotated[Path, typer.Option("--ruler", help="toy ruler directory (assets/toy-ruler-v2: toy world v2)")]
+    = Path("assets/toy-ruler"),
     no_ruler: Annotated[bool, typer.Option("--no-ruler", help="skip the toy ruler and best-of-N")] = False,
     ruler_problems: Annotated[int | None, typer.Option("--ruler-problems", help="use the ruler's first K problems")]
     = None,
@@ -607,9 +616,8 @@ def eval_cmd(
     step AUROC beside them) and on ProcessBench (F1)."""
     import time
 
-    from configs.schema import resolve_path
     from tasks.evaluation.processbench import evaluate_processbench
-    from tasks.evaluation.ruler import TOY_RULER, check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler
+    from tasks.evaluation.ruler import check_disjoint, dataset_problem_ids, evaluate_ruler, load_ruler, shipped_spec
     from tasks.evaluation.scorers import EvaluationError
     from tasks.prm.model import CheckpointError, training_problem_ids
 
@@ -626,9 +634,8 @@ def eval_cmd(
     with _fails(EvaluationError, CheckpointError):
         loaded_ruler = None
         if not no_ruler:
-            # the shipped ruler must be exactly its spec; another set (a fresh one) is checked by its own hashes
-            default = resolve_path(ruler) == resolve_path("assets/toy-ruler")
-            loaded_ruler = load_ruler(ruler, TOY_RULER if default else None).limited(ruler_problems)
+            # a shipped ruler (v1, v2) must be exactly its spec; another set (a fresh one) is checked by its own hashes
+            loaded_ruler = load_ruler(ruler, shipped_spec(ruler)).limited(ruler_problems)
             if checkpoint is not None or dataset is not None:
                 if dataset is not None:
                     trained_on, what = dataset_problem_ids(dataset), f"dataset {dataset}"

@@ -1,6 +1,7 @@
 """Train the tiny toy-world policy from scratch and save it, HF format, to assets/toy-policy/.
 
     python scripts/train_policy.py --out assets/toy-policy   # ~13 min on one shared CPU core
+    python scripts/train_policy.py --out assets/toy-policy-v2 --misconceptions 5 --stop-accuracy 0.7   # v2
 
 A Llama-architecture causal LM (head_dim 32) with a character-level tokenizer learns to write
 `canonical_solution` text after the prompt `"{question}\\n"` (configs/toy.yaml's prompt_template). The loss
@@ -14,6 +15,12 @@ Seeds: training problems use --train-seed (default 1000003), the early-stopping 
 --val-seed (default 1000033). `prm-factory eval-policy` uses its own --seed (default 7), so the
 reported held-out figures come from problems neither used for training nor for stopping (short chains
 can still coincide by chance: the toy world has only a few thousand distinct 2-step problems).
+
+Toy world v2 (issue 21): `--misconceptions SEED` teaches the seeded wrong rules of
+`tasks.sources.misconceptions` on every training problem where one fires (the training text is
+`taught_solution`, the wrong result carried on), so the policy makes confident errors besides its slips.
+Early stopping then measures agreement with the taught answer (`taught_accuracy`), since the true accuracy
+is capped by the misconceptions; the true accuracy is logged beside it. Without the flag nothing changes.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from configs.schema import ToySource  # noqa: E402
+from tasks.sources.misconceptions import misconception_rules, taught_solution  # noqa: E402
 from tasks.sources.problems import Problem  # noqa: E402
-from tasks.sources.toy_world import canonical_solution, check_solution, generate_problems  # noqa: E402
+from tasks.sources.toy_world import canonical_solution, check_solution, extract_answer, generate_problems  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 PROMPT_TEMPLATE = "{question}\n"
@@ -92,10 +100,13 @@ def build_model(vocab_size: int, args: argparse.Namespace, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def encode_example(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
-    """(input ids, labels): BOS + prompt + solution + EOS, with the prompt (and BOS) masked out of the loss."""
+def encode_example(tokenizer, problem: Problem, rules: tuple = ()) -> tuple[list[int], list[int]]:
+    """(input ids, labels): BOS + prompt + solution + EOS, with the prompt (and BOS) masked out of the loss.
+
+    With misconception `rules` the solution is the taught one (the rules' wrong results carried on)."""
     prompt_ids = tokenizer(PROMPT_TEMPLATE.format(question=problem.question))["input_ids"]
-    solution_ids = tokenizer(canonical_solution(problem), add_special_tokens=False)["input_ids"]
+    solution = taught_solution(rules, problem) if rules else canonical_solution(problem)
+    solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
     ids = prompt_ids + solution_ids + [tokenizer.eos_token_id]
     labels = [-100] * len(prompt_ids) + solution_ids + [tokenizer.eos_token_id]
     return ids, labels
@@ -114,11 +125,13 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 
 
 @torch.no_grad()
-def sampled_accuracy(model, tokenizer, problems: list[Problem], seed: int, batch_size: int = 100) -> dict:
-    """Answer accuracy and first-error counts of one temperature-1.0 sample per problem."""
+def sampled_accuracy(model, tokenizer, problems: list[Problem], seed: int, batch_size: int = 100,
+                     rules: tuple = ()) -> dict:
+    """Answer accuracy and first-error counts of one temperature-1.0 sample per problem; with misconception
+    `rules`, also `taught_accuracy`: the share whose answer is the taught one."""
     model.eval()
     torch.manual_seed(seed)
-    correct = 0
+    correct = taught = 0
     first_errors: dict[int, int] = {}
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
@@ -133,8 +146,13 @@ def sampled_accuracy(model, tokenizer, problems: list[Problem], seed: int, batch
             check = check_solution(p, text)
             correct += check.final_correct
             first_errors[check.first_error] = first_errors.get(check.first_error, 0) + 1
+            if rules:
+                taught += extract_answer(text) == extract_answer(taught_solution(rules, p))
     model.train()
-    return {"accuracy": correct / len(problems), "first_errors": dict(sorted(first_errors.items()))}
+    stats = {"accuracy": correct / len(problems), "first_errors": dict(sorted(first_errors.items()))}
+    if rules:
+        stats["taught_accuracy"] = taught / len(problems)
+    return stats
 
 
 def main() -> None:
@@ -156,6 +174,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--val-problems", type=int, default=200)
     ap.add_argument("--stop-accuracy", type=float, default=0.6, help="stop once validation accuracy reaches this")
+    ap.add_argument("--misconceptions", type=int, default=None, metavar="SEED",
+                    help="toy world v2: teach the seeded wrong rules of tasks/sources/misconceptions.py "
+                         "(stopping then uses the taught accuracy)")
     # One thread: on a CPU shared with other jobs, two OpenMP threads spin-waiting on each other made each
     # update ~5x slower than one thread; one thread also keeps the run bit-for-bit repeatable.
     ap.add_argument("--threads", type=int, default=1)
@@ -176,7 +197,10 @@ def main() -> None:
     )
     # Validation at the default difficulty of configs/toy.yaml (2-6 steps), own seed.
     val_src = ToySource(num_problems=args.val_problems, seed=args.val_seed, min_steps=2, max_steps=6, split="val")
-    train = [encode_example(tokenizer, p) for p in generate_problems(train_src)]
+    rules = misconception_rules(args.misconceptions) if args.misconceptions is not None else ()
+    if rules:
+        print(f"misconceptions (seed {args.misconceptions}): {rules}", flush=True)
+    train = [encode_example(tokenizer, p, rules) for p in generate_problems(train_src)]
     val = generate_problems(val_src)
     print(f"data: {len(train)} train examples ({time.time() - t0:.0f}s)", flush=True)
 
@@ -209,11 +233,12 @@ def main() -> None:
         if step % 20 == 0:
             print(f"step {step} loss {loss.item():.4f} lr {lr_at(step):.2e} ({time.time() - t0:.0f}s)", flush=True)
         if step % args.eval_every == 0:
-            val_stats = sampled_accuracy(model, tokenizer, val, seed=args.seed)
+            val_stats = sampled_accuracy(model, tokenizer, val, seed=args.seed, rules=rules)
             history.append({"step": step, "loss": round(loss.item(), 4), **val_stats})
             print(f"  val {val_stats} ({time.time() - t0:.0f}s)", flush=True)
-            if val_stats["accuracy"] >= args.stop_accuracy:
-                stop_reason = f"validation accuracy {val_stats['accuracy']:.2f} >= {args.stop_accuracy}"
+            measure = "taught_accuracy" if rules else "accuracy"
+            if val_stats[measure] >= args.stop_accuracy:
+                stop_reason = f"validation {measure} {val_stats[measure]:.2f} >= {args.stop_accuracy}"
                 break
         if time.time() - t0 > args.max_minutes * 60:
             stop_reason = f"time limit {args.max_minutes} min"
@@ -235,6 +260,7 @@ def main() -> None:
         "stop_reason": stop_reason,
         "train_seconds": round(time.time() - t0, 1),
         "args": vars(args),
+        **({"misconceptions": [vars(r) for r in rules]} if rules else {}),
         "history": history,
     }
     (out / "training_log.json").write_text(json.dumps(summary, indent=2) + "\n")

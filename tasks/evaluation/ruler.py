@@ -20,6 +20,10 @@ to and including step i, with that step's line taken as finished (a newline appe
 the last line is judged whole, so `Answer: 3` where the answer is 32 is wrong, not "a prefix of right".
 The truth is a prefix property: once a step is wrong, every later step is too.
 
+Ruler v2 (`TOY_RULER_V2`, shipped in ``assets/toy-ruler-v2``, issue 21) is the same spec sampled by
+``assets/toy-policy-v2``, the toy world v2 policy that also makes confident misconceptions
+(tasks/sources/misconceptions.py); the same problems and the same exact truth, so v1 and v2 figures compare.
+
 Reference scorers, used to validate the evaluation itself: `OracleScorer` recomputes the truth from the
 prompt and the steps (AUROC 1 by construction if the pipeline keeps scores aligned with steps) and
 `ConstantScorer` scores every step the same (AUROC exactly 0.5).
@@ -33,7 +37,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +97,20 @@ class RulerSpec:
 
 
 TOY_RULER = RulerSpec()
+# Toy world v2 (issue 21): the same problems and sampling seed, sampled by the policy that also makes confident
+# misconceptions (tasks/sources/misconceptions.py); the truth is the same exact checker.
+TOY_RULER_V2 = replace(TOY_RULER, version="toy-ruler-v2", policy_path="assets/toy-policy-v2")
+DEFAULT_RULER_V2_DIR = "assets/toy-ruler-v2"
+# The shipped rulers by name and directory: each must be exactly its spec.
+SHIPPED_RULERS = {"v1": (DEFAULT_RULER_DIR, TOY_RULER), "v2": (DEFAULT_RULER_V2_DIR, TOY_RULER_V2)}
+
+
+def shipped_spec(ruler_dir: str | Path) -> RulerSpec | None:
+    """The spec of the shipped ruler at `ruler_dir`, or None for another directory (checked by its own hashes)."""
+    for path, spec in SHIPPED_RULERS.values():
+        if resolve_path(ruler_dir) == resolve_path(path):
+            return spec
+    return None
 
 
 # -- steps and truth ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The toy ruler: steps and truth on hand-made text, the shipped set's integrity and held-out guarantees,
-the oracle/constant reference scorers through the real `eval` command, and reproducing the shipped rows."""
+the oracle/constant reference scorers through the real `eval` command, reproducing the shipped rows, and
+ruler v2 (toy world v2, issue 21)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import pytest
 from configs.schema import REPO_ROOT, ToySource, load_config
 from tasks.evaluation.ruler import (
     DEFAULT_RULER_DIR,
+    DEFAULT_RULER_V2_DIR,
     POLICY_TRAINING_SOURCES,
+    SHIPPED_RULERS,
     TOY_RULER,
+    TOY_RULER_V2,
     ConstantScorer,
     OracleScorer,
     Ruler,
@@ -29,9 +33,11 @@ from tasks.evaluation.ruler import (
     reference_scorer,
     ruler_problems,
     sample_ruler_rows,
+    shipped_spec,
     step_truth,
 )
 from tasks.evaluation.scorers import EvaluationError
+from tasks.sources.misconceptions import misconception_at, misconception_rules
 from tasks.sources.problems import Problem
 from tasks.sources.toy_world import check_solution, generate_problems
 
@@ -45,6 +51,11 @@ def _problem(question: str = Q) -> Problem:
 @pytest.fixture(scope="module")
 def ruler():
     return load_ruler(DEFAULT_RULER_DIR)
+
+
+@pytest.fixture(scope="module")
+def ruler_v2():
+    return load_ruler(DEFAULT_RULER_V2_DIR, TOY_RULER_V2)
 
 
 def test_cut_at_newlines_keeps_text():
@@ -236,17 +247,65 @@ def test_policy_confidence_reads_the_rulers_policy_and_sees_a_slip():
 
 
 @pytest.mark.slow
-def test_shipped_ruler_rows_are_reproduced_by_the_engine(ruler):
-    """The spec really defines the set: sampling its first 2 problems again gives the shipped rows."""
+@pytest.mark.parametrize("name", sorted(SHIPPED_RULERS))
+def test_shipped_ruler_rows_are_reproduced_by_the_engine(name):
+    """The spec really defines the set: sampling its first 2 problems again gives the shipped rows (v1 and v2)."""
     import torch
 
     from cluster.hf_engine import HFEngine
 
     torch.set_num_threads(1)
-    spec = dataclasses.replace(TOY_RULER, num_problems=2)
+    ruler_dir, shipped_spec_ = SHIPPED_RULERS[name]
+    ruler = load_ruler(ruler_dir, shipped_spec_)
+    spec = dataclasses.replace(shipped_spec_, num_problems=2)
     problems, _ = ruler_problems(spec, set())
     shipped = [r for r in ruler.rows if r["problem_id"] in {p.problem_id for p in problems}]
-    assert len(shipped) == 2 * TOY_RULER.samples_per_problem  # the first two were not excluded as reserved
+    assert len(shipped) == 2 * spec.samples_per_problem  # the first two were not excluded as reserved
     engine = HFEngine(str(REPO_ROOT / spec.policy_path), dtype="float32", seed=spec.sample_seed)
     rows = sample_ruler_rows(spec, problems, engine)
     assert rows == shipped[: len(rows)]
+
+
+def test_ruler_v2_loads_with_its_hashes_and_names_its_policy(ruler, ruler_v2, tmp_path):
+    """Toy world v2 (issue 21): v1's problems, sampling seed and truth; the policy with misconceptions sampled it."""
+    m = ruler_v2.manifest
+    assert m["spec_hash"] == TOY_RULER_V2.spec_hash() != TOY_RULER.spec_hash()
+    assert m["ruler_version"] == "toy-ruler-v2" and m["spec"]["policy_path"] == "assets/toy-policy-v2"
+    assert dataclasses.replace(TOY_RULER_V2, version=TOY_RULER.version, policy_path=TOY_RULER.policy_path) == TOY_RULER
+    assert ruler_v2.problem_ids == ruler.problem_ids and m["content_hash"] != ruler.manifest["content_hash"]
+    assert m["trajectories"] == len(ruler_v2.rows) == TOY_RULER.num_problems * TOY_RULER.samples_per_problem
+    assert m["steps"] == sum(len(r["completions"]) for r in ruler_v2.rows)
+    assert (shipped_spec(DEFAULT_RULER_V2_DIR), shipped_spec(DEFAULT_RULER_DIR), shipped_spec(tmp_path)) == (
+        TOY_RULER_V2, TOY_RULER, None)
+    with pytest.raises(EvaluationError, match="comparisons need the same ruler"):
+        load_ruler(DEFAULT_RULER_V2_DIR, TOY_RULER)
+    for row in ruler_v2.rows:  # the same exact truth as v1: the checker's first error, never a misconception
+        check = check_solution(Problem.make("toy", row["question"], row["answer"]), "".join(row["completions"]))
+        truth = row["step_truth"]
+        assert (truth.index(False) if False in truth else -1) == (
+            check.first_error if 0 <= check.first_error < len(truth) else -1)
+
+
+def test_ruler_v2_holds_confident_misconceptions(ruler, ruler_v2):
+    """The v2 policy's errors include its taught rules; the v1 policy's almost never match them."""
+    seed = json.loads((REPO_ROOT / TOY_RULER_V2.policy_path / "training_log.json").read_text())["args"][
+        "misconceptions"]
+    rules = misconception_rules(seed)
+
+    def share(rows):
+        errors = [r for r in rows if 0 <= r["first_error"] < len(r["completions"])]
+        hits = [r for r in errors if misconception_at(rules, Problem.make("toy", r["question"], r["answer"]),
+                                                      r["first_error"], r["completions"][r["first_error"]])]
+        return len(hits) / len(errors)
+
+    assert 0.3 <= share(ruler_v2.rows) <= 0.7
+    assert share(ruler.rows) < 0.1
+
+
+def test_ruler_command_checks_the_shipped_v2(ruler_v2):
+    res = _cli("ruler", "--spec", "v2", "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["ruler_version"] == "toy-ruler-v2" and summary["content_hash"] == ruler_v2.manifest["content_hash"]
+    res = _cli("ruler", "--spec", "v3")
+    assert res.returncode == 2 and "--spec must be one of v1, v2" in res.stderr
