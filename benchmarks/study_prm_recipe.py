@@ -49,9 +49,19 @@ RECIPES: dict[str, dict[str, Any]] = {
                              "token_features": "logprob"},
     "tokens-frozen-logprob-e8": {"reads": "tokens", "pull_reduction": "mean", "shuffle": True, "epochs": 8,
                                  "train_backbone": False, "token_features": "logprob"},
+    "tokens-frozen-dist": {"reads": "tokens", "pull_reduction": "mean", "shuffle": True, "train_backbone": False,
+                           "token_features": "distribution"},
+    "tokens-frozen-dist-e8": {"reads": "tokens", "pull_reduction": "mean", "shuffle": True, "epochs": 8,
+                              "train_backbone": False, "token_features": "distribution"},
     "end-frozen-logprob": {"pull_reduction": "mean", "shuffle": True, "train_backbone": False,
                            "token_features": "logprob"},
 }
+
+
+# --world: the config whose policy samples the training data, and the ruler (and its spec) it is judged on. In v2
+# the policy also makes confident misconceptions (tasks/sources/misconceptions.py); the PRM's backbone is that
+# world's policy.
+WORLDS = {"v1": ("toy.yaml", "v1"), "v2": ("toy-v2.yaml", "v2")}
 
 
 def log(msg: str) -> None:
@@ -65,7 +75,7 @@ def content_key(payload: Any) -> str:
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
-    cfg = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / WORLDS[args.world][0]).read_text())
     cfg["name"] = "study"
     cfg["sources"] = [{"kind": "toy", "num_problems": args.problems, "seed": args.problem_seed, "min_steps": 2,
                        "max_steps": 6}]
@@ -150,7 +160,8 @@ def train_recipe(name: str, overrides: dict[str, Any], rows: list[dict[str, Any]
     import yaml
 
     base = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text()).get("train", {})
-    train = TrainConfig(**{**base, "epochs": args.epochs, **overrides})
+    policy = yaml.safe_load((REPO / "configs" / WORLDS[args.world][0]).read_text())["policy"]["model_path"]
+    train = TrainConfig(**{**base, "model_path": policy, "epochs": args.epochs, **overrides})
     backbone = REPO / train.model_path
     prm_config = run_prm_config(train, backbone, "study")
     model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
@@ -196,9 +207,10 @@ def plot_ceiling(results: dict[str, Any], recipe: str, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = sorted((t["setup"]["problems"], t["ruler"]) for t in results["tries"]
-                    if t["recipe"] == recipe and t["setup"]["labeller"] == "truth"
-                    and t["setup"]["partition"] == "newline")
+    latest = {t["setup"]["problems"]: t["ruler"] for t in results["tries"]  # a later try of a size replaces it
+              if t["recipe"] == recipe and t["setup"]["labeller"] == "truth" and t["setup"]["partition"] == "newline"
+              and t["setup"].get("world", "v1") == "v1"}
+    points = sorted(latest.items())
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     xs = [p for p, _ in points]
     for ax, key, ci_key, title in ((axes[0], "within_position_auroc", "within_position_auroc_ci",
@@ -211,6 +223,8 @@ def plot_ceiling(results: dict[str, Any], recipe: str, png: Path) -> None:
                                   [b - y for y, b in zip(ys, hi, strict=True)]], marker="o", capsize=3,
                     label=f"{recipe} on exact truth")
         for name, ref in results.get("references", {}).items():
+            if "-v2" in name:
+                continue
             ax.axhline(ref[key], linestyle="--", color="grey" if "position@" in name else "tab:red",
                        label=name.split("@")[0])
         if key == "bon8_min_step" and points:
@@ -226,6 +240,8 @@ def plot_ceiling(results: dict[str, Any], recipe: str, png: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", choices=sorted(WORLDS), default="v1", help="v2: the policy with misconceptions, "
+                    "judged on ruler v2")
     ap.add_argument("--problems", type=int, default=1024)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--problem-seed", type=int, default=4242)
@@ -246,19 +262,21 @@ def main() -> None:
         plot_ceiling(json.loads(args.out.read_text()), args.recipes.split(",")[0], args.plot)
         return
 
-    from tasks.evaluation.ruler import evaluate_ruler, load_ruler, reference_scorer
+    from tasks.evaluation.ruler import SHIPPED_RULERS, evaluate_ruler, load_ruler, reference_scorer
 
-    ruler = load_ruler().limited(args.ruler_problems)
-    rows, meta = labelled_rows(args, load_ruler().problem_ids)
+    full = load_ruler(REPO / SHIPPED_RULERS[WORLDS[args.world][1]][0], SHIPPED_RULERS[WORLDS[args.world][1]][1])
+    ruler = full.limited(args.ruler_problems)
+    rows, meta = labelled_rows(args, full.problem_ids)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"tries": [], "references": {}}
-    setup = {"problems": args.problems, "samples": args.samples, "labeller": args.labeller,
+    setup = {"world": args.world, "problems": args.problems, "samples": args.samples, "labeller": args.labeller,
              "partition": args.partition, "ruler_problems": args.ruler_problems, "epochs": args.epochs,
              "seed": args.seed, "data": meta}
     if args.references:
         for name in ("position", "policy-confidence"):
             report = evaluate_ruler(reference_scorer(name, ruler), ruler, [1, 8], n_boot=args.n_boot)
-            results["references"][f"{name}@ruler{args.ruler_problems}"] = figures(report)
-            log(f"reference {name}: {results['references'][f'{name}@ruler{args.ruler_problems}']}")
+            key = f"{name}@ruler{'' if args.world == 'v1' else '-v2'}{args.ruler_problems}"
+            results["references"][key] = figures(report)
+            log(f"reference {name}: {results['references'][key]}")
     for name in args.recipes.split(","):
         entry = {**train_recipe(name, RECIPES[name], rows, args, ruler), "setup": setup,
                  "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}

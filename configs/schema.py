@@ -260,8 +260,9 @@ class TrainConfig(_Strict):
     reads: Literal["end", "tokens"] = Field("end", description="what the heads read: each step's end token, or "
                                             "every token with a step's score the product of its tokens' "
                                             "(tasks/prm/model.py ProcessRewardModel)")
-    token_features: Literal["none", "logprob"] = Field("none", description="logprob: each token's log-probability "
-                                                       "under the backbone's LM head is a head input too")
+    token_features: Literal["none", "logprob", "distribution"] = Field(
+        "none", description="logprob: each token's log-probability under the backbone's LM head is a head input "
+        "too; distribution: also its gap to the likeliest token's and the distribution's entropy")
     shuffle: bool = Field(False, description="a new order of the training rows every epoch")
     keep: Literal["last", "best"] = Field("last", description="the model a run ends with: its last epoch, or the "
                                           "epoch with the best held-out within-position AUROC (every epoch's "

@@ -53,7 +53,9 @@ MODEL_KEYS = ("backbone", "hidden_size", "num_heads", "head_hidden", "target", "
 # Keys added later, with the value every checkpoint written before them has: hashed only when they differ from it,
 # so older checkpoints keep their hash. What they mean: ProcessRewardModel.
 READS = ("end", "tokens")
-TOKEN_FEATURES = ("none", "logprob")
+# token_features -> how many numbers each token adds to its hidden state (ProcessRewardModel's docstring).
+TOKEN_FEATURE_WIDTH = {"none": 0, "logprob": 1, "distribution": 3}
+TOKEN_FEATURES = tuple(TOKEN_FEATURE_WIDTH)
 LATER_MODEL_KEYS = {"reads": "end", "token_features": "none"}
 # reads "tokens": a token's head logit starts near +TOKEN_LOGIT_OFFSET, i.e. a token is "fine" with p ~ 0.99, so a
 # fresh model's prefix probability (a product over tokens) starts high instead of at 0.5 ** tokens.
@@ -232,7 +234,11 @@ class ProcessRewardModel(nn.Module):
     ``token_features``: ``"logprob"`` adds to each token's hidden state the backbone's own log-probability of that
     token given the tokens before it (its LM head on the previous position): how surprised the language model is.
     With the toy policy as backbone that is the sampling policy's confidence; with another backbone it is that
-    model's surprise, which the PRM still reads for free.
+    model's surprise, which the PRM still reads for free. ``"distribution"`` adds two more numbers from the same
+    next-token distribution: the token's log-probability minus the most likely token's (0 when the token was the
+    LM's first choice, negative when something else was likelier) and the distribution's entropy. A token at
+    p = 0.3 that was the first choice is usually right; one at p = 0.3 beside a first choice at 0.6 is usually a
+    slip, and the log-probability alone cannot tell the two apart.
     """
 
     def __init__(self, backbone: nn.Module, num_heads: int, head_hidden: Sequence[int], seed: int = 0,
@@ -243,7 +249,7 @@ class ProcessRewardModel(nn.Module):
                              f"{reads!r}, {token_features!r}")
         self.backbone = backbone
         self.reads, self.token_features = reads, token_features
-        hidden = int(backbone.config.hidden_size) + (1 if token_features == "logprob" else 0)
+        hidden = int(backbone.config.hidden_size) + TOKEN_FEATURE_WIDTH[token_features]
         self.heads = EnsembleHeads(hidden, num_heads, head_hidden, seed)
         # An untied LM head is a module of its own; a tied one is the input embedding (no second copy is saved).
         self.lm_head = lm_head
@@ -252,8 +258,8 @@ class ProcessRewardModel(nn.Module):
                 completion_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-step logits [B, S, E]; rows of ``step_ends`` equal to -1 give garbage logits (mask them)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.token_features == "logprob":
-            hidden = torch.cat([hidden, self._token_logprobs(hidden, input_ids)], dim=-1)
+        if self.token_features != "none":
+            hidden = torch.cat([hidden, self._token_features(hidden, input_ids)], dim=-1)
         hidden = hidden.to(self.heads.weights[0].dtype)
         index = step_ends.clamp(min=0)
         b, t, h = hidden.shape
@@ -268,12 +274,18 @@ class ProcessRewardModel(nn.Module):
         log_p = log_p.clamp(max=-1e-6)  # p < 1, so log(1 - p) is finite
         return log_p - torch.log(-torch.expm1(log_p))  # the logit of p = exp(log_p)
 
-    def _token_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, T, 1]: log p(token t | tokens < t) under the backbone's LM head (0 at t = 0, which has no context)."""
+    def _token_features(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T, k] from the backbone's LM head on the previous position (0 at t = 0, which has no context):
+        log p(token t | tokens < t), and for "distribution" also that minus the largest log-probability, and the
+        entropy of the distribution."""
         weight = self.lm_head.weight if self.lm_head is not None else self.backbone.get_input_embeddings().weight
         logp = torch.log_softmax((hidden[:, :-1] @ weight.t()).float(), dim=-1)
-        taken = torch.gather(logp, -1, input_ids[:, 1:].unsqueeze(-1))
-        return torch.cat([torch.zeros_like(taken[:, :1]), taken], dim=1).clamp(min=-30.0).to(hidden.dtype)
+        taken = torch.gather(logp, -1, input_ids[:, 1:].unsqueeze(-1)).clamp(min=-30.0)
+        if self.token_features == "distribution":
+            margin = (taken - logp.max(dim=-1, keepdim=True).values).clamp(min=-30.0)
+            entropy = -(logp.exp() * logp).sum(dim=-1, keepdim=True)
+            taken = torch.cat([taken, margin, entropy], dim=-1)
+        return torch.cat([torch.zeros_like(taken[:, :1]), taken], dim=1).to(hidden.dtype)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -316,7 +328,7 @@ def _shape_options(prm_config: dict[str, Any], lm_head: Any, backbone: nn.Module
     """ProcessRewardModel's later options from a prm_config; `lm_head()` makes an untied LM head when needed."""
     options = {k: prm_config.get(k, default) for k, default in LATER_MODEL_KEYS.items()}
     tied = getattr(backbone.config, "tie_word_embeddings", True)
-    options["lm_head"] = lm_head() if options["token_features"] == "logprob" and not tied else None
+    options["lm_head"] = lm_head() if options["token_features"] != "none" and not tied else None
     return options
 
 

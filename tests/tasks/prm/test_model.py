@@ -337,11 +337,36 @@ def test_logprob_feature_is_the_backbones_own_token_log_probability():
     lm = AutoModelForCausalLM.from_pretrained(str(TOY)).eval()
     with torch.no_grad():
         hidden = model.backbone(input_ids=batch["input_ids"]).last_hidden_state
-        ours = model._token_logprobs(hidden, batch["input_ids"])[0, :, 0]
+        ours = model._token_features(hidden, batch["input_ids"])[0, :, 0]
         logp = torch.log_softmax(lm(input_ids=batch["input_ids"]).logits[0], dim=-1)
     ids = batch["input_ids"][0]
     expected = [0.0] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
     assert ours.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_distribution_features_are_the_gap_to_the_first_choice_and_the_entropy():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOY))
+    model = build_prm(_toy_config(token_features="distribution")).eval()
+    assert model.heads.weights[0].shape[1] == 128 + 3
+    batch = collate([encode_trajectory(tok, PROMPTS[0], STEPS[0], 256)], 0)
+    lm = AutoModelForCausalLM.from_pretrained(str(TOY)).eval()
+    with torch.no_grad():
+        hidden = model.backbone(input_ids=batch["input_ids"]).last_hidden_state
+        ours = model._token_features(hidden, batch["input_ids"])[0]
+        logp = torch.log_softmax(lm(input_ids=batch["input_ids"]).logits[0], dim=-1)
+    ids = batch["input_ids"][0]
+    assert ours[0].tolist() == [0.0, 0.0, 0.0]  # the first token has no context
+    for t in range(1, len(ids)):
+        row = logp[t - 1]
+        taken = float(row[ids[t]])
+        expected = [taken, taken - float(row.max()), float(-(row.exp() * row).sum())]
+        assert ours[t].tolist() == pytest.approx(expected, abs=1e-4)
+    # The gap is 0 exactly where the token was the LM's first choice, and never positive.
+    first_choice = [int(logp[t - 1].argmax()) == int(ids[t]) for t in range(1, len(ids))]
+    assert [abs(float(g)) < 1e-6 for g in ours[1:, 1]] == first_choice
+    assert any(first_choice) and not all(first_choice)  # the case tells the two apart
 
 
 def test_a_tokens_logprob_checkpoint_round_trips(tmp_path):

@@ -23,7 +23,7 @@ def expected() -> dict:
 def test_the_shipped_prm_loads_with_its_recipe_and_provenance():
     prm = load_prm(ASSET)
     cfg = prm.config
-    assert cfg["reads"] == "tokens" and cfg["token_features"] == "logprob" and cfg["target"] == "er_labels"
+    assert cfg["reads"] == "tokens" and cfg["token_features"] == "distribution" and cfg["target"] == "er_labels"
     assert cfg["dataset_version"] and cfg["prompt_template"] == "{question}\n"
     assert cfg["factory_config"]["name"] == "toy-prm"  # configs/toy-prm.yaml
     assert sum(p.stat().st_size for p in ASSET.rglob("*") if p.is_file()) < 8 * 2**20  # a few MB
