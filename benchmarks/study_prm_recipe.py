@@ -268,13 +268,14 @@ def main() -> None:
     ruler = full.limited(args.ruler_problems)
     rows, meta = labelled_rows(args, full.problem_ids)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"tries": [], "references": {}}
-    setup = {"world": args.world, "problems": args.problems, "samples": args.samples, "labeller": args.labeller,
+    setup = {"world": args.world, "problems": args.problems, "problem_seed": args.problem_seed,
+             "samples": args.samples, "labeller": args.labeller,
              "partition": args.partition, "ruler_problems": args.ruler_problems, "epochs": args.epochs,
              "seed": args.seed, "data": meta}
     if args.references:
         for name in ("position", "policy-confidence"):
             report = evaluate_ruler(reference_scorer(name, ruler), ruler, [1, 8], n_boot=args.n_boot)
-            key = f"{name}@ruler{'' if args.world == 'v1' else '-v2'}{args.ruler_problems}"
+            key = f"{name}@ruler{'' if args.world == 'v1' else '-v2-'}{args.ruler_problems}"
             results["references"][key] = figures(report)
             log(f"reference {name}: {results['references'][key]}")
     for name in args.recipes.split(","):
