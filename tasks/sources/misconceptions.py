@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 
 from tasks.sources.problems import Problem
-from tasks.sources.toy_world import ANSWER_PREFIX, parse_chain
+from tasks.sources.toy_world import ANSWER_PREFIX, apply_op, parse_chain
 
 Rules = tuple["Misconception", ...]
 
@@ -83,11 +83,7 @@ def taught_result(rules: Rules, value: int, op: str, operand: int) -> tuple[int,
     for rule in rules:
         if rule.fires(value, op, operand):
             return rule.wrong_result(value), rule
-    if op == "+":
-        return value + operand, None
-    if op == "-":
-        return value - operand, None
-    return value * operand, None
+    return apply_op(value, op, operand), None
 
 
 def taught_steps(rules: Rules, problem: Problem) -> list[tuple[int, str, int, int, Misconception | None]]:

@@ -74,7 +74,8 @@ class StepCheck:
     final_correct: bool
 
 
-def _apply(value: int, op: str, operand: int) -> int:
+def apply_op(value: int, op: str, operand: int) -> int:
+    """The true result of `value <op> operand` (the one rule of arithmetic the checker knows)."""
     if op == "+":
         return value + operand
     if op == "-":
@@ -120,7 +121,7 @@ def generate_problems(src: ToySource) -> list[Problem]:
         value = start
         for _ in range(rng.randint(src.min_steps, src.max_steps)):
             op, operand = _sample_op(rng, value, src)
-            value = _apply(value, op, operand)
+            value = apply_op(value, op, operand)
             ops.append((op, operand))
             values.append(value)
         question = format_question(start, ops)
@@ -157,7 +158,7 @@ def parse_chain(question: str) -> Chain:
     values: list[int] = []
     value = start
     for op, b in ops:
-        value = _apply(value, op, b)
+        value = apply_op(value, op, b)
         values.append(value)
     return Chain(start, ops, values)
 
