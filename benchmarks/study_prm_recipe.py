@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO))
 
 from bench_toy_prm import figures  # noqa: E402  (the same figures of a ruler report in both studies)
 
-# Named recipes: overrides of configs/toy.yaml's `train:` section (tasks/prm/model.py says what each knob means).
+# Named recipes: overrides of the schema's `train:` defaults (configs/schema.py TrainConfig; tasks/prm/model.py says
+# what each knob means). Not of configs/toy.yaml's section: that now holds the winning recipe, and "baseline" must
+# stay the recipe that was landed before the study.
 RECIPES: dict[str, dict[str, Any]] = {
     "baseline": {},  # the landed defaults: end token, lambda 0.5 on the summed pull, lr 1e-3, no shuffle
     "end-nopull": {"pull_lambda": 0.0, "shuffle": True},
@@ -159,9 +161,8 @@ def train_recipe(name: str, overrides: dict[str, Any], rows: list[dict[str, Any]
     torch.manual_seed(args.seed)
     import yaml
 
-    base = yaml.safe_load((REPO / "configs" / "toy.yaml").read_text()).get("train", {})
     policy = yaml.safe_load((REPO / "configs" / WORLDS[args.world][0]).read_text())["policy"]["model_path"]
-    train = TrainConfig(**{**base, "model_path": policy, "epochs": args.epochs, **overrides})
+    train = TrainConfig(**{"model_path": policy, "epochs": args.epochs, **overrides})
     backbone = REPO / train.model_path
     prm_config = run_prm_config(train, backbone, "study")
     model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
