@@ -56,6 +56,8 @@ class ToySource(_Strict):
     max_multiplier: int = Field(5, ge=2, le=99, description="multipliers are drawn from 2..max_multiplier")
     max_value: int = Field(99, ge=10, le=10**6, description="no intermediate value leaves 0..max_value")
     split: str = "train"
+    license: str | None = Field(None, description="the source data's license (an SPDX id such as MIT), written into "
+                                "exported dataset cards; not hashed (it does not change the rows)")
 
     # A field validator (not a model validator) so the error's path names the field: sources.0.toy.max_steps.
     @field_validator("max_steps")
@@ -77,6 +79,8 @@ class FileSource(_Strict):
     # For the user's own files: which columns hold the question and the answer.
     question_field: str = "question"
     answer_field: str = "answer"
+    license: str | None = Field(None, description="the source data's license (an SPDX id such as MIT), written into "
+                                "exported dataset cards; not hashed (it does not change the rows)")
 
     @field_validator("path")
     @classmethod
@@ -427,6 +431,8 @@ class FactoryConfig(_Strict):
         The trainer and active-loop sections are left out: they do not change what `build` writes.
         """
         dump = self.model_dump(mode="json", exclude={"train", "active"})
+        for source in dump["sources"]:
+            source.pop("license", None)  # metadata for the dataset card: the same rows under any license
         _drop_default_labeller(dump["labels"])
         dump["rollouts"].update(_REMOVED_ROLLOUT_FIELDS)
         dump["dataset"].update(_REMOVED_DATASET_FIELDS)

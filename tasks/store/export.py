@@ -333,6 +333,13 @@ def _size_category(n: int) -> str:
     return "n>1M"
 
 
+def _card_license(sources: list[dict[str, Any]]) -> str:
+    """The card's license: the sources' one license, in the lower case the Hub uses, or "unknown" when a source
+    states none or two sources differ."""
+    stated = {(s.get("license") or "").lower() for s in sources}
+    return stated.pop() if len(stated) == 1 and "" not in stated else "unknown"
+
+
 def _source_origin(source: dict[str, Any] | None) -> str:
     if source is None:
         return "not recorded (no build config in this dataset directory)"
@@ -429,7 +436,7 @@ def dataset_card(src: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]
 
     front = {
         "pretty_name": f"{name} ({summary.format})",
-        "license": "unknown",
+        "license": _card_license((config or {}).get("sources") or []),
         "tags": ["process-reward-model", "step-labels", summary.format, "prm-factory"],
         "size_categories": [_size_category(summary.rows)],
         "configs": [{"config_name": "default",
@@ -502,15 +509,16 @@ def dataset_card(src: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]
         source = config_sources[i] if i < len(config_sources) else None
         lines.append(f"| {i} | {(source or counts).get('kind', '–')} | {_source_origin(source)} | "
                      f"{(source or {}).get('split', '–')} | {_fmt(counts.get('kept'))} | "
-                     f"{_fmt(counts.get('quarantined'))} | not recorded in the dataset |")
+                     f"{_fmt(counts.get('quarantined'))} | {(source or {}).get('license') or 'not recorded'} |")
     if not per_source and not config_sources:
         lines.append("| – | – | not recorded (no build config or ingest report in this dataset directory) | – | – "
                      "| – | – |")
     row_sources = ", ".join(f"{s}: {n:,} rows" for s, n in sorted(Counter(r["source"] for r in rows).items()))
     policy = extra.get("policy_model", "–")
-    lines += ["", f"Rows per `source`: {row_sources}. The steps are generations of the policy `{policy}`. Neither "
-              "the sources' nor the policy's license is recorded in the dataset (hence `license: unknown` above): "
-              "check them before you publish or train on this data.", ""]
+    lines += ["", f"Rows per `source`: {row_sources}. The steps are generations of the policy `{policy}`, whose "
+              "license is not recorded in the dataset; a source's license is the one its config states "
+              "(`sources[].license`), and the card's `license` is that license when every source states the same "
+              "one, else `unknown`. Check both before you publish or train on this data.", ""]
     lines += ["## Cost (generated tokens)", ""]
     if cost:
         lines += ["Summed from each shard's cost record (a shard reused from a parent version counts what it cost "
