@@ -1,33 +1,53 @@
-"""End to end: held-out PRM quality per generated labelling token, one curve per labeller (issue 14).
+"""End to end: the labelling tokens each labeller needs to reach a PRM quality, at a scale that resolves (issue 21).
 
-Every arm labels the same toy problems (a seeded pool, disjoint from the toy ruler), trains a PRM with the same
-trainer (`cluster.train.train_on_ray`, Ray Train, the ``train:`` section of the base config) and is measured on the
-same held-out ruler problems (`assets/toy-ruler`, exact step truth):
+For each world (``--worlds``: v1, the policy that errs only by sampling slips; v2, the policy that also makes
+confident misconceptions) and each seed (``--seeds``), one pool of ``--problems`` toy problems (toy seed
+7100 + seed, checked disjoint from both rulers) is labelled by every labeller through the factory's own build
+(`tasks.build.build`, the vLLM engine of that world's policy, 16 problems per shard):
 
-- ``ms-N`` (Math-Shepherd style): newline steps, no tree, N policy samples per step, N in ``--ms-ns``;
-- ``edu-N``: EDU entropy cuts and branching (the base config's partition and tree), samples topped up to N;
-  on the whole pool this is also the "full data" PRM of the ActPRM share;
-- ``actprm``: the ActPRM loop (`tasks.active.loop.ActiveLoop`: round 0 labels a random seed set, later rounds label
-  the trajectories the ensemble is unsure about) on the same pool, EDU labels, warm-started Ray Train rounds;
-- ``random``: the same loop with ``selector: random`` (as many problems per round, drawn at random).
+- ``truth``: 4 policy samples per problem, newline steps, each step judged by the exact checker (the ceiling);
+- ``ms-N`` (Math-Shepherd): newline steps, no tree, N rollouts per step, N in ``--ms-ns``;
+- ``edu``: EDU entropy cuts, branching and ``--edu-n`` rollouts, ER labels with η = 1; the η grid (``--etas``)
+  relabels the same rows (`tasks.store.relabel.relabel`: no new generation);
+- ``actprm`` and ``random``: the ActPRM loop over the ``edu``-labelled pool. Round 0 labels a random seed set
+  (the same for both); later rounds let the ensemble PRM of the round before score the unlabelled pool's
+  solutions (`tasks.active.selection.select_uncertain`, the paper's thresholds) and label the uncertain ones;
+  ``random`` labels random problems until its tokens reach what ``actprm`` has spent by that round (equal
+  tokens, not equal problems). Labelling a problem reveals its ``edu`` rows: the build seeds every request by
+  problem and prefix, so a problem labelled in a round gives the rows it has in the full build;
+- ``filter`` (and ``filter-random``): ActPRM as a filter of an already labelled pool, as the paper filtered 1M
+  trajectories (arXiv 2504.10559): the seed-set PRM scores the whole pool and the PRM trains on the seed set plus
+  the uncertain share ``--filter-share`` (the control: as many problems drawn at random).
 
-Cost on the x axis = **generated labelling tokens** from the datasets' cost records (``generated_tokens`` =
-policy generation of the labelled solutions + EDU branches + rollouts; prompt tokens are not counted). For the
-active arms it is the cumulative ``label_tokens`` of the rounds; the pool (one solution per pool problem, made
-to be scored, never labelled) is reported separately as ``pool_tokens`` and the headline ratio is given with
-and without it.
+Static labellers are measured along a curve: the first k problems of the pool, k in ``--sizes`` (whole shards, so
+a point's cost is exactly the sum of its shards' cost records). Every PRM is trained the same way: the recipe of
+``configs/toy.yaml``'s ``train:`` section (tokens read, distribution features, frozen backbone) for ``--epochs``
+epochs in this process (`tasks.prm.training.train_step`, the step Ray Train runs), keeping the last epoch.
 
-Quality (y) on the first ``--ruler-problems`` ruler problems x 16 samples: step AUROC against the exact truth,
-and best-of-N accuracy at N = ``--bon`` choosing by the minimum step score (random pick and majority vote on
-the same groups as references). Seeds (``--seeds``) change the problems, the labelling seed, the train seed
-and the active draw; the JSON keeps every point, the plot shows the mean and the min-max spread.
+Tokens, per point:
+- ``generated``: what the labelling generated (policy solutions + EDU branches + rollouts), plus, for the active
+  arms, the pool's generation (one policy solution per pool problem, made to be scored): the headline's cost;
+- ``prefill``: prompt tokens of those requests, reported apart (for a problem picked by an active round: its shard's
+  prompt tokens shared in proportion to its generated tokens);
+- ``scoring_forward``: tokens the PRM read to score the pool (prompt + solution per scored trajectory), apart.
 
-Everything built is cached under ``--cache`` by content key (dataset: the config hash; PRM: dataset version
-+ train hash; active run: its pinned config; evaluation: checkpoint sha256 + ruler size), so a rerun reuses
-what exists and only evaluates and plots again.
+Quality: each world's own ruler (``assets/toy-ruler`` or ``assets/toy-ruler-v2``), its first ``--ruler-problems``
+problems x 16 samples: within-position AUROC, first-error F1 and best-of-8 (min step) against majority vote, with
+95% bootstrap intervals over problems; position and policy-confidence measured on the same slice.
+
+Headline, per world: the tokens each labeller needs to reach 95% of the truth ceiling's within-position AUROC
+(``truth`` at the whole pool), and to reach the ceiling's best-of-8; per seed, and as an interval from the points'
+bootstrap intervals (optimistic: the first point whose upper end reaches the target; pessimistic: its lower end).
+A round-0 point of an active arm is never credited: it is a random seed set, no selection has run.
+
+Everything built is cached under ``--cache`` by content key (datasets: through the build's own shard keys and
+hashes; points: the rows' digest, the train recipe and the ruler), so an interrupted run resumes.
 
     python benchmarks/bench_e2e.py --json-out benchmarks/results/e2e.json --plot benchmarks/results/e2e.png
-    python benchmarks/bench_e2e.py --ci ...     # run_all's size: one seed, a 24-problem pool, 2 rounds
+    python benchmarks/bench_e2e.py --ci ...   # run_all's size: world v1, seed 0, a 32-problem pool
+    python benchmarks/bench_e2e.py --from-json benchmarks/results/e2e.json --json-out ...  # summary again, no run
+
+The JSON's ``profile`` says where the time went (generation, training, evaluation, pool scoring, engine start).
 """
 
 from __future__ import annotations
@@ -38,504 +58,807 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
+from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from prm_factory import set_offline_env  # noqa: E402 - needs the repo on sys.path first
 
 set_offline_env()
 
-# Problem seeds of the pools: seed s uses POOL_SEED_BASE + s. Checked against the ruler at start-up.
-POOL_SEED_BASE = 7100
-# What this run took from the cache and what it made (printed with the summary, so a report says which it was).
-CACHE = {"datasets_reused": 0, "datasets_built": 0, "prms_reused": 0, "prms_trained": 0, "evals_reused": 0,
-         "evals_run": 0}
+POOL_SEED_BASE = 7100  # the pool of seed s: toy problems of seed 7100 + s
+PROBLEMS_PER_SHARD = 16
+# World -> (the policy that samples its data and is its PRMs' backbone, the ruler it is judged on).
+WORLDS = {"v1": ("assets/toy-policy", "v1"), "v2": ("assets/toy-policy-v2", "v2")}
+ACTIVE_ARMS = ("actprm", "random")
+PROFILE: dict[str, float] = defaultdict(float)  # seconds per phase, for the profile in the JSON
 
 
 def log(msg: str) -> None:
     print(f"[{datetime.now(UTC).strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-# -- configs --------------------------------------------------------------------------------------------------
-
-
-def arm_config(base: dict[str, Any], arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The config dict of one arm and seed: the base config with the arm's overrides (documented in the docstring)."""
-    cfg = json.loads(json.dumps(base))
-    cfg["name"] = f"e2e-{arm}-s{seed}"
-    cfg["seed"] = seed
-    src = cfg["sources"][0]
-    src.update({"num_problems": args.problems, "seed": POOL_SEED_BASE + seed})
-    cfg["rollouts"] = {**cfg["rollouts"], "seed": seed}
-    cfg["train"] = {**cfg.get("train", {}), "seed": seed}
-    cfg["dataset"] = {**cfg.get("dataset", {}), "out_dir": "runs/bench-e2e/dataset"}
-    kind, _, n = arm.partition("-")
-    if kind == "ms":
-        cfg["partition"] = {"method": "newline"}
-        cfg["tree"] = {**cfg.get("tree", {}), "enabled": False}
-        cfg["rollouts"]["n"] = int(n)
-    elif kind == "edu":
-        cfg["rollouts"]["n"] = int(n)
-    elif kind in ("actprm", "random"):
-        cfg["rollouts"]["n"] = args.edu_n
-        cfg["active"] = {**cfg.get("active", {}), "rounds": args.rounds, "seed_size": args.seed_size,
-                         "max_selected": args.per_round, "pool_size": None, "label_token_budget": None,
-                         "selector": "uncertainty" if kind == "actprm" else "random", "seed": seed}
-    else:
-        raise SystemExit(f"unknown arm {arm!r}")
-    return cfg
-
-
 def content_key(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# -- the cached steps -----------------------------------------------------------------------------------------
+# -- configs ----------------------------------------------------------------------------------------------------
 
 
-class Engine:
-    """One policy engine for every arm (the policy section is the same in all of them), started on first use."""
+def labeller_config(base: dict[str, Any], world: str, labeller: str, seed: int, problems: int) -> dict[str, Any]:
+    """The build config of one labeller on one pool: the base config with the labeller's overrides."""
+    cfg = json.loads(json.dumps(base))
+    cfg["name"] = f"e2e-{world}-{labeller}-s{seed}"
+    cfg["seed"] = seed
+    cfg["policy"]["model_path"] = WORLDS[world][0]
+    cfg["train"] = {**cfg.get("train", {}), "model_path": WORLDS[world][0], "seed": seed}
+    cfg["sources"][0].update({"num_problems": problems, "seed": POOL_SEED_BASE + seed})
+    cfg["rollouts"] = dict(cfg["rollouts"])
+    cfg["dataset"] = {**cfg.get("dataset", {}), "problems_per_shard": PROBLEMS_PER_SHARD}
+    kind, _, n = labeller.partition("-")
+    if kind == "truth":
+        cfg["partition"] = {"method": "newline"}
+        cfg["tree"] = {**cfg.get("tree", {}), "enabled": False}
+        cfg["labels"] = {**cfg["labels"], "labeller": "truth", "truth_samples": 4}
+    elif kind == "ms":
+        cfg["partition"] = {"method": "newline"}
+        cfg["tree"] = {**cfg.get("tree", {}), "enabled": False}
+        cfg["rollouts"]["n"] = int(n)
+    elif kind != "edu":
+        raise SystemExit(f"unknown labeller {labeller!r}")
+    return cfg
 
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+class Engines:
+    """One policy engine per world, started on first use; the previous world's engine is shut down first."""
+
+    def __init__(self, log_file: Path) -> None:
+        self.log_file = log_file  # the engines' start-up output
+        self.world: str | None = None
         self.engine: Any = None
-        self.start_seconds: float | None = None
+        self.start_seconds: dict[str, float] = {}
 
-    def __call__(self) -> Any:
-        if self.engine is None:
-            from cluster.engines import start_policy_engines
+    def factory(self, world: str, cfg: Any) -> Any:
+        def get() -> Any:
+            if self.world != world:
+                self.close()
+                from cluster.engines import start_policy_engines
 
-            t0 = time.perf_counter()
-            log(f"starting the {self.cfg.policy.backend} engine")
-            self.engine = start_policy_engines(self.cfg, local=True)
-            self.start_seconds = round(time.perf_counter() - t0, 1)
-            log(f"engine up in {self.start_seconds}s")
-        return self.engine
+                t0 = time.perf_counter()
+                log(f"starting the {cfg.policy.backend} engine of world {world}")
+                self.engine, self.world = start_policy_engines(cfg, local=True, log_file=self.log_file), world
+                self.start_seconds[world] = round(time.perf_counter() - t0, 1)
+                PROFILE["engine_start"] += time.perf_counter() - t0
+            return self.engine
+        return get
+
+    def close(self) -> None:
+        if self.engine is not None and hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
+        self.engine = self.world = None
 
 
-def build_dataset(cfg: Any, cache: Path, engine: Engine) -> Path:
-    """The arm's dataset, built once per config hash (sources + labelling) and reused after."""
+def build_dataset(cfg: Any, cache: Path, engine: Any) -> Path:
+    """The labeller's dataset on the pool, through the build (it reuses a shard only when its key and sha256 match)."""
     from tasks.build import build
 
-    out = cache / "datasets" / f"{cfg.name.rsplit('-s', 1)[0]}-{cfg.config_hash()}"
-    # Always through build: it reuses a shard only when its completion record's key and sha256 still match
-    # (and starts no engine then), so a damaged or stale cached dataset is rebuilt, not trusted by its name.
+    out = cache / "datasets" / f"{cfg.name}-{cfg.config_hash()}"
     t0 = time.perf_counter()
     report = build(cfg, out, engine)
     if report.shards_built:
-        CACHE["datasets_built"] += 1
-        log(f"built {out.name} ({report.shards_built} shards) in {time.perf_counter() - t0:.0f}s")
-    else:
-        CACHE["datasets_reused"] += 1
+        PROFILE["generation"] += time.perf_counter() - t0
+        log(f"built {out.name}: {report.shards_built} shards in {time.perf_counter() - t0:.0f}s")
     return out
 
 
-def train_cached(cfg: Any, dataset: Path, cache: Path) -> Path:
-    """A PRM trained on ``dataset`` (Ray Train), once per (dataset version, train hash)."""
-    from cluster.train import train_on_ray
-
-    version = json.loads((dataset / "manifest.json").read_text())["dataset_version"]
-    run = cache / "runs" / f"{version}-{cfg.train.train_hash()}"
-    if not (run / "train_summary.json").is_file():
-        t0 = time.perf_counter()
-        train_on_ray(cfg, dataset, run)
-        CACHE["prms_trained"] += 1
-        log(f"trained {run.name} in {time.perf_counter() - t0:.0f}s")
-    else:
-        CACHE["prms_reused"] += 1
-    return run / "model"
-
-
-def dataset_cost(dataset: Path) -> dict[str, int]:
-    """The dataset's generated tokens, in total and by stage, from its manifest's sum of the shards' records."""
-    from tasks.cost import COST_STAGES, ShardCost
-    from tasks.store.dataset import read_manifest
-
-    cost = ShardCost.from_dict(read_manifest(dataset).get("extra", {}).get("cost", {}))
-    return {"generated_tokens": cost.generated_tokens, **{stage: getattr(cost, stage) for stage in COST_STAGES}}
-
-
-def dataset_size(dataset: Path) -> dict[str, int]:
+def read_shards(dataset: Path) -> list[tuple[list[dict[str, Any]], dict[str, int]]]:
+    """Each shard of a dataset, in pool order: its rows and its cost record."""
     import pyarrow.parquet as pq
 
+    from tasks.cost import ShardCost
     from tasks.prm.training import dataset_shards
+    from tasks.store.dataset import read_provenance
 
-    shards, _ = dataset_shards(dataset)
-    rows = steps = 0
-    problems: set[str] = set()
-    for path in shards:
-        t = pq.read_table(path, columns=["labels", "problem_id"])
-        rows += t.num_rows
-        steps += sum(len(x) for x in t.column("labels").to_pylist())
-        problems |= set(t.column("problem_id").to_pylist())
-    return {"rows": rows, "steps": steps, "problems": len(problems)}
+    paths, _ = dataset_shards(dataset)
+    return [(pq.read_table(p).to_pylist(), ShardCost.from_dict(read_provenance(p).get("cost", {})).to_dict())
+            for p in paths]
 
 
-def evaluate(model_dir: Path, ruler: Any, ns: list[int], cache: Path) -> dict[str, Any]:
-    """Ruler figures of a checkpoint, cached by the weights' sha256 and the ruler subset."""
-    from tasks.evaluation.ruler import evaluate_ruler
-    from tasks.prm.model import load_prm
-    from tasks.store.dataset import sha256_file
+def shard_tokens(records: list[dict[str, int]]) -> dict[str, Any]:
+    """The tokens of a set of whole shards: exactly the sum of their cost records."""
+    from tasks.cost import COST_STAGES, total_cost
 
-    key = content_key([sha256_file(model_dir / "model.safetensors"), ruler.manifest["content_hash"],
-                       len(ruler.problem_ids), ns])
-    path = cache / "evals" / f"{key}.json"
+    cost = total_cost(records)
+    return {"generated": cost.generated_tokens, "prefill": cost.prompt_tokens, "scoring_forward": 0,
+            "pool_generated": 0, "by_stage": {stage: getattr(cost, stage) for stage in COST_STAGES}}
+
+
+def problem_costs(shards: list[tuple[list[dict[str, Any]], dict[str, int]]]) -> dict[str, dict[str, float]]:
+    """Per problem: its generated labelling tokens (the sum of its rows' ``rollout_tokens``, which share the tree's
+    and the rollouts' tokens out between rows) and its prefill (its shard's prompt tokens in proportion)."""
+    out: dict[str, dict[str, float]] = {}
+    for rows, record in shards:
+        gen: dict[str, int] = defaultdict(int)
+        for r in rows:
+            gen[r["problem_id"]] += int(r["rollout_tokens"])
+        total = max(1, sum(gen.values()))
+        for pid, g in gen.items():
+            out[pid] = {"generated": g, "prefill": record["prompt_tokens"] * g / total}
+    return out
+
+
+def pool_items(shards: list[tuple[list[dict[str, Any]], dict[str, int]]]) -> dict[str, dict[str, Any]]:
+    """The active pool: per problem its first row (the policy's own solution, the tree's first leaf)."""
+    out: dict[str, dict[str, Any]] = {}
+    for rows, _ in shards:
+        for r in rows:
+            out.setdefault(r["problem_id"], r)
+    return out
+
+
+def rows_digest(rows: list[dict[str, Any]], target: str) -> str:
+    return content_key([[r["problem_id"], r["prompt"], r["completions"], r[target]] for r in rows])
+
+
+# -- training and measuring --------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains the recipe on rows in this process, measures it on the ruler, caches each point's figures."""
+
+    def __init__(self, train_section: dict[str, Any], world: str, args: argparse.Namespace, ruler: Any) -> None:
+        from configs.schema import TrainConfig
+
+        self.train = TrainConfig(**{**train_section, "model_path": WORLDS[world][0], "epochs": args.epochs,
+                                    "keep": "last"})
+        self.world, self.args, self.ruler = world, args, ruler
+        self.ruler_key = [ruler.manifest["content_hash"], len(ruler.problem_ids), args.n_boot]
+
+    def fit(self, rows: list[dict[str, Any]], seed: int, name: str) -> Any:
+        """A trained model as a scorer (``.score``, ``.model``)."""
+        import torch
+
+        from tasks.prm.training import run_prm_config, start_model, train_step
+
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        train = self.train.model_copy(update={"seed": seed})
+        backbone = REPO / train.model_path
+        prm_config = run_prm_config(train, backbone, "bench-e2e")
+        model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
+        rng, order = random.Random(seed), list(range(len(rows)))
+        model.train()
+        for epoch in range(train.epochs):
+            if train.shuffle:
+                rng.shuffle(order)
+            for start in range(0, len(order), train.batch_size):
+                batch = [rows[i] for i in order[start:start + train.batch_size]]
+                train_step(model, optimizer, tokenizer, batch, train.target, prm_config["max_length"],
+                           train.pull_lambda, "cpu", f"{name} epoch {epoch}", train.pull_reduction)
+        model.eval()
+        PROFILE["training"] += time.perf_counter() - t0
+        return Scorer(model, tokenizer, prm_config["max_length"])
+
+    def measure(self, scorer: Any) -> dict[str, Any]:
+        from bench_toy_prm import figures
+
+        from tasks.evaluation.ruler import evaluate_ruler
+
+        t0 = time.perf_counter()
+        out = figures(evaluate_ruler(scorer, self.ruler, [1, 8], n_boot=self.args.n_boot))
+        PROFILE["evaluation"] += time.perf_counter() - t0
+        return out
+
+    def point(self, rows: list[dict[str, Any]], seed: int, name: str, need_model: bool = False
+              ) -> tuple[dict[str, Any], Any]:
+        """Figures of the recipe trained on ``rows`` (cached by the rows' digest, the recipe and the ruler), and
+        the trained scorer when ``need_model`` (trained again if the figures came from the cache) or else None."""
+        key = content_key([rows_digest(rows, self.train.target), self.train.train_hash(), seed, self.ruler_key])
+        path = self.args.cache / "points" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text()), (self.fit(rows, seed, name) if need_model else None)
+        scorer = self.fit(rows, seed, name)
+        out = self.measure(scorer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        return out, (scorer if need_model else None)
+
+
+class Scorer:
+    """A model in memory as a StepScorer."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int) -> None:
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+
+    def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 32) -> list[Any]:
+        from tasks.prm.model import score_trajectories
+
+        return score_trajectories(self.model, self.tokenizer, prompts, completions, self.max_length,
+                                  batch_size=batch_size)
+
+
+def references(ruler: Any, world: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The free references on the same ruler slice: position and the world's policy confidence."""
+    from bench_toy_prm import figures
+
+    from tasks.evaluation.ruler import evaluate_ruler, reference_scorer
+
+    key = content_key(["refs", ruler.manifest["content_hash"], len(ruler.problem_ids), args.n_boot])
+    path = args.cache / "points" / f"{key}.json"
     if path.is_file():
-        CACHE["evals_reused"] += 1
         return json.loads(path.read_text())
-    CACHE["evals_run"] += 1
-    t0 = time.perf_counter()
-    report = evaluate_ruler(load_prm(model_dir), ruler, ns)
-    bon = report["best_of_n"]
-    out = {"step_auroc": report["steps"]["step_auroc"], "step_accuracy": report["steps"]["step_accuracy"],
-           **{f"bon{n}_{sel}": bon["accuracy"][sel][i] for i, n in enumerate(bon["ns"])
-              for sel in ("min_step", "last_step", "random", "majority")},
-           **{f"bon{n}_pass": bon["oracle_any_correct"][i] for i, n in enumerate(bon["ns"])},
-           "eval_seconds": round(time.perf_counter() - t0, 1)}
+    out = {name: figures(evaluate_ruler(reference_scorer(name, ruler), ruler, [1, 8], n_boot=args.n_boot))
+           for name in ("position", "policy-confidence")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
-def run_static_arm(arm: str, seed: int, base: dict, args: argparse.Namespace, engine: Engine, ruler: Any,
-                   ns: list[int]) -> dict[str, Any]:
-    from configs.schema import parse_config
-
-    cfg = parse_config(arm_config(base, arm, seed, args), f"bench_e2e {arm} seed {seed}")
-    if args.cached_only and not _static_cached(cfg, args.cache):
-        log(f"{arm} seed {seed}: not in the cache, left out (--cached-only)")
-        return None
-    dataset = build_dataset(cfg, args.cache, engine)
-    model = train_cached(cfg, dataset, args.cache)
-    cost = dataset_cost(dataset)
-    point = {"arm": arm, "seed": seed, "tokens": cost["generated_tokens"], "cost": cost, **dataset_size(dataset),
-             "dataset": str(dataset), "checkpoint": str(model), **evaluate(model, ruler, ns, args.cache)}
-    log(f"{arm} seed {seed}: {point['tokens']:,} tokens, {point['problems']} problems, "
-        f"AUROC {point['step_auroc']:.3f}, BoN@{ns[-1]} {point[f'bon{ns[-1]}_min_step']:.3f}")
-    return point
+# -- the arms ------------------------------------------------------------------------------------------------------
 
 
-def _static_cached(cfg: Any, cache: Path) -> bool:
-    """True when the arm's dataset and its trained PRM are both in the cache."""
-    dataset = cache / "datasets" / f"{cfg.name.rsplit('-s', 1)[0]}-{cfg.config_hash()}"
-    if not (dataset / "manifest.json").is_file():
-        return False
-    version = json.loads((dataset / "manifest.json").read_text())["dataset_version"]
-    return (cache / "runs" / f"{version}-{cfg.train.train_hash()}" / "train_summary.json").is_file()
+def static_points(arm: str, shards: list, trainer: Trainer, seed: int, sizes: list[int], eta: float | None = None
+                  ) -> list[dict[str, Any]]:
+    """The arm measured on the first k problems of the pool (whole shards), k in ``sizes``."""
+    out = []
+    for k in sizes:
+        take = shards[: math.ceil(k / PROBLEMS_PER_SHARD)]
+        rows = [r for rs, _ in take for r in rs]
+        if eta is not None:
+            rows = relabelled(rows, eta)
+        problems = len({r["problem_id"] for r in rows})
+        fig, _ = trainer.point(rows, seed, f"{arm} k={k}")
+        out.append({"arm": arm, "seed": seed, "problems": problems, "rows": len(rows),
+                    "tokens": shard_tokens([rec for _, rec in take]), **fig})
+        log(f"{trainer.world} {arm} seed {seed} k={k}: {out[-1]['tokens']['generated']:,} tokens, "
+            f"within-position AUROC {fig['within_position_auroc']:.3f}, BoN@8 {fig['bon8_min_step']:.3f}")
+    return out
 
 
-def run_active_arm(arm: str, seed: int, base: dict, args: argparse.Namespace, engine: Engine, ruler: Any,
-                   ns: list[int]) -> list[dict[str, Any]]:
-    from cluster.active_run import ray_train_fn
-    from configs.schema import parse_config
-    from tasks.active.loop import ActiveLoop, pin_payload
+def relabelled(rows: list[dict[str, Any]], eta: float) -> list[dict[str, Any]]:
+    import pyarrow as pa
 
-    cfg = parse_config(arm_config(base, arm, seed, args), f"bench_e2e {arm} seed {seed}")
-    out = args.cache / "active" / f"{arm}-s{seed}-{content_key([pin_payload(cfg), cfg.active.model_dump()])}"
-    t0 = time.perf_counter()
-    if args.cached_only:  # the rounds a run finished so far, without running more
-        from tasks.active.loop import ActiveResult, read_rounds
+    from tasks.store.dataset import ROW_SCHEMA
+    from tasks.store.relabel import relabel
 
-        pool = json.loads((out / "pool" / "pool.json").read_text()) if (out / "pool" / "pool.json").is_file() else {}
-        rounds = read_rounds(out) if out.is_dir() else []
-        result = ActiveResult(out, rounds, "cached_only" if len(rounds) < args.rounds else "rounds", "", pool)
-    else:
-        result = ActiveLoop(cfg, out, engine, ray_train_fn(cfg), eval_fn=None).run()
-    log(f"{arm} seed {seed}: {len(result.rounds)} rounds ({result.stop_reason}) in {time.perf_counter() - t0:.0f}s")
-    points, problems = [], 0
-    for rec in result.rounds:
-        problems += int(rec["selected"])
-        point = {"arm": arm, "seed": seed, "round": rec["round"], "tokens": int(rec["cumulative_label_tokens"]),
-                 "pool_tokens": int(result.pool.get("pool_tokens") or 0), "problems": problems,
-                 "selected": rec["selected"], "uncertain": rec["uncertain"], "unlabelled": rec["unlabelled"],
-                 "labelled_rows": rec["labelled_rows"], "labelled_steps": rec["labelled_steps"],
-                 "round_label_tokens": rec["label_tokens"], "train_loss": rec["train_loss"],
-                 "checkpoint": rec["checkpoint"], "stop_reason": result.stop_reason,
-                 **evaluate(Path(rec["checkpoint"]), ruler, ns, args.cache)}
-        log(f"{arm} seed {seed} round {rec['round']}: {point['tokens']:,} tokens, {problems} problems, "
-            f"AUROC {point['step_auroc']:.3f}, BoN@{ns[-1]} {point[f'bon{ns[-1]}_min_step']:.3f}")
-        points.append(point)
+    return relabel(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), eta).to_pylist()
+
+
+def active_points(shards: list, trainer: Trainer, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """ActPRM and random selection over the ``edu``-labelled pool, in lockstep (random matches ActPRM's tokens)."""
+    from tasks.active.selection import PRESETS, random_selection, select_uncertain
+
+    pool, costs = pool_items(shards), problem_costs(shards)
+    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rs, _ in shards:
+        for r in rs:
+            by_problem[r["problem_id"]].append(r)
+    ids = sorted(pool)
+    pool_generated = sum(int(pool[p]["completion_tokens"]) for p in ids)
+    seed_set = list(random_selection(ids, args.seed_size, seed).selected)
+    labelled = {arm: list(seed_set) for arm in ACTIVE_ARMS}
+    scoring = {arm: 0 for arm in ACTIVE_ARMS}
+    draw = random.Random(seed * 7919 + 1)
+    random_order = [p for p in sorted(ids) if p not in set(seed_set)]
+    draw.shuffle(random_order)
+    points: list[dict[str, Any]] = []
+    scorers: dict[str, Any] = {}
+
+    def spent(arm: str) -> float:
+        return sum(costs[p]["generated"] for p in labelled[arm])
+
+    for rnd in range(args.rounds + 1):
+        if rnd > 0:  # select with the previous round's PRM of ActPRM; random matches its tokens
+            rest = [p for p in ids if p not in set(labelled["actprm"])]
+            if not rest:
+                break
+            t0 = time.perf_counter()
+            scores = scorers["actprm"].score([pool[p]["prompt"] for p in rest], [pool[p]["completions"] for p in rest])
+            PROFILE["pool_scoring"] += time.perf_counter() - t0
+            scoring["actprm"] += sum(int(pool[p]["prompt_tokens"]) + int(pool[p]["completion_tokens"]) for p in rest)
+            chosen = select_uncertain(rest, scores, PRESETS["paper"], args.per_round).selected
+            if not chosen:
+                log(f"{trainer.world} actprm seed {seed}: round {rnd}: no uncertain trajectory left, stopping")
+                break
+            labelled["actprm"] += list(chosen)
+            budget = spent("actprm")
+            while spent("random") < budget and random_order:
+                nxt = random_order.pop(0)
+                if nxt not in set(labelled["random"]):
+                    labelled["random"].append(nxt)
+        for arm in ACTIVE_ARMS:
+            if rnd == 0 and arm == "random":  # round 0 is the same seed set for both: measured once
+                points.append({**points[-1], "arm": "random"})
+                continue
+            rows = [r for p in labelled[arm] for r in by_problem[p]]
+            fig, scorer = trainer.point(rows, seed, f"{arm} round {rnd}", need_model=arm == "actprm" and
+                                        rnd < args.rounds)
+            if scorer is not None:
+                scorers[arm] = scorer
+            points.append({"arm": arm, "seed": seed, "round": rnd, "problems": len(labelled[arm]), "rows": len(rows),
+                           "tokens": active_tokens(labelled[arm], costs, pool_generated,
+                                                   sum(int(pool[p]["prompt_tokens"]) for p in ids), scoring[arm]),
+                           **fig})
+            log(f"{trainer.world} {arm} seed {seed} round {rnd}: {len(labelled[arm])} problems, "
+                f"{points[-1]['tokens']['generated']:,} tokens, within-position AUROC "
+                f"{fig['within_position_auroc']:.3f}, BoN@8 {fig['bon8_min_step']:.3f}")
     return points
 
 
-# -- summary --------------------------------------------------------------------------------------------------
+def active_tokens(problems: list[str], costs: dict[str, dict[str, float]], pool_generated: int, pool_prefill: int,
+                  scoring_forward: int) -> dict[str, Any]:
+    """An active arm's tokens: its problems' labelling plus the pool's generation (one solution per problem)."""
+    label = sum(costs[p]["generated"] for p in problems)
+    return {"generated": int(label + pool_generated), "label_generated": int(label), "pool_generated": pool_generated,
+            "prefill": int(round(sum(costs[p]["prefill"] for p in problems) + pool_prefill)),
+            "scoring_forward": scoring_forward}
 
 
-def curves(points: list[dict[str, Any]], metrics: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Per arm, its points averaged over seeds: static arms by N (one point each), active arms by round."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for p in points:
-        family, _, n = p["arm"].partition("-")
-        groups.setdefault((family, p.get("round", int(n) if n else 0)), []).append(p)
-    for (family, step), ps in sorted(groups.items()):
-        row = {"family": family, "step": step, "arm": ps[0]["arm"], "seeds": [p["seed"] for p in ps],
-               "tokens": statistics.mean(p["tokens"] for p in ps),
-               "problems": statistics.mean(p["problems"] for p in ps)}
-        if "pool_tokens" in ps[0]:
-            row["pool_tokens"] = statistics.mean(p["pool_tokens"] for p in ps)
-        for m in metrics:
-            vals = [p[m] for p in ps if p.get(m) is not None]
-            row[m] = {"mean": statistics.mean(vals) if vals else None, "min": min(vals, default=None),
-                      "max": max(vals, default=None), "values": vals}
-        out.setdefault(family, []).append(row)
+def filter_points(shards: list, trainer: Trainer, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """ActPRM as a filter of the labelled pool: the seed-set PRM keeps the uncertain share; the control draws."""
+    from tasks.active.selection import PRESETS, random_selection, select_uncertain
+
+    pool = pool_items(shards)
+    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rs, _ in shards:
+        for r in rs:
+            by_problem[r["problem_id"]].append(r)
+    ids = sorted(pool)
+    seed_set = list(random_selection(ids, args.seed_size, seed).selected)
+    rest = [p for p in ids if p not in set(seed_set)]
+    keep = max(0, int(round(args.filter_share * len(ids))) - len(seed_set))
+    scorer = trainer.fit([r for p in seed_set for r in by_problem[p]], seed, "filter seed set")
+    t0 = time.perf_counter()
+    scores = scorer.score([pool[p]["prompt"] for p in rest], [pool[p]["completions"] for p in rest])
+    PROFILE["pool_scoring"] += time.perf_counter() - t0
+    selection = select_uncertain(rest, scores, PRESETS["paper"], keep)
+    chosen = {"filter": list(selection.selected),
+              "filter-random": list(random_selection(rest, len(selection.selected), seed + 1).selected)}
+    full = shard_tokens([rec for _, rec in shards])
+    forward = sum(int(pool[p]["prompt_tokens"]) + int(pool[p]["completion_tokens"]) for p in rest)
+    out = []
+    for arm, picked in chosen.items():
+        rows = [r for p in seed_set + picked for r in by_problem[p]]
+        fig, _ = trainer.point(rows, seed, arm)
+        out.append({"arm": arm, "seed": seed, "problems": len(seed_set) + len(picked), "rows": len(rows),
+                    "uncertain_in_pool": selection.uncertain, "pool_problems": len(ids),
+                    "tokens": {**full, "scoring_forward": forward if arm == "filter" else 0}, **fig})
+        log(f"{trainer.world} {arm} seed {seed}: trains on {out[-1]['problems']} of {len(ids)} problems "
+            f"({selection.uncertain} uncertain), within-position AUROC {fig['within_position_auroc']:.3f}")
     return out
 
 
-def first_reaching(curve: list[dict[str, Any]], metric: str, target: float) -> dict[str, Any] | None:
-    """The cheapest point of a curve whose seed-mean ``metric`` is at least ``target``."""
-    ok = [r for r in curve if r[metric]["mean"] is not None and r[metric]["mean"] >= target]
-    return min(ok, key=lambda r: r["tokens"]) if ok else None
+# -- the headline ---------------------------------------------------------------------------------------------------
+
+METRICS = {"within_position_auroc": "within-position AUROC", "bon8_min_step": "best-of-8 (min step)"}
 
 
-def headline(cur: dict[str, list[dict[str, Any]]], metric: str, edu_arm: str,
-             floor: float | None = None) -> dict[str, Any]:
-    """The two ratios of the issue, on one metric: tokens vs Math-Shepherd N=8, and ActPRM's share of the labels.
+def family(arm: str) -> str:
+    return arm.split("-eta")[0]
 
-    ``floor``: what a scorer-free choice reaches on this metric (best-of-N: the random pick). When the quality to
-    match is below it, matching it says nothing about the labels: the goals are reported as None, with a note.
+
+def tokens_to_reach(curve: list[dict[str, Any]], metric: str, target: float) -> dict[str, Any]:
+    """The fewest generated tokens at which a curve's points reach ``target`` on ``metric``.
+
+    Point estimate: the cheapest point whose value is at least the target. Interval from the point's 95% bootstrap
+    interval: optimistic, the cheapest point whose upper end reaches it; pessimistic, the cheapest whose lower end
+    does. A round-0 point of an active arm is a random seed set, no selection has run: never credited (``refused``
+    counts the round-0 points that would have reached the target).
     """
-    out: dict[str, Any] = {"metric": metric}
-    ms8 = next((r for r in cur.get("ms", []) if r["arm"] == "ms-8"), None)
-    act = cur.get("actprm", [])
-    if ms8 and act and ms8[metric]["mean"] is not None:
-        target = ms8[metric]["mean"]
-        hit = first_reaching(act, metric, target)
-        out["ms8"] = {"tokens": ms8["tokens"], metric: target}
-        scored = [{"round": r["step"], "tokens": r["tokens"], metric: r[metric]["mean"]}
-                  for r in act if r[metric]["mean"] is not None]
-        out["actprm_best"] = max(scored, key=lambda x: x[metric], default=None)
-        if hit:
-            out["actprm_reaches_ms8"] = {"round": hit["step"], "tokens": hit["tokens"],
-                                         "tokens_with_pool": hit["tokens"] + hit.get("pool_tokens", 0),
-                                         metric: hit[metric]["mean"]}
-            out["token_ratio_ms8_over_actprm"] = ms8["tokens"] / max(1.0, hit["tokens"])
-            out["token_ratio_with_pool"] = ms8["tokens"] / max(1.0, hit["tokens"] + hit.get("pool_tokens", 0))
-        else:
-            out["actprm_reaches_ms8"] = None
-        out["goal_20x_met"] = bool(hit) and out["token_ratio_ms8_over_actprm"] >= 20
-    full = next((r for r in cur.get("edu", []) if r["arm"] == edu_arm), None)
-    if full and act and full[metric]["mean"] is not None:
-        hit = first_reaching(act, metric, full[metric]["mean"])
-        out["full_data"] = {"arm": edu_arm, "tokens": full["tokens"], "problems": full["problems"],
-                            metric: full[metric]["mean"]}
-        if hit:
-            out["actprm_reaches_full"] = {"round": hit["step"], "tokens": hit["tokens"], "problems": hit["problems"],
-                                          metric: hit[metric]["mean"]}
-            out["label_share_problems"] = hit["problems"] / max(1.0, full["problems"])
-            out["label_share_tokens"] = hit["tokens"] / max(1.0, full["tokens"])
-            out["goal_30pct_met"] = out["label_share_problems"] <= 0.30
-        else:
-            out["actprm_reaches_full"] = None
-            out["goal_30pct_met"] = False
-    if floor is not None:
-        for key, ref in (("goal_20x_met", out.get("ms8")), ("goal_30pct_met", out.get("full_data"))):
-            if ref is not None and ref[metric] < floor and key in out:
-                out[key] = None
-                out.setdefault("note", []).append(f"{key}: the quality to match ({ref[metric]:.3f}) is below the "
-                                                  f"scorer-free {floor:.3f} on {metric}; no goal can be judged")
+    eligible = [p for p in curve if p.get("round", 1) != 0]
+    refused = sum(1 for p in curve if p.get("round", 1) == 0 and p[metric] >= target)
+
+    def cheapest(pred: Any) -> int | None:
+        hits = [p["tokens"]["generated"] for p in eligible if pred(p)]
+        return min(hits) if hits else None
+
+    ci = f"{metric}_ci"
+    return {"target": target, "tokens": cheapest(lambda p: p[metric] >= target),
+            "optimistic": cheapest(lambda p: (p.get(ci) or [p[metric]] * 2)[1] >= target),
+            "pessimistic": cheapest(lambda p: (p.get(ci) or [p[metric]] * 2)[0] >= target),
+            "round0_refused": refused}
+
+
+def headline(points: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Per metric: the truth ceiling (``truth`` on the whole pool, seed mean), and for every arm family the tokens
+    to reach 95% of its within-position AUROC and its best-of-8, per seed and as the seed mean; then the issue's
+    two goals, judged per seed (met only when every seed meets it)."""
+    out: dict[str, Any] = {}
+    full = max((p["problems"] for p in points if p["arm"] == "truth"), default=0)
+    ceiling = [p for p in points if p["arm"] == "truth" and p["problems"] == full]
+    if not ceiling:
+        return {"note": "no truth point on the whole pool: no ceiling to measure against"}
+    for metric, share in (("within_position_auroc", 0.95), ("bon8_min_step", 1.0)):
+        cap = statistics.mean(p[metric] for p in ceiling)
+        target = share * cap
+        per_arm: dict[str, Any] = {}
+        for arm in sorted({p["arm"] for p in points if p["arm"] not in ("truth",)}):
+            seeds_out = {}
+            for s in seeds:
+                curve = [p for p in points if p["arm"] == arm and p["seed"] == s]
+                if curve:
+                    seeds_out[s] = tokens_to_reach(curve, metric, target)
+            reached = [v["tokens"] for v in seeds_out.values()]
+            per_arm[arm] = {"per_seed": seeds_out,
+                            "all_seeds_reach": bool(reached) and all(t is not None for t in reached),
+                            "mean_tokens": statistics.mean(reached) if reached and None not in reached else None,
+                            "range": [min(reached), max(reached)] if reached and None not in reached else None}
+        out[metric] = {"ceiling": cap, "target": target, "target_rule": f"{share:g} x the truth ceiling",
+                       "arms": per_arm, "goals": goals(points, seeds, metric, target)}
+    out["ladder"] = ladder(points, seeds, "within_position_auroc", LADDER)
     return out
 
 
-COLORS = {"ms": "tab:blue", "edu": "tab:green", "actprm": "tab:red", "random": "tab:gray"}
-LABELS = {"ms": "Math-Shepherd (newline, N = 4/8/16)", "edu": "EDU (full pool)", "actprm": "EDU + ActPRM",
-          "random": "EDU + random selection"}
+LADDER = (0.70, 0.75, 0.80, 0.85, 0.90)  # within-position AUROC targets of the token ladder
 
 
-def plot(cur: dict[str, list[dict[str, Any]]], metrics: list[tuple[str, str]], refs: dict[str, float],
-         path: Path, title: str) -> None:
-    """One panel per metric: seed mean with min-max bars per labeller, log x axis."""
+def ladder(points: list[dict[str, Any]], seeds: list[int], metric: str, targets: Any) -> dict[str, Any]:
+    """Tokens each arm needs for each of a ladder of quality targets, per seed (None: not reached in the pool),
+    and per seed the ratio of Math-Shepherd N=8's tokens to the arm's: where the 95%-of-ceiling target is out of
+    every labeller's reach, this still compares labellers at the qualities they do reach."""
+    out: dict[str, Any] = {}
+    arms = sorted({p["arm"] for p in points})
+    for target in targets:
+        row: dict[str, Any] = {}
+        for arm in arms:
+            per_seed = {s: tokens_to_reach([p for p in points if p["arm"] == arm and p["seed"] == s], metric,
+                                           target)["tokens"] for s in seeds}
+            ms8 = {s: tokens_to_reach([p for p in points if p["arm"] == "ms-8" and p["seed"] == s], metric,
+                                      target)["tokens"] for s in seeds}
+            row[arm] = {"tokens": per_seed,
+                        "ms8_over_arm": {s: ms8[s] / t if t and ms8[s] else None for s, t in per_seed.items()}}
+        out[f"{target:.2f}"] = row
+    return out
+
+
+def goals(points: list[dict[str, Any]], seeds: list[int], metric: str, target: float) -> dict[str, Any]:
+    """The issue's goals, per seed: EDU + ActPRM with >= 20x fewer tokens than Math-Shepherd N=8 at equal quality
+    (the quality Math-Shepherd N=8 reaches on the whole pool), and active labelling at <= 30% of full labelling's
+    labelled problems (to reach what ``edu`` on the whole pool reaches)."""
+    out: dict[str, Any] = {"ms8_over_actprm": {}, "actprm_label_share": {}}
+    for s in seeds:
+        mine = [p for p in points if p["seed"] == s]
+        ms8 = [p for p in mine if p["arm"] == "ms-8"]
+        act = [p for p in mine if p["arm"] == "actprm"]
+        edu = [p for p in mine if p["arm"] == "edu"]
+        if ms8 and act:
+            top = max(ms8, key=lambda p: p["problems"])
+            hit = tokens_to_reach(act, metric, top[metric])["tokens"]
+            ms_hit = tokens_to_reach(ms8, metric, top[metric])["tokens"]
+            out["ms8_over_actprm"][s] = {"quality": top[metric], "ms8_tokens": ms_hit, "actprm_tokens": hit,
+                                         "ratio": ms_hit / hit if hit else None}
+        if edu and act:
+            top = max(edu, key=lambda p: p["problems"])
+            hits = [p for p in act if p.get("round", 1) != 0 and p[metric] >= top[metric]]
+            first = min(hits, key=lambda p: p["tokens"]["generated"]) if hits else None
+            out["actprm_label_share"][s] = {"quality": top[metric], "full_problems": top["problems"],
+                                            "actprm_problems": first["problems"] if first else None,
+                                            "share": first["problems"] / top["problems"] if first else None}
+    floor = max((p.get("bon8_random", 0.0) for p in points), default=0.0) if metric.startswith("bon") else 0.5
+    for key in ("ms8_over_actprm", "actprm_label_share"):  # matching a quality no better than no scorer proves nothing
+        for v in out[key].values():
+            if v["quality"] <= floor:
+                v.update({"ratio": None} if key == "ms8_over_actprm" else {"share": None})
+                v["note"] = f"the quality to match ({v['quality']:.3f}) is not above the scorer-free {floor:.3f}"
+    ratios = [v["ratio"] for v in out["ms8_over_actprm"].values()]
+    shares = [v["share"] for v in out["actprm_label_share"].values()]
+    out["goal_20x_met"] = bool(ratios) and all(r is not None and r >= 20 for r in ratios)
+    out["goal_30pct_met"] = bool(shares) and all(x is not None and x <= 0.30 for x in shares)
+    return out
+
+
+def seed_sign(points: list[dict[str, Any]], a: str, b: str, metric: str) -> dict[str, Any]:
+    """Per seed, ``a`` minus ``b`` on ``metric`` at each arm's largest point; "unresolved" when the signs differ (and
+    with one seed)."""
+    diffs = {}
+    for s in sorted({p["seed"] for p in points}):
+        pa = [p for p in points if p["arm"] == a and p["seed"] == s]
+        pb = [p for p in points if p["arm"] == b and p["seed"] == s]
+        if pa and pb:
+            top_a = max(pa, key=lambda p: (p["problems"], p.get("round", 0)))
+            top_b = max(pb, key=lambda p: (p["problems"], p.get("round", 0)))
+            diffs[s] = top_a[metric] - top_b[metric]
+    signs = {math.copysign(1, d) for d in diffs.values() if d != 0}
+    if len(diffs) < 2:
+        return {"per_seed": diffs, "verdict": "one seed: cannot resolve"}
+    return {"per_seed": diffs, "verdict": "unresolved" if len(signs) > 1 else
+            ("higher" if signs == {1.0} else "lower" if signs else "equal")}
+
+
+# -- output -----------------------------------------------------------------------------------------------------------
+
+COLORS = {"truth": "black", "ms-4": "#9ecae1", "ms-8": "tab:blue", "ms-16": "#08519c", "edu": "tab:green",
+          "actprm": "tab:red", "random": "tab:gray", "filter": "tab:purple", "filter-random": "#bcbddc"}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Per world one row: quality against generated tokens, one line per arm (seed mean), log x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.6))
-    for ax, (metric, name) in zip(axes, metrics, strict=True):
-        for family, rows in cur.items():
-            rows = [r for r in rows if r[metric]["mean"] is not None]
-            if not rows:
-                continue
-            rows = sorted(rows, key=lambda r: r["tokens"])
-            x = [r["tokens"] for r in rows]
-            y = [r[metric]["mean"] for r in rows]
-            lo = [r[metric]["mean"] - r[metric]["min"] for r in rows]
-            hi = [r[metric]["max"] - r[metric]["mean"] for r in rows]
-            ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, color=COLORS.get(family), label=LABELS.get(family,
-                        family), linestyle="-" if len(rows) > 1 else "none")
-            if family == "ms":
-                for r in rows:
-                    ax.annotate(r["arm"].replace("ms-", "N="), (r["tokens"], r[metric]["mean"]), fontsize=7,
-                                xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        for ref_name, value in refs.items():
-            if ref_name.startswith(metric + ":"):
-                ax.axhline(value, color="black", linestyle=":", linewidth=0.8)
-                ax.text(0.01, value, ref_name.split(":", 1)[1], fontsize=7, va="bottom",
-                        transform=ax.get_yaxis_transform())
-        ax.set_xlabel("generated labelling tokens (policy solutions + branches + rollouts)")
-        ax.set_ylabel(name)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(title, fontsize=9)
+    worlds = list(results["worlds"])
+    fig, axes = plt.subplots(len(worlds), 2, figsize=(13, 4.6 * len(worlds)), squeeze=False)
+    for row, world in zip(axes, worlds, strict=True):
+        res = results["worlds"][world]
+        for ax, metric in zip(row, METRICS, strict=True):
+            by_arm: dict[str, dict[Any, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+            for p in res["points"]:
+                by_arm[p["arm"]][p.get("round", p["problems"])].append(p)
+            for arm, groups in by_arm.items():
+                xs = [statistics.mean(p["tokens"]["generated"] for p in ps) for ps in groups.values()]
+                ys = [statistics.mean(p[metric] for p in ps) for ps in groups.values()]
+                order = sorted(range(len(xs)), key=xs.__getitem__)
+                ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", label=arm,
+                        color=COLORS.get(arm), linestyle="-" if len(xs) > 1 else "none")
+            for name, ref in res["references"].items():
+                ax.axhline(ref[metric], linestyle=":", linewidth=0.8, color="black")
+                ax.text(0.01, ref[metric], name, fontsize=7, va="bottom", transform=ax.get_yaxis_transform())
+            target = results["worlds"][world]["headline"].get(metric, {}).get("target")
+            if target:
+                ax.axhline(target, linestyle="--", linewidth=0.8, color="tab:orange")
+            ax.set_xscale("log")
+            ax.set_xlabel("generated tokens (labelling + the active pool's generation)")
+            ax.set_ylabel(f"{METRICS[metric]}, ruler {world}")
+            ax.grid(True, which="both", alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.suptitle(f"pool {results['pool_problems']} problems, seeds {results['seeds']}; mean over seeds", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-# -- main -----------------------------------------------------------------------------------------------------
+def print_ladder(lad: dict[str, Any]) -> None:
+    """Generated tokens to reach each within-position AUROC target: one row per arm, seeds joined by '/'."""
+    targets = list(lad)
+    print("\n| arm | " + " | ".join(f"tokens to {t}" for t in targets) + " |")
+    print("|---|" + "---:|" * len(targets))
+    for arm in next(iter(lad.values()), {}):
+        cells = []
+        for t in targets:
+            got = lad[t][arm]["tokens"]
+            cells.append(" / ".join(f"{v / 1000:.0f}k" if v else "-" for v in got.values()))
+        print(f"| {arm} | " + " | ".join(cells) + " |")
+    print()
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    """Markdown tables per world and the headline lines (what run_all copies into REPORT.md)."""
+    for world, res in results["worlds"].items():
+        print(f"\n### World {world} (ruler {world}, first {res['ruler']['problems']} problems x 16)\n")
+        print("| arm | point | problems | generated tokens | prefill | PRM scoring | within-pos AUROC | F1 | BoN@8 "
+              "| BoN@8 - majority |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
+        for p in res["points"]:
+            groups[(p["arm"], p.get("round", p["problems"]))].append(p)
+        for (arm, step), ps in groups.items():
+            def mean(f: Any, ps: list[dict[str, Any]] = ps) -> float:
+                return statistics.mean(f(p) for p in ps)
+            au = [p["within_position_auroc"] for p in ps]
+            spread = f" ({min(au):.3f}-{max(au):.3f})" if len(ps) > 1 else ""
+            diff = [p["bon8_min_step_minus_majority_ci"] for p in ps]
+            point = f"round {step}" if arm in ACTIVE_ARMS else f"k={step}"
+            print(f"| {arm} | {point} | {mean(lambda p: p['problems']):.0f} | "
+                  f"{mean(lambda p: p['tokens']['generated']):,.0f} | {mean(lambda p: p['tokens']['prefill']):,.0f} | "
+                  f"{mean(lambda p: p['tokens']['scoring_forward']):,.0f} | {statistics.mean(au):.3f}{spread} | "
+                  f"{mean(lambda p: p['first_error_f1']):.3f} | {mean(lambda p: p['bon8_min_step']):.3f} | "
+                  + ", ".join(f"{lo:+.3f}..{hi:+.3f}" for lo, hi in diff) + " |")
+        for name, ref in res["references"].items():
+            lo, hi = ref["bon8_min_step_minus_majority_ci"]
+            print(f"| {name} (reference) | - | - | - | - | - | {ref['within_position_auroc']:.3f} | "
+                  f"{ref['first_error_f1']:.3f} | {ref['bon8_min_step']:.3f} | {lo:+.3f}..{hi:+.3f} |")
+        print()
+        for metric, h in res["headline"].items():
+            if metric == "ladder":
+                continue
+            if not isinstance(h, dict) or "arms" not in h:
+                print(f"- {metric}: {h}")
+                continue
+            print(f"- **{METRICS[metric]}**: truth ceiling {h['ceiling']:.3f}, target {h['target']:.3f} "
+                  f"({h['target_rule']}); generated tokens to reach it per seed [optimistic..pessimistic]:")
+            for arm, a in h["arms"].items():
+                cells = [f"seed {s}: {v['tokens'] if v['tokens'] is not None else 'not reached'} "
+                         f"[{v['optimistic']}..{v['pessimistic']}]" + (" (round 0 refused)" if v["round0_refused"]
+                                                                         else "") for s, v in a["per_seed"].items()]
+                print(f"  - {arm}: " + "; ".join(cells))
+            g = h["goals"]
+            ratios = ", ".join(f"{v['ratio']:.1f}x" if v["ratio"] else "-" for v in g["ms8_over_actprm"].values())
+            shares = ", ".join(f"{v['share']:.0%}" if v["share"] else "-" for v in g["actprm_label_share"].values())
+            print(f"  - goal >= 20x fewer tokens than ms-8 at its quality: {g['goal_20x_met']} (per seed: {ratios}); "
+                  f"goal <= 30% of full labelling's problems: {g['goal_30pct_met']} (per seed: {shares})")
+        if "ladder" in res["headline"]:
+            print_ladder(res["headline"]["ladder"])
+        for name, cmp in res.get("comparisons", {}).items():
+            print(f"- {name}: **{cmp['verdict']}** (per seed: "
+                  + ", ".join(f"{d:+.3f}" for d in cmp["per_seed"].values()) + ")")
+    print(f"\nprofile (s): {json.dumps(results.get('profile', {}))}; whole run {results.get('seconds')} s")
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+
+
+def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engines: Engines,
+              save: Any = None) -> dict[str, Any]:
+    """Every labeller on every seed's pool of one world; ``save(world, result)`` after each seed, so a run stopped
+    early leaves the seeds it finished in the JSON."""
+    from configs.schema import parse_config
+    from tasks.evaluation.ruler import SHIPPED_RULERS, load_ruler
+
+    ruler_dir, spec = SHIPPED_RULERS[WORLDS[world][1]]
+    full_ruler = load_ruler(ruler_dir, spec)
+    ruler = full_ruler.limited(args.ruler_problems)
+    trainer = Trainer(base.get("train", {}), world, args, ruler)
+    t0 = time.perf_counter()
+    refs = references(ruler, world, args)
+    PROFILE["references"] += time.perf_counter() - t0
+    points: list[dict[str, Any]] = []
+    datasets: dict[str, dict[str, str]] = {}
+    for s in args.seed_list:
+        shards_of: dict[str, list] = {}
+        for labeller in ["truth", *[f"ms-{n}" for n in args.ms_list], "edu"]:
+            cfg = parse_config(labeller_config(base, world, labeller, s, args.problems), f"bench_e2e {labeller}")
+            dataset = build_dataset(cfg, args.cache, engines.factory(world, cfg))
+            shards_of[labeller] = read_shards(dataset)
+            datasets.setdefault(str(s), {})[labeller] = str(dataset)
+            ids = {r["problem_id"] for rows, _ in shards_of[labeller] for r in rows}
+            if ids & full_ruler.problem_ids:  # checked on what was labelled, so a changed source cannot slip by
+                raise SystemExit(f"{labeller} seed {s}: the pool holds ruler problems; pick other --seeds")
+        points += static_points("truth", shards_of["truth"], trainer, s, [args.problems])
+        for n in args.ms_list:
+            sizes = args.size_list if n == 8 else [args.problems]
+            points += static_points(f"ms-{n}", shards_of[f"ms-{n}"], trainer, s, sizes)
+        points += static_points("edu", shards_of["edu"], trainer, s, args.size_list)
+        for eta in args.eta_list:
+            if eta != base["labels"].get("eta", 1.0):
+                points += static_points(f"edu-eta{eta:g}", shards_of["edu"], trainer, s, [args.problems], eta)
+        points += active_points(shards_of["edu"], trainer, s, args)
+        points += filter_points(shards_of["edu"], trainer, s, args)
+        done = args.seed_list[: args.seed_list.index(s) + 1]
+        result = {"seeds_done": done, **world_result(world, ruler, ruler_dir, refs, points, datasets, done, args,
+                                                     base, trainer)}
+        if save is not None:
+            save(world, result)
+    return result
+
+
+def world_result(world: str, ruler: Any, ruler_dir: str, refs: dict, points: list, datasets: dict, seeds: list[int],
+                 args: argparse.Namespace, base: dict[str, Any], trainer: Trainer) -> dict[str, Any]:
+    return {"ruler": {"dir": ruler_dir, "problems": len(ruler.problem_ids), "trajectories": len(ruler.rows),
+                      "content_hash": ruler.manifest["content_hash"]},
+            "policy": WORLDS[world][0], "references": refs, "points": points, "datasets": datasets,
+            **summarize(points, seeds, args.eta_list, base["labels"].get("eta", 1.0)),
+            "train": trainer.train.model_dump(mode="json")}
+
+
+def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float], base_eta: float) -> dict[str, Any]:
+    """A world's headline and its seed-sign comparisons, from its points (also what ``--from-json`` recomputes)."""
+    comparisons = {
+        "edu minus ms-8 (within-position AUROC, whole pool)": seed_sign(points, "edu", "ms-8",
+                                                                         "within_position_auroc"),
+        "actprm minus random (within-position AUROC, last round)": seed_sign(points, "actprm", "random",
+                                                                              "within_position_auroc"),
+        "actprm minus random (BoN@8, last round)": seed_sign(points, "actprm", "random", "bon8_min_step"),
+        "filter minus filter-random (within-position AUROC)": seed_sign(points, "filter", "filter-random",
+                                                                       "within_position_auroc"),
+    }
+    for eta in etas:
+        if eta != base_eta:
+            comparisons[f"edu eta {eta:g} minus eta 1 (within-position AUROC)"] = seed_sign(
+                points, f"edu-eta{eta:g}", "edu", "within_position_auroc")
+    return {"headline": headline(points, seeds), "comparisons": comparisons}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/toy-e2e.yaml", help="base config: policy, EDU, train, active")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--problems", type=int, default=48, help="pool size: problems every arm labels (at most)")
+    ap.add_argument("--config", default="configs/toy-e2e.yaml", help="base config: the labelling and train sections")
+    ap.add_argument("--worlds", default="v1,v2")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--problems", type=int, default=1024, help="pool size: problems every labeller labels")
+    ap.add_argument("--sizes", default="128,256,512,1024", help="curve points of the static labellers (problems)")
     ap.add_argument("--ms-ns", default="4,8,16")
-    ap.add_argument("--edu-n", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seed-size", type=int, default=6, help="problems labelled at random in round 0")
-    ap.add_argument("--per-round", type=int, default=6, help="problems labelled per later round")
-    ap.add_argument("--arms", default="ms,edu,actprm,random")
-    ap.add_argument("--ruler-problems", type=int, default=64)
-    ap.add_argument("--bon", type=int, default=8)
+    ap.add_argument("--etas", default="0.1,1,10", help="the ER η grid on the EDU rows (relabelled, not regenerated)")
+    ap.add_argument("--rounds", type=int, default=4, help="active rounds after round 0")
+    ap.add_argument("--seed-size", type=int, default=64, help="problems labelled at random in round 0")
+    ap.add_argument("--per-round", type=int, default=64, help="most problems ActPRM labels per later round")
+    ap.add_argument("--filter-share", type=float, default=0.3, help="share of the pool the filter trains on")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--ruler-problems", type=int, default=128)
+    ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-e2e-cache")
-    ap.add_argument("--ci", action="store_true", help="CI size: seed 0, pool 24, N in {4, 8}, 2 rounds of 6, "
-                    "ruler 32 (overrides those flags)")
-    ap.add_argument("--cached-only", action="store_true", help="summarize what the cache holds; build and train "
-                    "nothing (missing points are listed in the JSON)")
+    ap.add_argument("--ci", action="store_true", help="CI size: world v1, seed 0, pool 32 (sizes 16, 32), N in "
+                    "{4, 8}, η 1 and 10, 1 round of 8 after 8, 2 epochs, ruler 32 (overrides those flags)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--from-json", type=Path, default=None, help="recompute the headline, the plot and the summary "
+                    "from this JSON's points (written by this script), running nothing; writes --json-out")
     args = ap.parse_args()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        st = results["settings"]
+        for res in results["worlds"].values():
+            res.update(summarize(res["points"], res.get("seeds_done", st["seed_list"]), st["eta_list"],
+                                 st.get("base_eta", 1.0)))
+        if args.plot:
+            plot(results, args.plot)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(results, indent=1) + "\n")
+        print_summary(results)
+        return
     if args.ci:
-        args.seeds, args.problems, args.ms_ns, args.rounds = "0", 24, "4,8", 2
-        args.seed_size = args.per_round = 6
-        args.ruler_problems = 32
+        args.worlds, args.seeds, args.problems, args.sizes, args.ms_ns = "v1", "0", 32, "16,32", "4,8"
+        args.etas, args.rounds, args.seed_size, args.per_round, args.epochs = "1,10", 1, 8, 8, 2
+        args.ruler_problems, args.n_boot = 32, 200
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    args.size_list = sorted({int(k) for k in args.sizes.split(",")} | {args.problems})
+    args.ms_list = [int(n) for n in args.ms_ns.split(",")]
+    args.eta_list = [float(e) for e in args.etas.split(",")]
+    worlds = args.worlds.split(",")
+    unknown = [w for w in worlds if w not in WORLDS]
+    if unknown or max(args.size_list) > args.problems or args.problems % PROBLEMS_PER_SHARD or any(
+            k % PROBLEMS_PER_SHARD for k in args.size_list) or 8 not in args.ms_list:
+        raise SystemExit(f"--worlds from {sorted(WORLDS)}; --sizes and --problems multiples of {PROBLEMS_PER_SHARD}, "
+                         "sizes at most the pool; --ms-ns must hold 8 (the headline's reference)")
 
-    import ray
     import torch
     import yaml
-
-    from configs.schema import ToySource, parse_config
-    from tasks.evaluation.ruler import load_ruler
-    from tasks.sources.toy_world import generate_problems
 
     torch.set_num_threads(2)
     started = time.perf_counter()
     base = yaml.safe_load((REPO / args.config).read_text())
-    seeds = [int(s) for s in args.seeds.split(",")]
-    arms = args.arms.split(",")
-    ns = sorted({1, args.bon})
-    ruler = load_ruler().limited(args.ruler_problems)
-    full_ruler_ids = load_ruler().problem_ids
-    for s in seeds:  # the pool must not hold a ruler problem (the PRM would be measured on its training data)
-        src = {**base["sources"][0], "num_problems": args.problems, "seed": POOL_SEED_BASE + s}
-        overlap = {p.problem_id for p in generate_problems(ToySource(**src))} & full_ruler_ids
-        if overlap:
-            raise SystemExit(f"seed {s}: the pool (toy seed {POOL_SEED_BASE + s}) holds {len(overlap)} ruler "
-                             "problem(s); pick other --seeds")
     args.cache.mkdir(parents=True, exist_ok=True)
-    engine = Engine(parse_config(arm_config(base, f"edu-{args.edu_n}", seeds[0], args)))
-    if not args.cached_only:  # our own local Ray for Ray Train (never another session's cluster)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 namespace="bench-e2e", _temp_dir=str(Path("/tmp") / f"ray-e2e-{os.getpid()}"))
     load0 = os.getloadavg()
-    points: list[dict[str, Any]] = []
-    missing: list[str] = []
-    try:
-        for s in seeds:
-            static = [f"ms-{n}" for n in args.ms_ns.split(",")] if "ms" in arms else []
-            static += [f"edu-{args.edu_n}"] if "edu" in arms else []
-            for arm in static:
-                point = run_static_arm(arm, s, base, args, engine, ruler, ns)
-                if point is None:
-                    missing.append(f"{arm} seed {s}")
-                else:
-                    points.append(point)
-            for arm in ("actprm", "random"):
-                if arm in arms:
-                    got = run_active_arm(arm, s, base, args, engine, ruler, ns)
-                    points += got
-                    if len(got) < args.rounds:
-                        missing.append(f"{arm} seed {s}: {args.rounds - len(got)} of {args.rounds} rounds")
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    metrics = ["step_auroc", f"bon{args.bon}_min_step", f"bon{args.bon}_last_step"]
-    cur = curves(points, metrics)
-    ref = next((p for p in points if f"bon{args.bon}_random" in p), {})
-    refs = {f"bon{args.bon}_min_step:random pick": ref.get(f"bon{args.bon}_random"),
-            f"bon{args.bon}_min_step:majority vote": ref.get(f"bon{args.bon}_majority"),
-            "step_auroc:chance": 0.5}
-    refs = {k: v for k, v in refs.items() if v is not None}
-    results = {
+    engines = Engines(args.cache / "engine.log")
+    results: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "load_average_at_start": [round(x, 1) for x in load0],
-                    "load_average_at_end": [round(x, 1) for x in os.getloadavg()]},
+        "seeds": [], "seeds_requested": args.seed_list, "pool_problems": args.problems, "complete": False,
+        "pool_seed_base": POOL_SEED_BASE,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "base_config": args.config, "pool_seed_base": POOL_SEED_BASE,
-        "ruler": {"problems": len(ruler.problem_ids), "trajectories": len(ruler.rows),
-                  "content_hash": ruler.manifest["content_hash"]},
-        "tokens_counted": "generated_tokens of the labelled datasets' cost records: policy solutions of the "
-                          "labelled problems + EDU branch continuations + rollouts (prompt tokens not counted); "
-                          "active arms: cumulative label tokens of the rounds, the pool's own generation in "
-                          "pool_tokens",
-        "engine_start_seconds": engine.start_seconds,
-        "points": points,
-        "missing": missing,
-        "cache": dict(CACHE),
-        "curves": cur,
-        "headline": {m: headline(cur, m, f"edu-{args.edu_n}", ref.get(f"bon{args.bon}_random") if m.startswith("bon")
-                                 else 0.5) for m in metrics[:2]},
-        "references": refs,
-        "seconds": round(time.perf_counter() - started, 1),
+        "tokens_counted": "generated: the labelling's generated tokens (policy solutions, EDU branches, rollouts) "
+                          "from the shards' cost records, plus for actprm/random the pool's generation (one solution "
+                          "per pool problem); prefill: the prompt tokens of those requests, apart; scoring_forward: "
+                          "prompt + solution tokens the PRM read to score the pool, apart",
+        "worlds": {},
     }
-    if args.plot:
-        title = (f"toy world, pool {args.problems} problems, seeds {args.seeds}; ruler {len(ruler.problem_ids)} "
-                 f"held-out problems x 16; mean and min-max over seeds")
-        plot(cur, [("step_auroc", "step AUROC vs exact truth"),
-                   (f"bon{args.bon}_min_step", f"best-of-{args.bon} accuracy (min-step)")], refs, args.plot, title)
-        results["plot"] = str(args.plot)
-    text = json.dumps(results, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+
+    def save(world: str, result: dict[str, Any]) -> None:
+        results["worlds"][world] = result
+        results["seeds"] = [s for s in args.seed_list if all(s in r["seeds_done"] for r in results["worlds"].values())]
+        results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                              "load_average_at_start": [round(x, 1) for x in load0],
+                              "load_average_at_end": [round(x, 1) for x in os.getloadavg()]}
+        results["engine_start_seconds"] = engines.start_seconds
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        results["profile"] = {k: round(v, 1) for k, v in sorted(PROFILE.items(), key=lambda kv: -kv[1])}
+        results["complete"] = world == worlds[-1] and result["seeds_done"] == args.seed_list
+        if args.plot:
+            plot(results, args.plot)
+            results["plot"] = str(args.plot)
+        if args.json_out:
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps(results, indent=1) + "\n")
+
+    try:
+        for world in worlds:
+            run_world(world, base, args, engines, save)
+    finally:
+        engines.close()
     print_summary(results)
-
-
-def print_summary(results: dict[str, Any]) -> None:
-    """The markdown table and the headline lines (what run_all copies into REPORT.md)."""
-    metrics = list(next(iter(results["curves"].values()))[0].keys()) if results["curves"] else []
-    metrics = [m for m in metrics if m.startswith(("step_auroc", "bon"))]
-    print("| labeller | point | problems | generated tokens | " + " | ".join(metrics) + " |")
-    print("|---|---|---:|---:|" + "---:|" * len(metrics))
-    for family, rows in results["curves"].items():
-        for r in rows:
-            cells = []
-            for m in metrics:
-                v = r[m]
-                spread = f" ({v['min']:.3f}-{v['max']:.3f})" if len(v["values"]) > 1 else ""
-                cells.append("-" if v["mean"] is None else f"{v['mean']:.3f}{spread}")
-            point = r["arm"] if family in ("ms", "edu") else f"round {r['step']}"
-            print(f"| {LABELS.get(family, family)} | {point} | {r['problems']:.0f} | {r['tokens']:,.0f} | "
-                  + " | ".join(cells) + " |")
-    for metric, h in results["headline"].items():
-        print(f"\n{metric}: " + json.dumps(h, default=str))
-    if results.get("cache"):
-        print("\ncache (active rounds not counted): " + ", ".join(f"{k.replace('_', ' ')} {v}"
-                                                                  for k, v in results["cache"].items()))
-    if results.get("missing"):
-        print("\nmissing (not in the cache): " + "; ".join(results["missing"]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The end-to-end benchmark's summary arithmetic and run_all's carry-on-after-failure, on hand-made inputs.
+"""The end-to-end benchmark's bookkeeping and run_all's carry-on-after-failure.
 
-No engine, no training: the curves, the two headline ratios of issue 14 and run_all's report are pure bookkeeping
-over points, so they are checked against values computed by hand here.
+The headline (tokens to reach a quality, round 0 never credited, the two goals, the seed-sign verdict) is pure
+arithmetic over points, checked against values computed by hand. The token accounting is checked on a real
+4-problem build: an arm's tokens are its shards' cost records, plus the pool's generation for the active arms.
 """
 
 from __future__ import annotations
@@ -33,49 +34,137 @@ def run_all():
     return _load("run_all")
 
 
-def _points() -> list[dict]:
+def _pt(arm: str, seed: int, tokens: int, auroc: float, problems: int = 0, rnd: int | None = None,
+        ci: tuple[float, float] | None = None, bon: float = 0.8) -> dict:
+    p = {"arm": arm, "seed": seed, "problems": problems, "tokens": {"generated": tokens},
+         "within_position_auroc": auroc, "within_position_auroc_ci": list(ci or (auroc - 0.02, auroc + 0.02)),
+         "bon8_min_step": bon, "bon8_random": 0.5}
+    if rnd is not None:
+        p["round"] = rnd
+    return p
+
+
+def test_tokens_to_reach_takes_the_cheapest_point_and_its_interval_from_the_points_intervals(e2e):
+    curve = [_pt("ms-8", 0, 1000, 0.80, ci=(0.75, 0.85)), _pt("ms-8", 0, 2000, 0.88, ci=(0.84, 0.92)),
+             _pt("ms-8", 0, 4000, 0.91, ci=(0.87, 0.95)), _pt("ms-8", 0, 8000, 0.93, ci=(0.905, 0.955))]
+    got = e2e.tokens_to_reach(curve, "within_position_auroc", 0.90)
+    # point: 0.91 at 4,000 is the first at >= 0.90; optimistic: 0.92 (upper end) at 2,000; pessimistic: 0.905 at 8,000
+    assert (got["tokens"], got["optimistic"], got["pessimistic"]) == (4000, 2000, 8000)
+    assert got["round0_refused"] == 0
+    assert e2e.tokens_to_reach(curve, "within_position_auroc", 0.99)["tokens"] is None
+
+
+def test_the_headline_never_credits_round_0(e2e):
+    # Round 0 is a random seed set: it reaches the target at 500 tokens, but no selection has run yet.
+    curve = [_pt("actprm", 0, 500, 0.95, rnd=0), _pt("actprm", 0, 900, 0.93, rnd=1),
+             _pt("actprm", 0, 1300, 0.96, rnd=2)]
+    got = e2e.tokens_to_reach(curve, "within_position_auroc", 0.94)
+    assert got["tokens"] == 1300 and got["round0_refused"] == 1
+    only_round0 = e2e.tokens_to_reach(curve[:1], "within_position_auroc", 0.94)
+    assert only_round0["tokens"] is None and only_round0["optimistic"] is None and only_round0["round0_refused"] == 1
+
+
+def _world() -> list[dict]:
     pts = []
-    for seed, (a8, a4) in enumerate([(0.70, 0.60), (0.74, 0.62)]):
-        pts.append({"arm": "ms-8", "seed": seed, "tokens": 10000 + 2000 * seed, "problems": 48, "step_auroc": a8})
-        pts.append({"arm": "ms-4", "seed": seed, "tokens": 5000, "problems": 48, "step_auroc": a4})
-        pts.append({"arm": "edu-4", "seed": seed, "tokens": 3000, "problems": 48, "step_auroc": 0.68 + 0.02 * seed})
-        # ActPRM: round 0 at 0.60/0.62, round 1 at 0.71/0.73 (mean 0.72 >= ms-8's mean 0.72), round 2 higher.
-        for rnd, (tok, au) in enumerate([(400, 0.60 + 0.02 * seed), (800, 0.71 + 0.02 * seed), (1200, 0.80)]):
-            pts.append({"arm": "actprm", "seed": seed, "round": rnd, "tokens": tok, "pool_tokens": 200,
-                        "problems": 6 * (rnd + 1), "step_auroc": au})
+    for s in (0, 1):
+        pts += [_pt("truth", s, 3000, 0.96, problems=256), _pt("truth", s, 1500, 0.90, problems=128)]
+        pts += [_pt("ms-8", s, 20000, 0.85, problems=128), _pt("ms-8", s, 40000, 0.88, problems=256)]
+        pts += [_pt("edu", s, 4000, 0.87, problems=128), _pt("edu", s, 8000, 0.90, problems=256)]
+        pts += [_pt("actprm", s, 1000, 0.80, problems=32, rnd=0), _pt("actprm", s, 1800 + 200 * s, 0.89, problems=64,
+                                                                        rnd=1),
+                _pt("actprm", s, 3000, 0.92, problems=96, rnd=2)]
     return pts
 
 
-def test_curves_average_seeds_and_keep_the_spread(e2e):
-    cur = e2e.curves(_points(), ["step_auroc"])
-    ms8 = next(r for r in cur["ms"] if r["arm"] == "ms-8")
-    assert ms8["tokens"] == 11000 and ms8["step_auroc"]["mean"] == pytest.approx(0.72)
-    assert (ms8["step_auroc"]["min"], ms8["step_auroc"]["max"]) == (0.70, 0.74)
-    assert [r["step"] for r in cur["actprm"]] == [0, 1, 2]
-    assert cur["actprm"][1]["step_auroc"]["mean"] == pytest.approx(0.72)
-    assert cur["actprm"][1]["pool_tokens"] == 200
+def test_headline_targets_and_goals_by_hand(e2e):
+    h = e2e.headline(_world(), [0, 1])["within_position_auroc"]
+    # ceiling: truth on the whole pool (256 problems), 0.96; target 0.95 x 0.96 = 0.912
+    assert h["ceiling"] == pytest.approx(0.96) and h["target"] == pytest.approx(0.912)
+    assert h["arms"]["actprm"]["per_seed"][0]["tokens"] == 3000  # round 2 (0.92) is the first at >= 0.912
+    assert h["arms"]["ms-8"]["all_seeds_reach"] is False and h["arms"]["ms-8"]["mean_tokens"] is None
+    g = h["goals"]
+    # Equal quality = ms-8 on the whole pool (0.88 at 40,000); ActPRM reaches it at round 1: 1,800 / 2,000 tokens.
+    assert g["ms8_over_actprm"][0]["ratio"] == pytest.approx(40000 / 1800)
+    assert g["ms8_over_actprm"][1]["ratio"] == pytest.approx(40000 / 2000)
+    assert g["goal_20x_met"] is True  # 22.2x and 20.0x: every seed
+    # Full labelling = edu on 256 problems at 0.90; ActPRM first reaches it at round 2 with 96 problems: 37.5%
+    assert g["actprm_label_share"][0]["share"] == pytest.approx(96 / 256)
+    assert g["goal_30pct_met"] is False
 
 
-def test_headline_ratios_by_hand(e2e):
-    h = e2e.headline(e2e.curves(_points(), ["step_auroc"]), "step_auroc", "edu-4")
-    # ms-8: 11,000 tokens at mean AUROC 0.72; ActPRM first reaches 0.72 at round 1, 800 tokens (1,000 with the pool).
-    assert h["actprm_reaches_ms8"]["round"] == 1
-    assert h["token_ratio_ms8_over_actprm"] == pytest.approx(11000 / 800)
-    assert h["token_ratio_with_pool"] == pytest.approx(11000 / 1000)
-    assert h["goal_20x_met"] is False  # 13.75x
-    # Full data: edu-4 on 48 problems at mean 0.69; ActPRM's round 1 (12 problems, 0.72) is the first to reach it.
-    assert h["actprm_reaches_full"]["problems"] == 12
-    assert h["label_share_problems"] == pytest.approx(12 / 48)
-    assert h["label_share_tokens"] == pytest.approx(800 / 3000)
-    assert h["goal_30pct_met"] is True
+def test_the_ladder_compares_arms_at_the_qualities_they_reach(e2e):
+    lad = e2e.ladder(_world(), [0, 1], "within_position_auroc", (0.85, 0.89, 0.95))
+    # 0.85: ms-8 at 20,000 (its 128-problem point), edu at 4,000 (0.87): 5x; ActPRM round 1 (0.89) at 1,800 / 2,000
+    assert lad["0.85"]["ms-8"]["tokens"] == {0: 20000, 1: 20000}
+    assert lad["0.85"]["edu"]["ms8_over_arm"] == {0: 5.0, 1: 5.0}
+    assert lad["0.85"]["actprm"]["tokens"] == {0: 1800, 1: 2000}
+    # 0.89: ms-8 never gets there (0.88 at most): no ratio; 0.95: only the truth ceiling (0.96)
+    assert lad["0.89"]["ms-8"]["tokens"] == {0: None, 1: None} and lad["0.89"]["edu"]["ms8_over_arm"][0] is None
+    assert [a for a, v in lad["0.95"].items() if v["tokens"][0]] == ["truth"]
 
 
-def test_headline_says_not_reached(e2e):
-    pts = [p for p in _points() if not (p["arm"] == "actprm" and p["round"] > 0)]
-    h = e2e.headline(e2e.curves(pts, ["step_auroc"]), "step_auroc", "edu-4")
-    assert h["actprm_reaches_ms8"] is None and h["goal_20x_met"] is False
-    assert h["actprm_reaches_full"] is None and h["goal_30pct_met"] is False
-    assert h["actprm_best"] == {"round": 0, "tokens": 400, "step_auroc": pytest.approx(0.61)}
+def test_no_goal_is_judged_at_a_quality_no_better_than_no_scorer(e2e):
+    pts = [dict(p, bon8_min_step=0.45 if p["arm"] == "ms-8" else p["bon8_min_step"]) for p in _world()]
+    g = e2e.headline(pts, [0, 1])["bon8_min_step"]["goals"]  # ms-8's 0.45 is below the random pick's 0.5
+    assert g["ms8_over_actprm"][0]["ratio"] is None and "scorer-free" in g["ms8_over_actprm"][0]["note"]
+    assert g["goal_20x_met"] is False
+
+
+def test_seed_sign_says_unresolved_when_seeds_disagree(e2e):
+    pts = [_pt("edu", 0, 1, 0.90, problems=256), _pt("ms-8", 0, 1, 0.85, problems=256),
+           _pt("edu", 1, 1, 0.84, problems=256), _pt("ms-8", 1, 1, 0.86, problems=256),
+           _pt("edu", 1, 1, 0.99, problems=64)]  # a smaller point is not the arm's figure
+    got = e2e.seed_sign(pts, "edu", "ms-8", "within_position_auroc")
+    assert got["verdict"] == "unresolved" and got["per_seed"][1] == pytest.approx(-0.02)
+    assert e2e.seed_sign(pts[:2], "edu", "ms-8", "within_position_auroc")["verdict"] == "one seed: cannot resolve"
+    agree = [*pts[:2], _pt("edu", 1, 1, 0.88, problems=256), _pt("ms-8", 1, 1, 0.86, problems=256)]
+    assert e2e.seed_sign(agree, "edu", "ms-8", "within_position_auroc")["verdict"] == "higher"
+
+
+def test_token_accounting_equals_the_shard_records_plus_the_pool(e2e, tmp_path):
+    """A real 4-problem EDU build (2 shards of 2 problems, transformers engine): every arm's tokens come from it."""
+    import json as _json
+
+    import yaml
+
+    from cluster.hf_engine import HFEngine
+    from configs.schema import parse_config
+    from tasks.build import build
+    from tasks.cost import total_cost
+    from tasks.store.dataset import read_manifest
+
+    base = yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text())
+    raw = e2e.labeller_config(base, "v1", "edu", 0, 4)
+    raw["policy"]["backend"] = "transformers"
+    raw["partition"]["entropy_source"] = "exact"
+    raw["dataset"]["problems_per_shard"] = 2
+    cfg = parse_config(raw)
+    out = tmp_path / "ds"
+    build(cfg, out, lambda: HFEngine(str(REPO / "assets" / "toy-policy")))
+    shards = e2e.read_shards(out)
+    assert len(shards) == 2
+    manifest_cost = total_cost([read_manifest(out)["extra"]["cost"]])
+    # Static arm: exactly the sum of its shards' records, which is what the manifest says.
+    whole = e2e.shard_tokens([rec for _, rec in shards])
+    assert whole["generated"] == manifest_cost.generated_tokens > 0
+    assert whole["prefill"] == manifest_cost.prompt_tokens > 0
+    assert e2e.shard_tokens([shards[0][1]])["generated"] == shards[0][1]["generated_tokens"]
+    # Active arm: per-problem costs share out the shards' records (rounding: at most a token per row).
+    costs = e2e.problem_costs(shards)
+    rows = sum(len(rs) for rs, _ in shards)
+    assert len(costs) == 4
+    assert abs(sum(c["generated"] for c in costs.values()) - manifest_cost.generated_tokens) <= rows
+    assert sum(c["prefill"] for c in costs.values()) == pytest.approx(manifest_cost.prompt_tokens)
+    pool = e2e.pool_items(shards)
+    pool_generated = sum(int(r["completion_tokens"]) for r in pool.values())
+    assert pool_generated > 0
+    tokens = e2e.active_tokens(sorted(costs), costs, pool_generated, 0, 0)
+    assert abs(tokens["generated"] - (manifest_cost.generated_tokens + pool_generated)) <= rows
+    assert tokens["pool_generated"] == pool_generated and tokens["label_generated"] + pool_generated == \
+        tokens["generated"]
+    two = e2e.active_tokens(sorted(costs)[:2], costs, pool_generated, 0, 0)
+    assert two["label_generated"] == int(sum(costs[p]["generated"] for p in sorted(costs)[:2]))
+    _json.dumps(tokens)  # JSON-ready
 
 
 def test_run_all_goes_on_after_a_failing_step_and_marks_it(run_all, tmp_path):
@@ -103,11 +192,3 @@ def test_run_all_goes_on_after_a_failing_step_and_marks_it(run_all, tmp_path):
     assert "| dep | skipped: needs bad, which did not finish |" in text
     assert "| newbench | not run: no CI size in benchmarks/run_all.py |" in text
     assert "| 1 | 2 |" in text
-
-
-def test_headline_judges_no_goal_below_the_scorer_free_floor(e2e):
-    # ms-8's mean 0.72 is below a floor of 0.75 (say, a random pick at best-of-N): reaching it proves nothing.
-    h = e2e.headline(e2e.curves(_points(), ["step_auroc"]), "step_auroc", "edu-4", floor=0.75)
-    assert h["token_ratio_ms8_over_actprm"] == pytest.approx(11000 / 800)  # still computed, for the record
-    assert h["goal_20x_met"] is None and h["goal_30pct_met"] is None and len(h["note"]) == 2
-    assert e2e.headline(e2e.curves(_points(), ["step_auroc"]), "step_auroc", "edu-4", floor=0.5)["goal_30pct_met"]
