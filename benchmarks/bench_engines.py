@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.append(str(REPO / "tests"))  # after the repo: tests/tasks must not shadow tasks/
 from configs.env import set_offline_env  # noqa: E402 - needs the repo on sys.path first
 
 set_offline_env()

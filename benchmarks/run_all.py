@@ -300,6 +300,8 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="comma-separated names to run (prerequisites they need are added)")
     ap.add_argument("--skip", default="", help="comma-separated names to leave out")
     ap.add_argument("--report-only", action="store_true", help="rebuild REPORT.md from --work's run_all.json")
+    ap.add_argument("--again", default=None, help="comma-separated steps to run again in --work's finished run (say, "
+                    "one that failed after a fix); every other step keeps its record, and the report says so")
     ap.add_argument("--deadline", default=None, help="UTC time HH:MM after which no new step starts (the rest are "
                     "reported as skipped, with this reason)")
     args = ap.parse_args()
@@ -322,8 +324,23 @@ def main() -> int:
     meta = {"command": shlex.join(["benchmarks/run_all", *sys.argv[1:]]),
             "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "machine": machine()}
     done: dict[str, Run] = {}
+    again = set(filter(None, (args.again or "").split(",")))
+    if again:  # the other steps as the finished run recorded them
+        state = json.loads((work / "run_all.json").read_text())
+        kept = {d["name"]: Run(**{k: (tuple(v) if k.startswith("load_") else v) for k, v in d.items()})
+                for d in state["runs"]}
+        for name, r in kept.items():
+            log_path = work / "logs" / f"{name}.log"
+            if r.status in ("ok", "failed") and log_path.is_file():
+                r.output_tail = _clean(log_path.read_text(errors="replace"))
+        runs = [r if r.name in again else kept.get(r.name, r) for r in runs]
+        meta["command"] = f"{state['command']}, then {meta['command']} ({meta['started']})"
+        meta["started"] = state["started"]
     for r in runs:
-        if r.name not in wanted or r.name in skip:
+        if again:
+            if r.name in again:
+                run_one(r, work, done)
+        elif r.name not in wanted or r.name in skip:
             r.status, r.reason = "skipped", "left out by --only/--skip"
         elif args.deadline and datetime.now(UTC).strftime("%H:%M") >= args.deadline:
             r.status, r.reason = "skipped", f"not started: the run's --deadline {args.deadline} UTC had passed"
