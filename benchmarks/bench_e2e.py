@@ -580,6 +580,7 @@ def seed_sign(points: list[dict[str, Any]], a: str, b: str, metric: str) -> dict
 # -- output -----------------------------------------------------------------------------------------------------------
 
 COLORS = {"truth": "black", "ms-4": "#9ecae1", "ms-8": "tab:blue", "ms-16": "#08519c", "edu": "tab:green",
+          "edu-eta0.1": "#74c476", "edu-eta10": "#006d2c",
           "actprm": "tab:red", "random": "tab:gray", "filter": "tab:purple", "filter-random": "#bcbddc"}
 
 
@@ -638,6 +639,10 @@ def print_ladder(lad: dict[str, Any]) -> None:
 
 def print_summary(results: dict[str, Any]) -> None:
     """Markdown tables per world and the headline lines (what run_all copies into REPORT.md)."""
+    if not results.get("complete", True):
+        done = {w: r.get("seeds_done") for w, r in results["worlds"].items()}
+        print(f"\n**Stopped before the end**: measured {done} (world: seeds) of worlds "
+              f"{results['settings']['worlds']} x seeds {results.get('seeds_requested')}.")
     for world, res in results["worlds"].items():
         print(f"\n### World {world} (ruler {world}, first {res['ruler']['problems']} problems x 16)\n")
         print("| arm | point | problems | generated tokens | prefill | PRM scoring | within-pos AUROC | F1 | BoN@8 "

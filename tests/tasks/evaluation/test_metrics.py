@@ -128,3 +128,12 @@ def test_bootstrap_ci_covers_the_known_mean_and_degenerates_on_constants():
     lo, hi = bootstrap_ci(values, lambda xs: float(np.mean(xs)), n_boot=2000, seed=1)
     assert 0.44 < lo < 0.47 and 0.53 < hi < 0.56
     assert all(math.isnan(x) for x in bootstrap_ci([], lambda xs: 0.0))
+
+
+def test_bootstrap_ci_gives_the_exact_percentiles_of_a_two_group_set():
+    # Two groups, 0 and 1: a resample's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so its 2.5% and 97.5%
+    # percentiles are exactly 0 and 1. A resample's max is 1 unless both draws are 0 (1 in 4), so its 30% and 70%
+    # percentiles are both exactly 1.
+    assert bootstrap_ci([0.0, 1.0], lambda xs: float(np.mean(xs)), n_boot=4000, seed=3) == (0.0, 1.0)
+    lo, hi = bootstrap_ci([0.0, 1.0], lambda xs: float(np.max(xs)), n_boot=4000, level=0.4, seed=3)
+    assert (lo, hi) == (1.0, 1.0)
