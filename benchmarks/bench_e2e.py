@@ -351,7 +351,7 @@ def active_points(shards: list, trainer: Trainer, seed: int, args: argparse.Name
     labelled = {arm: list(seed_set) for arm in ACTIVE_ARMS}
     scoring = {arm: 0 for arm in ACTIVE_ARMS}
     draw = random.Random(seed * 7919 + 1)
-    random_order = [p for p in sorted(ids) if p not in set(seed_set)]
+    random_order = [p for p in ids if p not in set(seed_set)]  # ids are sorted; the seed set is drawn once
     draw.shuffle(random_order)
     points: list[dict[str, Any]] = []
     scorers: dict[str, Any] = {}
@@ -361,7 +361,8 @@ def active_points(shards: list, trainer: Trainer, seed: int, args: argparse.Name
 
     for rnd in range(args.rounds + 1):
         if rnd > 0:  # select with the previous round's PRM of ActPRM; random matches its tokens
-            rest = [p for p in ids if p not in set(labelled["actprm"])]
+            taken = set(labelled["actprm"])
+            rest = [p for p in ids if p not in taken]
             if not rest:
                 break
             t0 = time.perf_counter()
@@ -374,10 +375,8 @@ def active_points(shards: list, trainer: Trainer, seed: int, args: argparse.Name
                 break
             labelled["actprm"] += list(chosen)
             budget = spent("actprm")
-            while spent("random") < budget and random_order:
-                nxt = random_order.pop(0)
-                if nxt not in set(labelled["random"]):
-                    labelled["random"].append(nxt)
+            while spent("random") < budget and random_order:  # random_order holds each unlabelled id once
+                labelled["random"].append(random_order.pop(0))
         for arm in ACTIVE_ARMS:
             if rnd == 0 and arm == "random":  # round 0 is the same seed set for both: measured once
                 points.append({**points[-1], "arm": "random"})
@@ -417,7 +416,8 @@ def filter_points(shards: list, trainer: Trainer, seed: int, args: argparse.Name
             by_problem[r["problem_id"]].append(r)
     ids = sorted(pool)
     seed_set = list(random_selection(ids, args.seed_size, seed).selected)
-    rest = [p for p in ids if p not in set(seed_set)]
+    seeded = set(seed_set)
+    rest = [p for p in ids if p not in seeded]
     keep = max(0, int(round(args.filter_share * len(ids))) - len(seed_set))
     scorer = trainer.fit([r for p in seed_set for r in by_problem[p]], seed, "filter seed set")
     t0 = time.perf_counter()
