@@ -849,13 +849,17 @@ def export_cmd(
                                                       "JSONL/Parquet file with `prompt` and `completions`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the export directory to write")],
     limit: Annotated[int, typer.Option(help="distill on at most this many trajectories (0: all)")] = 0,
-    epochs: Annotated[int, typer.Option(help="passes of the head's distillation")] = 30,
+    epochs: Annotated[int, typer.Option(help="passes of the student's distillation over --data")] = 8,
+    extra_layers: Annotated[int, typer.Option(help="decoder layers the student adds on top of the backbone")] = 2,
+    backbone_lr: Annotated[float, typer.Option(help="learning rate of the backbone's own layers in the student "
+                                                    "(0: frozen; the new layers and the head learn at 1e-3)")] = 1e-4,
     force: Annotated[bool, typer.Option("--force", help="replace an existing OUT")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Write a Hugging Face directory vLLM serves as Qwen2ForProcessRewardModel (runner pooling, token_classify).
 
-    One head of vLLM's shape is distilled from the ensemble mean on --data; a step is a line, scored at its newline
+    A student of vLLM's shape (the backbone, --extra-layers new decoder layers, one head) is distilled from the
+    ensemble mean on --data, end to end; a step is a line, scored at its newline
     (the id is in OUT/config.json `step_tag_id` and OUT/serve.json). Exit 2: a backbone that does not map onto
     Qwen2, a tokenizer that cannot, or bad data; nothing is left at OUT.
     """
@@ -885,7 +889,8 @@ def export_cmd(
         try:
             with console.status(f"distilling one head from {prm.config['num_heads']} on {len(prompts)} "
                                 f"trajectories", spinner="dots") if not json_out else contextlib.nullcontext():
-                summary = export_prm(prm, source, prompts, completions, work, epochs=epochs)
+                summary = export_prm(prm, source, prompts, completions, work, epochs=epochs,
+                                     extra_layers=extra_layers, backbone_lr=backbone_lr)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

@@ -9,12 +9,15 @@ right at that token. What the export writes, so that no code of ours is needed t
   onto Qwen2 exactly when its attention and MLP have no biases, its activation is SiLU, its rope is the default
   one and its head size is hidden / heads: Qwen2's q/k/v biases are then written as zeros and the hidden states
   are the same (``tests/tasks/prm/test_export.py`` checks them). Any other architecture is refused by name.
-- **One score head** (``score.0``, ``score.2``). vLLM has room for one head, our checkpoints hold an ensemble (and
-  the ``reads: tokens`` recipe reads every token with the backbone's log-probabilities as an input, which vLLM's
-  head cannot). So the export *distills*: the ensemble mean scores a set of trajectories (``--data``), and a head
-  of vLLM's shape is fitted to those scores from the backbone's hidden state at each step tag (soft cross-entropy,
-  a tenth held out). ``export.json`` reports the fit; ``benchmarks/bench_export.py`` its gap to the ensemble on the
-  ruler. The native checkpoint keeps the whole ensemble and its spread (ActPRM's uncertainty).
+- **One score head, on a distilled student** (``score.0``, ``score.2``). vLLM has room for one head that reads
+  one hidden state at each step tag; our checkpoints hold an ensemble that reads every token with the backbone's
+  next-token distribution as an input (``reads: tokens``), which a head on the tag's hidden state cannot see. So
+  the export *distills*: the ensemble mean scores a set of trajectories (``--data``, no labels needed), and a
+  student of vLLM's shape learns those scores end to end: the backbone, ``extra_layers`` new decoder layers on top
+  (room to gather the earlier tokens' evidence at the tag), and the head. The export's decoder is that student, so
+  it has ``extra_layers`` more layers than the policy. ``export.json`` reports the fit; ``benchmarks/bench_export.py``
+  its gap to the ensemble on the ruler. The native checkpoint keeps the whole ensemble and its spread (ActPRM's
+  uncertainty).
 - **The step tag.** A step is a line: it ends at its newline token, the rule ``eval`` and ``score`` use on the
   ruler (``tasks.evaluation.ruler.cut_at_newlines``). The export's text is the prompt, then each line with its
   newline (a last line without one gets one, and the head learns the ensemble's score of that line as written).
@@ -49,6 +52,9 @@ from tasks.io import atomic_write_text
 from tasks.prm.model import LoadedPRM, StepScores
 
 ARCHITECTURE = "Qwen2ForProcessRewardModel"
+# Decoder layers the export adds on top of the backbone for the student (see ``distill``); measured in
+# benchmarks/bench_export.py against 0 (the head alone on the backbone's hidden states).
+EXTRA_LAYERS = 2
 STEP_TAG = "\n"
 EXPORT_NAME = "export.json"
 SERVE_NAME = "serve.json"
@@ -221,65 +227,116 @@ def score_head(hidden_size: int) -> nn.Sequential:
 @torch.no_grad()
 def tag_hidden_states(backbone: nn.Module, inputs: Sequence[TaggedInput], batch_size: int = 32) -> torch.Tensor:
     """[sum of steps, h]: the backbone's last hidden state at every step tag, in input order."""
-    out = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
-        width = max(len(x.input_ids) for x in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, x in enumerate(chunk):
-            ids[i, :len(x.input_ids)] = torch.tensor(x.input_ids)
-            mask[i, :len(x.input_ids)] = 1
-        hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        out.extend(hidden[i, x.positions] for i, x in enumerate(chunk))
+    out = [_tag_states(backbone, inputs[start:start + batch_size]) for start in range(0, len(inputs), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, int(backbone.config.hidden_size))
 
 
-def fit_head(features: torch.Tensor, targets: torch.Tensor, *, epochs: int, lr: float, seed: int,
-             holdout: float = 0.1, batch_size: int = 256) -> tuple[nn.Sequential, dict[str, float]]:
-    """Fit vLLM's head to the teacher's step probabilities (soft cross-entropy on softmax column 1); returns the
-    head and its fit on the held-out tenth: mean absolute difference and the correlation with the teacher."""
+def _tag_states(backbone: nn.Module, chunk: Sequence[TaggedInput]) -> torch.Tensor:
+    width = max(len(x.input_ids) for x in chunk)
+    ids = torch.zeros(len(chunk), width, dtype=torch.long)
+    mask = torch.zeros(len(chunk), width, dtype=torch.long)
+    for i, x in enumerate(chunk):
+        ids[i, :len(x.input_ids)] = torch.tensor(x.input_ids)
+        mask[i, :len(x.input_ids)] = 1
+    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    return torch.cat([hidden[i, x.positions] for i, x in enumerate(chunk)])
+
+
+def student_backbone(backbone: nn.Module, extra_layers: int) -> nn.Module:
+    """A copy of the backbone with ``extra_layers`` more decoder layers on top. A new layer starts as the identity
+    (its attention and MLP output projections are zero, so the residual stream passes through it unchanged), so
+    the student starts as the backbone; training then gives the new layers something to compute."""
+    import copy
+
+    cfg = copy.deepcopy(backbone.config)
+    old = int(cfg.num_hidden_layers)
+    cfg.num_hidden_layers = old + extra_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types) + ["full_attention"] * extra_layers
+    torch.manual_seed(0)
+    student = type(backbone)(cfg)
+    student.load_state_dict(backbone.state_dict(), strict=False)
+    with torch.no_grad():
+        for layer in student.layers[old:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return student
+
+
+def distill(backbone: nn.Module, inputs: Sequence[TaggedInput], targets: Sequence[torch.Tensor], *,
+            extra_layers: int, epochs: int, lr: float, backbone_lr: float, seed: int, holdout: float = 0.1,
+            batch_size: int = 16) -> tuple[nn.Module, nn.Sequential, dict[str, float]]:
+    """Fit a student of vLLM's shape (the backbone plus ``extra_layers`` new decoder layers, then
+    ``score_head``) to the teacher's step probabilities, end to end: squared error between the student's logit
+    (column 1 minus column 0) and the teacher's, which weighs a step at p = 0.01 against one at p = 0.1 as much as
+    0.5 against 0.9. The backbone's own layers and embeddings learn at ``backbone_lr`` (0: frozen), the new layers
+    and the head at ``lr``. A tenth of the trajectories is held out; returns the student, the head and the fit
+    there (mean absolute difference and correlation with the teacher)."""
     gen = torch.Generator().manual_seed(seed)
+    student = student_backbone(backbone, extra_layers).train()
     torch.manual_seed(seed)
-    order = torch.randperm(len(targets), generator=gen)
-    cut = max(1, int(len(targets) * holdout)) if len(targets) > 10 else 0
+    head = score_head(int(student.config.hidden_size))
+    old = int(backbone.config.num_hidden_layers)
+    new_layer = tuple(f"layers.{i}." for i in range(old, old + extra_layers))
+    fresh = [p for n, p in student.named_parameters() if n.startswith(new_layer)]
+    kept = [p for n, p in student.named_parameters() if not n.startswith(new_layer)]
+    for p in kept:
+        p.requires_grad_(backbone_lr > 0)
+    groups = [{"params": fresh + list(head.parameters()), "lr": lr}]
+    if backbone_lr > 0:
+        groups.append({"params": kept, "lr": backbone_lr})
+    opt = torch.optim.Adam(groups)
+    order = torch.randperm(len(inputs), generator=gen).tolist()
+    cut = max(1, int(len(inputs) * holdout)) if len(inputs) > 10 else 0
     held, train = order[:cut], order[cut:]
-    head = score_head(features.shape[1])
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    soft = torch.stack([1 - targets, targets], dim=1)
+
+    def teacher_logit(idx: Sequence[int]) -> torch.Tensor:
+        p = torch.cat([targets[i] for i in idx]).clamp(1e-4, 1 - 1e-4)
+        return torch.log(p / (1 - p))
+
     for _ in range(epochs):
-        shuffled = train[torch.randperm(len(train), generator=gen)]
-        for start in range(0, len(train), batch_size):
+        shuffled = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
+        for start in range(0, len(shuffled), batch_size):
             idx = shuffled[start:start + batch_size]
-            loss = -(soft[idx] * torch.log_softmax(head(features[idx]), dim=-1)).sum(-1).mean()
+            logits = head(_tag_states(student, [inputs[i] for i in idx]))
+            loss = ((logits[:, 1] - logits[:, 0]) - teacher_logit(idx)).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    fit: dict[str, float] = {"steps": len(targets), "held_out_steps": int(len(held))}
-    if len(held) > 1:
+    student.eval()
+    head.eval()
+    fit: dict[str, float] = {"steps": sum(len(t) for t in targets), "held_out_trajectories": len(held),
+                             "held_out_steps": sum(len(targets[i]) for i in held)}
+    if held:
         with torch.no_grad():
-            student = torch.softmax(head(features[held]), dim=-1)[:, 1]
-        teacher = targets[held]
-        fit["held_out_mean_abs_diff"] = float((student - teacher).abs().mean())
-        corr = torch.corrcoef(torch.stack([student, teacher]))[0, 1]
+            got = torch.softmax(head(tag_hidden_states(student, [inputs[i] for i in held])), dim=-1)[:, 1]
+        want = torch.cat([targets[i] for i in held])
+        fit["held_out_mean_abs_diff"] = float((got - want).abs().mean())
+        corr = torch.corrcoef(torch.stack([got, want]))[0, 1] if len(want) > 1 else torch.tensor(math.nan)
         fit["held_out_correlation"] = float(corr) if torch.isfinite(corr) else math.nan
-    return head.eval(), fit
+    return student, head, fit
 
 
 # -- the export --------------------------------------------------------------------------------------------------
 
 
 def export_prm(prm: LoadedPRM, source_dir: Path, prompts: Sequence[str], completions: Sequence[Sequence[str]],
-               out: Path, *, epochs: int = 30, lr: float = 1e-3, seed: int = 0, batch_size: int = 16
-               ) -> dict[str, Any]:
+               out: Path, *, extra_layers: int = EXTRA_LAYERS, epochs: int = 8, lr: float = 1e-3,
+               backbone_lr: float = 1e-4, seed: int = 0, batch_size: int = 16) -> dict[str, Any]:
     """Write ``out`` (a fresh directory; the caller renames it into place). ``source_dir`` holds the backbone's HF
-    config and tokenizer; ``prompts``/``completions`` are the trajectories the head is distilled on."""
+    config and tokenizer; ``prompts``/``completions`` are the trajectories the student is distilled on (see
+    ``distill``: the backbone plus ``extra_layers`` new decoder layers and vLLM's head, trained end to end)."""
     from safetensors.torch import save_file
 
     if not prompts:
         raise ExportError("no trajectories to distill the head on")
     backbone_cfg = json.loads((source_dir / "config.json").read_text())
     cfg = qwen2_config(backbone_cfg)
+    if extra_layers < 0 or epochs < 1:
+        raise ExportError(f"extra_layers must be >= 0 and epochs >= 1, got {extra_layers} and {epochs}")
+    cfg["num_hidden_layers"] = int(cfg["num_hidden_layers"]) + extra_layers
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = list(cfg["layer_types"]) + ["full_attention"] * extra_layers
     out.mkdir(parents=True)
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
     lines = [export_lines(c) for c in completions]
@@ -306,13 +363,13 @@ def export_prm(prm: LoadedPRM, source_dir: Path, prompts: Sequence[str], complet
     # never writes (it ends there), and the ensemble's token-reading heads would mark it as an error.
     teacher = prm.score([prompts[i] for i in kept], [cut_at_newlines("".join(completions[i])) for i in kept],
                         batch_size=batch_size)
-    targets = torch.tensor([x for s in teacher for x in s.mean], dtype=torch.float32)
-    if torch.isnan(targets).any():
+    targets = [torch.tensor(s.mean, dtype=torch.float32) for s in teacher]
+    if any(torch.isnan(t).any() for t in targets):
         raise ExportError("the checkpoint left steps unscored (cut by its max_length); give shorter trajectories")
-    features = tag_hidden_states(prm.model.backbone, inputs)
-    head, fit = fit_head(features, targets, epochs=epochs, lr=lr, seed=seed)
+    backbone, head, fit = distill(prm.model.backbone, inputs, targets, extra_layers=extra_layers, epochs=epochs,
+                                  lr=lr, backbone_lr=backbone_lr, seed=seed, batch_size=batch_size)
 
-    tensors = qwen2_tensors(prm.model.backbone.state_dict(), backbone_cfg.get("model_type"))
+    tensors = qwen2_tensors(backbone.state_dict(), backbone_cfg.get("model_type"))
     for name, tensor in head.state_dict().items():
         tensors[f"score.{name}"] = tensor.detach().contiguous().clone()
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -324,12 +381,13 @@ def export_prm(prm: LoadedPRM, source_dir: Path, prompts: Sequence[str], complet
              "score_column": 1}
     atomic_write_text(out / SERVE_NAME, json.dumps(serve, indent=2) + "\n")
     with torch.no_grad():
-        student = torch.softmax(head(features), dim=-1)[:, 1]
+        student = torch.softmax(head(tag_hidden_states(backbone, inputs)), dim=-1)[:, 1]
     summary = {"architecture": ARCHITECTURE, "step_tag_id": tag, "checkpoint_config_hash": prm.config["config_hash"],
                "heads_distilled": int(prm.config["num_heads"]), "trajectories": len(kept),
                "trajectories_left_out": len(skipped), "first_left_out": skipped[0] if skipped else None,
-               "distillation": {"epochs": epochs, "lr": lr, "seed": seed, **fit,
-                                "train_mean_abs_diff": float((student - targets).abs().mean())},
+               "distillation": {"extra_layers": extra_layers, "epochs": epochs, "lr": lr,
+                                "backbone_lr": backbone_lr, "seed": seed, **fit,
+                                "train_mean_abs_diff": float((student - torch.cat(targets)).abs().mean())},
                "tokenizer": type(tokenizer).__name__}
     atomic_write_text(out / EXPORT_NAME, json.dumps(summary, indent=2) + "\n")
     return summary

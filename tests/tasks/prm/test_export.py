@@ -91,6 +91,22 @@ def test_lines_and_prompt_tags():
         tagged_input(tok, tag, "Start at 1.\n", lines * 40, 256)
 
 
+def test_student_layers_start_as_the_identity():
+    """The student's new layers pass the residual stream through at the start, so distillation starts from the
+    backbone's own hidden states; their parameters are not all zero, so they can learn."""
+    from tasks.prm.export import student_backbone
+
+    backbone = load_prm(TOY_PRM).model.backbone
+    student = student_backbone(backbone, 2)
+    assert len(student.layers) == len(backbone.layers) + 2
+    ids = torch.tensor([[1, 5, 6, 7, 4, 8, 9]])
+    with torch.no_grad():
+        want = backbone(input_ids=ids).last_hidden_state
+        got = student(input_ids=ids).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-6)
+    assert student.layers[-1].self_attn.q_proj.weight.abs().sum() > 0
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, ruler_rows):
     from tasks.prm.export import export_prm
@@ -100,8 +116,10 @@ def exported(tmp_path_factory, ruler_rows):
     prm = load_prm(TOY_PRM)
     too_long = ["1+1=2\n"] * 60  # past the backbone's 256 positions: left out and counted, not scored at a wrong tag
     summary = export_prm(prm, find_checkpoint_dir(TOY_PRM) / BACKBONE_DIR, [r["prompt"] for r in train] + ["Start.\n"],
-                         [r["completions"] for r in train] + [too_long], out, epochs=30)
+                         [r["completions"] for r in train] + [too_long], out, epochs=4)
     assert summary["trajectories"] == len(train) and summary["trajectories_left_out"] == 1
+    layers = int(prm.model.backbone.config.num_hidden_layers) + summary["distillation"]["extra_layers"]
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == layers == 5
     assert "exceeds" in summary["first_left_out"]
     return out, summary, prm
 
@@ -120,10 +138,9 @@ def test_export_loads_in_transformers_and_scores_as_the_distilled_head(exported,
     diffs = [abs(a - b) for s, t in zip(student, teacher, strict=True) for a, b in zip(s.mean, t.mean, strict=True)]
     # The reloaded export is the head export_prm fitted: its mean gap to the teacher is the one export_prm measured.
     assert sum(diffs) / len(diffs) == pytest.approx(summary["distillation"]["train_mean_abs_diff"], abs=1e-5)
-    # The fit does fit: on its own steps the head is closer to the ensemble than the best constant (the ensemble's
-    # mean) and follows it. How much of the ensemble's quality one head keeps on new problems is measured in
-    # benchmarks/bench_export.py (little: a head on the newline's hidden state cannot see the token
-    # log-probabilities the ensemble reads; benchmarks/README.md).
+    # The fit does fit: on its own steps the student is closer to the ensemble than the best constant (the
+    # ensemble's mean) and follows it. How much of the ensemble's quality it keeps on new problems is measured in
+    # benchmarks/bench_export.py (benchmarks/README.md).
     t = torch.tensor([x for r in teacher for x in r.mean])
     s = torch.tensor([x for r in student for x in r.mean])
     assert (s - t).abs().mean() < 0.8 * (t - t.mean()).abs().mean()
