@@ -22,7 +22,9 @@ confident misconceptions) and each seed (``--seeds``), one pool of ``--problems`
 Static labellers are measured along a curve: the first k problems of the pool, k in ``--sizes`` (whole shards, so
 a point's cost is exactly the sum of its shards' cost records). Every PRM is trained the same way: the recipe of
 ``configs/toy.yaml``'s ``train:`` section (tokens read, distribution features, frozen backbone) for ``--epochs``
-epochs in this process (`tasks.prm.training.train_step`, the step Ray Train runs), keeping the last epoch.
+epochs in this process (`tasks.prm.training.train_step`, the step Ray Train runs), keeping the last epoch; the
+frozen backbone's token states are computed once per row, so the epochs train only the heads
+(``benchmarks/bench_e2e_states.py`` measures what that saves).
 
 Tokens, per point:
 - ``generated``: what the labelling generated (policy solutions + EDU branches + rollouts), plus, for the active
@@ -224,13 +226,14 @@ class Trainer:
         self.train = TrainConfig(**{**train_section, "model_path": WORLDS[world][0], "epochs": args.epochs,
                                     "keep": "last"})
         self.world, self.args, self.ruler = world, args, ruler
+        self.cache_states = True  # off only to measure what caching the backbone's states saves
         self.ruler_key = [ruler.manifest["content_hash"], len(ruler.problem_ids), args.n_boot]
 
     def fit(self, rows: list[dict[str, Any]], seed: int, name: str) -> Any:
         """A trained model as a scorer (``.score``, ``.model``)."""
         import torch
 
-        from tasks.prm.training import run_prm_config, start_model, train_step
+        from tasks.prm.training import row_states, run_prm_config, start_model, train_step
 
         t0 = time.perf_counter()
         torch.manual_seed(seed)
@@ -240,13 +243,17 @@ class Trainer:
         model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
         rng, order = random.Random(seed), list(range(len(rows)))
         model.train()
+        # A frozen backbone's token states depend on the text alone: computed once, the epochs train only the heads.
+        states = None if train.train_backbone or not self.cache_states else row_states(
+            model, tokenizer, rows, prm_config["max_length"])
         for epoch in range(train.epochs):
             if train.shuffle:
                 rng.shuffle(order)
             for start in range(0, len(order), train.batch_size):
-                batch = [rows[i] for i in order[start:start + train.batch_size]]
-                train_step(model, optimizer, tokenizer, batch, train.target, prm_config["max_length"],
-                           train.pull_lambda, "cpu", f"{name} epoch {epoch}", train.pull_reduction)
+                idx = order[start:start + train.batch_size]
+                train_step(model, optimizer, tokenizer, [rows[i] for i in idx], train.target,
+                           prm_config["max_length"], train.pull_lambda, "cpu", f"{name} epoch {epoch}",
+                           train.pull_reduction, states=None if states is None else [states[i] for i in idx])
         model.eval()
         PROFILE["training"] += time.perf_counter() - t0
         return Scorer(model, tokenizer, prm_config["max_length"])

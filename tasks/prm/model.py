@@ -257,10 +257,20 @@ class ProcessRewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_ends: torch.Tensor,
                 completion_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-step logits [B, S, E]; rows of ``step_ends`` equal to -1 give garbage logits (mask them)."""
+        return self.read(self.token_states(input_ids, attention_mask), step_ends, completion_mask)
+
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, H'] what the heads read at every token: the backbone's last hidden state, then the token features.
+        With a frozen backbone they depend on the text alone, so a trainer may compute them once per row and train
+        the heads on them (``tasks.prm.training.train_step``'s ``states``)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.token_features != "none":
             hidden = torch.cat([hidden, self._token_features(hidden, input_ids)], dim=-1)
-        hidden = hidden.to(self.heads.weights[0].dtype)
+        return hidden.to(self.heads.weights[0].dtype)
+
+    def read(self, hidden: torch.Tensor, step_ends: torch.Tensor, completion_mask: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Per-step logits [B, S, E] from ``token_states`` (right-padded; padding is never read)."""
         index = step_ends.clamp(min=0)
         b, t, h = hidden.shape
         if self.reads == "end":

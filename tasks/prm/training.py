@@ -166,8 +166,12 @@ def evaluate_held_out(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ta
 
 def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str,
                max_length: int, pull_lambda: float, device: str, where: str,
-               pull_reduction: str = "sum") -> tuple[float, dict[str, float], int]:
+               pull_reduction: str = "sum", states: list[Any] | None = None) -> tuple[float, dict[str, float], int]:
     """One optimizer step on a batch of rows; returns (loss, its parts, truncated rows).
+
+    ``states``: the rows' token states from ``row_states`` (a frozen backbone's, computed once); the heads then
+    train on them without running the backbone. Only for a model that is not wrapped for distributed training
+    (the wrapper's gradient sync runs in its forward).
 
     Raises ``NaNLossError`` naming ``where`` and the batch's problem ids when the loss is not finite (before
     the step, so the weights stay as they were).
@@ -180,7 +184,14 @@ def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, 
     encoded = [encode_trajectory(tokenizer, r["prompt"], r["completions"], max_length) for r in rows]
     tensors = {k: v.to(device) for k, v in collate(encoded, pad_token_id(tokenizer)).items()}
     targets = target_tensor([r[target] for r in rows], encoded, tensors["step_ends"].shape[1]).to(device)
-    logits = model(tensors["input_ids"], tensors["attention_mask"], tensors["step_ends"], tensors["completion_mask"])
+    if states is None:
+        logits = model(tensors["input_ids"], tensors["attention_mask"], tensors["step_ends"],
+                       tensors["completion_mask"])
+    else:
+        if bare is not model:
+            raise ValueError("train_step's states need an unwrapped model (a distributed wrapper syncs in forward)")
+        hidden = torch.nn.utils.rnn.pad_sequence(states, batch_first=True).to(device)
+        logits = bare.read(hidden, tensors["step_ends"], tensors["completion_mask"])
     loss, parts = ensemble_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                 bare.heads.pull(pull_reduction), pull_lambda)
     if not torch.isfinite(loss):
@@ -190,3 +201,26 @@ def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, 
     loss.backward()
     optimizer.step()
     return float(loss.detach()), parts, sum(e.truncated for e in encoded)
+
+
+def row_states(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_length: int, device: str = "cpu",
+               batch_size: int = 32) -> list[Any]:
+    """Each row's token states ([T_i, H'], ``ProcessRewardModel.token_states`` without its padding), computed once
+    for training the heads of a frozen backbone with ``train_step(..., states=...)``."""
+    import torch
+
+    from tasks.prm.model import collate, encode_trajectory, pad_token_id
+
+    bare = model.module if hasattr(model, "module") else model
+    lm_head = list(bare.lm_head.parameters()) if bare.lm_head is not None else []
+    if any(p.requires_grad for p in [*bare.backbone.parameters(), *lm_head]):
+        raise ValueError("row_states is for a frozen backbone and LM head: training them changes the states")
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            encoded = [encode_trajectory(tokenizer, r["prompt"], r["completions"], max_length)
+                       for r in rows[start:start + batch_size]]
+            batch = collate(encoded, pad_token_id(tokenizer))
+            hidden = bare.token_states(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out.extend(hidden[i, :len(e.input_ids)].clone() for i, e in enumerate(encoded))
+    return out

@@ -25,7 +25,7 @@ from tasks.prm.model import (
     score_trajectories,
     target_tensor,
 )
-from tasks.prm.training import NaNLossError, TrainError, dataset_shards, is_held_out, train_step
+from tasks.prm.training import NaNLossError, TrainError, dataset_shards, is_held_out, row_states, train_step
 
 TOY = REPO_ROOT / "assets" / "toy-policy"
 
@@ -200,6 +200,33 @@ def test_nan_loss_stops_naming_the_batch_and_leaves_weights(toy_checkpoint):
     loss, parts, cut = train_step(healthy, torch.optim.AdamW(healthy.parameters()), tok, rows, "labels", 256, 0.5,
                                   "cpu", "x")
     assert loss == 0.0 and parts["steps"] == 0 and cut == 0
+
+
+@pytest.mark.parametrize("reads", ["end", "tokens"])
+def test_cached_states_train_the_heads_as_the_backbone_does(toy_checkpoint, reads):
+    """A frozen backbone's states, computed once (row_states), give the same loss and the same heads after two
+    steps as running the backbone in every step; a trainable backbone is refused."""
+    _, _, tok = toy_checkpoint
+    rows = [{"prompt": p, "completions": s, "labels": [True] * (len(s) - 1) + [False], "problem_id": f"p{i}"}
+            for i, (p, s) in enumerate(zip(PROMPTS, STEPS, strict=True))]
+    config = _toy_config(reads=reads, token_features="distribution")
+    runs = []
+    for cached in (False, True):
+        model = build_prm(config)
+        model.backbone.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        states = row_states(model, tok, rows, 256) if cached else None
+        assert states is None or [len(x) for x in states] == [len(tok(r["prompt"])["input_ids"]) + sum(
+            len(tok(c, add_special_tokens=False)["input_ids"]) for c in r["completions"]) for r in rows]
+        losses = [train_step(model, opt, tok, rows, "labels", 256, 0.5, "cpu", "x", "mean", states=states)[0]
+                  for _ in range(2)]
+        runs.append((losses, [w.detach().clone() for w in model.heads.weights]))
+    (loss_a, heads_a), (loss_b, heads_b) = runs
+    assert loss_b == pytest.approx(loss_a, rel=1e-5) and loss_a[1] != loss_a[0]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(heads_a, heads_b, strict=True))
+    trainable = build_prm(config)
+    with pytest.raises(ValueError, match="frozen backbone"):
+        row_states(trainable, tok, rows, 256)
 
 
 def test_held_out_split_is_stable_and_near_its_fraction():
