@@ -334,9 +334,6 @@ def export_prm(prm: LoadedPRM, source_dir: Path, prompts: Sequence[str], complet
     cfg = qwen2_config(backbone_cfg)
     if extra_layers < 0 or epochs < 1:
         raise ExportError(f"extra_layers must be >= 0 and epochs >= 1, got {extra_layers} and {epochs}")
-    cfg["num_hidden_layers"] = int(cfg["num_hidden_layers"]) + extra_layers
-    if cfg.get("layer_types"):
-        cfg["layer_types"] = list(cfg["layer_types"]) + ["full_attention"] * extra_layers
     out.mkdir(parents=True)
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
     lines = [export_lines(c) for c in completions]
@@ -369,6 +366,9 @@ def export_prm(prm: LoadedPRM, source_dir: Path, prompts: Sequence[str], complet
     backbone, head, fit = distill(prm.model.backbone, inputs, targets, extra_layers=extra_layers, epochs=epochs,
                                   lr=lr, backbone_lr=backbone_lr, seed=seed, batch_size=batch_size)
 
+    cfg["num_hidden_layers"] = int(backbone.config.num_hidden_layers)  # the student's depth (student_backbone)
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = list(backbone.config.layer_types)
     tensors = qwen2_tensors(backbone.state_dict(), backbone_cfg.get("model_type"))
     for name, tensor in head.state_dict().items():
         tensors[f"score.{name}"] = tensor.detach().contiguous().clone()
