@@ -6,7 +6,10 @@ confident misconceptions) and each seed (``--seeds``), one pool of ``--problems`
 (`tasks.build.build`, the vLLM engine of that world's policy, 16 problems per shard):
 
 - ``truth``: 4 policy samples per problem, newline steps, each step judged by the exact checker (the ceiling);
-- ``ms-N`` (Math-Shepherd): newline steps, no tree, N rollouts per step, N in ``--ms-ns``;
+- ``ms-N`` (Math-Shepherd): newline steps, no tree, N rollouts per step, N in ``--ms-ns``; only the largest N is
+  built, the smaller ones keep a random n of its N outcomes per step (`tasks.store.relabel.subsample_rollouts`: the
+  same distribution as n fresh rollouts, the solutions are the same) and count the expected share of its rollout
+  tokens; ``--ms-independent`` builds each N on its own (``benchmarks/bench_ms_subsample.py`` compares the two);
 - ``edu``: EDU entropy cuts, branching and ``--edu-n`` rollouts, ER labels with η = 1; the η grid (``--etas``)
   relabels the same rows (`tasks.store.relabel.relabel`: no new generation);
 - ``actprm`` and ``random``: the ActPRM loop over the ``edu``-labelled pool. Round 0 labels a random seed set
@@ -176,6 +179,30 @@ def read_shards(dataset: Path) -> list[tuple[list[dict[str, Any]], dict[str, int
     paths, _ = dataset_shards(dataset)
     return [(pq.read_table(p).to_pylist(), ShardCost.from_dict(read_provenance(p).get("cost", {})).to_dict())
             for p in paths]
+
+
+def subsampled(shards: list[tuple[list[dict[str, Any]], dict[str, int]]], n: int, seed: int
+               ) -> list[tuple[list[dict[str, Any]], dict[str, int]]]:
+    """A Math-Shepherd build's shards as a build with ``n`` rollouts per step would give them
+    (`tasks.store.relabel.subsample_rollouts`); each cost record's rollout tokens become their expected share,
+    (n - 1) / (N - 1) of the fresh rollouts (the solution is one of a step's N outcomes, the build tops up the
+    rest)."""
+    import pyarrow as pa
+
+    from tasks.cost import ShardCost
+    from tasks.store.dataset import ROW_SCHEMA
+    from tasks.store.relabel import subsample_rollouts
+
+    out = []
+    for i, (rows, record) in enumerate(shards):
+        big = max((k for r in rows for k, o in zip(r["rollouts"], r["step_origin"], strict=True) if o == "rollout"),
+                  default=n)
+        table = subsample_rollouts(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), n,
+                                   int(content_key(["subsample", seed, n, i])[:8], 16))
+        cost = ShardCost.from_dict(record)
+        cost.rollout_tokens = round(cost.rollout_tokens * (n - 1) / max(1, big - 1))
+        out.append((table.to_pylist(), cost.to_dict()))
+    return out
 
 
 def shard_tokens(records: list[dict[str, int]]) -> dict[str, Any]:
@@ -741,7 +768,8 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
     datasets: dict[str, dict[str, str]] = {}
     for s in args.seed_list:
         shards_of: dict[str, list] = {}
-        for labeller in ["truth", *[f"ms-{n}" for n in args.ms_list], "edu"]:
+        ms_built = args.ms_list if args.ms_independent else [max(args.ms_list)]
+        for labeller in ["truth", *[f"ms-{n}" for n in ms_built], "edu"]:
             cfg = parse_config(labeller_config(base, world, labeller, s, args.problems), f"bench_e2e {labeller}")
             dataset = build_dataset(cfg, args.cache, engines.factory(world, cfg))
             shards_of[labeller] = read_shards(dataset)
@@ -749,10 +777,14 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
             ids = {r["problem_id"] for rows, _ in shards_of[labeller] for r in rows}
             if ids & full_ruler.problem_ids:  # checked on what was labelled, so a changed source cannot slip by
                 raise SystemExit(f"{labeller} seed {s}: the pool holds ruler problems; pick other --seeds")
+        for n in sorted(set(args.ms_list) - set(ms_built)):
+            shards_of[f"ms-{n}"] = subsampled(shards_of[f"ms-{ms_built[0]}"], n, s)
+            datasets[str(s)][f"ms-{n}"] = f"{datasets[str(s)][f'ms-{ms_built[0]}']} (subsampled to N={n})"
         points += static_points("truth", shards_of["truth"], trainer, s, [args.problems])
         for n in args.ms_list:
             sizes = args.size_list if n == 8 else [args.problems]
-            points += static_points(f"ms-{n}", shards_of[f"ms-{n}"], trainer, s, sizes)
+            points += [p | ({} if n in ms_built else {"subsampled_from": f"ms-{ms_built[0]}"})
+                       for p in static_points(f"ms-{n}", shards_of[f"ms-{n}"], trainer, s, sizes)]
         points += static_points("edu", shards_of["edu"], trainer, s, args.size_list)
         for eta in args.eta_list:
             if eta != base["labels"].get("eta", 1.0):
@@ -802,7 +834,9 @@ def main() -> None:
                     "pools hold no problem of either ruler (checked at start-up)")
     ap.add_argument("--problems", type=int, default=1024, help="pool size: problems every labeller labels")
     ap.add_argument("--sizes", default="128,256,512,1024", help="curve points of the static labellers (problems)")
-    ap.add_argument("--ms-ns", default="4,8,16")
+    ap.add_argument("--ms-ns", default="4,8,16", help="Math-Shepherd rollouts per step; the largest is built, the "
+                    "others subsampled from it")
+    ap.add_argument("--ms-independent", action="store_true", help="build every Math-Shepherd N on its own instead")
     ap.add_argument("--etas", default="0.1,1,10", help="the ER η grid on the EDU rows (relabelled, not regenerated)")
     ap.add_argument("--rounds", type=int, default=4, help="active rounds after round 0")
     ap.add_argument("--seed-size", type=int, default=64, help="problems labelled at random in round 0")
@@ -864,7 +898,8 @@ def main() -> None:
         "tokens_counted": "generated: the labelling's generated tokens (policy solutions, EDU branches, rollouts) "
                           "from the shards' cost records, plus for actprm/random the pool's generation (one solution "
                           "per pool problem); prefill: the prompt tokens of those requests, apart; scoring_forward: "
-                          "prompt + solution tokens the PRM read to score the pool, apart",
+                          "prompt + solution tokens the PRM read to score the pool, apart; a subsampled ms-N point "
+                          "(subsampled_from) counts (N - 1) / (N_built - 1) of the built arm's rollout tokens",
         "worlds": {},
     }
 

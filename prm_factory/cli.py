@@ -298,24 +298,42 @@ def partition(
 @app.command()
 def relabel(
     dataset: Annotated[Path, typer.Argument(help="dataset directory written by `build`")],
-    eta: Annotated[float, typer.Option("--eta", help="new ER-PRM eta (> 0)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="directory for the relabelled dataset version")],
+    eta: Annotated[float | None, typer.Option("--eta", help="new ER-PRM eta (> 0)")] = None,
+    rollouts: Annotated[int | None, typer.Option("--rollouts", help="keep n of each step's N rollouts, drawn at "
+                                                 "random: the rows a build with rollouts.n = n would give "
+                                                 "(Math-Shepherd builds: no tree, no early stop)")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the --rollouts draw")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
-    """Recompute ER labels for another eta from the stored (successes, rollouts): no engine, seconds."""
+    """Labels again from the stored (successes, rollouts), no engine, seconds: ER labels for another eta, and/or
+    the labels of a smaller rollout budget."""
     from tasks.store.dataset import DatasetError
     from tasks.store.relabel import relabel_dataset
 
-    if not eta > 0:
+    if eta is None and rollouts is None:
+        console.print("give --eta, --rollouts or both", style="red")
+        raise typer.Exit(2)
+    if eta is not None and not eta > 0:
         console.print(f"--eta must be > 0, got {eta}", style="red")
         raise typer.Exit(2)
+    if rollouts is not None and rollouts < 1:
+        console.print(f"--rollouts must be >= 1, got {rollouts}", style="red")
+        raise typer.Exit(2)
     with _fails(DatasetError, FileNotFoundError, out=out):
-        manifest = relabel_dataset(dataset, out, eta)
+        manifest = relabel_dataset(dataset, out, eta, rollouts, seed)
+    sub = manifest["extra"].get("subsampled")
     if json_out:
         print(json.dumps({"out_dir": str(out), "dataset_version": manifest["dataset_version"],
-                          "parents": manifest["parents"], "rows": manifest["num_rows"], "eta": eta}))
+                          "parents": manifest["parents"], "rows": manifest["num_rows"], "eta": eta,
+                          "rollouts": rollouts,
+                          "expected_generated_tokens": sub["expected_generated_tokens"] if sub else None}))
     else:
-        console.print(f"[green]relabelled[/green] {manifest['num_rows']} rows with eta={eta:g} into {out} "
+        what = [f"eta={eta:g}"] if eta is not None else []
+        if sub:
+            what.append(f"{rollouts} rollouts per step (a build of that size: about "
+                        f"{sub['expected_generated_tokens']:,} generated tokens)")
+        console.print(f"[green]relabelled[/green] {manifest['num_rows']} rows with {' and '.join(what)} into {out} "
                       f"(version {manifest['dataset_version']}, parent {manifest['parents'][0]})")
 
 

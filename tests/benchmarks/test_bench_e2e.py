@@ -1,8 +1,9 @@
-"""The end-to-end benchmark's bookkeeping and run_all's carry-on-after-failure.
+"""The end-to-end benchmark's bookkeeping and run_all's carry-on-after-failure and coverage.
 
 The headline (tokens to reach a quality, round 0 never credited, the two goals, the seed-sign verdict) is pure
 arithmetic over points, checked against values computed by hand. The token accounting is checked on a real
-4-problem build: an arm's tokens are its shards' cost records, plus the pool's generation for the active arms.
+4-problem build: an arm's tokens are its shards' cost records, plus the pool's generation for the active arms; a
+Math-Shepherd arm subsampled from a larger N, on a real 4-problem build too.
 """
 
 from __future__ import annotations
@@ -165,6 +166,51 @@ def test_token_accounting_equals_the_shard_records_plus_the_pool(e2e, tmp_path):
     two = e2e.active_tokens(sorted(costs)[:2], costs, pool_generated, 0, 0)
     assert two["label_generated"] == int(sum(costs[p]["generated"] for p in sorted(costs)[:2]))
     _json.dumps(tokens)  # JSON-ready
+
+
+def test_subsampled_math_shepherd_from_a_real_build(e2e, tmp_path):
+    """A real 4-problem Math-Shepherd build with N = 4 (transformers engine) subsampled to N = 2: same solutions,
+    the solution's own outcome kept, one of the three fresh rollouts drawn, a third of the rollout tokens."""
+    import yaml
+
+    from cluster.hf_engine import HFEngine
+    from configs.schema import parse_config
+    from tasks.build import build
+    from tasks.store.dataset import rows_to_table
+
+    base = yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text())
+    raw = e2e.labeller_config(base, "v1", "ms-4", 0, 4)
+    raw["policy"]["backend"] = "transformers"
+    raw["dataset"]["problems_per_shard"] = 2
+    out = tmp_path / "ms4"
+    build(parse_config(raw), out, lambda: HFEngine(str(REPO / "assets" / "toy-policy")))
+    shards = e2e.read_shards(out)
+    sub = e2e.subsampled(shards, 2, 0)
+    assert e2e.subsampled(shards, 2, 0) == sub  # seeded
+    steps = 0
+    for (rows, rec), (srows, srec) in zip(shards, sub, strict=True):
+        assert srec["rollout_tokens"] == round(rec["rollout_tokens"] / 3) > 0
+        assert (srec["generate_tokens"], srec["prompt_tokens"]) == (rec["generate_tokens"], rec["prompt_tokens"])
+        assert srec["generated_tokens"] == srec["generate_tokens"] + srec["rollout_tokens"]
+        rows_to_table([{**r, "shard": 0} for r in srows])  # the dataset's own row checks
+        for r, s in zip(rows, srows, strict=True):
+            assert s["completions"] == r["completions"] and s["final_correct"] == r["final_correct"]
+            own = int(r["final_correct"])
+            for k0, k, n, o in zip(r["successes"], s["successes"], s["rollouts"], s["step_origin"], strict=True):
+                if o != "rollout":
+                    assert k == k0
+                    continue
+                steps += 1
+                fresh = k0 - own
+                assert n == 2 and own <= k <= own + 1 and k <= k0
+                if fresh in (0, 3):  # all three fresh rollouts lost, or all won: the draw is decided
+                    assert k == own + fresh // 3
+    assert steps > 0
+
+
+def test_every_benchmark_has_a_ci_size(run_all, tmp_path):
+    names = {r.name for r in run_all.ci_runs(tmp_path)}
+    assert {p.stem.removeprefix("bench_") for p in (REPO / "benchmarks").glob("bench_*.py")} <= names
 
 
 def test_run_all_goes_on_after_a_failing_step_and_marks_it(run_all, tmp_path):

@@ -168,6 +168,10 @@ def test_relabel_refuses_a_folder_it_did_not_write(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     result = cli("relabel", str(src), "--eta", "2", "--out", str(out))
     assert result.returncode == 2 and "not started by this relabel" in result.stderr
+    # --rollouts on rows that do not count the solution among the N (2 of 2 won, its own answer wrong): refused.
+    result = cli("relabel", str(src), "--rollouts", "1", "--out", str(tmp_path / "fewer"))
+    assert result.returncode == 2 and "cannot hold the solution's own wrong answer" in result.stderr
+    assert cli("relabel", str(src), "--out", str(tmp_path / "nothing")).returncode == 2
     # Its own interrupted folder (marker present, no manifest) is resumed, not refused.
     mine = tmp_path / "mine"
     relabel_dataset(src, mine, 2.0)

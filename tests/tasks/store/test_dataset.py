@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from tasks.store.dataset import (
     write_manifest,
     write_shard,
 )
-from tasks.store.relabel import relabel
+from tasks.store.relabel import relabel, relabel_dataset, subsample_rollouts
 
 PROVENANCE = {"config_hash": "abc123", "code_version": "test", "partitioner": {"name": "edu", "tau": 1.0}}
 
@@ -352,6 +353,90 @@ def test_relabel_needs_rollouts_for_non_final_steps():
     table = pa.Table.from_pylist([{**row, "shard": 0}], schema=ROW_SCHEMA)  # unvalidated: relabel checks too
     with pytest.raises(ValueError, match="N"):
         relabel(table, 1.0)
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{**r, "shard": 0} for r in rows], schema=ROW_SCHEMA)
+
+
+def test_subsample_rollouts_keeps_the_own_outcome_and_draws_the_rest():
+    # Row 0's solution is right: step 0 won 16 of 16 (every draw wins), step 1 only its own outcome (1 of 16:
+    # every fresh rollout lost), step 2 won 8 = own + 7 of the 15 fresh. Row 1's solution is wrong: step 0 lost all.
+    rows = [make_row(0, [16, 1, 8, 1], [16, 16, 16, 1], final_correct=True),
+            make_row(1, [0, 5, 0], [16, 16, 1], final_correct=False)]
+    drawn = [subsample_rollouts(_table(rows), 4, seed).to_pylist() for seed in range(400)]
+    for out in drawn:
+        assert out[0]["rollouts"] == [4, 4, 4, 1] and out[1]["rollouts"] == [4, 4, 1]
+        assert out[0]["successes"][:2] == [4, 1] and out[1]["successes"][0] == 0
+        assert out[0]["successes"][3] == 1 and out[1]["successes"][2] == 0  # the final step keeps the outcome
+        assert 1 <= out[0]["successes"][2] <= 4 and 0 <= out[1]["successes"][1] <= 3
+        labels = step_labels(out[0]["successes"], out[0]["rollouts"], out[0]["step_origin"], 1.0,
+                             [None, None, None, True])
+        assert out[0]["labels"] == labels.hard_list() and out[0]["er_labels"] == labels.er_list()
+        assert out[0]["soft_labels"][2] == out[0]["successes"][2] / 4
+    # A hypergeometric draw of 3 from 15 holding 7 successes: mean 1.4, so k averages 2.4 (its sd over 400
+    # draws is about 0.04); 3 from 15 holding 5 (row 1, own outcome lost): mean 1.0.
+    assert statistics.mean(o[0]["successes"][2] for o in drawn) == pytest.approx(2.4, abs=0.15)
+    assert statistics.mean(o[1]["successes"][1] for o in drawn) == pytest.approx(1.0, abs=0.15)
+    assert {o[0]["successes"][2] for o in drawn} == {1, 2, 3, 4}
+    # The same seed draws the same; tokens: the solution's plus 3/15 of the fresh rollouts' (300 - 20 = 280).
+    assert drawn[7] == subsample_rollouts(_table(rows), 4, 7).to_pylist()
+    assert drawn[0][0]["rollout_tokens"] == 20 + round(280 * 3 / 15)
+    same = subsample_rollouts(_table(rows), 16, 0).to_pylist()
+    assert [r["successes"] for r in same] == [r["successes"] for r in rows]
+    assert [r["er_labels"] for r in same] == [r["er_labels"] for r in rows]
+
+
+def test_relabel_dataset_with_fewer_rollouts_writes_a_seeded_child_version(tmp_path):
+    src = tmp_path / "ms8"
+    shards = [[make_row(0, [8, 5, 1], [8, 8, 1]), make_row(1, [3, 0, 0], [8, 8, 1], final_correct=False)],
+              [make_row(2, [7, 4, 2, 1], [8, 8, 8, 1])]]
+    infos = [write_shard(src, i, rows, PROVENANCE) for i, rows in enumerate(shards)]
+    parent = write_manifest(src, schema_version=SCHEMA_VERSION, config_hash="abc123", code_version="test",
+                            shards=infos, parents=[], extra={"cost": {"rollout_tokens": 900}})
+    child = relabel_dataset(src, tmp_path / "ms4", rollouts=4, seed=3)
+    assert verify_dataset(tmp_path / "ms4") == [] and child["parents"] == [parent["dataset_version"]]
+    assert child["extra"]["cost"] == {"rollout_tokens": 900}  # what was spent stays the parent's
+    table = read_dataset(tmp_path / "ms4")
+    assert [r["rollouts"] for r in table.to_pylist()] == [[4, 4, 1], [4, 4, 1], [4, 4, 4, 1]]
+    # Each row: solution 20 + i tokens, the rest the fresh rollouts', 3 of 7 kept.
+    expected = [20 + i + round((300 + i - 20 - i) * 3 / 7) for i in range(3)]
+    assert table.column("rollout_tokens").to_pylist() == expected
+    assert child["extra"]["subsampled"] == {"rollouts": 4, "seed": 3, "expected_generated_tokens": sum(expected)}
+    ks = [r["successes"] for r in table.to_pylist()]
+    assert ks[0][0] == 4 and ks[1][1] == 0 and ks[1][2] == 0  # all won, all lost: decided
+    assert read_provenance(shard_path(tmp_path / "ms4", 0))["subsampled_rollouts"] == 4
+    # The same seed draws the same shards; with an η too, the ER labels are that η's.
+    again = relabel_dataset(src, tmp_path / "again", rollouts=4, seed=3)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in child["shards"]]
+    relabel_dataset(src, tmp_path / "both", eta=5.0, rollouts=4, seed=3)
+    both = read_dataset(tmp_path / "both")
+    assert both.column("successes").to_pylist() == ks
+    assert both.column("er_labels").to_pylist() == relabel(table, 5.0).column("er_labels").to_pylist()
+    with pytest.raises(DatasetError, match="needs a new eta, a smaller rollouts count, or both"):
+        relabel_dataset(src, tmp_path / "none")
+
+
+def test_relabel_dataset_with_fewer_rollouts_names_the_shard_it_refuses(dataset_dir, tmp_path):
+    # The fixture's row 0 lost step 2's 4 of 4 although its own answer is right: not a Math-Shepherd build.
+    with pytest.raises(DatasetError, match=r"shards/part-00000.parquet: row 0 step 2: 0 successes of 4 cannot "
+                                           "hold the solution's own right answer"):
+        relabel_dataset(dataset_dir, tmp_path / "out", rollouts=2)
+
+
+@pytest.mark.parametrize(("rows", "n", "match"), [
+    ([make_row(0, [3, 1], [4, 1]), make_row(0, [2, 1], [4, 1])], 2, "one row per problem"),
+    ([make_row(0, [3, 1], [4, 1]), make_row(1, [2, 1], [8, 1])], 2, r"one N for every step, found \[4, 8\]"),
+    ([make_row(0, [3, 1], [4, 1])], 5, r"n in 1..4"),
+    ([make_row(0, [0, 1], [4, 1], final_correct=True)], 2, "cannot hold the solution's own right answer"),
+])
+def test_subsample_rollouts_refuses_tables_it_does_not_hold_for(rows, n, match):
+    with pytest.raises(DatasetError, match=match):
+        subsample_rollouts(_table(rows), n, 0)
+    tree = make_row(0, [3, 1], [4, 1])
+    tree["step_origin"] = ["tree", "final"]
+    with pytest.raises(DatasetError, match="plain rollout steps only, found \\['tree'\\]"):
+        subsample_rollouts(_table([tree]), 2, 0)
 
 
 # -- interop: each library really reads the dataset ------------------------------------------------------------
