@@ -71,7 +71,7 @@ def ci_runs(work: Path) -> list[Run]:
                     f"{w}/results/e2e.json", "--plot", f"{w}/plots/e2e.png"], 1500,
             json_out=f"{w}/results/e2e.json", plots=[f"{w}/plots/e2e.png"],
             note="reuses WORK/e2e-cache (content-keyed) when present: then it only evaluates and summarizes; "
-                 "~12 min from scratch here"),
+                 "84 s from scratch here (2026-12-02)"),
         Run("ms_subsample", [PY, "benchmarks/bench_ms_subsample.py", "--worlds", "v1", "--seeds", "0", "--problems",
                              "32", "--ns", "4", "--built", "8", "--epochs", "2", "--ruler-problems", "32", "--n-boot",
                              "200", "--cache", f"{w}/e2e-cache", "--json-out", f"{w}/results/ms_subsample.json"], 900,
