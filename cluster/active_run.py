@@ -34,6 +34,21 @@ def default_eval_fn(cfg: FactoryConfig) -> EvalFn | None:
     return None
 
 
+def pool_scorer(cfg: FactoryConfig) -> Callable[[Path], Any] | None:
+    """``active.scorer: vllm``: a round's checkpoint served by one vLLM scoring actor in the Ray pool
+    (``cluster.pooling_engine.PooledPRM``: the backbone in vLLM, the ensemble heads in the actor), started for the
+    round and stopped after; ``transformers``: None (the loop loads the checkpoint in the driver)."""
+    if cfg.active.scorer != "vllm":
+        return None
+
+    def open_scorer(checkpoint: Path) -> Any:
+        from cluster.pooling_engine import PooledPRM
+
+        return PooledPRM(checkpoint, num_engines=1)
+
+    return open_scorer
+
+
 def run_active(cfg: FactoryConfig, out_dir: str | Path, *, local: bool = False,
                engine: Callable[[], Any] | None = None, on_event: EventFn | None = None,
                on_epoch: Callable[[dict[str, Any]], None] | None = None) -> ActiveResult:
@@ -42,5 +57,5 @@ def run_active(cfg: FactoryConfig, out_dir: str | Path, *, local: bool = False,
     ``engine``: a factory returning an already running engine (tests, benchmarks); default: ``engine_factory``.
     """
     loop = ActiveLoop(cfg, out_dir, engine or engine_factory(cfg, local=local), ray_train_fn(cfg, on_epoch),
-                      default_eval_fn(cfg), on_event=on_event)
+                      default_eval_fn(cfg), on_event=on_event, scorer_factory=pool_scorer(cfg))
     return loop.run()

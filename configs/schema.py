@@ -357,6 +357,10 @@ class ActiveConfig(_Strict):
     ruler_problems: int | None = Field(16, ge=1, description="held-out AUROC per round on the first K problems "
                                        "of the toy ruler (None: all; toy sources only)")
     seed: int = Field(0, description="seed of the random draws (round 0, and every round with selector random)")
+    scorer: Literal["transformers", "vllm"] = Field(
+        "transformers", description="where later rounds score the pool with the last round's PRM: in the driver "
+        "(transformers), or in a vLLM scoring actor of the Ray pool that serves the PRM's backbone while its "
+        "ensemble heads read the hidden states (vllm; the same means and stds, measured within 1e-5 per step)")
 
 
 class FactoryConfig(_Strict):

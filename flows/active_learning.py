@@ -30,7 +30,7 @@ def _loop(config_path: str, out_dir: str, local: bool):
     """The flow run's ActiveLoop (engines attached lazily, when the pool or a label needs them)."""
     from prefect.runtime import flow_run
 
-    from cluster.active_run import default_eval_fn, ray_train_fn
+    from cluster.active_run import default_eval_fn, pool_scorer, ray_train_fn
     from cluster.engines import engine_factory
     from tasks.active.loop import ActiveLoop
 
@@ -41,7 +41,8 @@ def _loop(config_path: str, out_dir: str, local: bool):
             log = get_run_logger()
             train = ray_train_fn(cfg, on_epoch=lambda r: log.info("  epoch %d: train loss %.4f", r["epoch"],
                                                                   r["train_loss"]))
-            _loops[key] = ActiveLoop(cfg, out_dir, engine_factory(cfg, local=local), train, default_eval_fn(cfg))
+            _loops[key] = ActiveLoop(cfg, out_dir, engine_factory(cfg, local=local), train, default_eval_fn(cfg),
+                                     scorer_factory=pool_scorer(cfg))
         return _loops[key]
 
 

@@ -790,9 +790,8 @@ def score_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="output file, same format as the input")],
     batch_size: Annotated[int, typer.Option(help="trajectories per forward pass")] = 16,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
-    engine: Annotated[str, typer.Option(help="transformers: a checkpoint from `train`, or an export; vllm: an "
-                                             "export from `export`, through a vLLM pooling engine")]
-    = "transformers",
+    engine: Annotated[str, typer.Option(help="transformers: a checkpoint from `train`, or an export, in torch; "
+                                             "vllm: the same through vLLM pooling engines")] = "transformers",
     local: Annotated[bool, typer.Option("--local", help="--engine vllm: the engine in this process, not Ray")]
     = False,
     engines: Annotated[int, typer.Option(help="--engine vllm: scoring actors in the Ray pool")] = 1,
@@ -801,8 +800,11 @@ def score_cmd(
     """Add `step_scores` (ensemble mean per step) and `step_std` to every row; other columns pass through.
 
     An export (`prm-factory export`) has one head: it scores each line at its newline and its `step_std` is 0.
-    `--engine vllm` serves it from vLLM pooling engines in Ray actors (a local Ray when none is running), the
-    pool the build's generation engines use; `--local` keeps one engine in this process.
+    `--engine vllm` serves the model from vLLM pooling engines in Ray actors (a local Ray when none is running),
+    the pool the build's generation engines use; `--local` keeps one engine in this process. An export is served
+    whole (Qwen2ForProcessRewardModel, token_classify); a checkpoint's backbone is served by vLLM (token_embed:
+    every token's hidden state) and its own ensemble heads read those states, so the scores, `step_std` and the
+    token features are the checkpoint's, as through transformers.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -820,14 +822,12 @@ def score_cmd(
     with _fails(CheckpointError, ScoreInputError, ExportError):
         _, _, prompts, _ = read_trajectories(input_path)
         exported = (checkpoint / "config.json").is_file() and not (checkpoint / "prm_config.json").is_file()
-        if engine == "vllm" and not exported:
-            raise ExportError(f"--engine vllm scores an export; write one first: prm-factory export --checkpoint "
-                              f"{checkpoint} --data DATA --out EXPORT_DIR")
         if engine == "vllm":
-            from cluster.pooling_engine import PooledPRM, PoolingUnsupported, VLLMPooledPRM
+            from cluster.pooling_engine import PooledPRM, PoolingUnsupported, check_scorable, open_scorer
 
             with _fails(PoolingUnsupported):
-                prm = VLLMPooledPRM(checkpoint) if local else PooledPRM(checkpoint, num_engines=engines)
+                check_scorable(checkpoint)
+                prm = open_scorer(checkpoint) if local else PooledPRM(checkpoint, num_engines=engines)
         elif exported:
             from tasks.prm.export import ExportedPRM
 

@@ -202,10 +202,11 @@ def pin_payload(cfg: FactoryConfig) -> dict[str, Any]:
     """What an output directory is pinned to: what its pool and its bought labels mean.
 
     A resume may change how far the loop goes and how it picks from now on (rounds, budget, thresholds, the cap per
-    round, the ruler size); not the pool, the labeller, the trainer, the selector, round 0 or the warm start.
+    round, the ruler size) and where the pool is scored (the scorer: the same scores); not the pool, the labeller,
+    the trainer, the selector, round 0 or the warm start.
     """
     active = cfg.active.model_dump(mode="json", exclude={"rounds", "label_token_budget", "selection",
-                                                         "max_selected", "ruler_problems"})
+                                                         "max_selected", "ruler_problems", "scorer"})
     return {"name": cfg.name, "labelling_hash": cfg.labelling_hash(), "train_hash": cfg.train.train_hash(),
             "sources": [s.model_dump(mode="json") for s in cfg.sources],
             **{f"active.{k}": v for k, v in active.items()}}
@@ -311,13 +312,20 @@ class ActiveLoop:
 
     ``engine_factory`` starts the policy engines (called at most once, and only when a pool must be generated
     or labels bought); ``train_fn`` trains a PRM on a dataset version; ``eval_fn`` measures a checkpoint on a
-    held-out set; ``labeller_factory`` makes the labeller for a round from (cfg, engine, tokenizer).
+    held-out set; ``labeller_factory`` makes the labeller for a round from (cfg, engine, tokenizer);
+    ``scorer_factory`` opens a round's checkpoint to score the pool (``score(prompts, completions)``, and ``close()``
+    if it has one; ``cluster.active_run.pool_scorer``), required by ``active.scorer: vllm``; None: ``load_prm`` here.
     """
 
     def __init__(self, cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Any],
                  train_fn: TrainFn, eval_fn: EvalFn | None = None, *,
                  labeller_factory: Callable[[FactoryConfig, Any, Any], Labeller] | None = None,
-                 on_event: EventFn | None = None, tokenizer_factory: Callable[[], Any] | None = None):
+                 on_event: EventFn | None = None, tokenizer_factory: Callable[[], Any] | None = None,
+                 scorer_factory: Callable[[Path], Any] | None = None):
+        if cfg.active.scorer == "vllm" and scorer_factory is None:
+            raise ActiveError("active.scorer vllm needs a scorer factory (cluster.active_run.pool_scorer) to reach "
+                              "the vLLM scoring actors")
+        self._scorer_factory = scorer_factory
         self.cfg = cfg
         self.out = Path(out_dir)
         self._engine_factory = engine_factory
@@ -427,11 +435,8 @@ class ActiveLoop:
             sel = random_selection(ids, k, round_seed(act.seed, r))
             how = "random (round 0: no PRM yet)" if r == 0 else "random (baseline)"
         else:
-            from tasks.prm.model import load_prm
-
             scored_by = self.out / ROUNDS_DIR / f"round-{r - 1:03d}" / PRM_DIR
-            prm = load_prm(scored_by)
-            scores = prm.score([i.prompt for i in unlabelled], [i.completions for i in unlabelled])
+            scores = self.score_pool(scored_by, unlabelled)
             limit = act.max_selected if cap is None else min(act.max_selected or cap, cap)
             sel = select_uncertain(ids, scores, selection_params(act.selection), limit)
             how = "uncertainty"
@@ -443,6 +448,21 @@ class ActiveLoop:
         if sel.selected:  # an empty selection stops the loop; nothing to resume
             _write_json(path, selection)
         return selection
+
+    def score_pool(self, checkpoint: Path, items: Sequence[PoolItem]) -> list[Any]:
+        """The checkpoint's ensemble scores (mean and std per step) of the pool items, from ``scorer_factory``'s
+        scorer (closed after, when it can be), or in this process."""
+        prompts, completions = [i.prompt for i in items], [i.completions for i in items]
+        if self._scorer_factory is None:
+            from tasks.prm.model import load_prm
+
+            return load_prm(checkpoint).score(prompts, completions)
+        scorer = self._scorer_factory(checkpoint)
+        try:
+            return scorer.score(prompts, completions)
+        finally:
+            if hasattr(scorer, "close"):
+                scorer.close()
 
     def label(self, r: int, selected: Sequence[str], problems: dict[str, Problem],
               records: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -263,7 +263,12 @@ class ProcessRewardModel(nn.Module):
         """[B, T, H'] what the heads read at every token: the backbone's last hidden state, then the token features.
         With a frozen backbone they depend on the text alone, so a trainer may compute them once per row and train
         the heads on them (``tasks.prm.training.train_step``'s ``states``)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.states_from_hidden(self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+                                       .last_hidden_state, input_ids)
+
+    def states_from_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """``token_states`` from the backbone's last hidden states [B, T, H] computed elsewhere (a vLLM engine
+        serving the backbone: ``cluster.pooling_engine.VLLMEnsemblePRM``)."""
         if self.token_features != "none":
             hidden = torch.cat([hidden, self._token_features(hidden, input_ids)], dim=-1)
         return hidden.to(self.heads.weights[0].dtype)
@@ -470,18 +475,26 @@ def score_trajectories(model: ProcessRewardModel, tokenizer: Any, prompts: Seque
                        for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size],
                                        strict=True)]
             batch = {k: v.to(device) for k, v in collate(encoded, pad).items()}
-            probs = step_probs(model, batch).cpu().double()
-            mean, std = probs.mean(-1), probs.std(-1, unbiased=False)
-            for i, e in enumerate(encoded):
-                n = len(e.step_ends)
-                cut = torch.tensor([end < 0 for end in e.step_ends], dtype=torch.bool)
-                m = mean[i, :n].masked_fill(cut, math.nan)
-                s = std[i, :n].masked_fill(cut, math.nan)
-                out.append(StepScores(m.tolist(), s.tolist(), e.truncated))
-                if counter is not None and e.truncated:
-                    counter.truncations += 1
+            out.extend(ensemble_scores(step_probs(model, batch), encoded, counter))
     finally:
         model.train(was_training)
+    return out
+
+
+def ensemble_scores(probs: torch.Tensor, encoded: Sequence[EncodedTrajectory], counter: Any = None
+                    ) -> list[StepScores]:
+    """Each trajectory's StepScores from [B, S, E] head probabilities: the mean and population std over heads,
+    NaN for steps cut off by truncation (``counter.truncations`` counts the truncated trajectories)."""
+    probs = probs.cpu().double()
+    mean, std = probs.mean(-1), probs.std(-1, unbiased=False)
+    out = []
+    for i, e in enumerate(encoded):
+        n = len(e.step_ends)
+        cut = torch.tensor([end < 0 for end in e.step_ends], dtype=torch.bool)
+        out.append(StepScores(mean[i, :n].masked_fill(cut, math.nan).tolist(),
+                              std[i, :n].masked_fill(cut, math.nan).tolist(), e.truncated))
+        if counter is not None and e.truncated:
+            counter.truncations += 1
     return out
 
 

@@ -1,4 +1,5 @@
-"""The ActPRM active loop (issue 14): config section, budget guard, round bookkeeping (fast, no engine)."""
+"""The ActPRM active loop (issue 14): config section, budget guard, round bookkeeping (fast, no engine), and the
+pool scored through vLLM (one slow test)."""
 
 from __future__ import annotations
 
@@ -150,3 +151,43 @@ def test_warm_start_checkpoint_must_fit_the_model(tmp_path):
         _warm_start_dir(ckpt, run_prm_config(parse_config(_toy()).train, backbone, "v2"))  # 8 heads of 128
     with pytest.raises(TrainError, match="warm start: checkpoint not found"):
         _warm_start_dir(tmp_path / "nope", made)
+
+
+@pytest.mark.slow
+def test_vllm_scorer_selects_what_the_transformers_scorer_selects(tmp_path, ray_session):
+    """`active.scorer: vllm`: round 1 scores the pool from a vLLM scoring actor in the Ray pool (the round-0 PRM's
+    backbone served by vLLM, its heads in the actor) and picks the same problems, with the same figures, as the
+    PRM scored in the driver. The toy PRM stands in for round 0's PRM; the pool is ruler trajectories."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from cluster.active_run import pool_scorer
+    from tasks.active.loop import PRM_DIR, ROUNDS_DIR, ActiveError, ActiveLoop, PoolItem
+
+    rows = pq.read_table(REPO_ROOT / "assets" / "toy-ruler" / "ruler.parquet").to_pylist()
+    by_problem = {}
+    for r in rows:
+        by_problem.setdefault(r["problem_id"], r)  # one trajectory per problem, as an active pool holds
+    pool = [PoolItem(pid, "toy", r["prompt"], r["completions"], 0, "stop") for pid, r in list(by_problem.items())[:48]]
+    records = [{"selected_problem_ids": [p.problem_id for p in pool[:8]], "label_tokens": 0}]
+    with pytest.raises(ActiveError, match="scorer factory"):  # vllm without the cluster's factory: refused
+        ActiveLoop(parse_config(_toy(scorer="vllm")), tmp_path / "x", engine_factory=lambda: None, train_fn=None)
+    picks, scores = {}, {}
+    for scorer in ("transformers", "vllm"):
+        cfg = parse_config(_toy(scorer=scorer, selection={"preset": "actprm_code"}))
+        out = tmp_path / scorer
+        shutil.copytree(REPO_ROOT / "assets" / "toy-prm", out / ROUNDS_DIR / "round-000" / PRM_DIR)
+        loop = ActiveLoop(cfg, out, engine_factory=lambda: pytest.fail("no policy engine is needed to select"),
+                          train_fn=lambda *a, **k: pytest.fail("no training in a selection"),
+                          scorer_factory=pool_scorer(cfg))
+        scores[scorer] = loop.score_pool(out / ROUNDS_DIR / "round-000" / PRM_DIR, pool[8:])
+        picks[scorer] = loop.select(1, pool, records)
+    worst = max(abs(a - b) for x, y in zip(scores["transformers"], scores["vllm"], strict=True)
+                for a, b in zip(x.mean + x.std, y.mean + y.std, strict=True))
+    assert worst <= 1e-4
+    keep = ("how", "unlabelled", "uncertain", "confident", "selected_problem_ids", "selected_digest")
+    assert {k: picks["vllm"][k] for k in keep} == {k: picks["transformers"][k] for k in keep}
+    assert picks["vllm"]["how"] == "uncertainty" and picks["vllm"]["unlabelled"] == 40
+    assert json.loads((tmp_path / "vllm" / ROUNDS_DIR / "round-001" / "selection.json").read_text())["round"] == 1

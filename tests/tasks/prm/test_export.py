@@ -169,13 +169,52 @@ def test_score_engine_vllm_scores_in_ray_actors_as_transformers_does(exported, r
     assert summary["rows"] == len(check) and not math.isnan(summary["quality"]["step_auroc"])
 
 
+@pytest.mark.slow
+def test_score_engine_vllm_serves_a_native_checkpoint_with_its_ensemble(ruler_rows, tmp_path, ray_session):
+    """`score --engine vllm` on a checkpoint from `train`: vLLM serves the backbone's hidden states in a Ray actor
+    and the checkpoint's own eight heads read them, so mean and std equal the transformers path's per step (the
+    export's one-head student plays no part)."""
+    _, check = ruler_rows
+    src = tmp_path / "check.jsonl"
+    src.write_text("".join(json.dumps({"prompt": r["prompt"], "completions": r["completions"],
+                                       "step_truth": r["step_truth"]}) + "\n" for r in check))
+    res = CliRunner().invoke(app, ["score", str(src), "--checkpoint", str(TOY_PRM), "--out", str(tmp_path / "v.jsonl"),
+                                   "--engine", "vllm", "--json"])
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
+    want = load_prm(TOY_PRM).score([r["prompt"] for r in check], [r["completions"] for r in check])
+    lengths = [len(r["completions"]) for r in check]
+    assert [len(r["step_scores"]) for r in got] == [len(w.mean) for w in want] == lengths
+    for key, attr in (("step_scores", "mean"), ("step_std", "std")):
+        worst = max(abs(a - b) for row, ref in zip(got, want, strict=True)
+                    for a, b in zip(row[key], getattr(ref, attr), strict=True))
+        assert worst <= 1e-4, (key, worst)
+    assert max(x for row in got for x in row["step_std"]) > 0.01  # the heads disagree somewhere: a real ensemble
+
+
+def test_write_backbone_refuses_what_vllm_cannot_load_as_a_causal_lm(tmp_path):
+    from cluster.pooling_engine import PoolingUnsupported, write_backbone
+
+    prm = load_prm(TOY_PRM)
+    write_backbone(prm, tmp_path / "ok")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    assert torch.equal(tensors["model.embed_tokens.weight"], prm.model.backbone.embed_tokens.weight)
+    assert (tmp_path / "ok" / "tokenizer.json").is_file() and "lm_head.weight" not in tensors  # tied
+    prm.model.backbone.config.architectures = ["LlamaModel"]
+    with pytest.raises(PoolingUnsupported, match="LlamaModel"):
+        write_backbone(prm, tmp_path / "no")
+
+
 def test_cli_refusals(tmp_path):
     runner = CliRunner()
     src = tmp_path / "t.jsonl"
     src.write_text(json.dumps({"prompt": "Start at 1.\n", "completions": ["1+1=2\n"]}) + "\n")
-    res = runner.invoke(app, ["score", str(src), "--checkpoint", str(TOY_PRM), "--out", str(tmp_path / "o.jsonl"),
-                              "--engine", "vllm"])
-    assert res.exit_code == 2 and "prm-factory export" in res.output
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["score", str(src), "--checkpoint", str(tmp_path / "empty"), "--out",
+                              str(tmp_path / "o.jsonl"), "--engine", "vllm"])
+    assert res.exit_code == 2 and "empty" in res.output and not (tmp_path / "o.jsonl").exists()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep me")
     res = runner.invoke(app, ["export", "--checkpoint", str(TOY_PRM), "--data", str(src), "--out",
