@@ -70,7 +70,8 @@ class VLLMEnsemblePRM:
     state (``use_activation=False``: not normalised). The checkpoint's own heads then read those states here, as
     ``LoadedPRM`` reads the transformers backbone's, so mean, std and token features are the same model's; the
     export's one-head student (``VLLMPooledPRM``) is not involved. The heads and the LM head's weights (for the
-    token features) stay in this process on CPU; so does a copy of the backbone, loaded by ``load_prm`` and unused.
+    token features) run in this process, on its GPU when it has one; a copy of the backbone, loaded by ``load_prm``,
+    sits beside them unused (its memory is the price of reusing the checkpoint loader).
     """
 
     def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", gpu_memory_utilization: float = 0.3,
@@ -86,7 +87,9 @@ class VLLMEnsemblePRM:
             from vllm.config.pooler import PoolerConfig
         except ImportError as err:
             raise PoolingUnsupported(f"vLLM is not installed or lacks pooling support: {err}") from None
-        self.prm = load_prm(checkpoint)
+        import torch
+
+        self.prm = load_prm(checkpoint, device="cuda" if torch.cuda.is_available() else "cpu")
         self.config, self.max_length, self.truncations = self.prm.config, self.prm.max_length, 0
         self.vllm_version = vllm.__version__
         self._dir = tempfile.TemporaryDirectory(prefix="prm-backbone-")
@@ -118,13 +121,14 @@ class VLLMEnsemblePRM:
         scored: list[StepScores] = []
         for start in range(0, len(encoded), batch_size):
             chunk, states = encoded[start:start + batch_size], outs[start:start + batch_size]
-            batch = collate(chunk, pad_token_id(tokenizer))
-            hidden = torch.zeros((*batch["input_ids"].shape, int(model.backbone.config.hidden_size)))
+            batch = {k: v.to(self.prm.device) for k, v in collate(chunk, pad_token_id(tokenizer)).items()}
+            hidden = torch.zeros((*batch["input_ids"].shape, int(model.backbone.config.hidden_size)),
+                                 device=self.prm.device)
             for i, (e, o) in enumerate(zip(chunk, states, strict=True)):
                 data = o.outputs.data
                 if data.shape[0] != len(e.input_ids):
                     raise RuntimeError(f"vLLM returned {data.shape[0]} hidden states for {len(e.input_ids)} tokens")
-                hidden[i, : data.shape[0]] = data.float()
+                hidden[i, : data.shape[0]] = data.to(self.prm.device, torch.float32)
             with torch.no_grad():
                 logits = model.read(model.states_from_hidden(hidden, batch["input_ids"]), batch["step_ends"],
                                     batch["completion_mask"])

@@ -795,6 +795,9 @@ def score_cmd(
     local: Annotated[bool, typer.Option("--local", help="--engine vllm: the engine in this process, not Ray")]
     = False,
     engines: Annotated[int, typer.Option(help="--engine vllm: scoring actors in the Ray pool")] = 1,
+    gpus_per_engine: Annotated[float | None, typer.Option(help="--engine vllm: GPUs per scoring actor (default: 1 "
+                                                               "when this machine has a CUDA device, else 0)")]
+    = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Add `step_scores` (ensemble mean per step) and `step_std` to every row; other columns pass through.
@@ -827,7 +830,12 @@ def score_cmd(
 
             with _fails(PoolingUnsupported):
                 check_scorable(checkpoint)
-                prm = open_scorer(checkpoint) if local else PooledPRM(checkpoint, num_engines=engines)
+                if gpus_per_engine is None:
+                    import torch
+
+                    gpus_per_engine = 1.0 if torch.cuda.is_available() else 0.0
+                prm = open_scorer(checkpoint) if local else PooledPRM(checkpoint, num_engines=engines,
+                                                                      gpus_per_engine=gpus_per_engine)
         elif exported:
             from tasks.prm.export import ExportedPRM
 

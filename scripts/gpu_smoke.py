@@ -6,8 +6,10 @@
 Stages, each a `prm-factory` command in a subprocess, timed: prepare SmolLM2-135M-Instruct (scripts/
 prepare_smollm2.py), `build` (CUDA vLLM in Ray actors), `train` (Ray Train, one GPU worker, NCCL), `export`
 (the Qwen2ForProcessRewardModel directory), `score --engine vllm` (CUDA vLLM pooling) on the dataset's rows, and
-`score` (transformers) on the same rows for parity. The figures are written to --results only when every stage
-ran on a GPU; a failed stage prints its command and the tail of its output and exits 1.
+`score` (transformers) on the same rows for parity, then the trained checkpoint itself both ways (its backbone in
+CUDA vLLM's token_embed pooling, its ensemble heads in the scoring actor; against transformers). The figures are
+written to --results only when every stage ran on a GPU; a failed stage prints its command and the tail of its
+output and exits 1.
 """
 
 from __future__ import annotations
@@ -108,6 +110,16 @@ def main() -> int:
     b = [json.loads(x)["step_scores"] for x in (args.out / "scored-hf.jsonl").read_text().splitlines()]
     figures["score"] = {"rows": scored["rows"], "vllm_vs_transformers_max_abs_diff":
                         max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))}
+    # The checkpoint's whole ensemble: its backbone in CUDA vLLM (token_embed), its heads in the scoring actor.
+    run("score_native_vllm", cli + ["score", str(rows), "--checkpoint", str(prm_run), "--out",
+                                    str(args.out / "native-vllm.jsonl"), "--engine", "vllm", "--json"], figures)
+    run("score_native_transformers", cli + ["score", str(rows), "--checkpoint", str(prm_run), "--out",
+                                            str(args.out / "native-hf.jsonl"), "--device", "cuda", "--json"], figures)
+    a = [json.loads(x) for x in (args.out / "native-vllm.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (args.out / "native-hf.jsonl").read_text().splitlines()]
+    figures["score_native"] = {key: max(abs(x - y) for ra, rb in zip(a, b, strict=True)
+                                        for x, y in zip(ra[key], rb[key], strict=True) if None not in (x, y))
+                               for key in ("step_scores", "step_std")}
     figures["total_seconds"] = round(sum(figures["seconds"].values()), 1)
     args.results.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures))
