@@ -156,25 +156,28 @@ def write_backbone(prm: Any, out: Path) -> Path:
     return out
 
 
+def _is_checkpoint(path: str | Path) -> bool:
+    """A native checkpoint (or a training run holding one in ``model/``), as opposed to an export."""
+    from tasks.prm.model import PRM_CONFIG_NAME
+
+    return any((Path(path) / sub / PRM_CONFIG_NAME).is_file() for sub in (".", "model"))
+
+
 def open_scorer(path: str | Path) -> Any:
     """The vLLM scorer for ``path``: ``VLLMEnsemblePRM`` for a native checkpoint, ``VLLMPooledPRM`` for an export."""
-    from tasks.prm.model import PRM_CONFIG_NAME, find_checkpoint_dir
+    from tasks.prm.model import find_checkpoint_dir
 
-    p = Path(path)
-    if (p / PRM_CONFIG_NAME).is_file() or (p / "model" / PRM_CONFIG_NAME).is_file():
-        return VLLMEnsemblePRM(find_checkpoint_dir(p))
-    return VLLMPooledPRM(p)
+    return VLLMEnsemblePRM(find_checkpoint_dir(path)) if _is_checkpoint(path) else VLLMPooledPRM(path)
 
 
 def check_scorable(path: str | Path) -> None:
     """Fail in one line, before Ray or vLLM starts, when ``path`` is neither a native checkpoint nor an export."""
-    from tasks.prm.model import PRM_CONFIG_NAME, read_prm_config
+    from tasks.prm.model import read_prm_config
 
-    p = Path(path)
-    if (p / PRM_CONFIG_NAME).is_file() or (p / "model" / PRM_CONFIG_NAME).is_file():
-        read_prm_config(p)
+    if _is_checkpoint(path):
+        read_prm_config(path)
     else:
-        ExportReader(p)
+        ExportReader(path)
 
 
 class PoolingActor:
@@ -267,12 +270,10 @@ class PooledPRM:
     serving an export or a native checkpoint; ``close()`` kills the actors."""
 
     def __init__(self, path: str | Path, **pool_options: Any):
-        from tasks.prm.model import PRM_CONFIG_NAME, read_prm_config
+        from tasks.prm.model import read_prm_config
 
-        p = Path(path)
-        self.export = None if (p / PRM_CONFIG_NAME).is_file() or (p / "model" / PRM_CONFIG_NAME).is_file() \
-            else ExportReader(p)
-        self.config = self.export.config if self.export else read_prm_config(p)
+        self.export = None if _is_checkpoint(path) else ExportReader(path)
+        self.config = self.export.config if self.export else read_prm_config(path)
         self.max_length = self.export.max_length if self.export else int(self.config["max_length"])
         self.pool = start_scoring_pool(path, **pool_options)
 

@@ -826,10 +826,9 @@ def score_cmd(
         _, _, prompts, _ = read_trajectories(input_path)
         exported = (checkpoint / "config.json").is_file() and not (checkpoint / "prm_config.json").is_file()
         if engine == "vllm":
-            from cluster.pooling_engine import PooledPRM, PoolingUnsupported, check_scorable, open_scorer
+            from cluster.pooling_engine import PooledPRM, PoolingUnsupported, open_scorer
 
-            with _fails(PoolingUnsupported):
-                check_scorable(checkpoint)
+            with _fails(PoolingUnsupported):  # neither a checkpoint nor an export fails in one line, before vLLM
                 if gpus_per_engine is None:
                     import torch
 
