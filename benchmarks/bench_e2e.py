@@ -255,12 +255,31 @@ class Trainer:
         self.world, self.args, self.ruler = world, args, ruler
         self.cache_states = True  # off only to measure what caching the backbone's states saves
         self.ruler_key = [ruler.manifest["content_hash"], len(ruler.problem_ids), args.n_boot]
+        # Token states by text: the backbone is the world's frozen policy in every fit, so a row's states are the
+        # same in each PRM that trains on it or scores it (the curve's sizes, the η grid, the active rounds, the
+        # ruler); ``forget`` empties it between pools.
+        self.states: dict[str, Any] = {}
+
+    def forget(self) -> None:
+        self.states.clear()
+
+    def states_of(self, model: Any, tokenizer: Any, prompts: list[str], completions: list[list[str]],
+                  max_length: int) -> list[Any]:
+        """Each trajectory's token states, computed once per text (``tasks.prm.training.row_states``)."""
+        from tasks.prm.training import row_states
+
+        keys = [p + "\x00" + "\x01".join(c) for p, c in zip(prompts, completions, strict=True)]
+        missing = {k: i for i, k in enumerate(keys) if k not in self.states}
+        if missing:
+            rows = [{"prompt": prompts[i], "completions": completions[i]} for i in missing.values()]
+            self.states.update(zip(missing, row_states(model, tokenizer, rows, max_length), strict=True))
+        return [self.states[k] for k in keys]
 
     def fit(self, rows: list[dict[str, Any]], seed: int, name: str) -> Any:
         """A trained model as a scorer (``.score``, ``.model``)."""
         import torch
 
-        from tasks.prm.training import row_states, run_prm_config, start_model, train_step
+        from tasks.prm.training import run_prm_config, start_model, train_step
 
         t0 = time.perf_counter()
         torch.manual_seed(seed)
@@ -271,8 +290,8 @@ class Trainer:
         rng, order = random.Random(seed), list(range(len(rows)))
         model.train()
         # A frozen backbone's token states depend on the text alone: computed once, the epochs train only the heads.
-        states = None if train.train_backbone or not self.cache_states else row_states(
-            model, tokenizer, rows, prm_config["max_length"])
+        states = None if train.train_backbone or not self.cache_states else self.states_of(
+            model, tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows], prm_config["max_length"])
         for epoch in range(train.epochs):
             if train.shuffle:
                 rng.shuffle(order)
@@ -283,7 +302,7 @@ class Trainer:
                            train.pull_reduction, states=None if states is None else [states[i] for i in idx])
         model.eval()
         PROFILE["training"] += time.perf_counter() - t0
-        return Scorer(model, tokenizer, prm_config["max_length"])
+        return Scorer(model, tokenizer, prm_config["max_length"], self if states is not None else None)
 
     def measure(self, scorer: Any) -> dict[str, Any]:
         from bench_toy_prm import figures
@@ -311,16 +330,32 @@ class Trainer:
 
 
 class Scorer:
-    """A model in memory as a StepScorer."""
+    """A model in memory as a StepScorer; with a trainer, its heads read the trainer's cached token states (a frozen
+    backbone's), otherwise the model runs whole (`tasks.prm.model.score_trajectories`)."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int) -> None:
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, trainer: Trainer | None = None) -> None:
+        self.model, self.tokenizer, self.max_length, self.trainer = model, tokenizer, max_length, trainer
 
     def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 32) -> list[Any]:
-        from tasks.prm.model import score_trajectories
+        import torch
 
-        return score_trajectories(self.model, self.tokenizer, prompts, completions, self.max_length,
-                                  batch_size=batch_size)
+        from tasks.prm.model import collate, encode_trajectory, ensemble_scores, pad_token_id, score_trajectories
+
+        if self.trainer is None:
+            return score_trajectories(self.model, self.tokenizer, prompts, completions, self.max_length,
+                                      batch_size=batch_size)
+        states = self.trainer.states_of(self.model, self.tokenizer, prompts, completions, self.max_length)
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                end = start + batch_size
+                encoded = [encode_trajectory(self.tokenizer, p, list(c), self.max_length)
+                           for p, c in zip(prompts[start:end], completions[start:end], strict=True)]
+                batch = collate(encoded, pad_token_id(self.tokenizer))
+                hidden = torch.nn.utils.rnn.pad_sequence(states[start:end], batch_first=True)
+                logits = self.model.read(hidden, batch["step_ends"], batch["completion_mask"])
+                out.extend(ensemble_scores(torch.sigmoid(logits.float()), encoded))
+        return out
 
 
 def references(ruler: Any, world: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -767,6 +802,7 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
     points: list[dict[str, Any]] = []
     datasets: dict[str, dict[str, str]] = {}
     for s in args.seed_list:
+        trainer.forget()
         shards_of: dict[str, list] = {}
         ms_built = args.ms_list if args.ms_independent else [max(args.ms_list)]
         for labeller in ["truth", *[f"ms-{n}" for n in ms_built], "edu"]:

@@ -283,8 +283,12 @@ class ProcessRewardModel(nn.Module):
             return self.heads(at_ends.reshape(-1, h)).reshape(b, index.shape[1], -1)
         if completion_mask is None:
             raise ValueError("reads 'tokens' needs the completion mask (collate makes it)")
-        token_logits = self.heads(hidden.reshape(-1, h)).reshape(b, t, -1) + TOKEN_LOGIT_OFFSET
-        fine = nn.functional.logsigmoid(token_logits) * completion_mask.unsqueeze(-1).to(token_logits.dtype)
+        # The heads run on the steps' tokens only: the prompt's and the padding's add nothing to any step (they
+        # are 0 in the sum) and are most of a batch's tokens, so skipping them makes training and scoring faster.
+        keep = completion_mask.reshape(-1).bool()
+        fine = hidden.new_zeros(b * t, self.heads.num_heads)
+        fine[keep] = nn.functional.logsigmoid(self.heads(hidden.reshape(-1, h)[keep]) + TOKEN_LOGIT_OFFSET)
+        fine = fine.reshape(b, t, -1)
         log_p = torch.gather(fine.cumsum(dim=1), 1, index.unsqueeze(-1).expand(-1, -1, fine.shape[-1]))
         log_p = log_p.clamp(max=-1e-6)  # p < 1, so log(1 - p) is finite
         return log_p - torch.log(-torch.expm1(log_p))  # the logit of p = exp(log_p)

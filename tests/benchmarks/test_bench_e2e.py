@@ -238,3 +238,34 @@ def test_run_all_goes_on_after_a_failing_step_and_marks_it(run_all, tmp_path):
     assert "| dep | skipped: needs bad, which did not finish |" in text
     assert "| newbench | not run: no CI size in benchmarks/run_all.py |" in text
     assert "| 1 | 2 |" in text
+
+
+def test_cached_token_states_score_as_the_whole_model_and_are_computed_once(e2e):
+    """The trainer's state cache: a PRM trained on cached states scores the ruler as the same PRM run whole, and
+    a second fit or scoring pass over the same texts computes no new states."""
+    import argparse
+
+    import yaml
+
+    from tasks.evaluation.ruler import SHIPPED_RULERS, load_ruler
+
+    ruler = load_ruler(*SHIPPED_RULERS["v1"]).limited(2)
+    base = yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text())
+    trainer = e2e.Trainer(base["train"], "v1", argparse.Namespace(epochs=1, n_boot=10, cache=None), ruler)
+    rows = [{"problem_id": r["problem_id"], "prompt": r["prompt"], "completions": r["completions"],
+             "er_labels": [float(x) for x in r["step_truth"]]} for r in ruler.rows[:12]]
+    scorer = trainer.fit(rows, 0, "cache test")
+    assert scorer.trainer is trainer and len(trainer.states) == len({(r["prompt"], *r["completions"]) for r in rows})
+    prompts, completions = [r["prompt"] for r in ruler.rows], [r["completions"] for r in ruler.rows]
+    cached = scorer.score(prompts, completions)
+    whole = e2e.Scorer(scorer.model, scorer.tokenizer, scorer.max_length).score(prompts, completions)
+    assert len(cached) == len(whole) == len(ruler.rows)
+    for a, b in zip(cached, whole, strict=True):
+        assert a.mean == pytest.approx(b.mean, abs=1e-5) and a.std == pytest.approx(b.std, abs=1e-5)
+    assert max(s for sc in cached for s in sc.std) > 1e-4  # the heads disagree: std is compared, not two zeros
+    seen = len(trainer.states)
+    trainer.fit(rows, 1, "cache test again")
+    scorer.score(prompts, completions)
+    assert len(trainer.states) == seen
+    trainer.forget()
+    assert not trainer.states

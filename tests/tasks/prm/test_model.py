@@ -354,6 +354,33 @@ def test_token_reads_score_a_prefix_as_the_product_over_its_tokens():
     assert (step_p[1:] <= step_p[:-1] + 1e-7).all()  # a prefix can only get less likely to be right
 
 
+def test_token_reads_skip_the_prompt_and_padding_without_changing_a_value_or_a_gradient():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOY))
+    model = build_prm(_toy_config(reads="tokens", token_features="distribution"))
+    batch = collate([encode_trajectory(tok, PROMPTS[0], STEPS[0], 256),
+                     encode_trajectory(tok, PROMPTS[1], ["2*4=8\n", "Answer: 8"], 256)], 0)
+    mask = batch["completion_mask"]
+    assert (~mask & batch["attention_mask"].bool()).any() and (~batch["attention_mask"].bool()).any()
+    with torch.no_grad():
+        hidden = model.token_states(batch["input_ids"], batch["attention_mask"])
+    ours = model.read(hidden, batch["step_ends"], mask)
+    ours.sum().backward()
+    ours_grad = [w.grad.clone() for w in model.heads.weights]
+    model.zero_grad()
+    # Every token through the heads, the prompt's and padding's then masked to 0: what read computed before.
+    b, t, h = hidden.shape
+    fine = torch.nn.functional.logsigmoid(model.heads(hidden.reshape(-1, h)).reshape(b, t, -1) + 5.0) * mask[..., None]
+    index = batch["step_ends"].clamp(min=0)
+    log_p = torch.gather(fine.cumsum(1), 1, index[..., None].expand(-1, -1, fine.shape[-1])).clamp(max=-1e-6)
+    full = log_p - torch.log(-torch.expm1(log_p))
+    full.sum().backward()
+    assert torch.allclose(ours, full, atol=1e-5)
+    for g, w in zip(ours_grad, model.heads.weights, strict=True):
+        assert torch.allclose(g, w.grad, atol=1e-5) and g.abs().sum() > 0
+
+
 def test_logprob_feature_is_the_backbones_own_token_log_probability():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
