@@ -109,6 +109,8 @@ def ci_runs(work: Path) -> list[Run]:
             json_out=f"{w}/results/prefect_sqlite.json", note="Prefect's defaults only (one setting)"),
         Run("memory", [PY, "benchmarks/bench_memory.py", "--sizes", "32", "96", "--json-out",
                        f"{w}/results/memory.json"], 600, json_out=f"{w}/results/memory.json"),
+        Run("rollouts", [PY, "benchmarks/bench_rollouts.py", "--problems", "8", "--n", "4", "--repeats", "2",
+                         "--json-out", f"{w}/results/rollouts.json"], 600, json_out=f"{w}/results/rollouts.json"),
         Run("engines", [PY, "benchmarks/bench_engines.py", "--prefixes", "8", "--n", "4", "--repeats", "1",
                         "--entropy-samples", "32", "--json-out", f"{w}/results/engines.json"], 900,
             json_out=f"{w}/results/engines.json"),

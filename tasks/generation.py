@@ -38,6 +38,10 @@ class GenerationRequest:
     top_p: float = 1.0
     max_new_tokens: int = 256
     top_logprobs: int = 0  # alternatives returned per generated token (0: none)
+    # Per-token logprobs and entropy. A rollout reads only its text and finish, so it sets False: an engine may then
+    # skip them (vLLM: no logprobs, whose per-token decoding in the driver costs as much CPU as the sampling) and
+    # return NaN in their place.
+    entropy: bool = True
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     request_id: str = ""

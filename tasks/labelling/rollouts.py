@@ -103,6 +103,7 @@ def _roll(ctx: RolloutContext, problems: dict[str, Problem], prompts: dict[str, 
             top_p=rc.top_p,
             max_new_tokens=max(1, rc.max_new_tokens - len(prefix)),
             top_logprobs=0,
+            entropy=False,  # a rollout is judged by its final answer only
             seed=request_seed(ctx.seed, pid, "rollout", wave, *prefix),
             stop_token_ids=ctx.eos_token_ids,
         )

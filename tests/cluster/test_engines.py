@@ -288,3 +288,27 @@ def test_vllm_seeded_samples_do_not_depend_on_the_batch(vllm_engine):
     # the seed is what fixes them: another seed gives other samples
     [other] = vllm_engine.generate([GenerationRequest(reqs[0].prompt_token_ids, n=2, max_new_tokens=8, seed=7)])
     assert tokens([other]) != tokens(first[:1])
+
+
+@pytest.mark.slow
+def test_vllm_requests_without_entropy_sample_the_same_and_carry_nan_in_its_place(vllm_engine):
+    """A rollout (``GenerationRequest.entropy`` False) asks vLLM for no logprobs: the seeded samples' tokens, text,
+    finish and token counts are those of the same request with them; logprobs and entropy are NaN per token."""
+    from dataclasses import replace
+
+    eos = [vllm_engine.tokenizer.eos_token_id]
+    reqs = [GenerationRequest(prompt(vllm_engine, f"{i}*{i + 2}="), n=4, max_new_tokens=24, seed=500 + 10 * i,
+                              stop_token_ids=eos) for i in range(3)]
+    full = vllm_engine.generate(reqs)
+    bare = vllm_engine.generate([replace(r, entropy=False) for r in reqs])
+    for f, b in zip(full, bare, strict=True):
+        assert [(s.token_ids, s.text, s.finish_reason) for s in b.samples] == \
+            [(s.token_ids, s.text, s.finish_reason) for s in f.samples]
+        assert b.generated_tokens == f.generated_tokens
+        for s in b.samples:
+            assert len(s.logprobs) == len(s.entropy) == len(s.top_logprobs) == len(s.token_ids)
+            assert all(math.isnan(x) for x in [*s.logprobs, *s.entropy, *s.entropy_upper])
+            assert all(row == [] for row in s.top_logprobs)
+        assert all(not math.isnan(x) for s in f.samples for x in s.entropy)
+    assert sum(len(s.token_ids) for r in bare for s in r.samples) > 24
+    assert any(s.text for r in bare for s in r.samples)
