@@ -26,7 +26,8 @@ Static labellers are measured along a curve: the first k problems of the pool, k
 a point's cost is exactly the sum of its shards' cost records). Every PRM is trained the same way: the recipe of
 ``configs/toy.yaml``'s ``train:`` section (tokens read, distribution features, frozen backbone) for ``--epochs``
 epochs in this process (`tasks.prm.training.train_step`, the step Ray Train runs), keeping the last epoch; the
-frozen backbone's token states are computed once per row, so the epochs train only the heads
+frozen backbone's token states are computed once per text for a whole pool (`Trainer.states_of`: every PRM of the
+pool trains on them, and scores the ruler and the active pool from them), so the epochs train only the heads
 (``benchmarks/bench_e2e_states.py`` measures what that saves).
 
 Tokens, per point:
