@@ -182,21 +182,22 @@ class VLLMEngine:
                     lower.extend(nan)
                     upper.extend(nan)
                     top_counts.extend([0] * len(comp.token_ids))
-                for tok, position in zip(comp.token_ids, comp.logprobs or [], strict=comp.logprobs is not None):
-                    ranked = sorted(
-                        ((lp.rank, tid, lp.logprob) for tid, lp in position.items() if lp.rank is not None),
-                        key=lambda e: e[0],
-                    )
-                    # Only the true top-k bound the tail (vLLM appends the sampled token when it ranks lower).
-                    best = [(tid, lp) for rank, tid, lp in ranked if rank <= k and lp != float("-inf")][:k]
-                    lo, hi = topk_entropy_bounds([lp for _, lp in best], self.vocab_size)
-                    logprobs.append(float(position[tok].logprob))
-                    shown = best[: req.top_logprobs]
-                    top_counts.append(len(shown))
-                    top_ids.extend(tid for tid, _ in shown)
-                    top_logprobs.extend(lp for _, lp in shown)
-                    lower.append(lo)
-                    upper.append(hi)
+                else:
+                    for tok, position in zip(comp.token_ids, comp.logprobs, strict=True):
+                        ranked = sorted(
+                            ((lp.rank, tid, lp.logprob) for tid, lp in position.items() if lp.rank is not None),
+                            key=lambda e: e[0],
+                        )
+                        # Only the true top-k bound the tail (vLLM appends the sampled token when it ranks lower).
+                        best = [(tid, lp) for rank, tid, lp in ranked if rank <= k and lp != float("-inf")][:k]
+                        lo, hi = topk_entropy_bounds([lp for _, lp in best], self.vocab_size)
+                        logprobs.append(float(position[tok].logprob))
+                        shown = best[: req.top_logprobs]
+                        top_counts.append(len(shown))
+                        top_ids.extend(tid for tid, _ in shown)
+                        top_logprobs.extend(lp for _, lp in shown)
+                        lower.append(lo)
+                        upper.append(hi)
                 token_ids.extend(comp.token_ids)
                 sample_lengths.append(len(comp.token_ids))
                 texts.append(comp.text)
