@@ -265,33 +265,40 @@ def write_report(runs: list[Run], unknown: list[str], work: Path, report: Path, 
 
 
 def _headline_e2e(plots_dir: Path, report: Path) -> list[str]:
-    """The full-size end-to-end figure (benchmarks/results/e2e.json, made by its own command), when present."""
-    path = REPO / "benchmarks" / "results" / "e2e.json"
-    if not path.is_file():
-        return ["", "## Headline: end to end at full size", "", "benchmarks/results/e2e.json is absent: not run yet."]
+    """The full-size end-to-end figures, each made by its own command: benchmarks/results/e2e.json (world v2) and
+    e2e_v1.json (world v1), when present."""
     import contextlib
     import importlib.util
     import io
 
-    res = json.loads(path.read_text())
-    if "worlds" not in res:
-        return ["", "## Headline: end to end at full size", "",
-                "benchmarks/results/e2e.json was written by an older bench_e2e.py: run it again."]
-    spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        module.print_summary(res)
-    out = ["", "## Headline: end to end (not re-run by run_all)", "",
-           f"From `benchmarks/results/e2e.json`, measured {res['measured_at']} by `{res['command']}` "
-           f"({res['seconds'] / 60:.0f} min, load average {res['machine']['load_average_at_start']} at the start). "
-           "Reading and limits: benchmarks/README.md, \"End to end\".", *buf.getvalue().splitlines()]
-    png = REPO / "benchmarks" / "results" / "e2e.png"
-    if png.is_file():
-        plots_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, plots_dir / "e2e-full.png")
-        out += ["", f"![e2e full size]({(plots_dir / 'e2e-full.png').relative_to(report.parent).as_posix()})"]
+    out = []
+    for name in ("e2e", "e2e_v1"):
+        path = REPO / "benchmarks" / "results" / f"{name}.json"
+        title = f"## Headline: end to end, `{name}.json` (not re-run by run_all)"
+        if not path.is_file():
+            out += ["", title, "", f"benchmarks/results/{name}.json is absent: not run yet."]
+            continue
+        res = json.loads(path.read_text())
+        if "worlds" not in res:
+            out += ["", title, "", f"benchmarks/results/{name}.json was written by an older bench_e2e.py: "
+                    "run it again."]
+            continue
+        spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            module.print_summary(res)
+        out += ["", title, "",
+                f"Measured {res['measured_at']} by `{res['command']}` ({res['seconds'] / 60:.0f} min, load average "
+                f"{res['machine']['load_average_at_start']} at the start; complete: {res['complete']}). "
+                "Reading and limits: benchmarks/README.md, \"End to end\".", *buf.getvalue().splitlines()]
+        png = REPO / "benchmarks" / "results" / f"{name}.png"
+        if png.is_file():
+            plots_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, plots_dir / f"{name}-full.png")
+            shown = (plots_dir / f"{name}-full.png").relative_to(report.parent).as_posix()
+            out += ["", f"![{name} full size]({shown})"]
     return out
 
 
