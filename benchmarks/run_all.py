@@ -271,6 +271,9 @@ def _headline_e2e(plots_dir: Path, report: Path) -> list[str]:
     import importlib.util
     import io
 
+    spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     out = []
     for name in ("e2e", "e2e_v1"):
         path = REPO / "benchmarks" / "results" / f"{name}.json"
@@ -283,9 +286,6 @@ def _headline_e2e(plots_dir: Path, report: Path) -> list[str]:
             out += ["", title, "", f"benchmarks/results/{name}.json was written by an older bench_e2e.py: "
                     "run it again."]
             continue
-        spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks" / "bench_e2e.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             module.print_summary(res)
