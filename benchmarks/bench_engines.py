@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -158,6 +159,7 @@ def main() -> None:
 
     import ray
 
+    from cluster.connect import start_own
     from cluster.engines import start_policy_engines
     from cluster.vllm_engine import VLLMEngine
     from configs.schema import parse_config
@@ -173,7 +175,7 @@ def main() -> None:
     engine = VLLMEngine(path, enable_prefix_caching=True, **common)
     tokenizer = engine.tokenizer
     requests = workload(lambda text: tokenizer.encode(text, add_special_tokens=False), args)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    start_own(namespace="prm-factory", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     cfg = parse_config(
         {
             "name": "bench",

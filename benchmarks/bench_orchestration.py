@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -131,6 +132,7 @@ def main() -> None:
     from engine_fixtures import SHIPPED_POLICY, make_tiny_policy, shipped_policy_ready
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from cluster.connect import start_own
     from cluster.engines import start_policy_engines
     from cluster.stack import deploy, prefect_env, start_server, start_worker
     from configs.schema import load_config
@@ -138,7 +140,7 @@ def main() -> None:
     model = str(SHIPPED_POLICY) if shipped_policy_ready() else str(make_tiny_policy(tmp / "policy"))
     config = write_config(tmp, model, args.problems, args.per_shard, args.backend)
     cfg = load_config(config)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    start_own(namespace="prm-factory", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     pool = start_policy_engines(cfg)  # warm engine for both paths (returns once it has loaded the model)
     server, api_url = start_server(home, ui=False)
     env = prefect_env(home, api_url, RAY_ADDRESS=ray.get_runtime_context().gcs_address,

@@ -44,7 +44,7 @@ def pool_scorer(cfg: FactoryConfig) -> Callable[[Path], Any] | None:
     def open_scorer(checkpoint: Path) -> Any:
         from cluster.pooling_engine import PooledPRM
 
-        return PooledPRM(checkpoint, num_engines=1)
+        return PooledPRM(checkpoint, num_engines=1, cluster=cfg.cluster)
 
     return open_scorer
 

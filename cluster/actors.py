@@ -29,6 +29,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.connect import connect
 from configs.env import FORWARDED_ENV, HUB_OFFLINE_ENV
 from configs.models import check_model
 from configs.schema import ClusterConfig, FactoryConfig, PolicyConfig
@@ -441,17 +442,15 @@ class EnginePool:
 def start_engines(cfg: FactoryConfig, log_file: str | Path | None = None) -> EnginePool:
     """Attach to (or start) this config's engine actors and return the pool serving them.
 
-    Connects to Ray first when needed (``cfg.cluster.address``; None starts or joins a local one).
+    Connects to Ray first when needed, by cluster/connect.py's rule.
     `log_file` (the CLI's quiet terminal, cluster.logs): new engine actors write their output there and Ray
     joins without streaming worker output to this process; None streams it here, as Ray does by default.
     """
     cluster = cfg.cluster
     # Preflight before Ray: a missing directory or an unknown hub id fails here, in one line, not in an actor.
     check_model(cfg.policy.model_path, offline=cfg.offline)
-    if not ray.is_initialized():
-        quiet = log_file is not None
-        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=not quiet,
-                 logging_level=logging.WARNING if quiet else logging.INFO)
+    quiet = log_file is not None
+    connect(cluster, log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
     pg = _placement_group(cfg)
     ray.get(pg.ready(), timeout=cluster.request_timeout_s)
     log_to = str(Path(log_file).resolve()) if log_file is not None else None

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cluster.connect import connect
+from configs.schema import ClusterConfig
 from tasks.prm.export import ExportError, ExportReader, split_scores
 from tasks.prm.model import StepScores
 
@@ -229,10 +231,11 @@ class PoolingActor:
 
 def start_scoring_pool(path: str | Path, *, num_engines: int = 1, cpus_per_engine: float = 1.0,
                        gpus_per_engine: float = 0.0, max_in_flight: int = 2, request_timeout_s: float = 600.0,
-                       max_restarts: int = 1, log_file: str | Path | None = None) -> Any:
-    """Start `num_engines` PoolingActors on ``path``, a checkpoint or an export (Ray is joined or started locally
-    when needed), placed in one placement group, and return the ``EnginePool`` serving them once every actor has
-    loaded its engine."""
+                       max_restarts: int = 1, log_file: str | Path | None = None,
+                       cluster: ClusterConfig | None = None) -> Any:
+    """Start `num_engines` PoolingActors on ``path``, a checkpoint or an export (Ray is connected to by
+    cluster/connect.py's rule for `cluster` when needed), placed in one placement group, and return the
+    ``EnginePool`` serving them once every actor has loaded its engine."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -240,8 +243,7 @@ def start_scoring_pool(path: str | Path, *, num_engines: int = 1, cpus_per_engin
     from cluster.actors import EnginePool
 
     check_scorable(path)  # neither a checkpoint nor an export: one line, before Ray starts
-    if not ray.is_initialized():
-        ray.init(log_to_driver=log_file is None)
+    connect(cluster or ClusterConfig(), log_to_driver=log_file is None)
     bundle = {"CPU": cpus_per_engine, **({"GPU": gpus_per_engine} if gpus_per_engine > 0 else {})}
     pg = placement_group([dict(bundle) for _ in range(num_engines)])
     ray.get(pg.ready(), timeout=request_timeout_s)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,43 +138,44 @@ def check_gpus(cfg: FactoryConfig, model_dir: Path | None, cluster_gpus: float |
     return Check("gpu", True, f"{seen}; {have:g} GPU(s) {where} for {need:g} needed")
 
 
-def _tcp_reachable(address: str, timeout_s: float = 3.0) -> bool:
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 def check_ray(cfg: FactoryConfig) -> tuple[Check, float | None]:
-    """Ray importable; the config's cluster address answers (then its GPUs are counted). Returns the GPUs."""
+    """Ray importable; the cluster the run would join (cluster/connect.py's rule) answers, and then its GPUs are
+    counted. Returns the GPUs (None when the run would start a Ray of its own)."""
+    import os
+
+    from cluster import local
+    from cluster.connect import ClusterConnectError, probe, single_machine_mode
+
     version = _dist_version("ray")
     if version is None:
         return Check("ray", False, "ray is not installed"), None
-    address = cfg.cluster.address
-    if address is None:
-        return Check("ray", True, f"ray {version}; no cluster.address: the build starts a local Ray"), None
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+    source = "cluster.address" if cfg.cluster.address else "RAY_ADDRESS"
+    if address is None and (state := local.read_state()) is not None:
+        address, source = state["address"], "this checkout's `prm-factory cluster up`"
+        os.environ.update(local.driver_env(state))
+    if address in (None, "local"):
+        return Check("ray", True, f"ray {version}; the run starts a Ray of its own on 127.0.0.1"), None
     import ray
-    from ray._private.services import canonicalize_bootstrap_address
 
     try:
-        gcs = canonicalize_bootstrap_address(address) if not address.startswith("ray://") else address
-    except Exception as err:  # noqa: BLE001 - any lookup failure is this check's answer
-        return Check("ray", False, f"ray {version}; cannot resolve cluster.address {address!r}: {err}"), None
-    if not gcs or not _tcp_reachable(gcs):
-        return Check("ray", False, f"ray {version}; no Ray answers at cluster.address {address!r} ({gcs})"), None
+        gcs = probe(address, cfg.cluster.connect_timeout_s, source)
+    except ClusterConnectError as err:
+        return Check("ray", False, f"ray {version}; {err}"), None
+    if gcs.rpartition(":")[0] in ("127.0.0.1", "localhost"):
+        single_machine_mode()
     try:
-        ray.init(address=address, namespace=cfg.cluster.namespace, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=gcs if not address.startswith("ray://") else address, namespace=cfg.cluster.namespace,
+                 logging_level="ERROR", log_to_driver=False)
         resources = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     except Exception as err:  # noqa: BLE001
-        return Check("ray", False, f"ray {version}; {address} is reachable but Ray refused: {err}"), None
+        return Check("ray", False, f"ray {version}; {gcs} is reachable but Ray refused: {err}"), None
     finally:
         if ray.is_initialized():
             ray.shutdown()
     gpus = float(resources.get("GPU", 0))
-    return Check("ray", True, f"ray {version}; {address}: {nodes} node(s), {resources.get('CPU', 0):g} CPU, "
+    return Check("ray", True, f"ray {version}; {gcs} ({source}): {nodes} node(s), {resources.get('CPU', 0):g} CPU, "
                               f"{gpus:g} GPU"), gpus
 
 

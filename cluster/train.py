@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.connect import connect
 from configs.models import ModelNotFoundError, resolve_model
 from configs.schema import FactoryConfig
 from tasks.prm.training import (
@@ -217,11 +218,6 @@ def _chain(err: BaseException | None) -> list[BaseException]:
     return out
 
 
-def _connect(cfg: FactoryConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.cluster.address, namespace=cfg.cluster.namespace, log_to_driver=True)
 
 
 def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Path, *,
@@ -262,7 +258,7 @@ def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Pat
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    _connect(cfg)
+    connect(cfg.cluster)
     fraction, seed = train.eval_fraction, train.seed
     ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch is enough
     # Read once into the object store (on the cluster, not in this process): each epoch then streams the

@@ -156,9 +156,14 @@ class PolicyConfig(_Strict):
 
 
 class ClusterConfig(_Strict):
-    """Where the engines run: a local Ray (address None) or an existing cluster."""
+    """Where the engines run (cluster/connect.py has the rule): no address starts a Ray of the run's own on
+    127.0.0.1 (or joins this checkout's `prm-factory cluster up` instance); `host:port`, `ray://host:port` or
+    `auto` joins that cluster, probed for `connect_timeout_s` first."""
 
     address: str | None = None
+    connect_timeout_s: float = Field(30.0, gt=0, description="how long a given address may take to answer "
+                                     "before the run stops, naming it (also how long a joined cluster may be "
+                                     "unreachable before the driver gives up)")
     num_engines: int = Field(1, ge=1)
     cpus_per_engine: float = Field(1.0, ge=0)
     gpus_per_engine: float = Field(0.0, ge=0)
@@ -435,6 +440,7 @@ class FactoryConfig(_Strict):
         The trainer and active-loop sections are left out: they do not change what `build` writes.
         """
         dump = self.model_dump(mode="json", exclude={"train", "active"})
+        dump["cluster"].pop("connect_timeout_s")  # how long to wait for Ray: it changes no row
         for source in dump["sources"]:
             source.pop("license", None)  # metadata for the dataset card: the same rows under any license
         _drop_default_labeller(dump["labels"])

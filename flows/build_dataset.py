@@ -23,21 +23,26 @@ from flows.steps import (
     start_engines_task,
     validate_config,
 )
+from tasks.io import writer_lock
 
 
 @flow(name="build-dataset", log_prints=True)
-def build_dataset(config_path: str = "configs/toy.yaml", out_dir: str | None = None) -> dict:
-    """Build the Parquet dataset of `config_path` in `out_dir` (default: the config's dataset.out_dir)."""
+def build_dataset(config_path: str = "configs/toy.yaml", out_dir: str | None = None, wait: bool = False) -> dict:
+    """Build the Parquet dataset of `config_path` in `out_dir` (default: the config's dataset.out_dir).
+
+    ``wait``: when another build or refresh is writing `out_dir`, wait for it instead of failing, naming it.
+    """
     started = time.perf_counter()
     validate_config(config_path)
     cfg = load_config(config_path)
     out = str(resolve_path(out_dir or cfg.dataset.out_dir))
 
-    shards = prepare_task(config_path, out)
-    start_engines_task(config_path, shards)
-    results = label_shards(shards, max_in_flight=cfg.cluster.num_engines,
-                           progress_key=artifact_key(cfg.name, "dataset-progress"))
-    manifest = finalize_task(config_path, out, parents=[], extra={})
+    with writer_lock(out, wait=wait, on_wait=get_run_logger().warning):  # one writer per dataset directory
+        shards = prepare_task(config_path, out)
+        start_engines_task(config_path, shards)
+        results = label_shards(shards, max_in_flight=cfg.cluster.num_engines,
+                               progress_key=artifact_key(cfg.name, "dataset-progress"))
+        manifest = finalize_task(config_path, out, parents=[], extra={})
 
     summary = run_summary(results, started, dataset_dir=out, version=manifest["dataset_version"])
     publish_report(out, summary, artifact_key=artifact_key(cfg.name, "dataset"))

@@ -31,14 +31,17 @@ from flows.steps import (
     validate_config,
 )
 from flows.train_prm import trigger_training
+from tasks.io import writer_lock
 from tasks.store.versions import version_dir
 
 
 @flow(name="refresh-dataset", log_prints=True)
-def refresh(config_path: str = "configs/toy.yaml", root: str | None = None, train_after: bool = False) -> dict:
+def refresh(config_path: str = "configs/toy.yaml", root: str | None = None, train_after: bool = False,
+            wait: bool = False) -> dict:
     """Bring the dataset root up to date with the config's sources, labelling only what changed.
 
     ``train_after``: when a new version was written, start the ``train-prm`` deployment on it (not awaited).
+    ``wait``: when another refresh or build is writing `root`, wait for it instead of failing, naming it.
     """
     started = time.perf_counter()
     log = get_run_logger()
@@ -47,30 +50,31 @@ def refresh(config_path: str = "configs/toy.yaml", root: str | None = None, trai
     root = str(resolve_path(root or default_root(config_path)))
     key = artifact_key(cfg.name, "refresh")
 
-    plan = plan_refresh(config_path, root, staging_dir=str(Path(root) / f".ingest-{flow_run.id}"))
-    if plan["up_to_date"]:
-        summary = run_summary([], started, status="up_to_date", version=plan["parent"],
-                              dataset_dir=str(version_dir(root, plan["parent"])), engine_started=False)
-        point_latest(root, "", {"status": "up_to_date", "version": plan["parent"], "shards": plan["shards"]})
-        publish_report(summary["dataset_dir"], summary, artifact_key=key, write_files=False)
-        log.info("up to date: version %s has every shard of the current sources", plan["parent"])
-        return summary
+    with writer_lock(root, wait=wait, on_wait=log.warning):  # one writer per dataset root
+        plan = plan_refresh(config_path, root, staging_dir=str(Path(root) / f".ingest-{flow_run.id}"))
+        if plan["up_to_date"]:
+            summary = run_summary([], started, status="up_to_date", version=plan["parent"],
+                                  dataset_dir=str(version_dir(root, plan["parent"])), engine_started=False)
+            point_latest(root, "", {"status": "up_to_date", "version": plan["parent"], "shards": plan["shards"]})
+            publish_report(summary["dataset_dir"], summary, artifact_key=key, write_files=False)
+            log.info("up to date: version %s has every shard of the current sources", plan["parent"])
+            return summary
 
-    out = str(version_dir(root, plan["version"]))
-    shards = prepare_task(config_path, out, staged=str(Path(root) / f".ingest-{flow_run.id}"))
-    reused = reuse_shards(out, plan["reuse"])
-    reused_at = {r["index"] for r in reused}
-    to_label = [s for s in shards if s.index not in reused_at]
-    start_engines_task(config_path, to_label)
-    results = label_shards(to_label, max_in_flight=cfg.cluster.num_engines,
-                           progress_key=artifact_key(cfg.name, "refresh-progress"))
-    lineage = {"version": plan["version"], "parent": plan["parent"],
-               "reused_shards": [{k: r[k] for k in ("index", "parent_index", "key", "how")} for r in reused],
-               "labelled_shards": [r["index"] for r in results]}
-    parents = [plan["parent"]] if plan["parent"] else []
-    manifest = finalize_task(config_path, out, parents=parents, extra={"lineage": lineage})
-    point_latest(root, plan["version"], {"status": "new_version", "version": plan["version"],
-                                         "parents": parents, "reused": len(reused), "labelled": len(results)})
+        out = str(version_dir(root, plan["version"]))
+        shards = prepare_task(config_path, out, staged=str(Path(root) / f".ingest-{flow_run.id}"))
+        reused = reuse_shards(out, plan["reuse"])
+        reused_at = {r["index"] for r in reused}
+        to_label = [s for s in shards if s.index not in reused_at]
+        start_engines_task(config_path, to_label)
+        results = label_shards(to_label, max_in_flight=cfg.cluster.num_engines,
+                               progress_key=artifact_key(cfg.name, "refresh-progress"))
+        lineage = {"version": plan["version"], "parent": plan["parent"],
+                   "reused_shards": [{k: r[k] for k in ("index", "parent_index", "key", "how")} for r in reused],
+                   "labelled_shards": [r["index"] for r in results]}
+        parents = [plan["parent"]] if plan["parent"] else []
+        manifest = finalize_task(config_path, out, parents=parents, extra={"lineage": lineage})
+        point_latest(root, plan["version"], {"status": "new_version", "version": plan["version"],
+                                             "parents": parents, "reused": len(reused), "labelled": len(results)})
 
     summary = run_summary(results, started, status="new_version", version=plan["version"], dataset_dir=out,
                           dataset_version=manifest["dataset_version"], parents=parents, reused_shards=len(reused),

@@ -163,18 +163,26 @@ def build(
         None
     ),
     local: Annotated[bool, typer.Option("--local", help="run the engine in this process instead of on Ray")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="when another build is writing OUT, wait for it instead of "
+                                                      "refusing")] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Ingest, partition, roll out, label and write the Parquet dataset (resumes an interrupted build)."""
+    """Ingest, partition, roll out, label and write the Parquet dataset (resumes an interrupted build).
+
+    One build writes OUT at a time: a second one refuses, naming the first (exit 2), or waits with --wait. Ray:
+    no cluster.address starts a Ray of the build's own on 127.0.0.1 (or joins this checkout's `cluster up`).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cluster.connect import ClusterConnectError
     from cluster.engine_metrics import record_anchors
     from cluster.logs import engine_log_path
     from configs.models import ModelNotFoundError
     from configs.schema import resolve_path
     from tasks.build import BuildError
     from tasks.build import build as run_build
+    from tasks.io import OutputLockedError
     from tasks.sources.prompts import PromptTemplateError
 
     cfg = _load(config)
@@ -193,10 +201,12 @@ def build(
         def on_plan(plans):
             bar.update(shards, total=len(plans))
 
-        with _fails(BuildError, ModelNotFoundError, PromptTemplateError, out=out_dir):
+        with _fails(BuildError, ModelNotFoundError, PromptTemplateError, ClusterConnectError, OutputLockedError,
+                    out=out_dir):
             log_file = None if verbose else engine_log_path(out_dir)
             report = run_build(cfg, out_dir, _engine_factory(cfg, local, log_file), progress=on_requests,
-                               on_plan=on_plan, on_shard=on_shard)
+                               on_plan=on_plan, on_shard=on_shard, wait=wait,
+                               on_wait=lambda line: console.print(line, style="yellow", markup=False))
             record_anchors(report.cost.anchors)  # Ray metrics come from here, not from the labeller (no-op off Ray)
     summary = {
         "out_dir": str(report.out_dir), "version": report.manifest.get("dataset_version"), "rows": report.rows,
@@ -748,6 +758,7 @@ def train_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cluster.connect import ClusterConnectError
     from cluster.train import train_on_ray
     from tasks.prm.training import TrainError, dataset_shards
 
@@ -764,7 +775,7 @@ def train_cmd(
                        description=f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, "
                                    f"held-out AUROC {record.get('eval_auroc', float('nan')):.3f}")
 
-        with _fails(TrainError, code=1):
+        with _fails(ClusterConnectError), _fails(TrainError, code=1):
             result = train_on_ray(cfg, dataset, out, on_epoch=on_epoch)
     if json_out:
         print(json.dumps(result.to_dict()))
@@ -826,9 +837,11 @@ def score_cmd(
         _, _, prompts, _ = read_trajectories(input_path)
         exported = (checkpoint / "config.json").is_file() and not (checkpoint / "prm_config.json").is_file()
         if engine == "vllm":
+            from cluster.connect import ClusterConnectError
             from cluster.pooling_engine import PooledPRM, PoolingUnsupported, open_scorer
 
-            with _fails(PoolingUnsupported):  # neither a checkpoint nor an export fails in one line, before vLLM
+            # neither a checkpoint nor an export fails in one line, before vLLM; so does a cluster that does not answer
+            with _fails(PoolingUnsupported, ClusterConnectError):
                 if gpus_per_engine is None:
                     import torch
 
@@ -985,6 +998,7 @@ def active_cmd(
     one problem's labelling cost, or an OUT of another config (all before any engine starts).
     """
     from cluster.active_run import run_active
+    from cluster.connect import ClusterConnectError
     from tasks.active.loop import ActiveError, estimate_label_cost, format_round_line
     from tasks.prm.training import TrainError
 
@@ -1009,7 +1023,7 @@ def active_cmd(
         elif kind == "stop":
             console.print(f"stopped: {payload['message']}", markup=False, soft_wrap=True)
 
-    with _fails(ActiveError, out=out), _fails(TrainError, code=1):
+    with _fails(ActiveError, ClusterConnectError, out=out), _fails(TrainError, code=1):
         result = run_active(cfg, out, local=local, on_event=on_event)
     if json_out:
         print(json.dumps(result.to_dict(), default=str))

@@ -50,6 +50,7 @@ from tasks.io import (
     reject_path,
     sha256_file,
     shard_path,
+    writer_lock,
 )
 from tasks.labelling.tree_labeller import Rejected, ShardLabeller, ShardResult
 from tasks.labelling.truth_labeller import make_labeller
@@ -433,13 +434,22 @@ def finalize(cfg: FactoryConfig, out_dir: str | Path, parents: Sequence[str] = (
 def build(cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Engine],
           *, progress: Callable[[str, int], None] | None = None,
           on_plan: Callable[[Sequence[ShardPlan]], None] | None = None,
-          on_shard: Callable[[ShardPlan, str], None] | None = None) -> BuildReport:
+          on_shard: Callable[[ShardPlan, str], None] | None = None, wait: bool = False,
+          on_wait: Callable[[str], None] | None = None) -> BuildReport:
     """The local executor: build (or resume) the dataset for `cfg` in `out_dir`, one shard after the other.
 
     `engine_factory` is called at most once, when the first shard needs labelling. `on_plan` gets the shard
-    plans once prepared, `on_shard` each shard and its status as it finishes.
+    plans once prepared, `on_shard` each shard and its status as it finishes. One writer per `out_dir`
+    (``tasks.io.writer_lock``): another live build there is named in an ``OutputLockedError``, or with `wait`
+    waited for (`on_wait` gets the line saying so).
     """
-    out = Path(out_dir)
+    with writer_lock(out_dir, wait=wait, on_wait=on_wait):
+        return _build(cfg, Path(out_dir), engine_factory, progress, on_plan, on_shard)
+
+
+def _build(cfg: FactoryConfig, out: Path, engine_factory: Callable[[], Engine],
+           progress: Callable[[str, int], None] | None, on_plan: Callable[[Sequence[ShardPlan]], None] | None,
+           on_shard: Callable[[ShardPlan, str], None] | None) -> BuildReport:
     prepared = prepare(cfg, out)
     if on_plan:
         on_plan(prepared.plans)

@@ -8,18 +8,24 @@ The one home of these rules, so that a writer and a reader can never disagree:
 - **sha256** of bytes and of a file (read in 1 MiB blocks);
 - **the dataset layout**: ``shards/part-XXXXX.parquet`` (rows), ``completions/part-XXXXX.json`` (the shard's
   completion record), ``rejected/part-XXXXX.jsonl`` (problems that gave no row, with the reason);
-- **provenance**: a JSON dict in a Parquet file's schema metadata under ``b"prm_factory"``.
+- **provenance**: a JSON dict in a Parquet file's schema metadata under ``b"prm_factory"``;
+- **one writer per output**: ``writer_lock``, an advisory lock beside the output directory.
 
 Plain functions over paths and bytes; no schema, no engine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import sys
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +156,67 @@ def read_provenance(path: str | Path) -> dict[str, Any]:
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(PROVENANCE_KEY)
     return json.loads(raw) if raw else {}
+
+
+class OutputLockedError(RuntimeError):
+    """Another live process is writing the same output directory."""
+
+
+def lock_path(out: str | Path) -> Path:
+    """The lock file of output directory `out`: beside it (``.NAME.lock``), so that the output holds only data."""
+    out = Path(out).resolve()
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextlib.contextmanager
+def writer_lock(out: str | Path, *, wait: bool = False, on_wait: Callable[[str], None] | None = None
+                ) -> Iterator[None]:
+    """Hold the one-writer lock of output directory `out` for the block (``fcntl.flock``, advisory).
+
+    Taken: the lock file records this process (pid, command, since) until the block ends, when it is emptied.
+    Held by a live process: ``OutputLockedError`` naming it, or with `wait`, a line to `on_wait` and a wait for it.
+    The kernel drops the lock of a process that dies, so a dead holder's lock is simply taken; its record,
+    still in the file, is logged as taken over.
+    """
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(_read_holder(fd))
+            if not wait:
+                raise OutputLockedError(f"{out} is being written by {holder}; let it finish (or stop it), re-run "
+                                        "with --wait to queue behind it, or write elsewhere") from None
+            (on_wait or logging.getLogger(__name__).warning)(f"waiting for {holder} to finish writing {out}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        previous = _read_holder(fd)
+        if previous:
+            logging.getLogger(__name__).warning(
+                "took over the lock of %s on %s: it ended without releasing it", _describe_holder(previous), out)
+        record = {"pid": os.getpid(), "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    raw = os.pread(fd, 65536, 0)
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except ValueError:
+        return {"pid": "?", "command": raw[:200].decode(errors="replace")}
+
+
+def _describe_holder(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "another process (it has not written its name yet)"
+    return f"pid {holder.get('pid')} (`{holder.get('command')}`, since {holder.get('since', '?')})"

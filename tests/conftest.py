@@ -45,18 +45,17 @@ def policy_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session, with its Prometheus endpoint on a free port."""
+    """One Ray of the session's own for the whole session (cluster/connect.py's `start_own`: a fresh instance, never
+    another Ray running on this machine, every listener on 127.0.0.1), its Prometheus endpoint on a free port."""
+    import logging
+
     import ray
 
+    from cluster.connect import start_own
+
     metrics_port = free_port()
-    ray.init(
-        address="local",  # always a fresh instance, never another Ray running on this machine
-        num_cpus=2,
-        include_dashboard=False,
-        namespace="prm-factory-tests",
-        _metrics_export_port=metrics_port,
-        logging_level="WARNING",
-    )
+    start_own(namespace="prm-factory-tests", num_cpus=2, include_dashboard=False, metrics_export_port=metrics_port,
+              logging_level=logging.WARNING)
     yield {"metrics_url": f"http://127.0.0.1:{metrics_port}/metrics", "namespace": "prm-factory-tests"}
     ray.shutdown()
 

@@ -33,7 +33,7 @@ def test_toy_config_passes_and_reports_no_gpu_cleanly():
     assert by_name["model"]["detail"] == f"assets/toy-policy: directory -> {REPO_ROOT / 'assets' / 'toy-policy'}"
     if not _has_cuda():
         assert by_name["gpu"]["detail"].startswith("no GPU (this config runs on CPU")
-    assert "no cluster.address" in by_name["ray"]["detail"]
+    assert "the run starts a Ray of its own on 127.0.0.1" in by_name["ray"]["detail"]
 
 
 def test_missing_data_unknown_model_and_gpus_fail_one_line_each(tmp_path):

@@ -24,7 +24,7 @@ import yaml
 
 from configs.schema import REPO_ROOT, parse_config
 from tasks.build import build
-from tasks.io import completion_path, shard_path
+from tasks.io import completion_path, lock_path, shard_path
 from tasks.store.dataset import read_dataset, verify_dataset
 from tests.integrity_helpers import cli_on_faulty_disk, problem_counts, rows_digest
 
@@ -87,14 +87,26 @@ def test_engine_actor_killed_mid_build(tmp_path, ray_session, integrity_referenc
     assert_same_as_reference(out, integrity_reference)
 
 
-def test_build_process_sigkilled_mid_shard_resumes(tmp_path, integrity_engine, integrity_reference):
-    """SIGKILL `prm-factory build` after its first shard: the resumed build keeps it and equals the reference."""
+def test_build_process_sigkilled_mid_shard_resumes(tmp_path, integrity_engine, integrity_reference, caplog):
+    """SIGKILL `prm-factory build` after its first shard: the resumed build keeps it and equals the reference.
+
+    While the first build runs, a second one into the same OUT refuses, naming it (one writer per dataset);
+    after the SIGKILL the resumed build takes its lock over, saying so."""
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(integrity_reference["config"]))
     out = tmp_path / "ds"
-    proc = subprocess.Popen([sys.executable, "-m", "prm_factory.cli", "build", "--config", str(config), "--out",
-                             str(out), "--local", "--json"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "prm_factory.cli", "build", "--config", str(config), "--out", str(out), "--local"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, "--json"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.monotonic() + 120
+    while str(proc.pid) not in (lock_path(out).read_text() if lock_path(out).exists() else "") and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.poll() is None, "the first build still runs while the second is refused"
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"is being written by pid {proc.pid}" in second.stdout + second.stderr
     deadline = time.monotonic() + 300
     while not completion_path(out, 0).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -104,7 +116,10 @@ def test_build_process_sigkilled_mid_shard_resumes(tmp_path, integrity_engine, i
     assert 1 <= len(done) < 4 and not (out / "manifest.json").exists(), "killed mid-build"
     kept = {n: completion_path(out, int(n[5:10])).read_text() for n in done}
 
-    report = build(parse_config(integrity_reference["config"]), out, lambda: integrity_engine)
+    with caplog.at_level("WARNING", logger="tasks.io"):
+        report = build(parse_config(integrity_reference["config"]), out, lambda: integrity_engine)
+    assert f"took over the lock of pid {proc.pid}" in caplog.text
+    assert lock_path(out).read_text() == "", "released when the build ended"
     assert report.shards_skipped == len(done) and report.rebuilt == {}
     assert {n: completion_path(out, int(n[5:10])).read_text() for n in done} == kept, "finished shards kept"
     assert_same_as_reference(out, integrity_reference)

@@ -11,11 +11,13 @@ import pytest
 
 from tasks.io import (
     PROVENANCE_KEY,
+    OutputLockedError,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_lines,
     atomic_write_text,
     completion_path,
+    lock_path,
     provenance_metadata,
     read_provenance,
     reject_path,
@@ -25,6 +27,7 @@ from tasks.io import (
     shard_index,
     shard_path,
     temp_glob,
+    writer_lock,
 )
 
 # sha256("abc"), FIPS 180-2 appendix B.1
@@ -107,3 +110,44 @@ def test_provenance_round_trip(tmp_path):
     assert read_provenance(plain) == {}
     with pytest.raises(TypeError):
         provenance_metadata({"bad": object()})
+
+
+HOLD = ("import sys, time; from tasks.io import writer_lock\n"
+        "with writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))\n")
+
+
+def _holder(out, seconds: float):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_writer_lock_refuses_a_second_writer_then_takes_a_dead_holders_lock_over(tmp_path, caplog):
+    out = tmp_path / "ds"
+    holder = _holder(out, 60)
+    with pytest.raises(OutputLockedError, match=rf"is being written by pid {holder.pid} \(`-c {out} 60"):
+        with writer_lock(out):
+            pass
+    holder.kill()  # SIGKILL: no chance to release; the kernel drops the flock, the record stays
+    holder.wait()
+    assert str(holder.pid) in lock_path(out).read_text()
+    with caplog.at_level("WARNING", logger="tasks.io"), writer_lock(out):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    assert f"took over the lock of pid {holder.pid}" in caplog.text
+    assert lock_path(out).read_text() == "" and lock_path(out).parent == tmp_path, "emptied; beside OUT, not in it"
+    with caplog.at_level("WARNING", logger="tasks.io"), writer_lock(out):  # a clean release: nothing to take over
+        pass
+    assert caplog.text.count("took over") == 1
+
+
+def test_writer_lock_waits_for_a_live_holder_when_asked(tmp_path):
+    out = tmp_path / "ds"
+    holder = _holder(out, 1.5)
+    lines = []
+    with writer_lock(out, wait=True, on_wait=lines.append):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+        assert holder.wait(timeout=10) == 0, "entered once the holder finished"
+    assert len(lines) == 1 and f"waiting for pid {holder.pid}" in lines[0]
