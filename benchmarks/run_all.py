@@ -109,6 +109,8 @@ def ci_runs(work: Path) -> list[Run]:
             json_out=f"{w}/results/prefect_sqlite.json", note="Prefect's defaults only (one setting)"),
         Run("memory", [PY, "benchmarks/bench_memory.py", "--sizes", "32", "96", "--json-out",
                        f"{w}/results/memory.json"], 600, json_out=f"{w}/results/memory.json"),
+        Run("memory_plan", [PY, "benchmarks/bench_memory_plan.py", "--json-out", f"{w}/results/memory_plan.json"],
+            60, json_out=f"{w}/results/memory_plan.json", note="the planner's estimates; no GPU is measured"),
         Run("rollouts", [PY, "benchmarks/bench_rollouts.py", "--problems", "8", "--n", "4", "--repeats", "2",
                          "--json-out", f"{w}/results/rollouts.json"], 600, json_out=f"{w}/results/rollouts.json"),
         Run("engines", [PY, "benchmarks/bench_engines.py", "--prefixes", "8", "--n", "4", "--repeats", "1",

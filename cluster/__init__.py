@@ -2,7 +2,8 @@
 the Ray engine actors and their pool (actors.py), the one entry point that starts a config's engines
 (engines.py), Ray Train (train.py) and the active loop's rounds on it (active_run.py), the local Ray head
 (local.py) and the local Prefect stack supervisor behind `prm-factory serve` (stack.py), pre-flight checks
-(preflight.py) and the counters the engines emit to Ray's metrics (engine_metrics.py).
+(preflight.py), the memory planner behind validate and doctor (memory_plan.py) and the counters the engines emit
+to Ray's metrics (engine_metrics.py).
 
 May import: configs, tasks. Never flows or prm_factory (tests/test_structure.py).
 """

@@ -1,6 +1,7 @@
 """Policy engines in long-lived named Ray actors, and the pool that spreads work over them.
 
-One `EngineActor` per engine (one per GPU on a cluster), each in its own bundle of one placement group,
+One `EngineActor` per engine (one per GPU on a cluster, or per ``cluster.tensor_parallel_size`` GPUs: vLLM then
+runs that many ranks as processes of the actor, inside its bundle), each in its own bundle of one placement group,
 named ``f"{config_name}-engine-{i}"`` in the config's namespace and detached, so any driver (a Prefect
 task, the CLI, a notebook) reattaches to the live engines instead of loading the model again.
 
@@ -48,10 +49,12 @@ class EnginePoolError(RuntimeError):
     """The pool could not serve a batch: every engine is dead, or a chunk failed too many times."""
 
 
-def make_engine(policy: PolicyConfig, offline: bool = False):
+def make_engine(policy: PolicyConfig, offline: bool = False, tensor_parallel_size: int = 1, cpu_core_offset: int = 0):
     """The engine a PolicyConfig asks for, built in this process (HFEngine or VLLMEngine).
 
-    `offline` (the config's): a model given by hub id comes from the local HF cache only.
+    `offline` (the config's): a model given by hub id comes from the local HF cache only. `tensor_parallel_size`
+    (cluster.tensor_parallel_size, vLLM only): ranks of this engine, as processes of its own; on CPU each bound to
+    one core, from the `cpu_core_offset`-th on (cluster/vllm_engine.py).
     """
     model_path = policy.model_path  # a directory or a hub id: the engine resolves it on this node
     if policy.backend == "transformers":
@@ -70,6 +73,8 @@ def make_engine(policy: PolicyConfig, offline: bool = False):
         seed=policy.seed,
         enforce_eager=policy.enforce_eager,
         offline=offline,
+        tensor_parallel_size=tensor_parallel_size,
+        cpu_core_offset=cpu_core_offset,
     )
 
 
@@ -81,7 +86,8 @@ class EngineActor:
     through the engine one at a time (neither backend is thread-safe; each chunk is already a batch).
     """
 
-    def __init__(self, policy: PolicyConfig, engine_name: str, offline: bool = False, log_file: str | None = None):
+    def __init__(self, policy: PolicyConfig, engine_name: str, offline: bool = False, log_file: str | None = None,
+                 tensor_parallel_size: int = 1, cpu_core_offset: int = 0):
         from cluster.engine_metrics import EngineMetrics
 
         if log_file:  # quiet terminal: this actor's output (and its vLLM engine core's) goes to the run's log file
@@ -95,7 +101,7 @@ class EngineActor:
         self.engine_name = engine_name
         self.started_at = time.time()
         self.policy_json = policy.model_dump_json()
-        self.engine = make_engine(policy, offline)
+        self.engine = make_engine(policy, offline, tensor_parallel_size, cpu_core_offset)
         self.metrics = EngineMetrics(engine_name)
         self._engine_lock = threading.Lock()
         self._served = 0
@@ -175,10 +181,11 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None, log_file: str 
     except ValueError:
         live = None
     if live is not None:
-        served = ray.get(live.health.remote(), timeout=cluster.request_timeout_s).get("policy")
-        if served == cfg.policy.model_dump_json():
+        served = ray.get(live.health.remote(), timeout=cluster.request_timeout_s)
+        if (served.get("policy"), served.get("tensor_parallel_size", 1)) == (cfg.policy.model_dump_json(),
+                                                                            cluster.tensor_parallel_size):
             return live
-        # Same config name, another policy (a new model path, dtype, ...): never serve from the stale engine.
+        # Same config name, another policy (a new model path, dtype, TP, ...): never serve from the stale engine.
         log.warning("engine %s serves another policy; replacing it", name)
         ray.kill(live, no_restart=True)
         deadline = time.monotonic() + 60
@@ -209,7 +216,9 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None, log_file: str 
             ),
             runtime_env={"env_vars": env} if env else None,
         )
-        .remote(cfg.policy, name, cfg.offline, log_file)
+        # Engines of one node bind their CPU ranks to different cores (index x TP on); on GPU the offset is unused.
+        .remote(cfg.policy, name, cfg.offline, log_file, cluster.tensor_parallel_size,
+                index * cluster.tensor_parallel_size)
     )
 
 

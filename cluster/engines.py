@@ -31,12 +31,13 @@ def start_policy_engines(cfg: FactoryConfig, *, local: bool = False, log_file: s
     from cluster.actors import make_engine, start_engines
 
     if local:
+        tp = cfg.cluster.tensor_parallel_size
         if log_file is None:
-            return make_engine(cfg.policy, cfg.offline)
+            return make_engine(cfg.policy, cfg.offline, tp)
         from cluster.logs import output_to, vllm_info_to_file
 
         with output_to(Path(log_file)):
-            engine = make_engine(cfg.policy, cfg.offline)
+            engine = make_engine(cfg.policy, cfg.offline, tp)
         if cfg.policy.backend == "vllm":
             vllm_info_to_file(Path(log_file))
         return engine

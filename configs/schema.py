@@ -175,6 +175,20 @@ class ClusterConfig(_Strict):
     # SPREAD spreads them best effort, STRICT_SPREAD puts each engine on its own node (fails to place when
     # there are fewer nodes than engines). Ray's placement-group strategies.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel ranks per engine: the engine's "
+                                      "bundle holds that many GPUs (gpus_per_engine must equal it) or, on CPU, "
+                                      "at least that many CPUs (one core bound per rank)")
+
+    @model_validator(mode="after")
+    def _bundle_holds_every_rank(self) -> ClusterConfig:
+        tp = self.tensor_parallel_size
+        if tp > 1 and self.gpus_per_engine > 0 and self.gpus_per_engine != tp:
+            raise ValueError(f"gpus_per_engine ({self.gpus_per_engine:g}) must equal tensor_parallel_size ({tp}): "
+                             "each tensor-parallel rank runs on one GPU of the engine's bundle")
+        if tp > 1 and self.gpus_per_engine == 0 and self.cpus_per_engine < tp:
+            raise ValueError(f"cpus_per_engine ({self.cpus_per_engine:g}) must be at least tensor_parallel_size "
+                             f"({tp}): on CPU each tensor-parallel rank is bound to one core of the engine's bundle")
+        return self
 
 
 class PartitionConfig(_Strict):
@@ -287,6 +301,13 @@ class TrainConfig(_Strict):
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of problems held out (by problem_id hash)")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0, description="worker-group restarts Ray Train may do inside one run")
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
+    activation_checkpointing: bool = False
+    grad_accum_steps: int = Field(1, ge=1)
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one training GPU in GB (1e9 bytes); "
+                                        "validate and doctor refuse a train section (and vLLM engines) that the "
+                                        "memory planner (cluster/memory_plan.py) says do not fit it")
     seed: int = 0
 
     @field_validator("model_path")
@@ -298,6 +319,7 @@ class TrainConfig(_Strict):
         """A stable hash of the trainer section (a resumed run must have the same one). Fields added later are
         hashed only when they differ from their default, so a run written before them keeps its hash."""
         dump = self.model_dump(mode="json")
+        dump.pop("gpu_memory_gb", None)  # what the memory planner checks against; it changes no weight
         for name, default in _LATER_TRAIN_DEFAULTS.items():
             if dump.get(name) == default:
                 dump.pop(name)
@@ -310,7 +332,8 @@ class TrainConfig(_Strict):
 # never read either (the quarantine is <out_dir>/quarantine.jsonl). Neither can change a key any more.
 _REMOVED_ROLLOUT_FIELDS = {"seed": 0}
 _LATER_TRAIN_DEFAULTS = {"pull_reduction": "sum", "reads": "end", "token_features": "none", "shuffle": False,
-                         "keep": "last"}
+                         "keep": "last", "strategy": "ddp", "precision": "fp32", "activation_checkpointing": False,
+                         "grad_accum_steps": 1}
 _REMOVED_DATASET_FIELDS = {"quarantine_dir": None}
 
 
@@ -418,6 +441,24 @@ class FactoryConfig(_Strict):
         return {**data, "partition": {**partition, "entropy_source": source}}
 
     @model_validator(mode="after")
+    def _tensor_parallel_splits_the_heads(self) -> FactoryConfig:
+        """vLLM splits the attention heads over the ranks: tensor_parallel_size must divide their number (read
+        from the policy's config.json, or configs/architectures.py for a known hub id not on this machine)."""
+        from configs.architectures import read_architecture
+
+        tp = self.cluster.tensor_parallel_size
+        if tp == 1:
+            return self
+        if self.policy.backend != "vllm":
+            raise ValueError(f"cluster.tensor_parallel_size {tp} needs policy.backend 'vllm' (the transformers "
+                             "engine runs on one device)")
+        arch = read_architecture(self.policy.model_path)
+        if arch is not None and arch.num_heads % tp:
+            raise ValueError(f"cluster.tensor_parallel_size {tp} does not divide the {arch.num_heads} attention heads "
+                             f"of {self.policy.model_path} (vLLM gives each rank an equal share of the heads)")
+        return self
+
+    @model_validator(mode="after")
     def _truth_needs_the_toy_world(self) -> FactoryConfig:
         if self.labels.labeller == "truth" and any(src.kind != "toy" for src in self.sources):
             raise ValueError("labels.labeller 'truth' needs the exact step truth, which only the toy world has: "
@@ -441,6 +482,8 @@ class FactoryConfig(_Strict):
         """
         dump = self.model_dump(mode="json", exclude={"train", "active"})
         dump["cluster"].pop("connect_timeout_s")  # how long to wait for Ray: it changes no row
+        if dump["cluster"]["tensor_parallel_size"] == 1:  # a field added later: old hashes stay valid
+            dump["cluster"].pop("tensor_parallel_size")
         for source in dump["sources"]:
             source.pop("license", None)  # metadata for the dataset card: the same rows under any license
         _drop_default_labeller(dump["labels"])

@@ -87,12 +87,26 @@ def validate(
         "--check-paths/--no-check-paths",
         help="check that data files and the model exist (--no-check-paths: a config for another machine)")] = True,
 ) -> None:
-    """Check a config without starting anything; exit 2 naming each bad field."""
+    """Check a config without starting anything; exit 2 naming each bad field, or the part that does not fit the GPU.
+
+    The memory planner (cluster/memory_plan.py) estimates training and vLLM engine memory per GPU from the models'
+    config.json and checks it against train.gpu_memory_gb (or the GPU nvidia-smi reports here)."""
+    from cluster.memory_plan import plan_config, report_lines
+
     cfg = _load(config, check_paths)
+    memory = plan_config(cfg)
     if json_out:
-        print(json.dumps({"ok": True, "name": cfg.name, "config_hash": cfg.config_hash()}))
+        print(json.dumps({"ok": memory.ok, "name": cfg.name, "config_hash": cfg.config_hash(),
+                          "memory": memory.as_dict()}))
     else:
-        console.print(f"[green]ok[/green] {config}: '{cfg.name}' (hash {cfg.config_hash()})")
+        for line in report_lines(memory):
+            console.print(line, markup=False, soft_wrap=True, style="dim")
+        for problem in memory.problems:
+            console.print(f"does not fit: {problem}", style="red", markup=False, soft_wrap=True)
+        if memory.ok:
+            console.print(f"[green]ok[/green] {config}: '{cfg.name}' (hash {cfg.config_hash()})")
+    if not memory.ok:
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -514,16 +528,21 @@ def doctor(
     config: Annotated[Path, typer.Argument(help="YAML config to check a run of")],
     json_out: JsonOpt = False,
 ) -> None:
-    """Preflight: data, model (path or id), torch/vLLM, GPUs, Ray, disk; one line per check; exit 1 on a failure."""
+    """Preflight: data, model (path or id), torch/vLLM, GPUs, memory per GPU, Ray, disk; one line per check, then
+    the memory planner's breakdown; exit 1 on a failure."""
+    from cluster.memory_plan import plan_config, report_lines
     from cluster.preflight import report, run_checks
 
     cfg = _load(config, check_paths=False)  # missing files are reported as checks, not as a config error
-    checks = run_checks(cfg)
+    memory = plan_config(cfg)
+    checks = run_checks(cfg, memory)
     if json_out:
-        print(json.dumps(report(checks)))
+        print(json.dumps({**report(checks), "memory": memory.as_dict()}))
     else:
         for check in checks:
             console.print(check.line(), style=None if check.ok else "red", markup=False, soft_wrap=True)
+        for line in report_lines(memory):
+            console.print(f"     {line}", style="dim", markup=False, soft_wrap=True)
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 

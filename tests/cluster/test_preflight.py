@@ -29,7 +29,7 @@ def test_toy_config_passes_and_reports_no_gpu_cleanly():
     report = json.loads(result.stdout)
     by_name = {c["name"]: c for c in report["checks"]}
     assert report["ok"] is True
-    assert [c["name"] for c in report["checks"]] == ["data", "model", "torch", "vllm", "gpu", "ray", "disk"]
+    assert [c["name"] for c in report["checks"]] == ["data", "model", "torch", "vllm", "gpu", "memory", "ray", "disk"]
     assert by_name["model"]["detail"] == f"assets/toy-policy: directory -> {REPO_ROOT / 'assets' / 'toy-policy'}"
     if not _has_cuda():
         assert by_name["gpu"]["detail"].startswith("no GPU (this config runs on CPU")
@@ -46,8 +46,8 @@ def test_missing_data_unknown_model_and_gpus_fail_one_line_each(tmp_path):
     result = _doctor(str(config))
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert len(lines) == 7 and [line.split()[1] for line in lines] == [
-        "data", "model", "torch", "vllm", "gpu", "ray", "disk"]
+    assert len(lines) >= 8 and [line.split()[1] for line in lines[:8]] == [
+        "data", "model", "torch", "vllm", "gpu", "memory", "ray", "disk"]
     status = {line.split()[1]: line.split()[0] for line in lines}
     assert status["data"] == "FAIL" and "nowhere.jsonl not found" in lines[0]
     assert status["model"] == "FAIL" and "'prm-factory-tests/not-cached' is not in the Hugging Face cache" in lines[1]

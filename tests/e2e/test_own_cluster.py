@@ -46,8 +46,8 @@ def _cli(*args: str) -> list[str]:
 
 def _tree(root: int) -> set[int]:
     """`root` and every process below it."""
-    rows = [tuple(map(int, line.split())) for line in
-            subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout.splitlines()]
+    ps = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    rows = [tuple(map(int, line.split())) for line in ps.splitlines()]
     tree, grew = {root}, True
     while grew:
         new = {pid for pid, ppid in rows if ppid in tree} - tree
