@@ -134,7 +134,7 @@ def main() -> None:
 
     from cluster.connect import start_own
     from cluster.engines import start_policy_engines
-    from cluster.stack import deploy, prefect_env, start_server, start_worker
+    from cluster.prefect_stack import deploy, prefect_env, start_server, start_worker
     from configs.schema import load_config
 
     model = str(SHIPPED_POLICY) if shipped_policy_ready() else str(make_tiny_policy(tmp / "policy"))

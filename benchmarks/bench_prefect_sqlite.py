@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.stack import WORK_POOL, deploy, prefect_env, start_server, start_worker  # noqa: E402
+from cluster.prefect_stack import WORK_POOL, deploy, prefect_env, start_server, start_worker  # noqa: E402
 
 SERVICES_OFF = {f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false"
                 for s in ("CANCELLATION_CLEANUP", "FOREMAN", "LATE_RUNS", "PAUSE_EXPIRATIONS", "TRIGGERS")}

@@ -107,7 +107,7 @@ def labelled_rows(args: argparse.Namespace, ruler_ids: set[str]) -> tuple[list[d
 
     from cluster.hf_engine import HFEngine
     from tasks.cost import total_cost
-    from tasks.labelling.truth_labeller import make_labeller
+    from tasks.labelling.labellers import make_labeller
 
     torch.set_num_threads(args.threads)
     problems = [p for p in generate_problems(cfg.sources[0]) if p.problem_id not in ruler_ids]

@@ -49,7 +49,7 @@ class ToySource(_Strict):
 
     kind: Literal["toy"] = "toy"
     num_problems: int = Field(64, ge=1)
-    seed: int = 0
+    seed: int = Field(0, description="problem seed: which problems the generator draws (same seed, same problems)")
     min_steps: int = Field(2, ge=1, le=16)
     max_steps: int = Field(8, ge=1, le=16)
     max_operand: int = Field(9, ge=1, le=999, description="operands of + and - are drawn from 1..max_operand")
@@ -109,7 +109,8 @@ class PolicyConfig(_Strict):
     enforce_eager: bool = False
     # Reuse the KV cache of shared prompt prefixes (rollouts from one step prefix share it). A cost control.
     prefix_caching: bool = True
-    seed: int = 0
+    seed: int = Field(0, description="engine seed: the engine's default sampling seed (requests carry their own, "
+                      "from the run's labelling seed)")
 
     @model_validator(mode="before")
     @classmethod
@@ -308,7 +309,8 @@ class TrainConfig(_Strict):
     gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one training GPU in GB (1e9 bytes); "
                                         "validate and doctor refuse a train section (and vLLM engines) that the "
                                         "memory planner (cluster/memory_plan.py) says do not fit it")
-    seed: int = 0
+    seed: int = Field(0, description="training seed: head initialisation, batch order and which problems are held "
+                      "out for evaluation")
 
     @field_validator("model_path")
     @classmethod
@@ -395,7 +397,8 @@ class FactoryConfig(_Strict):
     """One factory run: sources -> partition -> rollouts -> labels -> dataset."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    seed: int = Field(0, description="labelling seed: every generation request's seed derives from it and the "
+                      "problem id, so a shard relabelled anywhere gives the same rows")
     # Offline: models given by hub id come from the local Hugging Face cache only; nothing is downloaded.
     # Off: an id missing from the cache is downloaded by each node that loads it. Does not change the rows.
     offline: bool = False

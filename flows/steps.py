@@ -66,7 +66,7 @@ def _labeller(cfg: FactoryConfig):
     from prefect.runtime import flow_run
 
     from tasks.build import load_tokenizer
-    from tasks.labelling.truth_labeller import make_labeller
+    from tasks.labelling.labellers import make_labeller
 
     key = (str(flow_run.id), cfg.config_hash())
     with _lock:

@@ -486,7 +486,7 @@ def export_dataset_cmd(
     step tag is refused (exit 2), never escaped. OUT is written whole or not at all (temp dir, then rename).
     """
     from tasks.store.dataset import DatasetError
-    from tasks.store.export import ExportError, export_dataset
+    from tasks.store.trainer_export import ExportError, export_dataset
     from tasks.store.versions import VersionError, read_latest, version_dir
 
     target = dataset_dir
@@ -514,8 +514,8 @@ def serve(
     )] = None,
 ) -> None:
     """Local Prefect server + deployments + worker + Ray (every listener on 127.0.0.1) until Ctrl-C."""
-    from cluster.stack import ServeError
-    from cluster.stack import serve as run_serve
+    from cluster.prefect_stack import ServeError
+    from cluster.prefect_stack import serve as run_serve
 
     with _fails(ServeError, code=1):
         code = run_serve(check=check, port=port, database_url=database_url,

@@ -52,8 +52,8 @@ from tasks.io import (
     shard_path,
     writer_lock,
 )
+from tasks.labelling.labellers import make_labeller
 from tasks.labelling.tree_labeller import Rejected, ShardLabeller, ShardResult
-from tasks.labelling.truth_labeller import make_labeller
 from tasks.sources.loaders import QuarantineRow
 from tasks.sources.problems import Problem
 from tasks.sources.prompts import render_prompt

@@ -164,7 +164,7 @@ def prefect_server(tmp_path_factory):
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cluster.stack import flush_prefect_logs, start_server
+    from cluster.prefect_stack import flush_prefect_logs, start_server
 
     home = tmp_path_factory.mktemp("prefect-home")
     server, api_url = start_server(home, ui=True, extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"})

@@ -656,7 +656,7 @@ def _complete_version(root: Path, keys: Sequence[str]) -> str | None:
 
 
 def _shard_labeller(cfg: FactoryConfig, engine: Any, tokenizer: Any) -> Labeller:
-    from tasks.labelling.truth_labeller import make_labeller
+    from tasks.labelling.labellers import make_labeller
 
     return make_labeller(cfg, engine, tokenizer)
 

@@ -142,7 +142,8 @@ class ShardLabeller:
 
     # -- engine rounds ---------------------------------------------------------------------------
 
-    def _run(self, requests: list[GenerationRequest], stage: str, cost: ShardCost) -> list[GenerationResult]:
+    def run(self, requests: list[GenerationRequest], stage: str, cost: ShardCost) -> list[GenerationResult]:
+        """One engine round: `requests` through the engine, their tokens charged to `stage` in `cost`."""
         if not requests:
             return []
         results = self.engine.generate(requests, stage=stage)
@@ -185,11 +186,11 @@ class ShardLabeller:
         trees: dict[str, list[Trajectory]] = {}
 
         # Round 0: one root solution per problem.
-        roots = self._run([self._solution_request(prompts[p.problem_id], [], request_seed(self.cfg.seed, p.problem_id,
+        roots = self.run([self._solution_request(prompts[p.problem_id], [], request_seed(self.cfg.seed, p.problem_id,
                                                                                           "root"))
                            for p in problems], "generate", cost)
         for p, res in zip(problems, roots, strict=True):
-            trees[p.problem_id] = [self._trajectory(res.samples[0], [], None, 0, 0)]
+            trees[p.problem_id] = [self.trajectory(res.samples[0], [], None, 0, 0)]
 
         # Rounds 1..depth: branch at anchors of the leaves made in the previous round.
         frontier = {pid: list(leaves) for pid, leaves in trees.items()}
@@ -215,10 +216,10 @@ class ShardLabeller:
                                                request_seed(self.cfg.seed, pid, "branch",
                                                             *parent.token_ids[:anchor], alt))
                         for pid, parent, anchor, alt in jobs]
-            results = self._run(requests, "branch", cost)
+            results = self.run(requests, "branch", cost)
             frontier = {pid: [] for pid in trees}
             for (pid, parent, anchor, alt), res in zip(jobs, results, strict=True):
-                child = self._trajectory(res.samples[0], parent.token_ids[:anchor] + [alt], parent, anchor, depth)
+                child = self.trajectory(res.samples[0], parent.token_ids[:anchor] + [alt], parent, anchor, depth)
                 trees[pid].append(child)
                 frontier[pid].append(child)
 
@@ -230,8 +231,9 @@ class ShardLabeller:
                                                                                    by_id[pid].answer)
         return prompts, trees
 
-    def _trajectory(self, sample: Sample, prefix: list[int], parent: Trajectory | None, anchor: int,
-                    depth: int) -> Trajectory:
+    def trajectory(self, sample: Sample, prefix: list[int], parent: Trajectory | None, anchor: int,
+                   depth: int) -> Trajectory:
+        """`sample` as a tree node: after `prefix` (the branch at `anchor` of `parent`), or a root."""
         entropy = _entropy_track(sample, self.cfg.partition.entropy_source)
         if parent is None:
             head_entropy: list[float] = []
@@ -309,7 +311,7 @@ class ShardLabeller:
     def _rollout_context(self, cost: ShardCost) -> RolloutContext:
         """What the rollout strategies get: this labeller's engine call (which books the cost), no more."""
         return RolloutContext(
-            generate=lambda requests, stage: self._run(requests, stage, cost),
+            generate=lambda requests, stage: self.run(requests, stage, cost),
             config=self.cfg.rollouts,
             seed=self.cfg.seed,
             eos_token_ids=self.eos,

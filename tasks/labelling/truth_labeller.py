@@ -24,20 +24,25 @@ from tasks.generation import Engine, GenerationRequest
 from tasks.labelling.label_rule import FINAL_ORIGIN, TRUTH_ORIGIN, step_labels
 from tasks.labelling.partition import split_steps
 from tasks.labelling.rollouts import request_seed
-from tasks.labelling.tree_labeller import Rejected, ShardLabeller, ShardResult, Tokenizer
+from tasks.labelling.tree_labeller import Rejected, ShardLabeller, ShardResult, Tokenizer, Trajectory
 from tasks.sources.answers import check_answer
 from tasks.sources.problems import Problem
 from tasks.sources.prompts import render_prompt
 from tasks.sources.toy_world import SOURCE, prefix_is_correct
 
 
-class TruthLabeller(ShardLabeller):
-    """Labels toy problems with exact truth; the engine and cost bookkeeping are the tree labeller's."""
+class TruthLabeller:
+    """Labels toy problems with exact truth. A tree labeller of the same config does its engine rounds, cost
+    bookkeeping, cuts and per-leaf fields, so a truth row is cut and accounted exactly as a tree row."""
 
     def __init__(self, cfg: FactoryConfig, engine: Engine, tokenizer: Tokenizer,
                  progress: Callable[[str, int], None] | None = None):
-        super().__init__(cfg, engine, tokenizer, progress)
-        self.branching = False
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.tree = ShardLabeller(cfg, engine, tokenizer, progress)
+
+    def boundaries(self, traj: Trajectory) -> list[int]:
+        return self.tree.boundaries(traj)
 
     def label(self, problems: Sequence[Problem]) -> ShardResult:
         """One row per sampled solution, every step labelled by the exact checker."""
@@ -53,14 +58,15 @@ class TruthLabeller(ShardLabeller):
         requests = [GenerationRequest(prompt_token_ids=prompts[p.problem_id], n=cfg.labels.truth_samples,
                                       temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens,
                                       top_logprobs=cfg.partition.top_logprobs,
-                                      seed=request_seed(cfg.seed, p.problem_id, "truth"), stop_token_ids=self.eos)
+                                      seed=request_seed(cfg.seed, p.problem_id, "truth"),
+                                      stop_token_ids=self.tree.eos)
                     for p in problems]
-        results = self._run(requests, "generate", cost)
+        results = self.tree.run(requests, "generate", cost)
         rows: list[dict[str, Any]] = []
         rejected: list[Rejected] = []
         for p, result in zip(problems, results, strict=True):
             for k, sample in enumerate(result.samples):
-                leaf = self._trajectory(sample, [], None, 0, 0)
+                leaf = self.tree.trajectory(sample, [], None, 0, 0)
                 bounds = self.boundaries(leaf)
                 if not bounds:
                     rejected.append(Rejected(p.problem_id, p.source, f"empty generation (sample {k}): the policy "
@@ -89,7 +95,7 @@ class TruthLabeller(ShardLabeller):
             "soft_labels": labels.soft_list(),
             "er_labels": labels.er_list(),
             "tree_value": [float(v) for v in verdicts],
-            **self.leaf_fields(p, leaf, bounds),
+            **self.tree.leaf_fields(p, leaf, bounds),
             "step_origin": origins,
             "answer": p.answer,
             "final_correct": bool(final_correct),
@@ -99,9 +105,3 @@ class TruthLabeller(ShardLabeller):
             "tree_id": f"{p.problem_id}-{cfg.labelling_hash()[:8]}-s{k}",
         }
 
-
-def make_labeller(cfg: FactoryConfig, engine: Engine, tokenizer: Tokenizer,
-                  progress: Callable[[str, int], None] | None = None) -> ShardLabeller:
-    """The labeller `cfg.labels.labeller` names: the tree labeller, or the exact-truth ceiling (toy only)."""
-    cls = TruthLabeller if cfg.labels.labeller == "truth" else ShardLabeller
-    return cls(cfg, engine, tokenizer, progress)

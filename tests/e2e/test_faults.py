@@ -151,7 +151,7 @@ def test_prefect_server_restarted_during_a_flow_run(tmp_path, ray_session, integ
     """
     import ray
 
-    from cluster.stack import prefect_env, start_server
+    from cluster.prefect_stack import prefect_env, start_server
     from tests.conftest import free_port
 
     home = tmp_path / "prefect-home"

@@ -1,6 +1,6 @@
 """Watching a run as a user does: `prm-factory serve`'s stack, a real Prometheus, and the UIs in headless Chromium.
 
-One stack for the module (cluster.stack.start_stack: a real Prefect server with its UI, the deployments of a
+One stack for the module (cluster.prefect_stack.start_stack: a real Prefect server with its UI, the deployments of a
 copy of prefect.yaml, a process worker, and a Ray head started through cluster/local.py with its dashboard
 and token auth), one build of a tiny toy config (3 shards, transformers backend, one engine actor), run as
 the `build-dataset` deployment while a real Prometheus (Debian's `prometheus`) scrapes the Ray node with the
@@ -115,7 +115,7 @@ def get_json(url: str, data: bytes | None = None, timeout: float = 10):
 def served(prefect_server, tmp_path_factory, policy_model_path):
     """`serve`'s stack (deployments, worker, Ray with dashboard) on free ports, in tmp, on the session's Prefect
     server (with its UI)."""
-    from cluster.stack import start_stack, urls_text
+    from cluster.prefect_stack import start_stack, urls_text
 
     tmp = tmp_path_factory.mktemp("watch")
     config = tmp / "watch-tiny.yaml"
@@ -154,7 +154,7 @@ def prometheus(served):
     """A real Prometheus on a free loopback port, with the shipped scrape config aimed at this Ray node."""
     if PROMETHEUS is None:
         pytest.skip("no prometheus binary (apt-get install prometheus; .ci/run does it)")
-    from cluster.stack import free_port
+    from cluster.prefect_stack import free_port
 
     tmp = served["tmp"] / "prometheus"
     tmp.mkdir()
@@ -452,7 +452,7 @@ def test_browser_ray_dashboard_actors_after_token_login(served, build_run, page)
 
 
 def test_server_env_points_the_ui_at_this_api_and_takes_a_database_url(tmp_path):
-    from cluster.stack import server_env
+    from cluster.prefect_stack import server_env
 
     env = server_env(tmp_path, "http://127.0.0.1:5123/api")
     assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:5123/api" and "PREFECT_API_URL" not in env

@@ -46,7 +46,7 @@ def stack(prefect_server, tmp_path_factory, ray_session, policy_model_path):
     """The session's Prefect server, deployments from (a copy of) prefect.yaml, a process worker on the session Ray."""
     import ray
 
-    from cluster.stack import deploy, prefect_env, start_worker
+    from cluster.prefect_stack import deploy, prefect_env, start_worker
 
     tmp = tmp_path_factory.mktemp("flows")
     home, api_url = prefect_server["home"], prefect_server["api_url"]

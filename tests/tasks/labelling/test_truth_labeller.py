@@ -6,7 +6,8 @@ import pytest
 
 from configs.schema import REPO_ROOT, ConfigError, parse_config
 from tasks.labelling.label_rule import step_labels
-from tasks.labelling.truth_labeller import TruthLabeller, make_labeller
+from tasks.labelling.labellers import make_labeller
+from tasks.labelling.truth_labeller import TruthLabeller
 from tasks.sources.toy_world import generate_problems, prefix_is_correct
 from tasks.store.dataset import rows_to_table
 

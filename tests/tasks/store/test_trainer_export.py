@@ -1,4 +1,4 @@
-"""Exporting a dataset for other PRM trainers (tasks/store/export.py, `prm-factory export-dataset`).
+"""Exporting a dataset for other PRM trainers (tasks/store/trainer_export.py, `prm-factory export-dataset`).
 
 - each format, written from a real build, read back by its own tool's reader: HF `datasets` for all; OpenRLHF's
   placeholder-token rule (math-shepherd) and Qwen2.5-Math-PRM's `<extra_0>` rule (qwen-prm) on a tokenizer; TRL's
@@ -22,7 +22,7 @@ from prm_factory.cli import app
 from tasks.labelling.label_rule import step_labels
 from tasks.store import export as export_module
 from tasks.store.dataset import SCHEMA_VERSION, read_dataset, read_manifest, write_manifest, write_shard
-from tasks.store.export import MATH_SHEPHERD_TAG, QWEN_STEP_TOKEN, ExportError, export_dataset
+from tasks.store.trainer_export import MATH_SHEPHERD_TAG, QWEN_STEP_TOKEN, ExportError, export_dataset
 
 POLICY = REPO_ROOT / "assets" / "toy-policy"
 BUILD = {
@@ -200,7 +200,7 @@ def test_jsonl_loads_in_the_json_reader_with_the_same_records(built, exported, h
 
 
 def test_the_card_license_is_the_sources_one_license_else_unknown():
-    from tasks.store.export import _card_license
+    from tasks.store.trainer_export import _card_license
 
     assert _card_license([{"license": "MIT"}, {"license": "mit"}]) == "mit"
     assert _card_license([{"license": "MIT"}, {"license": "Apache-2.0"}]) == "unknown"
