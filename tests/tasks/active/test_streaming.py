@@ -219,3 +219,23 @@ def test_unscored_pool_and_foreign_checkpoint_stop_before_labelling(tmp_path):
     with pytest.raises(ActiveError, match="is an ensemble of 8 heads but train.num_heads is 4"):
         loop.run()
     assert len(rec["labelled"]) == 1 and rec["scored"] == []
+
+
+def test_rounds_draw_among_the_uncertain_and_record_the_gate(tmp_path):
+    """The rounds schedule with ``pick: uniform``: round 1 labels a seeded draw of the uncertain, never a trusted
+    one, trains on everything so far (cumulative versions), and records the trusted share."""
+    from tasks.build import ingest
+
+    cfg = parse_config(_config(schedule="rounds", rounds=2, seed_size=2, max_selected=2, pool_size=10,
+                               selection={"preset": "actprm_code", "pick": "uniform"}))
+    ids = [p.problem_id for p in ingest(cfg).problems[:10]]
+    scores = {pid: [UNSURE] if i % 2 else [SURE_RIGHT] for i, pid in enumerate(ids)}
+    loop, _, rec = _loop(tmp_path, cfg, scores, {pid: ["1+1=2\n"] for pid in ids})
+    result = loop.run()
+    seed, picked = rec["labelled"]
+    uncertain_left = {pid for i, pid in enumerate(ids) if i % 2 and pid not in seed}
+    assert len(picked) == 2 and set(picked) <= uncertain_left
+    assert rec["trained"][1]["problems"] == sorted(seed + picked)  # rounds retrain on every label so far
+    r1 = result.rounds[1]
+    assert r1["how"] == "uncertainty (uniform draw)" and r1["uncertain"] == len(uncertain_left)
+    assert r1["trusted_share"] == pytest.approx(r1["confident"] / r1["unlabelled"]) and r1["confident"] >= 3
