@@ -271,7 +271,8 @@ class TrainConfig(_Strict):
     """
 
     model_path: str = Field("assets/toy-policy", description="a local HF-format backbone directory or a Hugging Face "
-                            "model id (resolved like policy.model_path, honouring `offline`)")
+                            "model id (resolved like policy.model_path, honouring `offline`); in a factory config, "
+                            "unset means the policy's model_path")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_length: int | None = Field(None, ge=8, description="token cap per trajectory (None: the backbone's context)")
     num_heads: int = Field(8, ge=1, le=64, description="ensemble heads E")
@@ -340,23 +341,52 @@ _REMOVED_DATASET_FIELDS = {"quarantine_dir": None}
 
 
 class SelectionConfig(_Strict):
-    """ActPRM's confidence thresholds (arXiv 2504.10559; tasks/active/selection.py has the rules).
+    """ActPRM's confidence thresholds (arXiv 2504.10559; tasks/active/selection.py has the rules) and how the
+    uncertain trajectories are picked.
 
     ``preset``: ``paper`` (delta_pred 0.95, delta_std 0.005, as the paper states) or ``actprm_code`` (0.9 / 0.01,
     the authors' released code). Giving ``delta_pred`` and ``delta_std`` replaces the preset (both or neither).
+    ``calibrate_trusted_share`` replaces both: after the seed set is labelled and trained on, the seed-set PRM
+    scores the seed set's trajectories and the thresholds are set so that this share of them is trusted
+    (tasks.active.selection.calibrate_thresholds), then held for the rest of the run.
     """
 
     preset: Literal["paper", "actprm_code"] = "paper"
-    delta_pred: float | None = Field(None, ge=0.5, le=1.0, description="confident iff mean >= delta_pred or "
-                                     "mean <= 1 - delta_pred (and std <= delta_std)")
-    delta_std: float | None = Field(None, ge=0.0, le=0.5, description="largest ensemble std of a confident step")
+    delta_pred: float | None = Field(None, description="confident iff mean >= delta_pred or mean <= 1 - delta_pred "
+                                     "(and std <= delta_std); in (0.5, 1)")
+    delta_std: float | None = Field(None, description="largest ensemble std of a confident step; in [0, 0.5]")
     error_threshold: float = Field(0.5, gt=0, lt=1, description="a step with mean score below this is a "
                                    "predicted error; steps after a trajectory's first one do not matter")
+    calibrate_trusted_share: float | None = Field(
+        None, gt=0, lt=1, description="set delta_pred and delta_std on the seed set so that this share of its "
+        "trajectories is trusted (a gate that fires); None: the preset or the explicit thresholds")
+    pick: Literal["top_k", "uniform", "by_std"] = Field(
+        "top_k", description="which uncertain trajectories a round keeps when more are uncertain than it may label: "
+        "the largest stds first (top_k, deterministic), or a seeded draw, uniform or weighted by std (rounds only; "
+        "streaming keeps every uncertain one)")
+
+    @field_validator("delta_pred")
+    @classmethod
+    def _delta_pred_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0.5 < v < 1.0:
+            raise ValueError(f"delta_pred must be in (0.5, 1), got {v}: a step is confident when its mean is >= "
+                             "delta_pred or <= 1 - delta_pred, so 0.5 trusts every mean and 1 trusts almost none")
+        return v
+
+    @field_validator("delta_std")
+    @classmethod
+    def _delta_std_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 0.5:
+            raise ValueError(f"delta_std must be in [0, 0.5], got {v}: it bounds the ensemble's std of probabilities, "
+                             "which is never negative and at most 0.5")
+        return v
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> SelectionConfig:
         if (self.delta_pred is None) != (self.delta_std is None):
             raise ValueError("give both delta_pred and delta_std (they replace the preset), or neither")
+        if self.calibrate_trusted_share is not None and self.delta_pred is not None:
+            raise ValueError("calibrate_trusted_share sets delta_pred and delta_std: give it or them, not both")
         return self
 
 
@@ -387,10 +417,23 @@ class ActiveConfig(_Strict):
     ruler_problems: int | None = Field(16, ge=1, description="held-out AUROC per round on the first K problems "
                                        "of the toy ruler (None: all; toy sources only)")
     seed: int = Field(0, description="seed of the random draws (round 0, and every round with selector random)")
+    schedule: Literal["rounds", "streaming"] = Field(
+        "rounds", description="rounds: label, retrain on everything so far, rescore the pool, repeat; streaming (the "
+        "reference's schedule): one pass over the pool in batches of batch_size, the current PRM gates each batch, "
+        "only its uncertain part is labelled and trained on, warm-started, with no retraining on earlier batches "
+        "(the first batch, with no PRM yet, is labelled whole; rounds, seed_size and max_selected do not apply)")
+    batch_size: int = Field(64, ge=1, description="problems per streaming batch (the reference's 64)")
     scorer: Literal["transformers", "vllm"] = Field(
         "transformers", description="where later rounds score the pool with the last round's PRM: in the driver "
         "(transformers), or in a vLLM scoring actor of the Ray pool that serves the PRM's backbone while its "
         "ensemble heads read the hidden states (vllm; the same means and stds, measured within 1e-5 per step)")
+
+    @model_validator(mode="after")
+    def _streaming_continues_the_model(self) -> ActiveConfig:
+        if self.schedule == "streaming" and not self.warm_start:
+            raise ValueError("schedule streaming trains each batch on top of the last one's weights: it needs "
+                             "warm_start true")
+        return self
 
 
 class FactoryConfig(_Strict):
@@ -429,6 +472,21 @@ class FactoryConfig(_Strict):
                 except ModelNotFoundError as err:
                     raise ValueError(f"{field}: {err}") from None
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_on_the_policy(cls, data: object) -> object:
+        """An unset train.model_path is the policy's: a PRM of this world's data reads it with this world's policy
+        as backbone. (It was assets/toy-policy whatever the policy; configs whose policy is that keep their train
+        hash, the path hashed being the same.)"""
+        if not isinstance(data, dict):
+            return data
+        policy, train = data.get("policy"), data.get("train", {})
+        if not isinstance(policy, dict) or not isinstance(train, dict) or "model_path" in train:
+            return data
+        if not isinstance(policy.get("model_path"), str):
+            return data
+        return {**data, "train": {**train, "model_path": policy["model_path"]}}
 
     @model_validator(mode="before")
     @classmethod

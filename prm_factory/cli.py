@@ -1012,7 +1012,9 @@ def active_cmd(
     """ActPRM active labelling: label only the trajectories the PRM ensemble is unsure about, train, repeat.
 
     Round 0 labels a random seed set; each later round scores the unlabelled pool with the last PRM, labels the
-    uncertain trajectories (EDU tree + ER-PRM rollouts) and trains on Ray Train, warm-started. A killed run
+    uncertain trajectories (EDU tree + ER-PRM rollouts) and trains on Ray Train, warm-started. With
+    active.schedule streaming: one pass over the pool in batches, each gated by the current PRM, only its uncertain
+    part labelled and trained on. Every round prints the gate's trusted share. A killed run
     resumes at its last finished round and buys no label twice. Exit 2: bad config, empty pool, a budget below
     one problem's labelling cost, or an OUT of another config (all before any engine starts).
     """
@@ -1026,8 +1028,13 @@ def active_cmd(
     if not json_out:
         est = estimate_label_cost(cfg)
         budget = "no budget" if act.label_token_budget is None else f"budget {act.label_token_budget:,} tokens"
-        console.print(f"active loop '{cfg.name}': {act.rounds} rounds, selector {act.selector} "
-                      f"({act.selection.preset if act.selection.delta_pred is None else 'custom'} thresholds), "
+        sel = act.selection
+        thresholds = (f"calibrated to a trusted share of {sel.calibrate_trusted_share}"
+                      if sel.calibrate_trusted_share is not None
+                      else sel.preset if sel.delta_pred is None else "custom")
+        schedule = (f"{act.rounds} rounds" if act.schedule == "rounds"
+                    else f"streaming in batches of {act.batch_size}")
+        console.print(f"active loop '{cfg.name}': {schedule}, selector {act.selector} ({thresholds} thresholds), "
                       f"{budget}; one problem's labels estimated at {est['tokens']:,} tokens ({est['how']})",
                       markup=False, soft_wrap=True)
 

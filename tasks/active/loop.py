@@ -56,7 +56,15 @@ import pyarrow.parquet as pq
 
 from configs.env import __version__
 from configs.schema import FactoryConfig
-from tasks.active.selection import random_selection, select_uncertain, selection_params
+from tasks.active.selection import (
+    SelectionParams,
+    calibrate_thresholds,
+    draw_uncertain,
+    gate_stats,
+    random_selection,
+    select_uncertain,
+    selection_params,
+)
 from tasks.build import write_labelled_shard, write_version_manifest
 from tasks.cost import ShardCost
 from tasks.labelling.tree_labeller import ShardResult, Trajectory
@@ -91,6 +99,7 @@ ROUNDS_DIR = "rounds"
 ROUNDS_LOG = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
 SELECTION_FILE = "selection.json"
+CALIBRATION_FILE = "calibration.json"
 PRM_DIR = "prm"
 
 
@@ -207,9 +216,27 @@ def pin_payload(cfg: FactoryConfig) -> dict[str, Any]:
     """
     active = cfg.active.model_dump(mode="json", exclude={"rounds", "label_token_budget", "selection",
                                                          "max_selected", "ruler_problems", "scorer"})
+    for name, default in _LATER_ACTIVE_DEFAULTS.items():  # pinned only when set: older runs keep their pin
+        if active.get(name) == default:
+            active.pop(name)
     return {"name": cfg.name, "labelling_hash": cfg.labelling_hash(), "train_hash": cfg.train.train_hash(),
             "sources": [s.model_dump(mode="json") for s in cfg.sources],
             **{f"active.{k}": v for k, v in active.items()}}
+
+
+_LATER_ACTIVE_DEFAULTS = {"schedule": "rounds", "batch_size": 64}
+
+
+def stream_order(ids: Sequence[str], seed: int) -> list[str]:
+    """The streaming schedule's pass over the pool: a seeded shuffle that depends on the ids, not their order."""
+    return sorted(ids, key=lambda pid: (hashlib.sha256(f"stream:{seed}:{pid}".encode()).hexdigest(), pid))
+
+
+def check_scored(scores: Sequence[Any], what: str) -> None:
+    """ActiveError when not one of `scores` has a scored step: the gate would have nothing to go on."""
+    if scores and all(all(math.isnan(m) for m in s.mean) for s in scores):
+        raise ActiveError(f"{what}: the PRM scored no step of any of the {len(scores)} trajectories (every step "
+                          "cut off by train.max_length, or no steps at all); nothing to gate, nothing labelled")
 
 
 def check_out_dir(out: Path, cfg: FactoryConfig) -> bool:
@@ -422,13 +449,23 @@ class ActiveLoop:
         path = self.out / ROUNDS_DIR / f"round-{r:03d}" / SELECTION_FILE
         if path.is_file():
             return json.loads(path.read_text())
+        if self.cfg.active.schedule == "streaming":
+            selection = self._select_batch(r, pool, records)
+        else:
+            selection = self._select_round(r, pool, records)
+        # An empty selection stops the rounds (nothing to resume); a streaming batch the PRM trusts whole is a record.
+        if selection["selected_problem_ids"] or (self.cfg.active.schedule == "streaming" and selection["unlabelled"]):
+            _write_json(path, selection)
+        return selection
+
+    def _select_round(self, r: int, pool: Sequence[PoolItem], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         act = self.cfg.active
         labelled = {pid for rec in records for pid in rec["selected_problem_ids"]}
         unlabelled = [item for item in pool if item.problem_id not in labelled]
         spent = sum(int(rec["label_tokens"]) for rec in records)
         cap = budget_cap(act.label_token_budget, spent, len(labelled))
         ids = [i.problem_id for i in unlabelled]
-        scored_by = None
+        scored_by, gate, stats = None, None, None
         if r == 0 or act.selector == "random":
             k = act.seed_size if r == 0 else (act.max_selected or act.seed_size)
             k = k if cap is None else min(k, cap)
@@ -437,21 +474,106 @@ class ActiveLoop:
         else:
             scored_by = self.out / ROUNDS_DIR / f"round-{r - 1:03d}" / PRM_DIR
             scores = self.score_pool(scored_by, unlabelled)
+            check_scored(scores, f"round {r}: the pool")
+            params, gate = self.gate_params(records)
+            stats = gate_stats(scores, params, self.step_truths(unlabelled))
             limit = act.max_selected if cap is None else min(act.max_selected or cap, cap)
-            sel = select_uncertain(ids, scores, selection_params(act.selection), limit)
-            how = "uncertainty"
-        selection = {"round": r, "how": how, "unlabelled": len(unlabelled), "uncertain": sel.uncertain,
-                     "confident": sel.confident, "selected_problem_ids": list(sel.selected),
-                     "selected_digest": sel.digest(), "budget_cap": cap,
-                     "scored_by": str(scored_by) if scored_by else None,
-                     "params": asdict(sel.params) if sel.params else None}
-        if sel.selected:  # an empty selection stops the loop; nothing to resume
-            _write_json(path, selection)
-        return selection
+            pick = act.selection.pick
+            if pick == "top_k":
+                sel = select_uncertain(ids, scores, params, limit)
+            else:
+                sel = draw_uncertain(ids, scores, params, limit, round_seed(act.seed, r),
+                                     weight="std" if pick == "by_std" else "uniform")
+            how = "uncertainty" if pick == "top_k" else f"uncertainty ({pick} draw)"
+        return {"round": r, "how": how, "unlabelled": len(unlabelled), "uncertain": sel.uncertain,
+                "confident": sel.confident, "selected_problem_ids": list(sel.selected),
+                "selected_digest": sel.digest(), "budget_cap": cap,
+                "scored_by": str(scored_by) if scored_by else None,
+                "params": asdict(sel.params) if sel.params else None, "gate": gate,
+                **(stats.to_dict() if stats else {})}
+
+    def _select_batch(self, r: int, pool: Sequence[PoolItem], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Streaming batch r: the r-th slice of the seeded pass; the current PRM keeps its uncertain part (all of
+        the first batch: no PRM yet). ``selector: random`` keeps as many, drawn at random from the batch."""
+        act = self.cfg.active
+        order = stream_order([i.problem_id for i in pool], act.seed)
+        batch_ids = set(order[r * act.batch_size:(r + 1) * act.batch_size])
+        batch = [i for i in pool if i.problem_id in batch_ids]
+        ids = [i.problem_id for i in batch]
+        spent = sum(int(rec["label_tokens"]) for rec in records)
+        cap = budget_cap(act.label_token_budget, spent, sum(len(rec["selected_problem_ids"]) for rec in records))
+        checkpoint = next((rec["checkpoint"] for rec in reversed(records) if rec.get("checkpoint")), None)
+        gate, stats, params = None, None, None
+        if not batch:  # the pass is over
+            chosen, uncertain, how = [], 0, "streaming (pass over)"
+        elif checkpoint is None:
+            chosen, uncertain, how = sorted(ids), len(ids), "streaming (first batch: no PRM yet, all labelled)"
+        else:
+            scores = self.score_pool(Path(checkpoint), batch)
+            check_scored(scores, f"streaming batch {r}")
+            params, gate = self.gate_params(records)
+            stats = gate_stats(scores, params, self.step_truths(batch))
+            gated = select_uncertain(ids, scores, params)
+            uncertain = gated.uncertain
+            if act.selector == "random":
+                chosen = list(random_selection(ids, uncertain, round_seed(act.seed, r)).selected)
+                how = "streaming random (as many as the gate left uncertain)"
+            else:
+                chosen, how = sorted(gated.selected), "streaming uncertainty"
+        if cap is not None and len(chosen) > cap:
+            chosen = list(random_selection(chosen, cap, round_seed(act.seed, r)).selected)
+        digest = hashlib.sha256("\n".join(chosen).encode()).hexdigest()[:16]
+        return {"round": r, "how": how, "unlabelled": len(batch), "uncertain": uncertain,
+                "confident": len(batch) - uncertain, "selected_problem_ids": chosen, "selected_digest": digest,
+                "budget_cap": cap, "scored_by": checkpoint, "params": asdict(params) if params else None,
+                "gate": gate, **(stats.to_dict() if stats else {})}
+
+    def gate_params(self, records: Sequence[dict[str, Any]]) -> tuple[SelectionParams, dict[str, Any]]:
+        """The gate's thresholds and how they were set: the config's (a preset or explicit values), or calibrated
+        once on the seed set (round 0's problems, scored by round 0's PRM) to ``calibrate_trusted_share``, kept in
+        OUT/calibration.json for the rest of the run."""
+        sel = self.cfg.active.selection
+        if sel.calibrate_trusted_share is None:
+            params = selection_params(sel)
+            how = f"preset {sel.preset}" if sel.delta_pred is None else "explicit thresholds"
+            return params, {"how": how, "delta_pred": params.delta_pred, "delta_std": params.delta_std}
+        path = self.out / CALIBRATION_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["target_share"] == sel.calibrate_trusted_share:
+                return SelectionParams(saved["delta_pred"], saved["delta_std"], sel.error_threshold), saved
+        seed = records[0]
+        by_id = {i.problem_id: i for i in self._pool}
+        items = [by_id[pid] for pid in seed["selected_problem_ids"] if pid in by_id]
+        scores = self.score_pool(Path(seed["checkpoint"]), items)
+        try:
+            cal = calibrate_thresholds(scores, sel.calibrate_trusted_share, sel.error_threshold)
+        except ValueError as err:
+            raise ActiveError(f"active.selection.calibrate_trusted_share: {err} (the seed set, round 0)") from None
+        saved = {"how": f"calibrated on the seed set ({len(items)} trajectories, round 0's PRM) to a trusted share "
+                        f"of {sel.calibrate_trusted_share}", "checkpoint": seed["checkpoint"], **cal.to_dict()}
+        _write_json(path, saved)
+        return cal.params, saved
+
+    def step_truths(self, items: Sequence[PoolItem]) -> list[list[bool] | None]:
+        """Exact step truth of toy-world pool trajectories (None for other sources): what pseudo-label accuracy
+        is measured against. Step i is right iff the text through it can still become the right solution."""
+        from tasks.sources.toy_world import SOURCE, prefix_is_correct
+
+        truths: list[list[bool] | None] = []
+        for item in items:
+            problem = self._problems.get(item.problem_id)
+            if problem is None or item.source != SOURCE:
+                truths.append(None)
+                continue
+            truths.append([prefix_is_correct(problem, "".join(item.completions[: i + 1]))
+                           for i in range(len(item.completions))])
+        return truths
 
     def score_pool(self, checkpoint: Path, items: Sequence[PoolItem]) -> list[Any]:
         """The checkpoint's ensemble scores (mean and std per step) of the pool items, from ``scorer_factory``'s
         scorer (closed after, when it can be), or in this process."""
+        self.check_heads(checkpoint)
         prompts, completions = [i.prompt for i in items], [i.completions for i in items]
         if self._scorer_factory is None:
             from tasks.prm.model import load_prm
@@ -464,6 +586,17 @@ class ActiveLoop:
             if hasattr(scorer, "close"):
                 scorer.close()
 
+    def check_heads(self, checkpoint: Path) -> None:
+        """ActiveError when the checkpoint's ensemble is not the config's (another train.num_heads): its std is
+        over another number of heads, so the thresholds mean something else. Checked before any labelling."""
+        from tasks.prm.model import find_checkpoint_dir, read_prm_config
+
+        heads = read_prm_config(find_checkpoint_dir(checkpoint))["num_heads"]
+        if heads != self.cfg.train.num_heads:
+            raise ActiveError(f"{checkpoint} is an ensemble of {heads} heads but train.num_heads is "
+                              f"{self.cfg.train.num_heads}: the gate's std would be over other heads; use a "
+                              "checkpoint of this config, or set train.num_heads to match")
+
     def label(self, r: int, selected: Sequence[str], problems: dict[str, Problem],
               records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Round r's labels as a new dataset version (shard r new, shards 0..r-1 linked from round r-1's version).
@@ -473,8 +606,13 @@ class ActiveLoop:
         cfg = self.cfg
         root = self.out / LABELS_DIR
         key = round_shard_key(cfg.labelling_hash(), selected)
-        keys = [rec["shard_key"] for rec in records] + [key]
-        parent = records[-1]["version_id"] if records else None
+        bought_before = [rec for rec in records if rec.get("version_id")]
+        # Rounds: version r holds every label so far (shards 0..r-1 linked). Streaming: a batch's version holds
+        # just its own shard (trained on alone, warm-started); its lineage still names the batch before.
+        streaming = cfg.active.schedule == "streaming"
+        keys = ([] if streaming else [rec["shard_key"] for rec in bought_before]) + [key]
+        index = len(keys) - 1
+        parent = bought_before[-1]["version_id"] if bought_before else None
         vid = _complete_version(root, keys) or next_version_id(root, keys)
         vdir = version_dir(root, vid)
         bought = True
@@ -482,31 +620,31 @@ class ActiveLoop:
             bought = False
         else:
             reused = self._link_parent(vdir, parent, keys[:-1])
-            if check_shard(vdir, r, key) is None:
+            if check_shard(vdir, index, key) is None:
                 bought = False  # written by a run that was killed before its manifest: the tokens were spent then
             else:
                 labeller = self.labeller_factory(cfg, self.engine, self.tokenizer)
                 result = labeller.label([problems[pid] for pid in selected])
-                write_labelled_shard(cfg, vdir, r, key, result, problems=len(selected),
+                write_labelled_shard(cfg, vdir, index, key, result, problems=len(selected),
                                      provenance={"active_round": r, "labeller": type(labeller).__name__})
             lineage = {"version": vid, "parent": parent, "round": r, "selected_problem_ids": list(selected),
-                       "reused_shards": reused, "labelled_shards": [r]}
+                       "reused_shards": reused, "labelled_shards": [index]}
+            earlier = 0 if streaming else sum(len(rec["selected_problem_ids"]) for rec in bought_before)
             write_version_manifest(
-                cfg, vdir, range(r + 1), keys, parents=[parent] if parent else [],
-                problems=sum(len(rec["selected_problem_ids"]) for rec in records) + len(selected),
-                extra={"lineage": lineage})
+                cfg, vdir, range(index + 1), keys, parents=[parent] if parent else [],
+                problems=earlier + len(selected), extra={"lineage": lineage})
             write_latest(root, vid)
             append_refresh_log(root, {"status": "active_round", "version": vid, "parents": [parent] if parent else [],
                                       "round": r, "labelled": len(selected)})
         manifest = read_manifest(vdir)
-        shard = shard_path(vdir, r)
+        shard = shard_path(vdir, index)
         cost = read_provenance(shard).get("cost", {})
         table = pq.read_table(shard, columns=["problem_id", "step_origin"])
         origins = table.column("step_origin").to_pylist()
         steps = sum(len(o) for o in origins)  # every step is a training target, the final (outcome) one too
         rollout_steps = sum(sum(1 for x in o if x != "final") for o in origins)
         return {"version_id": vid, "version_dir": str(vdir), "dataset_version": manifest["dataset_version"],
-                "parent_version": parent, "shard_key": key, "shard_sha256": shard_info(vdir, r).sha256,
+                "parent_version": parent, "shard_key": key, "shard_sha256": shard_info(vdir, index).sha256,
                 "labelled_rows": table.num_rows, "labelled_steps": steps, "rollout_labelled_steps": rollout_steps,
                 "labelled_problems": len(set(table.column("problem_id").to_pylist())),
                 "rejected": int(read_provenance(shard).get("rejected", 0)), "bought_now": bought,
@@ -550,7 +688,7 @@ class ActiveLoop:
         if act.label_token_budget is not None and spent >= act.label_token_budget:
             return "budget", (f"label-token budget spent: {spent:,} of {act.label_token_budget:,} tokens after "
                               f"{len(records)} rounds")
-        if r >= act.rounds:
+        if act.schedule == "rounds" and r >= act.rounds:
             return "rounds", f"{act.rounds} rounds done"
         return None
 
@@ -573,9 +711,23 @@ class ActiveLoop:
         started = time.perf_counter()
         self.on_event("round_start", {"round": r})
         sel = self.select(r, pool, records)
+        streaming = act.schedule == "streaming"
+        if sel.get("gate_note"):
+            log.warning("round %d: %s", r, sel["gate_note"])
         if not sel["selected_problem_ids"]:
             if sel["unlabelled"] == 0:
+                if streaming:
+                    return {"stop": "pool_exhausted", "message": f"one pass over the pool done in {r} batches"}
                 return {"stop": "pool_exhausted", "message": f"round {r}: every pool trajectory is labelled already"}
+            if streaming:  # the PRM trusts the whole batch: nothing labelled, no training, on to the next batch
+                record = {**self._round_figures(r, sel, pool), **{k: None for k in _LABEL_KEYS},
+                          "label_tokens": 0, "rollout_tokens": 0, "tree_tokens": 0, "labelled_rows": 0,
+                          "labelled_steps": 0, "labelled_problems": 0, "cumulative_label_tokens": spent,
+                          "checkpoint": sel["scored_by"], "trained": False,
+                          "seconds": round(time.perf_counter() - started, 2)}
+                _append_round(self.out, record)
+                self.on_event("round", record)
+                return record
             return {"stop": "nothing_uncertain", "message": (
                 f"round {r}: the round-{r - 1} PRM is confident on all {sel['unlabelled']} unlabelled trajectories "
                 f"(delta_pred {sel['params']['delta_pred']}, delta_std {sel['params']['delta_std']}): nothing to "
@@ -584,7 +736,8 @@ class ActiveLoop:
         labels = self.label(r, sel["selected_problem_ids"], self._problems, records)
         self.on_event("labelled", {"round": r, **labels})
         run_dir = self.out / ROUNDS_DIR / f"round-{r:03d}" / PRM_DIR
-        init_from = Path(records[-1]["checkpoint"]) if act.warm_start and records else None
+        last_ckpt = next((rec["checkpoint"] for rec in reversed(records) if rec.get("checkpoint")), None)
+        init_from = Path(last_ckpt) if act.warm_start and last_ckpt else None
         train = self.train_fn(Path(labels["version_dir"]), run_dir, init_from)
         self.on_event("trained", {"round": r, **train})
         model_dir = Path(train["model_dir"])
@@ -593,15 +746,8 @@ class ActiveLoop:
         evaluation = self.eval_fn(model_dir, labelled_ids) if self.eval_fn else {}
         last = train.get("last_eval") or (train.get("history") or [{}])[-1]
         record = {
-            "round": r, "selector": "random" if sel["how"].startswith("random") else "uncertainty",
-            "how": sel["how"], "pool_size": len(pool), "unlabelled": sel["unlabelled"],
-            "uncertain": sel["uncertain"], "confident": sel["confident"],
-            "selected": len(sel["selected_problem_ids"]), "selected_problem_ids": sel["selected_problem_ids"],
-            "selected_digest": sel["selected_digest"], "budget_cap": sel["budget_cap"],
-            **{k: labels[k] for k in ("version_id", "dataset_version", "parent_version", "shard_key", "shard_sha256",
-                                      "labelled_rows", "labelled_steps", "rollout_labelled_steps",
-                                      "labelled_problems", "rejected", "label_tokens", "rollout_tokens",
-                                      "tree_tokens", "bought_now")},
+            **self._round_figures(r, sel, pool),
+            **{k: labels[k] for k in _LABEL_KEYS}, "trained": True,
             "cumulative_label_tokens": spent + labels["label_tokens"],
             "train_loss": last.get("train_loss"), "train_epochs": train.get("epochs"),
             "train_steps": train.get("global_step"), "train_seconds": train.get("seconds"),
@@ -613,6 +759,18 @@ class ActiveLoop:
         _append_round(self.out, record)
         self.on_event("round", record)
         return record
+
+    def _round_figures(self, r: int, sel: dict[str, Any], pool: Sequence[PoolItem]) -> dict[str, Any]:
+        """A round's (or streaming batch's) selection figures, the gate's among them."""
+        return {
+            "round": r, "schedule": self.cfg.active.schedule,
+            "selector": "random" if sel["how"].startswith(("random", "streaming random")) else "uncertainty",
+            "how": sel["how"], "pool_size": len(pool), "unlabelled": sel["unlabelled"],
+            "uncertain": sel["uncertain"], "confident": sel["confident"],
+            "selected": len(sel["selected_problem_ids"]), "selected_problem_ids": sel["selected_problem_ids"],
+            "selected_digest": sel["selected_digest"], "budget_cap": sel["budget_cap"], "gate": sel.get("gate"),
+            **{k: sel.get(k) for k in ("trusted_share", "pseudo_label_acc", "pseudo_label_checked", "gate_note")},
+        }
 
     def finish(self, stop: str, message: str) -> ActiveResult:
         """Write OUT/summary.json for this run and return the result."""
@@ -635,6 +793,8 @@ class ActiveLoop:
     def _check_records(self, records: Sequence[dict[str, Any]]) -> None:
         """A finished round's labels must still be on disk as recorded (never re-bought, never silently changed)."""
         for rec in records:
+            if rec.get("version_id") is None:  # a streaming batch the PRM trusted whole: nothing was bought
+                continue
             vdir = version_dir(self.out / LABELS_DIR, rec["version_id"])
             try:
                 version = read_manifest(vdir)["dataset_version"]
@@ -644,6 +804,11 @@ class ActiveLoop:
             if version != rec["dataset_version"]:
                 raise ActiveError(f"round {rec['round']}'s labels {vdir} changed (dataset_version {version}, "
                                   f"recorded {rec['dataset_version']})")
+
+
+_LABEL_KEYS = ("version_id", "dataset_version", "parent_version", "shard_key", "shard_sha256", "labelled_rows",
+               "labelled_steps", "rollout_labelled_steps", "labelled_problems", "rejected", "label_tokens",
+               "rollout_tokens", "tree_tokens", "bought_now")
 
 
 def _complete_version(root: Path, keys: Sequence[str]) -> str | None:
@@ -694,9 +859,13 @@ def format_round_line(record: dict[str, Any]) -> str:
     """One progress line per round (CLI and flow log)."""
     auroc = record.get("heldout_step_auroc")
     loss = record.get("train_loss")
+    share, acc = record.get("trusted_share"), record.get("pseudo_label_acc")
+    gate = "" if share is None else (f"; gate trusts {share:.1%}" + ("" if acc is None else
+                                                                    f", pseudo-label acc {acc:.3f}"))
+    note = f" [{record['gate_note']}]" if record.get("gate_note") else ""
     return (f"round {record['round']} ({record['how']}): pool {record['unlabelled']} unlabelled, "
             f"{record['uncertain']} uncertain, {record['selected']} labelled -> {record['labelled_rows']} rows, "
             f"{record['labelled_steps']} steps, {record['label_tokens']:,} tokens "
             f"({record['rollout_tokens']:,} rollout; {record['cumulative_label_tokens']:,} so far); "
             f"train loss {'-' if loss is None else f'{loss:.4f}'}, held-out AUROC "
-            f"{'-' if auroc is None else f'{auroc:.3f}'}")
+            f"{'-' if auroc is None else f'{auroc:.3f}'}{gate}{note}")

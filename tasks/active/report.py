@@ -9,7 +9,7 @@ from typing import Any
 
 TABLE_COLUMNS = ("round", "selector", "unlabelled", "uncertain", "selected", "labelled_rows", "labelled_steps",
                  "label_tokens", "rollout_tokens", "cumulative_label_tokens", "train_loss", "heldout_step_auroc",
-                 "dataset_version", "version_id")
+                 "trusted_share", "pseudo_label_acc", "dataset_version", "version_id")
 
 
 def round_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -17,7 +17,7 @@ def round_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for rec in records:
         row = {c: rec.get(c) for c in TABLE_COLUMNS}
-        for c in ("train_loss", "heldout_step_auroc"):
+        for c in ("train_loss", "heldout_step_auroc", "trusted_share", "pseudo_label_acc"):
             if isinstance(row[c], float):
                 row[c] = round(row[c], 4)
         rows.append(row)
@@ -57,14 +57,18 @@ def report_markdown(title: str, records: Sequence[dict[str, Any]], stop: str, me
     """The markdown report: stop reason, the rounds table, the curve (an image URL: a file name or a data URI)."""
     lines = [f"# {title}", "", f"Stopped: **{stop}** ({message}).", "",
              "| round | selector | unlabelled | uncertain | labelled | rows | steps | tokens | rollout tokens | "
-             "cumulative | train loss | held-out AUROC | dataset version |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "cumulative | train loss | held-out AUROC | trusted | pseudo-label acc | dataset version |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in round_rows(records):
         fmt = {k: ("-" if v is None else v) for k, v in r.items()}
         lines.append(f"| {fmt['round']} | {fmt['selector']} | {fmt['unlabelled']} | {fmt['uncertain']} | "
                      f"{fmt['selected']} | {fmt['labelled_rows']} | {fmt['labelled_steps']} | "
                      f"{fmt['label_tokens']:,} | {fmt['rollout_tokens']:,} | {fmt['cumulative_label_tokens']:,} | "
-                     f"{fmt['train_loss']} | {fmt['heldout_step_auroc']} | {fmt['dataset_version']} |")
+                     f"{fmt['train_loss']} | {fmt['heldout_step_auroc']} | {fmt['trusted_share']} | "
+                     f"{fmt['pseudo_label_acc']} | {fmt['dataset_version']} |")
+    notes = [f"- round {r['round']}: {r['gate_note']}" for r in records if r.get("gate_note")]
+    if notes:
+        lines += ["", "## Gate", "", *notes]
     if curve_url:
         lines += ["", "## Label efficiency", "", f"![held-out step AUROC vs labelling tokens]({curve_url})"]
     return "\n".join(lines) + "\n"

@@ -13,6 +13,27 @@ the population std of the E head probabilities (``tasks.prm.model.StepScores``).
 Only uncertain trajectories are labelled. Two parameter sets ship (``PRESETS``): the paper's
 (delta_pred 0.95, delta_std 0.005) and the ActPRM code's (0.9, 0.01).
 
+This is the trust rule of the reference code (sail-sg/ActivePRM, ``ActiveSFTTrainer.compute_loss``): its pseudo
+labels are ``mean >= 0.5``, masked after the first 0; a trajectory is trusted when every unmasked step has
+``std <= delta_std`` and a mean beyond ``delta_pred`` either way. Two differences, both of the setting: the
+reference gates rows that are labelled already (its label mask also hides unlabelled steps), ours gates before any
+label, so every step counts; and its std is torch's default (Bessel-corrected, E - 1), ours the population std
+(E), smaller by sqrt((E - 1) / E) (0.935 for 8 heads), so a given delta_std is slightly looser here.
+
+**Gate figures** (``gate_stats``): the trusted share, and the reference's ``pseudo_label_acc``: of the trusted
+trajectories whose step truth is known, the share whose pseudo labels are right. The reference compares pseudo
+labels with labels that are masked after the true first error, so a trusted trajectory is right exactly when its
+first predicted error is its true first error (or it has neither): ``pseudo_labels_correct``.
+
+**A gate that can fire** (``calibrate_thresholds``): with the paper's thresholds a small ensemble trusts almost
+nothing, and the gate degenerates into a ranking. Calibration puts delta_pred and delta_std at the same quantile
+of a score set's per-trajectory needs (the least margin |mean - 0.5| and the largest std over the steps that
+matter), the smallest quantile that trusts the target share.
+
+**Picks** (``draw_uncertain``): a seeded draw among the uncertain (uniform, or weighted by the largest std over
+the steps that matter), at most ``per_group`` per problem, instead of the deterministic most-uncertain-first
+top-k, which is a biased sample of the pool. When everything is uncertain the uniform draw is the random baseline.
+
 Choices of ours, documented here because the paper does not fix them:
 - a step whose score is NaN (cut off by the PRM's token cap, see tasks/prm/model.py) is not confident: the
   ensemble said nothing about it. It counts only where it falls at or before the first predicted error;
@@ -152,6 +173,178 @@ def random_selection(ids: Sequence[str], k: int, seed: int) -> Selection:
     pool = sorted(set(ids))
     chosen = random.Random(seed).sample(pool, min(k, len(pool)))
     return Selection(tuple(chosen), 0, 0, None)
+
+
+def pseudo_labels(means: Sequence[float], threshold: float = ERROR_THRESHOLD) -> list[int | None]:
+    """The ensemble's own step labels: 1 (mean >= threshold), 0, None after the first 0 (and on NaN steps)."""
+    first = first_predicted_error(means, threshold)
+    return [None if math.isnan(m) or (first is not None and i > first) else int(m >= threshold)
+            for i, m in enumerate(means)]
+
+
+def pseudo_labels_correct(means: Sequence[float], truth: Sequence[bool | None],
+                          threshold: float = ERROR_THRESHOLD) -> bool:
+    """True iff, over the steps whose truth is known (not None), the first predicted error is the first true error
+    (or neither has one): the reference's pseudo labels equal its labels, both masked after their first error."""
+    if len(means) != len(truth):
+        raise ValueError(f"{len(means)} means but {len(truth)} truth values")
+    known = [i for i, t in enumerate(truth) if t is not None]
+    predicted = next((i for i in known if not math.isnan(means[i]) and means[i] < threshold), None)
+    actual = next((i for i in known if not truth[i]), None)
+    return predicted == actual
+
+
+# Under this trusted share the gate picks (nearly) everything: it is not selecting, whatever ranks the picks.
+NOT_SELECTING_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class GateStats:
+    """What the gate did on a set of scored trajectories (the reference logs trust_percentage, pseudo_label_acc)."""
+
+    scored: int
+    trusted: int
+    checked: int      # trusted trajectories whose truth was known
+    correct: int      # of those, how many had right pseudo labels
+
+    @property
+    def trusted_share(self) -> float | None:
+        return self.trusted / self.scored if self.scored else None
+
+    @property
+    def pseudo_label_acc(self) -> float | None:
+        return self.correct / self.checked if self.checked else None
+
+    @property
+    def note(self) -> str | None:
+        """"gate is not selecting" when it trusts under 5% of what it saw."""
+        share = self.trusted_share
+        if share is not None and share < NOT_SELECTING_SHARE:
+            return (f"gate is not selecting: it trusts {share:.1%} of {self.scored} trajectories (under "
+                    f"{NOT_SELECTING_SHARE:.0%}), so nearly everything is labelled")
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scored": self.scored, "trusted": self.trusted, "trusted_share": self.trusted_share,
+                "pseudo_label_checked": self.checked, "pseudo_label_correct": self.correct,
+                "pseudo_label_acc": self.pseudo_label_acc, "gate_note": self.note}
+
+
+def gate_stats(scores: Sequence[StepScoresLike], params: SelectionParams,
+               truths: Sequence[Sequence[bool | None] | None] | None = None) -> GateStats:
+    """The trusted count of `scores` and, where `truths` (same order; None: unknown) is given, the pseudo-label
+    accuracy on the trusted ones."""
+    if truths is not None and len(truths) != len(scores):
+        raise ValueError(f"{len(scores)} scores but {len(truths)} truths")
+    trusted = checked = correct = 0
+    for i, s in enumerate(scores):
+        if not trajectory_confident(s.mean, s.std, params):
+            continue
+        trusted += 1
+        truth = truths[i] if truths is not None else None
+        if truth is not None:
+            checked += 1
+            correct += pseudo_labels_correct(s.mean, truth, params.error_threshold)
+    return GateStats(len(scores), trusted, checked, correct)
+
+
+def trust_needs(means: Sequence[float], stds: Sequence[float],
+                threshold: float = ERROR_THRESHOLD) -> tuple[float, float] | None:
+    """(least |mean - 0.5|, largest std) over the steps that matter: the trajectory is trusted iff
+    delta_pred - 0.5 <= the first and delta_std >= the second. None: never trusted (nothing scored, or NaN)."""
+    n = steps_that_matter(means, threshold)
+    head_mean, head_std = list(means[:n]), list(stds[:n])
+    if n == 0 or any(math.isnan(v) for v in head_mean + head_std):
+        return None
+    return min(abs(m - 0.5) for m in head_mean), max(head_std)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Thresholds calibrated to a target trusted share, and the share they give on the set they were fitted on."""
+
+    params: SelectionParams
+    target_share: float
+    trusted_share: float
+    scored: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"delta_pred": self.params.delta_pred, "delta_std": self.params.delta_std,
+                "target_share": self.target_share, "trusted_share": self.trusted_share, "scored": self.scored}
+
+
+def calibrate_thresholds(scores: Sequence[StepScoresLike], target_share: float,
+                         error_threshold: float = ERROR_THRESHOLD) -> Calibration:
+    """delta_pred and delta_std at the same quantile of the set's trust needs (see the module docstring): the
+    k-th largest least-margin and the k-th smallest largest-std, with k the smallest that trusts at least
+    ``ceil(target_share x len(scores))`` trajectories. Ties can trust more than the target, never fewer.
+
+    ValueError when the target is outside (0, 1), or the set cannot reach it (too few scorable trajectories).
+    """
+    if not 0.0 < target_share < 1.0:
+        raise ValueError(f"the target trusted share must be in (0, 1), got {target_share}")
+    needs = [trust_needs(s.mean, s.std, error_threshold) for s in scores]
+    usable = [n for n in needs if n is not None]
+    want = math.ceil(target_share * len(scores))
+    if want > len(usable):
+        raise ValueError(f"cannot calibrate to a trusted share of {target_share}: only {len(usable)} of "
+                         f"{len(scores)} trajectories are scored on every step that matters")
+    margins = sorted((m for m, _ in usable), reverse=True)
+    stds = sorted(s for _, s in usable)
+    for k in range(1, len(usable) + 1):
+        margin, std = margins[k - 1], stds[k - 1]
+        if sum(1 for m, s in usable if m >= margin and s <= std) >= want:
+            break
+    # A hair inside each bound, so a trajectory exactly at them stays trusted despite rounding in 0.5 + margin.
+    delta_pred = min(max(0.5 + margin - 1e-9, 0.5), 1.0)
+    params = SelectionParams(delta_pred, min(std + 1e-12, 0.5), error_threshold)
+    trusted = sum(trajectory_confident(s.mean, s.std, params) for s in scores)
+    return Calibration(params, target_share, trusted / len(scores), len(scores))
+
+
+def draw_uncertain(ids: Sequence[str], scores: Sequence[StepScoresLike], params: SelectionParams,
+                   k: int | None, seed: int, weight: str = "uniform",
+                   groups: Sequence[str] | None = None, per_group: int | None = None) -> Selection:
+    """A seeded draw of at most `k` (None: all) of the uncertain trajectories, without replacement.
+
+    ``weight``: ``uniform``, or ``std`` (chance proportional to the largest std over the steps that matter; an
+    unscorable trajectory weighs as the largest weight seen). ``groups`` (same order as ids: each trajectory's
+    problem) with ``per_group``: at most that many per problem. The draw depends on the seed and the set of
+    (id, score) pairs, never on their order (weighted keys u ** (1 / w), Efraimidis-Spirakis, over sorted ids).
+    """
+    if weight not in ("uniform", "std"):
+        raise ValueError(f"weight must be 'uniform' or 'std', got {weight!r}")
+    if len(ids) != len(scores) or (groups is not None and len(groups) != len(ids)):
+        raise ValueError("ids, scores and groups must have the same length")
+    if len(set(ids)) != len(ids):
+        raise ValueError("trajectory ids must be unique")
+    group_of = dict(zip(ids, groups, strict=True)) if groups is not None else {}
+    weights: dict[str, float | None] = {}
+    for pid, s in zip(ids, scores, strict=True):
+        if trajectory_confident(s.mean, s.std, params):
+            continue
+        needs = trust_needs(s.mean, s.std, params.error_threshold)
+        weights[pid] = None if needs is None else needs[1]
+    known = [w for w in weights.values() if w is not None and w > 0]
+    top = max(known, default=1.0)
+    rng = random.Random(seed)
+    keyed = []
+    for pid in sorted(weights):
+        u = rng.random()
+        w = 1.0 if weight == "uniform" else (top if weights[pid] is None else max(weights[pid], 1e-12))
+        keyed.append((-(u ** (1.0 / w)), pid))
+    keyed.sort()
+    chosen: list[str] = []
+    taken: dict[str, int] = {}
+    for _, pid in keyed:
+        if k is not None and len(chosen) >= k:
+            break
+        g = group_of.get(pid, pid)
+        if per_group is not None and taken.get(g, 0) >= per_group:
+            continue
+        taken[g] = taken.get(g, 0) + 1
+        chosen.append(pid)
+    return Selection(tuple(chosen), len(weights), len(ids) - len(weights), params)
 
 
 def selection_params(cfg: Any) -> SelectionParams:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from configs.schema import REPO_ROOT, ConfigError, load_config, parse_config
+from configs.schema import REPO_ROOT, ConfigError, FactoryConfig, load_config, parse_config
 from tasks.active.selection import selection_params
 
 
@@ -41,6 +41,49 @@ def test_explicit_thresholds_replace_the_preset():
 def test_bad_active_section_names_its_field(active, path):
     with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
         parse_config(_toy(**active))
+
+
+@pytest.mark.parametrize(("selection", "message"), [
+    ({"delta_pred": 0.5, "delta_std": 0.01}, r"active\.selection\.delta_pred: Value error, delta_pred must be in "
+                                             r"\(0\.5, 1\), got 0\.5: a step is confident when"),
+    ({"delta_pred": 1.0, "delta_std": 0.01}, r"delta_pred must be in \(0\.5, 1\), got 1\.0"),
+    ({"delta_pred": 1.2, "delta_std": 0.01}, r"delta_pred must be in \(0\.5, 1\), got 1\.2"),
+    ({"delta_pred": 0.9, "delta_std": -0.01}, r"active\.selection\.delta_std: Value error, delta_std must be in "
+                                              r"\[0, 0\.5\], got -0\.01: .* never negative"),
+    ({"calibrate_trusted_share": 0.3, "delta_pred": 0.9, "delta_std": 0.01}, "give it or them, not both"),
+    ({"calibrate_trusted_share": 1.0}, r"active\.selection\.calibrate_trusted_share"),
+])
+def test_thresholds_outside_their_range_are_refused_by_validate(tmp_path, selection, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_toy(selection=selection))
+    result = _run_cli("validate", _write_config(tmp_path / "c.yaml", _toy(selection=selection)))
+    assert result.exit_code != 0 and "active.selection" in result.output
+
+
+def test_streaming_needs_the_warm_start():
+    with pytest.raises(ConfigError, match="schedule streaming .* needs warm_start true"):
+        parse_config(_toy(schedule="streaming", warm_start=False))
+
+
+def test_train_backbone_defaults_to_the_policy():
+    v2 = load_config(REPO_ROOT / "configs" / "toy-v2.yaml")
+    assert v2.train.model_path == v2.policy.model_path == "assets/toy-policy-v2"
+    explicit = {**_toy_v2(), "train": {"model_path": "assets/toy-policy"}}
+    assert parse_config(explicit).train.model_path == "assets/toy-policy"  # an explicit backbone wins
+    # A config whose policy is the old default hashes its trainer as before (the same path is hashed).
+    toy = parse_config(_toy())
+    assert toy.train.model_path == "assets/toy-policy"
+    def with_backbone(data: dict, path: str) -> FactoryConfig:
+        return parse_config({**data, "train": {**data.get("train", {}), "model_path": path}})
+
+    assert toy.train.train_hash() == with_backbone(_toy(), "assets/toy-policy").train.train_hash()
+    assert v2.train.train_hash() != with_backbone(_toy_v2(), "assets/toy-policy").train.train_hash()
+
+
+def _toy_v2() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / "configs" / "toy-v2.yaml").read_text())
 
 
 def test_active_section_does_not_change_the_dataset_hash():

@@ -122,3 +122,103 @@ def test_params_are_checked():
         SelectionParams(delta_pred=0.4, delta_std=0.01)
     with pytest.raises(ValueError, match="delta_std"):
         SelectionParams(delta_pred=0.9, delta_std=0.6)
+
+
+# -- the reference's trust rule, pseudo-label accuracy, calibration, the draw (issue 35) --------------------------
+
+from tasks.active.selection import (  # noqa: E402
+    calibrate_thresholds,
+    draw_uncertain,
+    gate_stats,
+    pseudo_labels,
+    pseudo_labels_correct,
+)
+
+SURE_RIGHT, SURE_WRONG, UNSURE = (0.99, 0.001), (0.01, 0.001), (0.7, 0.001)
+
+
+def _traj(*steps: tuple[float, float]) -> Scores:
+    return Scores([m for m, _ in steps], [s for _, s in steps])
+
+
+def test_first_predicted_error_past_an_unsure_step_is_not_trusted():
+    # The error is confident, but an unsure step comes before it: the ensemble might be wrong about that step.
+    past_unsure = _traj(SURE_RIGHT, UNSURE, SURE_WRONG, SURE_RIGHT)
+    # The same steps, the unsure one after the first predicted error: it decides nothing, so trusted.
+    after_error = _traj(SURE_RIGHT, SURE_WRONG, UNSURE, SURE_RIGHT)
+    # No error predicted: every step matters, and a wide std on the last one makes it uncertain.
+    wide_last = _traj(SURE_RIGHT, SURE_RIGHT, (0.99, 0.2))
+    assert trajectory_confident(past_unsure.mean, past_unsure.std, CODE) is False
+    assert trajectory_confident(after_error.mean, after_error.std, CODE) is True
+    assert trajectory_confident(wide_last.mean, wide_last.std, CODE) is False
+    assert pseudo_labels(past_unsure.mean) == [1, 1, 0, None]
+    assert pseudo_labels(after_error.mean) == [1, 0, None, None]
+
+
+def test_pseudo_labels_are_right_when_the_first_errors_agree():
+    means = [0.99, 0.01, 0.99]
+    assert pseudo_labels_correct(means, [True, False, True]) is True      # truth after its first error is moot
+    assert pseudo_labels_correct(means, [True, False, False]) is True
+    assert pseudo_labels_correct(means, [False, False, True]) is False    # the true error comes earlier
+    assert pseudo_labels_correct(means, [True, True, True]) is False      # no true error at all
+    assert pseudo_labels_correct([0.99, 0.99], [True, True]) is True      # neither has an error
+    assert pseudo_labels_correct(means, [True, None, False]) is False     # unknown step 1: first known error is 2
+    assert pseudo_labels_correct(means, [True, None, True]) is True       # only known steps compared: none errs
+
+
+def test_gate_stats_trusted_share_and_pseudo_label_accuracy():
+    scores = [_traj(SURE_RIGHT, SURE_WRONG),            # trusted, pseudo error at 1
+              _traj(SURE_RIGHT, SURE_RIGHT),            # trusted, no pseudo error
+              _traj(SURE_RIGHT, UNSURE, SURE_WRONG),    # uncertain
+              _traj(SURE_WRONG, UNSURE)]                # trusted, pseudo error at 0
+    truths = [[True, False], [True, False], [True, True, True], None]
+    stats = gate_stats(scores, CODE, truths)
+    # 3 of 4 trusted; truth known for 2 of them: the first is right, the second misses the error at step 1.
+    assert (stats.scored, stats.trusted, stats.checked, stats.correct) == (4, 3, 2, 1)
+    assert stats.trusted_share == 0.75 and stats.pseudo_label_acc == 0.5 and stats.note is None
+    none_trusted = gate_stats([scores[2]] * 20 + [scores[0]], CODE)
+    assert none_trusted.trusted_share == 1 / 21 and none_trusted.pseudo_label_acc is None
+    assert none_trusted.note.startswith("gate is not selecting: it trusts 4.8% of 21 trajectories")
+
+
+def test_calibrated_gate_hits_its_target_share():
+    # Ten trajectories whose least margins and largest stds are all distinct; the paper's preset trusts none.
+    scores = [_traj((0.55 + 0.04 * i, 0.002 + 0.003 * (9 - i)), (0.99, 0.001)) for i in range(10)]
+    assert gate_stats(scores, PAPER).trusted == 0
+    for target, want in ((0.3, 3), (0.5, 5), (0.25, 3), (0.9, 9)):
+        cal = calibrate_thresholds(scores, target)
+        assert gate_stats(scores, cal.params).trusted == want, target
+        assert cal.trusted_share == want / 10
+        assert 0.5 < cal.params.delta_pred < 1 and cal.params.delta_std >= 0
+    # The three most confident (i = 9, 8, 7): margin >= 0.33 and std <= 0.008.
+    cal = calibrate_thresholds(scores, 0.3)
+    assert cal.params.delta_pred == pytest.approx(0.5 + 0.05 + 0.04 * 7 - 0.0, abs=1e-6)
+    assert cal.params.delta_std == pytest.approx(0.002 + 0.003 * 2, abs=1e-9)
+    with pytest.raises(ValueError, match="only 1 of 2 trajectories are scored"):
+        calibrate_thresholds([_traj((NAN, NAN)), scores[0]], 0.9)
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        calibrate_thresholds(scores, 1.0)
+
+
+def test_draw_among_the_uncertain_is_seeded_capped_and_order_free():
+    ids = [f"p{i}" for i in range(12)]
+    scores = [_traj(SURE_RIGHT) if i % 4 == 0 else _traj((0.8, 0.01 * i)) for i in range(12)]  # p0, p4, p8 trusted
+    a = draw_uncertain(ids, scores, CODE, 5, seed=7)
+    b = draw_uncertain(ids[::-1], scores[::-1], CODE, 5, seed=7)
+    assert a.selected == b.selected and len(a.selected) == 5 and (a.uncertain, a.confident) == (9, 3)
+    assert not {"p0", "p4", "p8"} & set(a.selected)
+    assert draw_uncertain(ids, scores, CODE, 5, seed=8).selected != a.selected
+    assert set(draw_uncertain(ids, scores, CODE, None, seed=1).selected) == set(ids) - {"p0", "p4", "p8"}
+    groups = [f"q{i % 2}" for i in range(12)]  # two problems
+    capped = draw_uncertain(ids, scores, CODE, None, seed=1, groups=groups, per_group=2)
+    picked_groups = sorted(groups[ids.index(p)] for p in capped.selected)
+    assert picked_groups == ["q0", "q0", "q1", "q1"]
+    # By std: the largest std (0.11) is drawn first far more often than the smallest (0.01) over many seeds.
+    firsts = [draw_uncertain(ids, scores, CODE, 1, seed=s, weight="std").selected[0] for s in range(400)]
+    assert firsts.count("p11") > 3 * firsts.count("p1")
+    # Everything uncertain: a uniform draw hits each id about equally often (the random baseline).
+    flat = [_traj((0.8, 0.05))] * 12
+    counts = {p: 0 for p in ids}
+    for s in range(600):
+        counts[draw_uncertain(ids, flat, CODE, 1, seed=s).selected[0]] += 1
+    assert min(counts.values()) > 20 and max(counts.values()) < 85
