@@ -20,6 +20,7 @@ import torch
 
 from configs.models import resolve_model
 from tasks.generation import EngineRequestError, GenerationRequest, GenerationResult, Sample, check_request
+from tasks.labelling.entropy import entropy_from_logprobs
 
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below this sample greedily
 
@@ -42,13 +43,6 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits.log_softmax(dim=-1)
-
-
-def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
-    """H = -sum_v p_v log p_v in nats over the last axis; -inf entries (p = 0) contribute nothing."""
-    p = logprobs.exp()
-    plogp = (p * logprobs.masked_fill(p == 0, 0.0)).sum(dim=-1)
-    return (-plogp).clamp_min(0.0)
 
 
 def _top_alternatives(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from configs.schema import FactoryConfig, ToySource, resolve_path
+from tasks.labelling.entropy import entropy_from_logprobs
 from tasks.sources.problems import Problem
 from tasks.sources.prompts import render_prompt
 from tasks.sources.toy_world import check_solution, generate_problems
@@ -119,8 +120,7 @@ def evaluate_policy(
                 )
             new_ids = out.sequences[:, enc["input_ids"].shape[1] :]
             logits = torch.stack(out.logits, dim=1).float()  # (batch, new tokens, vocab)
-            logp = torch.log_softmax(logits, dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1)
+            entropy = entropy_from_logprobs(torch.log_softmax(logits, dim=-1))
             # Count tokens up to and including the first EOS; later positions are padding.
             is_eos = new_ids == tokenizer.eos_token_id
             after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0

@@ -55,6 +55,20 @@ def entropy_from_logits(logits: Any, temperature: float = 1.0) -> np.ndarray:
     return -np.sum(plogp, axis=-1)
 
 
+def entropy_from_logprobs(logprobs: Any) -> Any:
+    """H = -sum_v p_v log p_v in nats over the last axis of a torch tensor of log-probabilities, as a tensor on
+    the same device and in the same dtype (differentiable: the PRM's token features train through it).
+
+    ``-inf`` entries (tokens of probability 0: masked, or outside a top-p nucleus) contribute nothing, where the
+    naive ``-(p * logp).sum()`` gives ``0 * -inf = NaN``. The one home of the torch entropy: the transformers
+    engine, the policy evaluation and the PRM's token features use it; ``entropy_from_logits`` is the float64
+    reference it is tested against.
+    """
+    p = logprobs.exp()
+    plogp = (p * logprobs.masked_fill(p == 0, 0.0)).sum(dim=-1)
+    return (-plogp).clamp_min(0.0)
+
+
 def topk_entropy_bounds(
     top_logprobs: Sequence[float], vocab_size: int, *, k: int | None = None
 ) -> tuple[float, float]:

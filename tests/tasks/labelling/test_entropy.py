@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.labelling.entropy import entropy_from_logits, topk_entropy_bounds
+from tasks.labelling.entropy import entropy_from_logits, entropy_from_logprobs, topk_entropy_bounds
 
 LN2 = math.log(2)
 # p = (0.75, 0.25): H = -(0.75 ln 0.75 + 0.25 ln 0.25)
@@ -164,3 +164,15 @@ def test_bounds_validation():
         topk_entropy_bounds([math.log(0.1)] * 3, 2)
     with pytest.raises(ValueError, match="vocab_size"):
         topk_entropy_bounds([math.log(0.1)], 0)
+
+
+def test_torch_entropy_from_logprobs_equals_the_reference_and_guards_minus_inf():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, float("-inf"), 0.5, float("-inf")]], requires_grad=True)
+    logp = torch.log_softmax(logits, dim=-1)
+    naive = -(logp.exp() * logp).sum(-1)
+    assert torch.isnan(naive[1]), "the guard matters: 0 * -inf is NaN"
+    h = entropy_from_logprobs(logp)
+    np.testing.assert_allclose(h.detach().numpy(), entropy_from_logits(logits.detach()), rtol=1e-6)
+    assert abs(float(h[1]) - math.log(2)) < 1e-6
+    h.sum().backward()  # differentiable: the PRM's token features train through it
+    assert torch.isfinite(logits.grad).all()
