@@ -536,6 +536,11 @@ class FactoryConfig(_Strict):
             raise ValueError(f"partition.entropy_source '{src}' is for vLLM; the transformers backend gives 'exact'")
         return self
 
+    @property
+    def branching(self) -> bool:
+        """Whether labelling grows EDU trees: branches exist only at EDU anchors, with more than one token tried."""
+        return self.tree.enabled and self.partition.method == "edu" and self.tree.branch_width > 1
+
     def config_hash(self) -> str:
         """A stable hash of the config that makes the dataset (for its manifest and caching).
 

@@ -198,6 +198,12 @@ def stage_ingest(cfg: FactoryConfig, staging_dir: str | Path) -> list[ShardPlan]
     return plan_shards([p.problem_id for p in ingested.problems], cfg)
 
 
+def shard_key(labelling_hash: str, problem_ids: Sequence[str]) -> str:
+    """The key of a shard: what decides its rows (the config's labelling hash and its problems, in order). A
+    build's shard and an active round's shard are keyed alike."""
+    return hashlib.sha256("\x1f".join((labelling_hash, *problem_ids)).encode()).hexdigest()[:16]
+
+
 def plan_shards(problem_ids: Sequence[str], cfg: FactoryConfig) -> list[ShardPlan]:
     """Consecutive slices of `problems_per_shard` problem ids, in ingest order."""
     size = cfg.dataset.problems_per_shard
@@ -205,8 +211,7 @@ def plan_shards(problem_ids: Sequence[str], cfg: FactoryConfig) -> list[ShardPla
     plans = []
     for index, start in enumerate(range(0, len(problem_ids), size)):
         ids = tuple(problem_ids[start:start + size])
-        key = hashlib.sha256(("\x1f".join((cfg_hash, *ids))).encode()).hexdigest()[:16]
-        plans.append(ShardPlan(index, ids, key, start))
+        plans.append(ShardPlan(index, ids, shard_key(cfg_hash, ids), start))
     return plans
 
 

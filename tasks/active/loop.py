@@ -65,8 +65,9 @@ from tasks.active.selection import (
     select_uncertain,
     selection_params,
 )
-from tasks.build import write_labelled_shard, write_version_manifest
+from tasks.build import shard_key, write_labelled_shard, write_version_manifest
 from tasks.cost import ShardCost
+from tasks.labelling.partition import decode_steps
 from tasks.labelling.tree_labeller import ShardResult, Trajectory
 from tasks.sources.problems import Problem
 from tasks.store.dataset import (
@@ -138,8 +139,7 @@ def estimate_label_cost(cfg: FactoryConfig) -> dict[str, Any]:
     writes ~36 tokens), so the real cost is lower; the estimate guards against a budget that cannot buy one
     problem, before any engine starts.
     """
-    branching = cfg.tree.enabled and cfg.partition.method == "edu" and cfg.tree.branch_width > 1
-    leaves = min(cfg.tree.branch_width, cfg.tree.max_leaves) if branching and cfg.tree.max_depth > 0 else 1
+    leaves = min(cfg.tree.branch_width, cfg.tree.max_leaves) if cfg.branching and cfg.tree.max_depth > 0 else 1
     tokens = leaves * cfg.rollouts.n * cfg.rollouts.max_new_tokens
     how = (f"{leaves} tree leaves x {cfg.rollouts.n} rollouts x {cfg.rollouts.max_new_tokens} max_new_tokens")
     return {"tokens": tokens, "leaves": leaves, "how": how}
@@ -155,11 +155,6 @@ def check_budget(cfg: FactoryConfig) -> None:
         raise ActiveError(f"active.label_token_budget {budget:,} is below the estimated cost of labelling one "
                           f"problem, {est['tokens']:,} tokens ({est['how']}); raise the budget or lower "
                           "rollouts.n / rollouts.max_new_tokens")
-
-
-def round_shard_key(labelling_hash: str, problem_ids: Sequence[str]) -> str:
-    """The shard key of a round's rows: the same formula as tasks.build.plan_shards (config hash + problem ids)."""
-    return hashlib.sha256("\x1f".join((labelling_hash, *problem_ids)).encode()).hexdigest()[:16]
 
 
 def round_seed(seed: int, round_index: int) -> int:
@@ -191,12 +186,7 @@ class PoolItem:
 
 def pool_steps(labeller: Any, leaf: Trajectory) -> list[str]:
     """A solution's step texts, cut exactly as ``ShardLabeller`` cuts the rows it labels."""
-    bounds = labeller.boundaries(leaf)
-    if not bounds:
-        return []
-    ends = bounds[1:] + [len(leaf.token_ids)]
-    return [labeller.tok.decode(leaf.token_ids[a:b], skip_special_tokens=True)
-            for a, b in zip(bounds, ends, strict=True)]
+    return decode_steps(labeller.tok, leaf.token_ids, labeller.boundaries(leaf))
 
 
 # -- files -----------------------------------------------------------------------------------------------------
@@ -605,7 +595,7 @@ class ActiveLoop:
         """
         cfg = self.cfg
         root = self.out / LABELS_DIR
-        key = round_shard_key(cfg.labelling_hash(), selected)
+        key = shard_key(cfg.labelling_hash(), selected)
         bought_before = [rec for rec in records if rec.get("version_id")]
         # Rounds: version r holds every label so far (shards 0..r-1 linked). Streaming: a batch's version holds
         # just its own shard (trained on alone, warm-started); its lineage still names the batch before.
@@ -848,11 +838,6 @@ def ruler_eval_fn(ruler_problems: int | None, bon_ns: Sequence[int] = (1, 8)) ->
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
     return evaluate
-
-
-def efficiency_curve(records: Sequence[dict[str, Any]]) -> list[tuple[int, float | None]]:
-    """(cumulative label tokens, held-out step AUROC) per round: the label-efficiency curve."""
-    return [(int(r["cumulative_label_tokens"]), r.get("heldout_step_auroc")) for r in records]
 
 
 def format_round_line(record: dict[str, Any]) -> str:

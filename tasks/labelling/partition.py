@@ -235,3 +235,9 @@ def split_steps(token_ids_or_texts: Sequence[T], boundaries: Sequence[int]) -> l
         raise ValueError(f"boundaries must be strictly increasing and < {n} (the sequence length), got {b}")
     ends = b[1:] + [n]
     return [list(token_ids_or_texts[s:e]) for s, e in zip(b, ends, strict=True)]
+
+
+def decode_steps(tokenizer: Any, token_ids: Sequence[int], boundaries: Sequence[int]) -> list[str]:
+    """The step texts of a solution cut at ``boundaries`` (``split_steps``), each decoded on its own: the one rule
+    every row's ``completions`` follows (the tree and truth labellers, the active loop's pool)."""
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in split_steps(token_ids, boundaries)]

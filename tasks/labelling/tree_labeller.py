@@ -31,7 +31,7 @@ from configs.schema import FactoryConfig
 from tasks.cost import ShardCost
 from tasks.generation import Engine, GenerationRequest, GenerationResult, Sample
 from tasks.labelling.label_rule import EARLY_STOP_ORIGIN, ESTIMATED_ORIGIN, FINAL_ORIGIN, step_labels
-from tasks.labelling.partition import Partitioner, make_partitioner, split_steps
+from tasks.labelling.partition import Partitioner, decode_steps, make_partitioner
 from tasks.labelling.rollouts import LeafSteps, PrefixKey, RolloutContext, RolloutLedger, request_seed, run_rollouts
 from tasks.sources.answers import check_answer
 from tasks.sources.problems import Problem
@@ -138,7 +138,7 @@ class ShardLabeller:
         self.partitioner: Partitioner = make_partitioner(cfg.partition)
         self.progress = progress or (lambda stage, n: None)
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.branching = cfg.tree.enabled and cfg.partition.method == "edu" and cfg.tree.branch_width > 1
+        self.branching = cfg.branching
 
     # -- engine rounds ---------------------------------------------------------------------------
 
@@ -352,8 +352,7 @@ class ShardLabeller:
             rollout_tokens += ledger.tokens.get(key, 0) / max(1, ledger.sharers.get(key, 1))
         return {
             "prompt": render_prompt(cfg.policy.prompt_template, p.question, self.tok, cfg.policy.system_prompt),
-            "completions": [self.tok.decode(ids, skip_special_tokens=True)
-                            for ids in split_steps(leaf.token_ids, bounds)],
+            "completions": decode_steps(self.tok, leaf.token_ids, bounds),
             "labels": labels.hard_list(),
             "successes": successes,
             "rollouts": rollouts,

@@ -22,7 +22,7 @@ from configs.schema import FactoryConfig
 from tasks.cost import ShardCost
 from tasks.generation import Engine, GenerationRequest
 from tasks.labelling.label_rule import FINAL_ORIGIN, TRUTH_ORIGIN, step_labels
-from tasks.labelling.partition import split_steps
+from tasks.labelling.partition import decode_steps
 from tasks.labelling.rollouts import request_seed
 from tasks.labelling.tree_labeller import Rejected, ShardLabeller, ShardResult, Tokenizer, Trajectory
 from tasks.sources.answers import check_answer
@@ -81,7 +81,7 @@ class TruthLabeller:
     def _truth_row(self, p: Problem, k: int, leaf: Any, bounds: list[int], final_correct: bool,
                    prompt_tokens: int) -> dict[str, Any]:
         cfg = self.cfg
-        steps = [self.tok.decode(ids, skip_special_tokens=True) for ids in split_steps(leaf.token_ids, bounds)]
+        steps = decode_steps(self.tok, leaf.token_ids, bounds)
         truth = [prefix_is_correct(p, "".join(steps[: i + 1])) for i in range(len(steps) - 1)]
         origins = [TRUTH_ORIGIN] * len(truth) + [FINAL_ORIGIN]
         verdicts = [*truth, final_correct]
