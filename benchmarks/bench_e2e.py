@@ -306,12 +306,11 @@ class Trainer:
         return Scorer(model, tokenizer, prm_config["max_length"], self if states is not None else None)
 
     def measure(self, scorer: Any) -> dict[str, Any]:
-        from bench_toy_prm import figures
-
         from tasks.evaluation.ruler import evaluate_ruler
+        from tasks.evaluation.summary import ruler_figures
 
         t0 = time.perf_counter()
-        out = figures(evaluate_ruler(scorer, self.ruler, [1, 8], n_boot=self.args.n_boot))
+        out = ruler_figures(evaluate_ruler(scorer, self.ruler, [1, 8], n_boot=self.args.n_boot))
         PROFILE["evaluation"] += time.perf_counter() - t0
         return out
 
@@ -361,15 +360,14 @@ class Scorer:
 
 def references(ruler: Any, world: str, args: argparse.Namespace) -> dict[str, Any]:
     """The free references on the same ruler slice: position and the world's policy confidence."""
-    from bench_toy_prm import figures
-
     from tasks.evaluation.ruler import evaluate_ruler, reference_scorer
+    from tasks.evaluation.summary import ruler_figures
 
     key = content_key(["refs", ruler.manifest["content_hash"], len(ruler.problem_ids), args.n_boot])
     path = args.cache / "points" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    out = {name: figures(evaluate_ruler(reference_scorer(name, ruler), ruler, [1, 8], n_boot=args.n_boot))
+    out = {name: ruler_figures(evaluate_ruler(reference_scorer(name, ruler), ruler, [1, 8], n_boot=args.n_boot))
            for name in ("position", "policy-confidence")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -59,17 +59,6 @@ def fresh_ruler(out: Path) -> Any:
     return fresh
 
 
-def figures(report: dict[str, Any]) -> dict[str, Any]:
-    st, bon = report["steps"], report["best_of_n"]
-    i8 = bon["ns"].index(8)
-    return {"within_position_auroc": st["within_position_auroc"], "within_position_auroc_ci":
-            st["within_position_auroc_ci"], "first_error_f1": st["first_error_f1"], "step_auroc": st["step_auroc"],
-            "bon8_min_step": bon["accuracy"]["min_step"][i8], "bon8_min_step_ci": bon["ci"]["min_step"][i8],
-            "bon8_majority": bon["accuracy"]["majority"][i8], "bon8_majority_ci": bon["ci"]["majority"][i8],
-            "bon8_min_step_minus_majority_ci": bon["diff_vs_majority"]["min_step"][i8],
-            "bon8_random": bon["accuracy"]["random"][i8], "bon8_any_right": bon["oracle_any_correct"][i8]}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, required=True)
@@ -79,6 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from tasks.evaluation.ruler import check_disjoint, evaluate_ruler, load_ruler, reference_scorer
+    from tasks.evaluation.summary import ruler_figures
     from tasks.prm.model import load_prm, training_problem_ids
 
     sets = {"ruler": load_ruler(), "fresh": fresh_ruler(args.fresh_dir)}
@@ -94,7 +84,7 @@ def main() -> None:
         for name in ("checkpoint", *REFERENCES):
             t0 = time.perf_counter()
             scorer = prm if name == "checkpoint" else reference_scorer(name, ruler)
-            rows[name] = {**figures(evaluate_ruler(scorer, ruler, [1, 8], n_boot=args.n_boot)),
+            rows[name] = {**ruler_figures(evaluate_ruler(scorer, ruler, [1, 8], n_boot=args.n_boot)),
                           "seconds": round(time.perf_counter() - t0, 1)}
             r = rows[name]
             print(f"{set_name:6s} {name:18s} within-position AUROC {r['within_position_auroc']:.3f} "

@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_toy_prm import figures  # noqa: E402  (the same figures of a ruler report in both studies)
+from tasks.evaluation.summary import ruler_figures  # noqa: E402
 
 # Named recipes: overrides of the schema's `train:` defaults (configs/schema.py TrainConfig; tasks/prm/model.py says
 # what each knob means). Not of configs/toy.yaml's section: that now holds the winning recipe, and "baseline" must
@@ -197,7 +197,7 @@ def train_recipe(name: str, overrides: dict[str, Any], rows: list[dict[str, Any]
             "best_epoch": max(history, key=lambda h: h["heldout_within_position_auroc"])["epoch"],
             "train_seconds": round(train_seconds, 1),
             "trajectories_per_s": round(len(train_rows) * train.epochs / train_seconds, 1),
-            "ruler": figures(report)}
+            "ruler": ruler_figures(report)}
 
 
 def plot_ceiling(results: dict[str, Any], recipe: str, png: Path) -> None:
@@ -277,7 +277,7 @@ def main() -> None:
         for name in ("position", "policy-confidence"):
             report = evaluate_ruler(reference_scorer(name, ruler), ruler, [1, 8], n_boot=args.n_boot)
             key = f"{name}@ruler{'' if args.world == 'v1' else '-v2-'}{args.ruler_problems}"
-            results["references"][key] = figures(report)
+            results["references"][key] = ruler_figures(report)
             log(f"reference {name}: {results['references'][key]}")
     for name in args.recipes.split(","):
         entry = {**train_recipe(name, RECIPES[name], rows, args, ruler), "setup": setup,

@@ -724,33 +724,21 @@ def _pct(x: float | None) -> str:
 def _print_eval(report: dict) -> None:
     from rich.table import Table
 
+    from tasks.evaluation.summary import best_of_n_rows, steps_line
+
     if "ruler" in report:
         st = report["ruler"]["steps"]
-
-        def f3(x: float | None) -> str:
-            return "-" if x is None else f"{x:.3f}"
-
-        ci = st.get("within_position_auroc_ci")
         console.print(f"ruler {st['ruler_version']} ({st['problems']} problems, {st['trajectories']} trajectories, "
                       f"{st['steps']} steps, {st['correct_steps']} correct), scorer {report['scorer']}:")
-        console.print(f"  within-position AUROC [bold]{f3(st['within_position_auroc'])}[/bold]"
-                      + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-                      + f", first-error F1@{st['threshold']:g} [bold]{f3(st['first_error_f1'])}[/bold]; "
-                      f"beside them: step AUROC {f3(st['step_auroc'])}, step accuracy {f3(st['step_accuracy'])}"
-                      + (f"; {st['unscored_steps']} steps unscored" if st["unscored_steps"] else ""), soft_wrap=True)
+        console.print(f"  {steps_line(st)}", soft_wrap=True, markup=False)
         if "best_of_n" in report["ruler"]:
             b = report["ruler"]["best_of_n"]
             table = Table(title=f"best-of-N accuracy (95% CI over problems), scorer {report['scorer']}")
             table.add_column("selector")
             for n in b["ns"]:
                 table.add_column(f"N={n}", justify="right")
-            for name, accs in b["accuracy"].items():
-                cis = b.get("ci", {}).get(name) or [None] * len(accs)
-                table.add_row(name, *[f"{a:.3f}" + (f" ({c[0]:.2f}-{c[1]:.2f})" if c else "")
-                                      for a, c in zip(accs, cis, strict=True)])
-            for name, diffs in b.get("diff_vs_majority", {}).items():
-                table.add_row(f"{name} - majority", *[f"{d[0]:+.3f}..{d[1]:+.3f}" for d in diffs])
-            table.add_row("(any right)", *[f"{a:.3f}" for a in b["oracle_any_correct"]])
+            for name, cells in best_of_n_rows(b):
+                table.add_row(name, *cells)
             console.print(table)
     if "processbench" in report:
         pb = report["processbench"]
