@@ -79,10 +79,10 @@ def main() -> None:
     import shutil
 
     import torch
-    from bench_toy_prm import figures
 
     from cluster.pooling_engine import VLLMEnsemblePRM, VLLMPooledPRM
     from tasks.evaluation.ruler import Ruler, evaluate_ruler, load_ruler, reference_scorer
+    from tasks.evaluation.summary import ruler_figures
     from tasks.prm.export import ExportedPRM, export_prm
     from tasks.prm.model import BACKBONE_DIR, find_checkpoint_dir, load_prm
 
@@ -122,7 +122,7 @@ def main() -> None:
     scorers["policy-confidence (free reference)"] = reference_scorer("policy-confidence", check)
     quality = {}
     for name, scorer in scorers.items():
-        quality[name] = figures(evaluate_ruler(scorer, check, [1, 8], n_boot=args.n_boot))
+        quality[name] = ruler_figures(evaluate_ruler(scorer, check, [1, 8], n_boot=args.n_boot))
         q = quality[name]
         print(f"{name:36s} within-position AUROC {q['within_position_auroc']:.3f} "
               f"{[round(x, 3) for x in q['within_position_auroc_ci']]}  F1 {q['first_error_f1']:.3f}  BoN@8 "

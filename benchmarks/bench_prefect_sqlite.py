@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from cluster.prefect_stack import WORK_POOL, deploy, prefect_env, start_server, start_worker  # noqa: E402
 
 SERVICES_OFF = {f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false"

@@ -25,9 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from prm_factory import set_offline_env  # noqa: E402 - needs the repo on sys.path first
+from prm_factory import set_offline_env  # noqa: E402 - before anything reads the environment
 
 set_offline_env()
 

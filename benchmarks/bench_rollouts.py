@@ -22,15 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from configs.env import set_offline_env  # noqa: E402 - needs the repo on sys.path first
+from configs.env import set_offline_env  # noqa: E402 - before anything reads the environment
 
 set_offline_env()
 

@@ -23,13 +23,11 @@ import argparse
 import hashlib
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from tasks.evaluation.summary import ruler_figures  # noqa: E402
 
