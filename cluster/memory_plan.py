@@ -11,9 +11,9 @@ The PRM's backbone is the decoder without its LM head (tasks/prm/model.py, ``Aut
 added when ``token_features`` reads it. The ensemble heads: ``E·Σ(fan_in·fan_out + fan_out)`` over the widths
 ``[h + token features, *head_hidden, 1]``. A vLLM engine holds the causal LM (the LM head too, when untied).
 
-**Training state per GPU.** ``m`` bytes per master weight (``precision: fp32``: ``train.dtype``'s size, so a
-bfloat16 backbone trains its bf16 weights directly; ``*-mixed``: 4, fp32 master weights), ``c`` bytes per
-computed value (fp32: ``train.dtype``'s size; mixed: 2).
+**Training state per GPU.** ``m = 4`` bytes per master weight (the trained weights and AdamW's states are always
+float32: configs/schema.py refuses training bf16 weights directly), ``c`` bytes per computed value (fp32: 4;
+``*-mixed``: 2).
 
 - ddp: every GPU holds all weights ``P·m``, the gradients ``T·m`` (``T`` trainable parameters), AdamW's two
   states ``2·T·m`` and DDP's gradient buckets ``T·m`` (torch DDP copies gradients into buckets of its own unless
@@ -130,8 +130,8 @@ def train_memory(arch: Architecture, train: TrainConfig, seq_len: int | None = N
     h, q, kv, i = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, \
         arch.intermediate_size
     mixed = train.precision != "fp32"
-    m = 4 if mixed else DTYPE_BYTES[train.dtype]
-    c = 2 if mixed else DTYPE_BYTES[train.dtype]
+    m = 4
+    c = 2 if mixed else 4
     counts = param_counts(arch)
     lm_head = counts.lm_head if train.token_features != "none" else 0
     backbone = counts.embeddings + L * counts.layer + counts.final_norm
@@ -340,7 +340,7 @@ def plan_config(cfg: FactoryConfig, gpu_bytes: int | None = None, detect: bool =
             report.problems.append(
                 f"train: {gib(plan.total)} per GPU does not fit {gib(usable)} ({1 - RESERVED_FRACTION:.0%} of "
                 f"{gib(gpu_bytes)}, {source}) with strategy: {train.strategy}, precision: {train.precision}"
-                f"{f' (dtype {train.dtype})' if train.precision == 'fp32' else ''}, "
+                ", "
                 f"activation_checkpointing: {str(train.activation_checkpointing).lower()}, batch_size: "
                 f"{train.batch_size}; {how}")
     policy, cluster = cfg.policy, cfg.cluster

@@ -273,7 +273,20 @@ class TrainConfig(_Strict):
     model_path: str = Field("assets/toy-policy", description="a local HF-format backbone directory or a Hugging Face "
                             "model id (resolved like policy.model_path, honouring `offline`); in a factory config, "
                             "unset means the policy's model_path")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole model (DistributedDataParallel); fsdp: FSDP2 "
+        "fully_shard per decoder layer and on the root, each worker holding 1/num_workers of the parameters, "
+        "gradients and AdamW states (and writing its own shard of each epoch checkpoint)")
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
+        "fp32", description="the weights and AdamW states are always float32; bf16-mixed / fp16-mixed compute in "
+        "bf16 / fp16 (fsdp: MixedPrecisionPolicy with float32 gradient reduction; ddp: autocast; fp16 adds loss "
+        "scaling)")
+    dtype: str | None = Field(None, exclude=True, description="removed: the trained weights are float32; only "
+                              "float32 is accepted here (bfloat16 weights do not train at small lr: use precision)")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the "
+                                           "backward pass instead of keeping them (less memory, ~1/3 more compute)")
+    grad_accum_steps: int = Field(1, ge=1, description="batches per worker summed into one optimizer step; the "
+                                  "global batch is batch_size x num_workers x grad_accum_steps trajectories")
     max_length: int | None = Field(None, ge=8, description="token cap per trajectory (None: the backbone's context)")
     num_heads: int = Field(8, ge=1, le=64, description="ensemble heads E")
     head_hidden: list[int] = Field([128, 128], min_length=1, max_length=4, description="hidden widths of each head")
@@ -295,33 +308,52 @@ class TrainConfig(_Strict):
     train_backbone: bool = True
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, ge=1, description="trajectories per worker per step")
+    batch_size: int = Field(8, ge=1, description="trajectories per worker per batch (grad_accum_steps batches make "
+                            "one optimizer step)")
     epochs: int = Field(3, ge=1)
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP: gloo on CPU, NCCL on GPU)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (gloo on CPU, NCCL on GPU)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="share of problems held out (by problem_id hash)")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0, description="worker-group restarts Ray Train may do inside one run")
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
-    activation_checkpointing: bool = False
-    grad_accum_steps: int = Field(1, ge=1)
     gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one training GPU in GB (1e9 bytes); "
                                         "validate and doctor refuse a train section (and vLLM engines) that the "
                                         "memory planner (cluster/memory_plan.py) says do not fit it")
     seed: int = Field(0, description="training seed: head initialisation, batch order and which problems are held "
                       "out for evaluation")
 
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _no_low_precision_weights(cls, v: object) -> None:
+        """The trained weights are float32 (`precision` sets the compute): `dtype: float32` is accepted as before,
+        bfloat16 / float16 weights are refused, saying why."""
+        if v in (None, "float32", "fp32"):
+            return None
+        mixed = {"bfloat16": "bf16-mixed", "bf16": "bf16-mixed", "float16": "fp16-mixed", "fp16": "fp16-mixed"}
+        if v in mixed:
+            raise ValueError(
+                f"{v} would train {v} weights directly, and AdamW's small updates round away in them (a bfloat16 "
+                f"weight of 0.02 minus 1e-5 is 0.02 again: after a few steps at lr 1e-5 most weights have not "
+                f"changed). Drop dtype and set precision: {mixed[v]} (float32 master weights and AdamW states, {v} "
+                "compute)")
+        raise ValueError(f"{v!r} is not a training dtype; drop dtype (the weights are float32) and choose the compute "
+                         "with precision: fp32 | bf16-mixed | fp16-mixed")
+
     @field_validator("model_path")
     @classmethod
     def _backbone_exists(cls, v: str, info: ValidationInfo) -> str:
         return _local_model_exists(v, info)
 
+    @property
+    def global_batch(self) -> int:
+        """Trajectories per optimizer step over all workers: batch_size x num_workers x grad_accum_steps."""
+        return self.batch_size * self.num_workers * self.grad_accum_steps
+
     def train_hash(self) -> str:
         """A stable hash of the trainer section (a resumed run must have the same one). Fields added later are
         hashed only when they differ from their default, so a run written before them keeps its hash."""
-        dump = self.model_dump(mode="json")
+        dump = {**self.model_dump(mode="json"), **_REMOVED_TRAIN_FIELDS}
         dump.pop("gpu_memory_gb", None)  # what the memory planner checks against; it changes no weight
         for name, default in _LATER_TRAIN_DEFAULTS.items():
             if dump.get(name) == default:
@@ -337,6 +369,9 @@ _REMOVED_ROLLOUT_FIELDS = {"seed": 0}
 _LATER_TRAIN_DEFAULTS = {"pull_reduction": "sum", "reads": "end", "token_features": "none", "shuffle": False,
                          "keep": "last", "strategy": "ddp", "precision": "fp32", "activation_checkpointing": False,
                          "grad_accum_steps": 1}
+# train.dtype (the trained weights' dtype) became `precision` (the compute's; the weights are float32): a run written
+# before with the float32 it always trained in keeps its train hash.
+_REMOVED_TRAIN_FIELDS = {"dtype": "float32"}
 _REMOVED_DATASET_FIELDS = {"quarantine_dir": None}
 
 

@@ -193,17 +193,22 @@ class EnsembleHeads(nn.Module):
         total = torch.zeros(self.num_heads, device=self.weights[0].device)
         count = 0
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            w0, b0 = getattr(self, f"init_weight_{i}"), getattr(self, f"init_bias_{i}")
-            total = total + (w - w0).pow(2).sum(dim=(1, 2)) + (b - b0).pow(2).sum(dim=1)
+            # The initial weights in the weights' own dtype: under FSDP's bf16 compute the heads arrive as bf16
+            # copies, and an unmoved head must still be at distance 0 (float32: the same numbers as before).
+            w0 = getattr(self, f"init_weight_{i}").to(w.dtype)
+            b0 = getattr(self, f"init_bias_{i}").to(b.dtype)
+            total = total + (w - w0).float().pow(2).sum(dim=(1, 2)) + (b - b0).float().pow(2).sum(dim=1)
             count += w[0].numel() + b[0].numel()
         return total / count if reduction == "mean" else total
 
 
-def ensemble_loss(logits: torch.Tensor, targets: torch.Tensor, pull: torch.Tensor, pull_lambda: float
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+def ensemble_loss(logits: torch.Tensor, targets: torch.Tensor, pull: torch.Tensor, pull_lambda: float,
+                  bce_weight: float = 1.0, pull_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """``(1/E) sum_e [mean BCE_e over usable steps + lambda * pull_e]``; logits [N, E], targets [N] (NaN: masked).
 
-    Returns the loss and its parts (``bce``, ``pull``, ``steps``). With no usable step the BCE part is 0.
+    Returns the loss and its parts (``bce``, ``pull``, ``steps``; unweighted). With no usable step the BCE part is
+    0. ``bce_weight`` / ``pull_weight`` scale the two terms: a piece of an accumulated batch weighs its BCE by its
+    share of the batch's usable steps and its pull by 1/pieces (``tasks.prm.training.train_step``).
     """
     mask = ~torch.isnan(targets)
     steps = int(mask.sum())
@@ -212,7 +217,7 @@ def ensemble_loss(logits: torch.Tensor, targets: torch.Tensor, pull: torch.Tenso
         bce_per_head = nn.functional.binary_cross_entropy_with_logits(logits[mask], y, reduction="none").mean(0)
     else:
         bce_per_head = logits.sum(0) * 0.0  # keeps the graph (DDP needs every parameter to get a gradient)
-    loss = (bce_per_head + pull_lambda * pull).mean()
+    loss = (bce_weight * bce_per_head + (pull_weight * pull_lambda) * pull).mean()
     return loss, {"bce": float(bce_per_head.detach().mean()), "pull": float(pull.detach().mean()), "steps": steps}
 
 
@@ -255,16 +260,22 @@ class ProcessRewardModel(nn.Module):
         self.lm_head = lm_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_ends: torch.Tensor,
-                completion_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-step logits [B, S, E]; rows of ``step_ends`` equal to -1 give garbage logits (mask them)."""
-        return self.read(self.token_states(input_ids, attention_mask), step_ends, completion_mask)
+                completion_mask: torch.Tensor | None = None, pull: str | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Per-step logits [B, S, E]; rows of ``step_ends`` equal to -1 give garbage logits (mask them).
+
+        ``pull`` ("sum" or "mean", training): also return the heads' pull toward their initial weights
+        (``EnsembleHeads.pull``), computed here so that a distributed wrapper sees it inside its forward (FSDP
+        gathers the heads' parameters for the forward only)."""
+        logits = self.read(self.token_states(input_ids, attention_mask), step_ends, completion_mask)
+        return logits if pull is None else (logits, self.heads.pull(pull))
 
     def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T, H'] what the heads read at every token: the backbone's last hidden state, then the token features.
         With a frozen backbone they depend on the text alone, so a trainer may compute them once per row and train
         the heads on them (``tasks.prm.training.train_step``'s ``states``)."""
-        return self.states_from_hidden(self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-                                       .last_hidden_state, input_ids)
+        return self.states_from_hidden(self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                                     use_cache=False).last_hidden_state, input_ids)
 
     def states_from_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """``token_states`` from the backbone's last hidden states [B, T, H] computed elsewhere (a vLLM engine
@@ -286,8 +297,9 @@ class ProcessRewardModel(nn.Module):
         # The heads run on the steps' tokens only: the prompt's and the padding's add nothing to any step (they
         # are 0 in the sum) and are most of a batch's tokens, so skipping them makes training and scoring faster.
         keep = completion_mask.reshape(-1).bool()
-        fine = hidden.new_zeros(b * t, self.heads.num_heads)
-        fine[keep] = nn.functional.logsigmoid(self.heads(hidden.reshape(-1, h)[keep]) + TOKEN_LOGIT_OFFSET)
+        # float32 whatever the compute dtype: the product over a step's tokens is a sum of many small logs
+        fine = hidden.new_zeros(b * t, self.heads.num_heads, dtype=torch.float32)
+        fine[keep] = nn.functional.logsigmoid(self.heads(hidden.reshape(-1, h)[keep]).float() + TOKEN_LOGIT_OFFSET)
         fine = fine.reshape(b, t, -1)
         log_p = torch.gather(fine.cumsum(dim=1), 1, index.unsqueeze(-1).expand(-1, -1, fine.shape[-1]))
         log_p = log_p.clamp(max=-1e-6)  # p < 1, so log(1 - p) is finite
@@ -373,9 +385,23 @@ def save_checkpoint(model: ProcessRewardModel, prm_config: dict[str, Any], out_d
         if v.untyped_storage().data_ptr() in seen:
             tensors[k] = v.clone()
         seen.add(tensors[k].untyped_storage().data_ptr())
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT, "config_hash": prm_config["config_hash"]})
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata=weights_metadata(prm_config))
+    return save_checkpoint_files(model.backbone.config, prm_config, out, tokenizer)
+
+
+def weights_metadata(prm_config: dict[str, Any]) -> dict[str, str]:
+    """The metadata a checkpoint's model.safetensors carries."""
+    return {"format": FORMAT, "config_hash": prm_config["config_hash"]}
+
+
+def save_checkpoint_files(backbone_config: Any, prm_config: dict[str, Any], out_dir: str | Path,
+                          tokenizer: Any = None) -> Path:
+    """A checkpoint's files other than its weights: prm_config.json and backbone/ (HF config, tokenizer). A
+    sharded (FSDP) epoch checkpoint has these beside its shards; its weights are consolidated at the end."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / PRM_CONFIG_NAME).write_text(json.dumps(prm_config, indent=2, sort_keys=True) + "\n")
-    model.backbone.config.save_pretrained(out / BACKBONE_DIR)
+    backbone_config.save_pretrained(out / BACKBONE_DIR)
     if tokenizer is not None:
         tokenizer.save_pretrained(out / BACKBONE_DIR)
     return out

@@ -1,14 +1,15 @@
 """The PRM's training pieces in plain torch, free of Ray: one optimizer step, the held-out split and its
 evaluation, optimizer state as tensors, and the model config of a run.
 
-cluster/train.py runs them under Ray Train (``train_loop_per_worker``, DDP over gloo or NCCL); a benchmark or a
-study runs the same ``train_step`` in one process, so both train the same way. Problems are held out by a
-seeded hash of ``problem_id`` (``is_held_out``): the same split every run and every worker, so the eval rows never
-reach the optimizer.
+cluster/train.py runs them under Ray Train (``train_loop_per_worker``, DDP or FSDP over gloo or NCCL: the
+strategies and precisions are tasks/prm/distributed.py's); a benchmark or a study runs the same ``train_step`` in
+one process, so both train the same way. Problems are held out by a seeded hash of ``problem_id``
+(``is_held_out``): the same split every run and every worker, so the eval rows never reach the optimizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from pathlib import Path
@@ -80,21 +81,55 @@ def run_prm_config(train: TrainConfig, backbone: Path, dataset_version: str | No
 def start_model(prm_config: dict[str, Any], backbone_path: str | Path, train: dict[str, Any]
                 ) -> tuple[Any, Any, Any]:
     """The model (pretrained backbone, fresh heads; the backbone frozen unless ``train_backbone``), its tokenizer
-    and the AdamW optimizer over what trains: how every training run starts, on Ray Train or in one process.
-    `train` is the trainer section as a dict (``TrainConfig.model_dump(mode="json")``)."""
-    import torch
+    and the AdamW optimizer over what trains: how a run in one process starts. `train` is the trainer section as
+    a dict (``TrainConfig.model_dump(mode="json")``). Ray Train's workers call ``load_model``, wrap the model for
+    their strategy (tasks/prm/distributed.py ``wrap_model``), then ``make_optimizer``."""
+    model, tokenizer = load_model(prm_config, backbone_path, train)
+    return model, tokenizer, make_optimizer(model, train)
+
+
+def load_model(prm_config: dict[str, Any], backbone_path: str | Path, train: dict[str, Any]) -> tuple[Any, Any]:
+    """The float32 model (the master weights whatever ``train.precision`` computes in) and its tokenizer."""
     from transformers import AutoTokenizer
 
     from tasks.prm.model import build_prm
 
-    model = build_prm({**prm_config, "backbone": str(backbone_path)}, train["dtype"])
+    model = build_prm({**prm_config, "backbone": str(backbone_path)}, "float32")
     if not train["train_backbone"]:
         model.backbone.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(backbone_path))
     tokenizer.model_max_length = 10**9  # trajectories are cut at max_length here; silence the tokenizer's warning
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train["lr"],
-                                  weight_decay=train["weight_decay"])
-    return model, tokenizer, optimizer
+    return model, tokenizer
+
+
+def make_optimizer(model: Any, train: dict[str, Any]) -> Any:
+    """AdamW over the parameters that train (after wrapping: FSDP's are the shards)."""
+    import torch
+
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train["lr"],
+                             weight_decay=train["weight_decay"])
+
+
+def check_strategy(train: TrainConfig, backbone: str | Path) -> None:
+    """TrainError, before any worker starts, when the backbone cannot be trained under ``train.strategy`` (FSDP
+    finds no decoder layer to wrap) or with ``train.activation_checkpointing``. Builds the backbone on the meta
+    device from its config.json: no weights are read."""
+    if train.strategy == "ddp" and not train.activation_checkpointing:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from tasks.prm.distributed import StrategyError, check_backbone
+
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.from_pretrained(str(backbone)))
+        check_backbone(model, train.strategy, train.activation_checkpointing, str(train.model_path))
+    except StrategyError as err:
+        raise TrainError(f"train.strategy / train.activation_checkpointing: {err}") from None
+    except (OSError, ValueError) as err:
+        raise TrainError(f"train.model_path {train.model_path}: cannot build the backbone from its config to "
+                         f"check train.strategy {train.strategy}: {err}") from None
 
 
 def optimizer_tensors(optimizer: Any) -> dict[str, Any]:
@@ -132,14 +167,42 @@ def held_out_rows(shards: list[str], target: str, fraction: float, seed: int) ->
     return rows
 
 
+def score_rows_sharded(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_length: int, device: str,
+                       batch_size: int = 16) -> list[Any]:
+    """Every rank scores its share of `rows` (rank r: rows r, r + world, ...) through the distributed model and
+    all get every row's StepScores, in the rows' order. Collective (an FSDP forward gathers parameters from every
+    rank), so each rank runs as many batches: the shorter shares are padded with a row whose scores are dropped."""
+    import torch.distributed as dist
+
+    from tasks.prm.model import score_trajectories
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not rows:
+        return []
+    mine = rows[rank::world]
+    share = -(-len(rows) // world)
+    padded = mine + [rows[0]] * (share - len(mine))
+    scores = score_trajectories(model, tokenizer, [r["prompt"] for r in padded], [r["completions"] for r in padded],
+                                max_length, batch_size=batch_size, device=device)[:len(mine)]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, scores)
+    out: list[Any] = [None] * len(rows)
+    for r, part in enumerate(gathered):
+        for i, s in enumerate(part):
+            out[r + i * world] = s
+    return out
+
+
 def evaluate_held_out(model: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str, max_length: int,
-              device: str) -> dict[str, Any]:
-    """Held-out loss (BCE of the ensemble mean vs the target), step AUROC and accuracy vs the hard labels."""
+              device: str, scores: list[Any] | None = None) -> dict[str, Any]:
+    """Held-out loss (BCE of the ensemble mean vs the target), step AUROC and accuracy vs the hard labels.
+    ``scores``: the rows' StepScores when already computed (``score_rows_sharded``), else the model scores them."""
     from tasks.evaluation.metrics import accuracy, auroc, within_position_auroc
     from tasks.prm.model import score_trajectories
 
-    scores = score_trajectories(model, tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows],
-                                max_length, batch_size=16, device=device)
+    if scores is None:
+        scores = score_trajectories(model, tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows],
+                                    max_length, batch_size=16, device=device)
     means, hard, losses = [], [], []
     for row, s in zip(rows, scores, strict=True):
         for j, m in enumerate(s.mean):
@@ -166,8 +229,17 @@ def evaluate_held_out(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ta
 
 def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str,
                max_length: int, pull_lambda: float, device: str, where: str,
-               pull_reduction: str = "sum", states: list[Any] | None = None) -> tuple[float, dict[str, float], int]:
+               pull_reduction: str = "sum", states: list[Any] | None = None, *, precision: str = "fp32",
+               micro_batches: int = 1, scaler: Any = None) -> tuple[float, dict[str, float], int]:
     """One optimizer step on a batch of rows; returns (loss, its parts, truncated rows).
+
+    ``micro_batches`` (gradient accumulation): the rows run forward and backward in that many consecutive
+    pieces, their gradients summed, then one step. Each piece's BCE is weighted by its share of the batch's usable
+    steps and the pull counted once over the pieces, so the step is the one the whole batch would give (up to
+    float rounding); the loss returned is the whole batch's. Under DDP only the last piece all-reduces.
+
+    ``precision``: the compute (tasks/prm/distributed.py); an FSDP model casts by its own policy, any other
+    computes its forward under autocast. The loss is float32 either way; ``scaler`` (fp16) scales it.
 
     ``states``: the rows' token states from ``row_states`` (a frozen backbone's, computed once); the heads then
     train on them without running the backbone. Only for a model that is not wrapped for distributed training
@@ -178,29 +250,54 @@ def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, 
     """
     import torch
 
+    from tasks.prm.distributed import autocast, no_gradient_sync, unwrap
     from tasks.prm.model import collate, encode_trajectory, ensemble_loss, pad_token_id, target_tensor
 
-    bare = model.module if hasattr(model, "module") else model
+    bare = unwrap(model)
+    if states is not None and bare is not model:
+        raise ValueError("train_step's states need an unwrapped model (a distributed wrapper syncs in forward)")
+    size = -(-len(rows) // max(1, micro_batches))
+    pieces = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
     encoded = [encode_trajectory(tokenizer, r["prompt"], r["completions"], max_length) for r in rows]
-    tensors = {k: v.to(device) for k, v in collate(encoded, pad_token_id(tokenizer)).items()}
-    targets = target_tensor([r[target] for r in rows], encoded, tensors["step_ends"].shape[1]).to(device)
-    if states is None:
-        logits = model(tensors["input_ids"], tensors["attention_mask"], tensors["step_ends"],
-                       tensors["completion_mask"])
-    else:
-        if bare is not model:
-            raise ValueError("train_step's states need an unwrapped model (a distributed wrapper syncs in forward)")
-        hidden = torch.nn.utils.rnn.pad_sequence(states, batch_first=True).to(device)
-        logits = bare.read(hidden, tensors["step_ends"], tensors["completion_mask"])
-    loss, parts = ensemble_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                bare.heads.pull(pull_reduction), pull_lambda)
-    if not torch.isfinite(loss):
-        ids = [r["problem_id"] for r in rows]
-        raise NaNLossError(f"non-finite loss {float(loss.detach())} at {where} (problem_ids {ids})")
+    batches = []
+    for idx in pieces:
+        tensors = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_token_id(tokenizer)).items()}
+        targets = target_tensor([rows[i][target] for i in idx], [encoded[i] for i in idx],
+                                tensors["step_ends"].shape[1]).to(device)
+        batches.append((idx, tensors, targets, int((~torch.isnan(targets)).sum())))
+    usable = sum(b[3] for b in batches)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach()), parts, sum(e.truncated for e in encoded)
+    total, bce, pull_value = 0.0, 0.0, 0.0
+    for k, (idx, tensors, targets, steps) in enumerate(batches):
+        share = steps / usable if usable else 1.0 / len(batches)
+        last = k == len(batches) - 1
+        with contextlib.ExitStack() as stack:
+            if not last:
+                stack.enter_context(no_gradient_sync(model))
+            with autocast(model, precision, device):
+                if states is None:
+                    logits, pull = model(tensors["input_ids"], tensors["attention_mask"], tensors["step_ends"],
+                                         tensors["completion_mask"], pull=pull_reduction)
+                else:
+                    hidden = torch.nn.utils.rnn.pad_sequence([states[i] for i in idx], batch_first=True).to(device)
+                    logits = bare.read(hidden, tensors["step_ends"], tensors["completion_mask"])
+                    pull = bare.heads.pull(pull_reduction)
+            loss, parts = ensemble_loss(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                        pull.float(), pull_lambda, bce_weight=share,
+                                        pull_weight=1.0 / len(batches))
+            if not torch.isfinite(loss):
+                ids = [rows[i]["problem_id"] for i in idx]
+                raise NaNLossError(f"non-finite loss {float(loss.detach())} at {where} (problem_ids {ids})")
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += float(loss.detach())
+        bce += share * parts["bce"]
+        pull_value = parts["pull"]
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total, {"bce": bce, "pull": pull_value, "steps": usable}, sum(e.truncated for e in encoded)
 
 
 def row_states(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_length: int, device: str = "cpu",
@@ -209,9 +306,10 @@ def row_states(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_lengt
     for training the heads of a frozen backbone with ``train_step(..., states=...)``."""
     import torch
 
+    from tasks.prm.distributed import unwrap
     from tasks.prm.model import collate, encode_trajectory, pad_token_id
 
-    bare = model.module if hasattr(model, "module") else model
+    bare = unwrap(model)
     lm_head = list(bare.lm_head.parameters()) if bare.lm_head is not None else []
     if any(p.requires_grad for p in [*bare.backbone.parameters(), *lm_head]):
         raise ValueError("row_states is for a frozen backbone and LM head: training them changes the states")

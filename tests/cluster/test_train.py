@@ -151,3 +151,131 @@ def test_train_prm_flow_publishes_its_report(resumed_run, toy_prm_dataset):
     assert scheduled.parameters == {"config_path": str(toy_prm_dataset["config_path"]),
                                     "dataset_dir": str(toy_prm_dataset["dir"])}
     assert scheduled.state.is_scheduled()
+
+
+# -- FSDP through Ray Train: sharded checkpoints, a killed worker, the resume, the consolidated model ------------
+
+# batch 1 x 2 workers x 2 accumulated: the fixture's global batch of 4, two optimizer steps per epoch, and the kill
+# (at the epoch's second batch) lands inside an accumulation window.
+FSDP_TRAIN = {"strategy": "fsdp", "batch_size": 1, "grad_accum_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(ray_session, toy_prm_dataset, tmp_path_factory):
+    """An uninterrupted 2-worker FSDP run, and the same run with one worker killed (SIGKILL) mid-epoch 1, then
+    started again with the same RUN."""
+    cfg = parse_config({**toy_prm_dataset["config"], "train": {**toy_prm_dataset["config"]["train"], **FSDP_TRAIN}})
+    root = tmp_path_factory.mktemp("fsdp")
+    whole = train_on_ray(cfg, toy_prm_dataset["dir"], root / "whole")
+    with pytest.raises(TrainError, match=r"worker rank 1 \(pid \d+\) died: its process exited"):
+        train_on_ray(cfg, toy_prm_dataset["dir"], root / "killed", fault_after_epoch=0, fault_kind="kill")
+    left = sorted(p.name for p in (root / "killed").glob("epoch-*"))
+    assert left == ["epoch-0000"] and not (root / "killed" / "model").exists()
+    resumed = train_on_ray(cfg, toy_prm_dataset["dir"], root / "killed")
+    return cfg, root, whole, resumed
+
+
+def test_killed_fsdp_run_resumes_to_the_uninterrupted_weights(fsdp_runs):
+    from safetensors.torch import load_file
+
+    cfg, root, whole, resumed = fsdp_runs
+    assert resumed.resumed_from_epoch == 0 and resumed.global_step == whole.global_step == 2 * cfg.train.epochs
+    assert [h["epoch"] for h in resumed.history] == list(range(cfg.train.epochs))
+    timing = {"train_seconds", "samples_per_s", "checkpoint_seconds", "peak_rss_mb", "restore_seconds"}
+
+    def numbers(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k not in timing}
+
+    assert numbers(resumed.history[0]) == numbers(whole.history[0])  # the same epoch 0, trained once
+    assert "restore_seconds" in resumed.history[1] and "restore_seconds" not in resumed.history[0]
+    assert numbers(resumed.history[1]) == pytest.approx(numbers(whole.history[1]), abs=1e-6)
+    a, b = (load_file(str(root / name / "model" / "model.safetensors")) for name in ("whole", "killed"))
+    assert sorted(a) == sorted(b)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6  # measured: 0.0
+
+
+def test_fsdp_epoch_checkpoints_hold_one_shard_per_rank(fsdp_runs):
+    """No rank gathered the whole model: each epoch checkpoint holds one shard file per rank (about half of model
+    and optimizer each) and no whole-model file; RUN/model is the consolidated one, and run.json the global batch."""
+    cfg, root, whole, _ = fsdp_runs
+    run = root / "whole"
+    for epoch in sorted(run.glob("epoch-*")):
+        files = sorted(p.name for p in (epoch / "sharded").iterdir())
+        assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert not (epoch / "model.safetensors").exists() and not (epoch / "optimizer.safetensors").exists()
+        sizes = [(epoch / "sharded" / f).stat().st_size for f in files[1:]]
+        assert max(sizes) < 0.6 * sum(sizes)
+    assert (run / "model" / "model.safetensors").is_file() and not (run / "model" / "sharded").exists()
+    assert json.loads((run / "run.json").read_text())["global_batch"] == 4 == cfg.train.global_batch
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["strategy"] == "fsdp" and summary["global_batch"] == 4 and summary["consolidate_seconds"] > 0
+    ddp_bytes = whole.history[-1]["state_bytes_per_worker"]
+    assert 0 < ddp_bytes and whole.history[-1]["peak_rss_mb"] > 0
+
+
+def test_fsdp_run_model_scores_as_its_last_eval(fsdp_runs, tmp_path):
+    """`prm-factory score --checkpoint RUN` loads the consolidated model and gives the held-out scores the FSDP
+    workers computed on their shards in the last epoch."""
+    _, root, _, _ = fsdp_runs
+    run = root / "killed"
+    held = json.loads((run / "model" / "eval_scores.json").read_text())
+    assert held
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": r["prompt"], "completions": r["completions"]}) + "\n"
+                           for r in held))
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(app, ["score", str(src), "--checkpoint", str(run), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    for row, ref in zip((json.loads(line) for line in out.read_text().splitlines()), held, strict=True):
+        assert row["step_scores"] == pytest.approx(ref["mean"], abs=1e-5)
+
+
+def test_resume_with_another_global_batch_is_refused(fsdp_runs, toy_prm_dataset):
+    cfg, root, _, _ = fsdp_runs
+    data = {**toy_prm_dataset["config"], "train": {**toy_prm_dataset["config"]["train"], **FSDP_TRAIN,
+                                                   "grad_accum_steps": 4}}
+    with pytest.raises(TrainError, match=r"global batch of 4 trajectories \(batch_size 1 x 2 workers x "
+                                         r"grad_accum_steps 2\), this config's is 8 \(batch_size 1 x 2 workers x "
+                                         r"grad_accum_steps 4\)"):
+        train_on_ray(parse_config(data), toy_prm_dataset["dir"], root / "whole")
+
+
+def test_a_backbone_fsdp_cannot_wrap_fails_before_ray(toy_prm_dataset, tmp_path, monkeypatch):
+    """No decoder layers to wrap: a TrainError naming the setting, before Ray is asked for anything and before RUN
+    is written."""
+    import torch
+    import transformers
+
+    import cluster.train as train_module
+
+    class Flat(torch.nn.Module):
+        _no_split_modules = None
+
+    monkeypatch.setattr(transformers.AutoModel, "from_config", lambda *a, **k: Flat())
+    monkeypatch.setattr(train_module, "_connect", lambda cfg: pytest.fail("Ray was started"))
+    cfg = parse_config({**toy_prm_dataset["config"], "train": {**toy_prm_dataset["config"]["train"], **FSDP_TRAIN}})
+    with pytest.raises(TrainError, match=r"strategy fsdp wraps each decoder layer, and Flat .* names none.*"
+                                         r"use strategy: ddp"):
+        train_on_ray(cfg, toy_prm_dataset["dir"], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_takes_the_latest_complete_checkpoint_registered_or_not(fsdp_runs, tmp_path):
+    """A worker killed right after its report can take the report with it before Ray Train's controller takes it:
+    the epoch checkpoint is on disk but not registered. The restart resumes from the latest complete one all the
+    same, and never from one whose shards did not all arrive."""
+    import shutil
+
+    from cluster.train import _resume_dir
+
+    _, root, _, _ = fsdp_runs
+    run = tmp_path / "run"
+    for epoch in ("epoch-0000", "epoch-0001"):
+        shutil.copytree(root / "whole" / epoch, run / epoch)
+    registered = run / "epoch-0000"
+    assert _resume_dir(run, registered) == run / "epoch-0001"  # later, complete, not registered
+    assert _resume_dir(run, None) == run / "epoch-0001"
+    (run / "epoch-0001" / "sharded" / "__1_0.distcp").unlink()  # rank 1's shard never arrived
+    assert _resume_dir(run, registered) == registered
+    (run / "epoch-0000" / "train_state.json").write_text("{")  # a damaged state: nothing to resume
+    assert _resume_dir(run, registered) is None and _resume_dir(None, None) is None

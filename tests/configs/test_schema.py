@@ -211,6 +211,39 @@ def test_removed_fields_are_hashed_at_their_old_defaults(base, monkeypatch):
         assert changed[0] != config_hash and changed[1] == labelling_hash  # not a labelling field
 
 
+# ------------------------------------------------------------------------------------------------ train: section
+
+
+def test_the_toy_trainer_keeps_its_train_hash(base):
+    """A RUN pins its train hash (cluster/train.py refuses to resume under another) and bench_e2e caches by it:
+    the fields added with FSDP (strategy, precision, activation_checkpointing, grad_accum_steps) are hashed only
+    away from their defaults, and the removed train.dtype at the float32 it always was (assets/toy-prm's hash)."""
+    train = parse_config(base, check_paths=False).train
+    assert train.train_hash() == "41e849bb0c5bcf95"
+    assert parse_config(_with(base, "train.dtype", "float32"), check_paths=False).train.train_hash() == (
+        "41e849bb0c5bcf95")
+    for dotted, value in (("train.strategy", "fsdp"), ("train.precision", "bf16-mixed"),
+                          ("train.activation_checkpointing", True), ("train.grad_accum_steps", 2)):
+        assert parse_config(_with(base, dotted, value), check_paths=False).train.train_hash() != train.train_hash()
+    assert "dtype" not in train.model_dump()
+
+
+@pytest.mark.parametrize(("dtype", "precision"), [("bfloat16", "bf16-mixed"), ("float16", "fp16-mixed")])
+def test_training_low_precision_weights_is_refused_saying_why(base, dtype, precision):
+    message = _error(_with(base, "train.dtype", dtype))
+    assert "  train.dtype: " in message and message.count("\n") == 1
+    assert f"would train {dtype} weights directly" in message and "round away" in message
+    assert f"set precision: {precision}" in message
+
+
+def test_global_batch_is_batch_times_workers_times_accumulation(base):
+    data = _with(_with(_with(base, "train.batch_size", 4), "train.num_workers", 8), "train.grad_accum_steps", 2)
+    assert parse_config(data, check_paths=False).train.global_batch == 64
+    assert "  train.grad_accum_steps: " in _error(_with(base, "train.grad_accum_steps", 0))
+    assert "  train.strategy: " in _error(_with(base, "train.strategy", "deepspeed"))
+    assert "  train.precision: " in _error(_with(base, "train.precision", "bf16"))
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 
 

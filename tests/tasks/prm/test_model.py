@@ -279,7 +279,7 @@ def test_gpu_prm_configs_follow_actprm(size):
 
     cfg = load_config(REPO_ROOT / "configs" / f"prm-qwen2.5-math-{size}.yaml", check_paths=False)
     t = cfg.train
-    assert t.use_gpu and t.num_workers == 8 and t.dtype == "bfloat16" and t.lr == 1e-5
+    assert t.use_gpu and t.num_workers == 8 and t.precision == "bf16-mixed" and t.lr == 1e-5
     assert (t.num_heads, t.head_hidden, t.pull_lambda) == (8, [128, 128], 0.5)
     assert f"Qwen2.5-Math-{size.upper()}" in t.model_path
 
