@@ -12,12 +12,22 @@ samples/s is the median over epochs after the first (epoch 0 pays
 for the data pipeline start and first-touch costs); the held-out AUROC is the 2-worker run's final model
 scored on the held-out problems against the exact toy truth (`tasks.sources.toy_world.prefix_is_correct`) and
 against the dataset's own hard labels.
+
+Strategies (``--strategies``): DDP, FSDP and FSDP with activation checkpointing side by side in one run, each a
+2-worker Ray Train run (gloo) of the same config, seed and rows: per-worker state (bytes of parameters, gradients
+and AdamW states each worker holds, from its local shards), peak resident memory per worker, samples/s (epoch 1,
+after the first epoch's start-up) and the loss after every epoch. Backbone: SmolLM2-135M-Instruct when prepared
+(scripts/prepare_smollm2.py), else the shipped toy policy (the JSON says which); without --dataset a 12-problem
+toy dataset is built first (transformers engine, ~30 s).
+
+    python benchmarks/bench_train.py --strategies --json-out benchmarks/results/train_strategies.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -46,13 +56,21 @@ def _median_rate(history: list[dict]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--dataset", default=None, help="a finished dataset version (required unless --strategies)")
+    ap.add_argument("--strategies", action="store_true", help="DDP vs FSDP vs FSDP + activation checkpointing")
+    ap.add_argument("--backbone", default=None, help="--strategies: the backbone (default: SmolLM2-135M if "
+                    "prepared, else assets/toy-policy)")
     ap.add_argument("--config", default="configs/toy.yaml")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--skip-resume", action="store_true", help="leave out the checkpoint/resume measurement")
     args = ap.parse_args()
+    if args.strategies:
+        _strategies(args)
+        return
+    if args.dataset is None:
+        ap.error("--dataset is required (or give --strategies)")
 
     import ray
 
@@ -183,6 +201,75 @@ def _scoring_rate(model_run: Path) -> dict:
     seconds = time.perf_counter() - t0
     return {"trajectories": len(prompts), "seconds": round(seconds, 2),
             "trajectories_per_s": round(len(prompts) / seconds, 1)}
+
+
+# -- DDP vs FSDP vs FSDP + activation checkpointing ----------------------------------------------------------
+
+STRATEGY_RUNS = {"ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp"},
+                 "fsdp_ac": {"strategy": "fsdp", "activation_checkpointing": True}}
+# 12 toy problems, newline steps, N=4 rollouts: the trainer tests' dataset (tests/conftest.py TOY_PRM_DATASET)
+BENCH_DATASET = {
+    "name": "bench-train-strategies", "seed": 0,
+    "sources": [{"kind": "toy", "num_problems": 12, "seed": 2024, "min_steps": 2, "max_steps": 4}],
+    "policy": {"model_path": "assets/toy-policy", "backend": "transformers", "max_model_len": 256},
+    "partition": {"method": "newline", "entropy_source": "exact"}, "tree": {"enabled": False},
+    "rollouts": {"n": 4, "max_new_tokens": 64}, "dataset": {"problems_per_shard": 4},
+}
+
+
+def _strategies(args) -> None:
+    import platform
+
+    import ray
+
+    from cluster.hf_engine import HFEngine
+    from cluster.train import train_on_ray
+    from configs.schema import REPO_ROOT, parse_config
+    from tasks.build import build
+    from tasks.smollm2 import default_model_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-strategies-"))
+    dataset = Path(args.dataset) if args.dataset else tmp / "dataset"
+    if args.dataset is None:
+        t0 = time.perf_counter()
+        build(parse_config(BENCH_DATASET), dataset, lambda: HFEngine(str(REPO_ROOT / "assets" / "toy-policy")))
+        print(f"dataset: {time.perf_counter() - t0:.0f} s", flush=True)
+    smollm2 = default_model_dir()
+    backbone = args.backbone or (str(smollm2) if (smollm2 / "config.json").is_file() else "assets/toy-policy")
+    train = {"model_path": backbone, "num_workers": 2, "cpus_per_worker": 0.5, "epochs": args.epochs,
+             "batch_size": args.batch_size, "lr": 1e-5, "eval_fraction": 0.25}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    out: dict = {"backbone": backbone, "dataset": str(dataset), "workers": 2, "epochs": args.epochs,
+                 "batch_size_per_worker": args.batch_size, "device": "cpu (gloo)", "cpus": os.cpu_count(),
+                 "machine": platform.machine(), "runs": {}}
+    for name, overrides in STRATEGY_RUNS.items():
+        cfg = parse_config({**BENCH_DATASET, "train": {**train, **overrides}})
+        t0 = time.perf_counter()
+        res = train_on_ray(cfg, dataset, tmp / f"run-{name}")
+        wall = time.perf_counter() - t0
+        last = res.history[-1]
+        out["runs"][name] = {
+            **overrides, "wall_s": round(wall, 1), "global_step": res.global_step,
+            "state_bytes_per_worker": last["state_bytes_per_worker"],
+            "state_gib_per_worker": round(last["state_bytes_per_worker"] / 2**30, 3),
+            "peak_rss_mb_per_worker": max(h["peak_rss_mb"] for h in res.history),
+            "samples_per_s": round(last["samples_per_s"], 3),
+            "samples_per_s_by_epoch": [round(h["samples_per_s"], 3) for h in res.history],
+            "train_loss_by_epoch": [round(h["train_loss"], 5) for h in res.history],
+            "checkpoint_write_s": [h.get("checkpoint_seconds") for h in res.history],
+            "consolidate_s": res.consolidate_seconds}
+        print(f"{name}: {json.dumps(out['runs'][name])}", flush=True)
+    ddp, fsdp = out["runs"]["ddp"], out["runs"]["fsdp"]
+    out["fsdp_state_vs_ddp"] = round(fsdp["state_bytes_per_worker"] / ddp["state_bytes_per_worker"], 4)
+    out["fsdp_samples_per_s_vs_ddp"] = round(fsdp["samples_per_s"] / ddp["samples_per_s"], 3)
+    out["fsdp_ac_samples_per_s_vs_ddp"] = round(out["runs"]["fsdp_ac"]["samples_per_s"] / ddp["samples_per_s"], 3)
+    out["targets"] = {"fsdp_state_le_0.55_ddp": out["fsdp_state_vs_ddp"] <= 0.55,
+                      "fsdp_samples_per_s_ge_0.8_ddp": out["fsdp_samples_per_s_vs_ddp"] >= 0.8}
+    ray.shutdown()
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     bash scripts/gpu-smoke.sh --dry-run        # CPU: the configs validate and the backbone maps onto Qwen2
 
 Stages, each a `prm-factory` command in a subprocess, timed: prepare SmolLM2-135M-Instruct (scripts/
-prepare_smollm2.py), `build` (CUDA vLLM in Ray actors), `train` (Ray Train, one GPU worker, NCCL), `export`
+prepare_smollm2.py), `build` (CUDA vLLM in Ray actors), `train` (Ray Train, one GPU worker, NCCL, FSDP2 with
+bf16-mixed precision: float32 master weights, bf16 compute; its per-worker state and peak GPU memory), `export`
 (the Qwen2ForProcessRewardModel directory), `score --engine vllm` (CUDA vLLM pooling) on the dataset's rows, and
 `score` (transformers) on the same rows for parity, then the trained checkpoint itself both ways (its backbone in
 CUDA vLLM's token_embed pooling, its ensemble heads in the scoring actor; against transformers). The figures are
@@ -60,6 +61,9 @@ def main() -> int:
     cfg = parse_config(raw)  # a config error stops here, before anything starts
     if cfg.train.model_path != cfg.policy.model_path or not cfg.train.use_gpu or cfg.cluster.gpus_per_engine <= 0:
         raise SystemExit("configs/gpu-smoke.yaml must train on the policy's backbone, with use_gpu and GPU engines")
+    if cfg.train.strategy != "fsdp" or cfg.train.precision != "bf16-mixed":
+        raise SystemExit("configs/gpu-smoke.yaml must train with train.strategy fsdp and train.precision bf16-mixed "
+                         f"(it has {cfg.train.strategy}, {cfg.train.precision})")
     args.out.mkdir(parents=True, exist_ok=True)
     config_path = args.out / "config.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -89,7 +93,11 @@ def main() -> int:
     figures["build"] = {k: build.get(k) for k in ("rows", "shards_built", "cost")}
     train = last_json(run("train", cli + ["train", "--config", str(config_path), "--dataset", str(data), "--out",
                                           str(prm_run), "--json"], figures))
-    figures["train"] = {"history": train.get("history"), "global_step": train.get("global_step")}
+    last = (train.get("history") or [{}])[-1]
+    figures["train"] = {"history": train.get("history"), "global_step": train.get("global_step"),
+                        "strategy": train.get("strategy"), "precision": train.get("precision"),
+                        "state_bytes_per_worker": last.get("state_bytes_per_worker"),
+                        "peak_gpu_mb": last.get("peak_gpu_mb"), "consolidate_seconds": train.get("consolidate_seconds")}
     exported = last_json(run("export", cli + ["export", "--checkpoint", str(prm_run), "--data", str(data), "--out",
                                               str(export), "--limit", "256", "--epochs", "2", "--force", "--json"],
                              figures))  # the student trains on the CPU: a short distillation keeps the smoke short

@@ -36,3 +36,23 @@ def test_gpu_smoke_refuses_a_config_that_would_not_use_the_gpu(tmp_path):
         f"sys.argv = ['gpu_smoke.py', '--dry-run', '--out', {str(tmp_path / 'o')!r}]; gpu_smoke.main()")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "use_gpu" in proc.stderr
+
+
+def test_gpu_smoke_trains_with_fsdp_and_bf16_mixed(tmp_path):
+    """The smoke's train stage is the sharded, mixed-precision path (issue 34); a config that drops it is refused."""
+    import yaml
+
+    from configs.schema import parse_config
+
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "gpu-smoke.yaml").read_text())
+    train = parse_config(raw, check_paths=False).train
+    assert (train.strategy, train.precision) == ("fsdp", "bf16-mixed")
+    raw["train"]["strategy"] = "ddp"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-c", (
+        "import sys, pathlib; sys.path.insert(0, 'scripts'); import gpu_smoke; "
+        f"gpu_smoke.CONFIG = pathlib.Path({str(bad)!r}); "
+        f"sys.argv = ['gpu_smoke.py', '--dry-run', '--out', {str(tmp_path / 'o')!r}]; gpu_smoke.main()")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "train.strategy fsdp and train.precision bf16-mixed" in proc.stderr
