@@ -549,7 +549,8 @@ def export_ensemble(checkpoint: str | Path, out: Path, *, serve_path: Path | Non
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     where = serve_path or out
     serve = {"runner": "pooling", "architecture": ENSEMBLE_ARCHITECTURE, "max_model_len": max_len,
-             "cli": f"{SERVER_MODULE} --model {where} --runner pooling --max-model-len {max_len} --host 127.0.0.1",
+             "cli": f"{SERVER_MODULE} --model {where} --runner pooling --max-model-len {max_len} --dtype float32 "
+                    "--host 127.0.0.1",
              "cli_cuda": f"vllm serve {where} --runner pooling --max-model-len {max_len}",
              "client": "prm-factory score --url http://127.0.0.1:8000 FILE --out SCORED"}
     atomic_write_text(out / SERVE_NAME, json.dumps(serve, indent=2) + "\n")
