@@ -23,7 +23,7 @@ from tasks.prm.export import (
     step_tag_id,
     tagged_input,
 )
-from tasks.prm.model import BACKBONE_DIR, find_checkpoint_dir, load_prm
+from tasks.prm.model import load_prm
 
 POLICY = REPO_ROOT / "assets" / "toy-policy"
 TOY_PRM = REPO_ROOT / "assets" / "toy-prm"
@@ -109,18 +109,26 @@ def test_student_layers_start_as_the_identity():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, ruler_rows):
-    from tasks.prm.export import export_prm
-
+    """`export --format qwen2-prm` (the one-head export any vLLM serves), through the CLI."""
     train, _ = ruler_rows
-    out = tmp_path_factory.mktemp("export") / "toy-prm-qwen2"
-    prm = load_prm(TOY_PRM)
+    work = tmp_path_factory.mktemp("export")
+    out = work / "toy-prm-qwen2"
     too_long = ["1+1=2\n"] * 60  # past the backbone's 256 positions: left out and counted, not scored at a wrong tag
-    summary = export_prm(prm, find_checkpoint_dir(TOY_PRM) / BACKBONE_DIR, [r["prompt"] for r in train] + ["Start.\n"],
-                         [r["completions"] for r in train] + [too_long], out, epochs=4)
+    data = work / "distill.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completions": c}) + "\n" for p, c in
+                            [(r["prompt"], r["completions"]) for r in train] + [("Start.\n", too_long)]))
+    res = CliRunner().invoke(app, ["export", "--format", "qwen2-prm", "--checkpoint", str(TOY_PRM), "--data",
+                                   str(data), "--out", str(out), "--epochs", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    prm = load_prm(TOY_PRM)
     assert summary["trajectories"] == len(train) and summary["trajectories_left_out"] == 1
     layers = int(prm.model.backbone.config.num_hidden_layers) + summary["distillation"]["extra_layers"]
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == layers == 5
     assert "exceeds" in summary["first_left_out"]
+    # serve.json names the directory the export ends in, not its temporary name
+    cli = json.loads((out / "serve.json").read_text())["cli"]
+    assert f"--model {out} " in cli and "export-tmp" not in cli
     return out, summary, prm
 
 
@@ -217,9 +225,11 @@ def test_cli_refusals(tmp_path):
     assert res.exit_code == 2 and "empty" in res.output and not (tmp_path / "o.jsonl").exists()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep me")
-    res = runner.invoke(app, ["export", "--checkpoint", str(TOY_PRM), "--data", str(src), "--out",
-                              str(tmp_path / "taken")])
+    res = runner.invoke(app, ["export", "--checkpoint", str(TOY_PRM), "--out", str(tmp_path / "taken")])
     assert res.exit_code == 2 and "--force" in res.output and (tmp_path / "taken" / "x").read_text() == "keep me"
     res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "nothing"), "--data", str(src), "--out",
                               str(tmp_path / "new")])
     assert res.exit_code == 2 and not (tmp_path / "new").exists()
+    for argv, words in ((["--format", "qwen2-prm"], "give --data"), (["--format", "onnx"], "--format must be")):
+        res = runner.invoke(app, ["export", "--checkpoint", str(TOY_PRM), "--out", str(tmp_path / "new"), *argv])
+        assert res.exit_code == 2 and words in res.output and not (tmp_path / "new").exists()
