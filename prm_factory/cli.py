@@ -812,8 +812,9 @@ def score_cmd(
     An export (`prm-factory export`) has one head: it scores each line at its newline and its `step_std` is 0.
     `--engine vllm` serves the model from vLLM pooling engines in Ray actors (a local Ray when none is running),
     the pool the build's generation engines use; `--local` keeps one engine in this process. An export is served
-    whole (Qwen2ForProcessRewardModel, token_classify); a checkpoint's backbone is served by vLLM (token_embed:
-    every token's hidden state) and its own ensemble heads read those states, so the scores, `step_std` and the
+    whole (Qwen2ForProcessRewardModel, token_classify); a checkpoint is served whole by the package's vLLM plugin
+    model (PRMFactoryEnsembleForProcessReward: backbone, token features, heads and step rule in vLLM), so the
+    scores, `step_std` and the
     token features are the checkpoint's, as through transformers.
 
     `--url http://HOST:PORT` scores through a running server of an export (`export --format vllm-ensemble`, served

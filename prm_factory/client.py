@@ -22,7 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.evaluation.ruler import cut_at_newlines
 from tasks.prm.model import StepScores
+
+
+def split_steps(completion: str) -> list[str]:
+    """A policy's completion as the server's steps: its lines, each with its newline (the last may have none)."""
+    return cut_at_newlines(completion)
 
 
 class ServerUnavailable(ConnectionError):
@@ -95,6 +101,14 @@ def score_steps(url: str, prompt: str, steps: Sequence[str], api_key: str | None
     return row["step_means"], row["step_stds"]
 
 
+def _result(row: dict[str, Any]) -> RowResult:
+    """A scored row of the response (null: a step cut off by the context) with NaN for null."""
+    def nan(xs: list[float | None]) -> list[float]:
+        return [math.nan if x is None else float(x) for x in xs]
+
+    return RowResult(nan(row["step_means"]), nan(row["step_stds"]), [nan(p) for p in row.get("head_probs", [])])
+
+
 def _renamed(message: str, index: int) -> str:
     """The server's reason for one row ("... row i: why", i within the request) as "row INDEX: why"."""
     found = re.search(r"row \d+: (.*)$", message, flags=re.S)
@@ -103,11 +117,12 @@ def _renamed(message: str, index: int) -> str:
 
 def score_rows(url: str, prompts: Sequence[str], completions: Sequence[Sequence[str]], *, batch_size: int = 16,
                max_in_flight: int = 4, api_key: str | None = None, first_row: int = 0,
-               server_info: dict[str, Any] | None = None, **options: Any) -> list[RowResult]:
+               server_info: dict[str, Any] | None = None, latencies: list[float] | None = None,
+               **options: Any) -> list[RowResult]:
     """Every trajectory, ``batch_size`` to a request with up to ``max_in_flight`` requests at once, in the order
     given. A request the server refuses whole is resent row by row, so each refused row gets its own reason; rows
     are named from ``first_row``. ``server_info`` (a dict) gets the response's other fields (the checkpoint's
-    config hash, the step tag)."""
+    config hash, the step tag); ``latencies`` (a list) each request's seconds."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion lists")
     if batch_size < 1 or max_in_flight < 1:
@@ -116,16 +131,18 @@ def score_rows(url: str, prompts: Sequence[str], completions: Sequence[Sequence[
 
     def one_batch(start: int) -> list[RowResult]:
         chunk = rows[start:start + batch_size]
+        t0 = time.perf_counter()
         try:
             data = post_rows(url, chunk, api_key=api_key, **options)
+            if latencies is not None:
+                latencies.append(time.perf_counter() - t0)
         except RowRefused as err:
             if len(chunk) == 1:
                 return [RowResult(error=_renamed(str(err), first_row + start))]
             return [r for i in range(len(chunk)) for r in one_row(start + i)]
         if server_info is not None:
             server_info.update({k: v for k, v in data.items() if k != "rows"})
-        return [RowResult(error=_renamed(r["error"], first_row + start + i)) if "error" in r else
-                RowResult(r["step_means"], r["step_stds"], r.get("head_probs"))
+        return [RowResult(error=_renamed(r["error"], first_row + start + i)) if "error" in r else _result(r)
                 for i, r in enumerate(data["rows"])]
 
     def one_row(index: int) -> list[RowResult]:
@@ -133,8 +150,7 @@ def score_rows(url: str, prompts: Sequence[str], completions: Sequence[Sequence[
             r = post_rows(url, [rows[index]], api_key=api_key, **options)["rows"][0]
         except RowRefused as err:
             return [RowResult(error=_renamed(str(err), first_row + index))]
-        return [RowResult(error=_renamed(r["error"], first_row + index)) if "error" in r else
-                RowResult(r["step_means"], r["step_stds"], r.get("head_probs"))]
+        return [RowResult(error=_renamed(r["error"], first_row + index)) if "error" in r else _result(r)]
 
     with ThreadPoolExecutor(max_workers=max_in_flight) as pool:
         batches = list(pool.map(one_batch, range(0, len(rows), batch_size)))

@@ -11,11 +11,18 @@ context. The other rows of the request are scored all the same; a request none o
 refused whole (HTTP 400, each row's reason in the message).
 
 The server's own tokenizer makes the ids, piece by piece as the checkpoint does; clients send text only. The
-prompts' lengths reach the pooler through ``PoolingParams.extra_kwargs`` (``prm_factory.vllm_model``).
+prompts' lengths and the steps' last tokens reach the pooler through ``PoolingParams.extra_kwargs``
+(``prm_factory.vllm_model``).
+
+A row with ``"free_steps": true`` is scored by the checkpoint's own rule instead (``tasks.prm.model
+.encode_trajectory``): steps of any cut (mid-line, as EDU partitions them), each at its last token, an empty one
+at the token before it, and a text past the context cut there with its cut-off steps null. This is what
+``score --engine vllm`` sends, so that it scores every file ``score --engine transformers`` scores, the same way.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +34,8 @@ from vllm.plugins.io_processors.interface import IOProcessor
 from vllm.pooling_params import PoolingParams
 
 from prm_factory.vllm_model import EXTRA_KEY, ids_digest
-from tasks.prm.step_tags import STEP_TAG, StepTagError, tag_trajectory
+from tasks.prm.model import encode_trajectory
+from tasks.prm.step_tags import STEP_TAG, StepTagError, step_ends, tag_trajectory
 
 OFFLINE = "offline"  # the request id of LLM.encode's calls, which pass none
 
@@ -41,7 +49,7 @@ class EnsembleStepsIO(IOProcessor):
         self.tokenizer = renderer.get_tokenizer()
         self._lock = threading.Lock()
         self._rows: dict[str, list[str | None]] = {}  # request id -> each row's error (None: scored)
-        self._pending: dict[str, int] = {}  # the last pre_process's prompt lengths, for merge_pooling_params
+        self._pending: dict[str, list[int]] = {}  # the last pre_process's layouts, for merge_pooling_params
 
     def parse_data(self, data: object) -> list[dict[str, Any]]:
         rows = data.get("rows") if isinstance(data, dict) else None
@@ -54,28 +62,41 @@ class EnsembleStepsIO(IOProcessor):
                     ) -> Sequence[TokensPrompt]:
         errors: list[str | None] = []
         prompts: list[TokensPrompt] = []
-        lengths: dict[str, int] = {}
+        lengths: dict[str, list[int]] = {}
         for i, row in enumerate(prompt):
             try:
-                tagged = tag_trajectory(self.tokenizer, self.tag_id, row.get("prompt"), row.get("steps"),
-                                        self.max_length)
+                ids, layout = self._layout(row)
             except StepTagError as err:
                 errors.append(f"row {i}: {err}")
                 continue
-            key = ids_digest(tagged.input_ids)
-            if lengths.get(key, tagged.prompt_tokens) != tagged.prompt_tokens:
+            key = ids_digest(ids)
+            if lengths.get(key, layout) != layout:
                 errors.append(f"row {i}: the same tokens as an earlier row of this request, split into prompt and "
                               "steps elsewhere; send it in another request")
                 continue
-            lengths[key] = tagged.prompt_tokens
+            lengths[key] = layout
             errors.append(None)
-            prompts.append(TokensPrompt(prompt_token_ids=tagged.input_ids))
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
         if not prompts:
             raise ValueError("no row can be scored: " + "; ".join(e for e in errors if e))
         with self._lock:
             self._rows[request_id or OFFLINE] = errors
             self._pending = lengths
         return prompts
+
+    def _layout(self, row: dict[str, Any]) -> tuple[list[int], list[int]]:
+        """A row's token ids and ``[prompt length, each step's last token (-1: cut off)]``."""
+        prompt, steps = row.get("prompt"), row.get("steps")
+        if not row.get("free_steps"):
+            tagged = tag_trajectory(self.tokenizer, self.tag_id, prompt, steps, self.max_length)
+            return tagged.input_ids, [tagged.prompt_tokens, *step_ends(tagged.input_ids, self.tag_id,
+                                                                       tagged.prompt_tokens)]
+        if not isinstance(prompt, str) or not isinstance(steps, list) or not all(isinstance(x, str) for x in steps):
+            raise StepTagError("needs 'prompt' (a string) and 'steps' (a list of strings)")
+        if not steps:
+            raise StepTagError("no steps to score")
+        encoded = encode_trajectory(self.tokenizer, prompt, steps, self.max_length)
+        return encoded.input_ids, [encoded.prompt_tokens, *encoded.step_ends]
 
     def merge_pooling_params(self, params: PoolingParams | None = None) -> PoolingParams:
         params = params or PoolingParams(task="plugin")
@@ -98,7 +119,12 @@ class EnsembleStepsIO(IOProcessor):
                 rows.append({"error": "the model found no prompt length for this row (sent without the IO "
                                       "processor?)"})
                 continue
-            rows.append({"step_means": data[:, 0].tolist(), "step_stds": data[:, 1].tolist(),
-                         "head_probs": data[:, 2:].tolist()})
+            rows.append({"step_means": _nulls(data[:, 0].tolist()), "step_stds": _nulls(data[:, 1].tolist()),
+                         "head_probs": [_nulls(p) for p in data[:, 2:].tolist()]})
         return {"rows": rows, "checkpoint_config_hash": self.spec.get("checkpoint_config_hash"),
                 "step_tag": STEP_TAG}
+
+
+def _nulls(values: list[float]) -> list[float | None]:
+    """NaN (a step cut off by the context) as null: JSON has no NaN."""
+    return [None if math.isnan(v) else v for v in values]

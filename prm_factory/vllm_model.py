@@ -7,10 +7,11 @@ its step rule (``tasks.prm.step_tags``). The pooler returns, for each step, one 
 ``[mean, std, p_1 .. p_E]``: the ensemble mean, the population std over the heads, and each head's probability,
 computed by the same functions ``score --engine transformers`` runs (``read_steps``).
 
-The pooler needs each request's prompt length (where the steps begin), which no token says. The plugin's IO
-processor (``prm_factory.vllm_io``) tokenizes every request and passes it in ``PoolingParams.extra_kwargs``, keyed
-by a digest of the request's token ids; the pooler finds its own entry by the same digest. A request without one
-(not sent through the IO processor) gets an empty result, which the IO processor reports as an error.
+The pooler needs each request's prompt length (where the steps begin) and its steps' last tokens, which no token
+says for sure. The plugin's IO processor (``prm_factory.vllm_io``) tokenizes every request and passes them in
+``PoolingParams.extra_kwargs`` as ``[prompt length, end_1 .. end_S]`` (-1: a step cut off by the context, scored
+NaN), keyed by a digest of the request's token ids; the pooler finds its own entry by the same digest. A request
+without one (not sent through the IO processor) gets an empty result, which the IO processor reports as an error.
 
 vLLM imports this module only in its own processes (``prm_factory.vllm_plugin.register`` names it lazily).
 """
@@ -31,9 +32,9 @@ from vllm.v1.pool.metadata import PoolingMetadata
 
 from prm_factory.vllm_plugin import ARCHITECTURE  # noqa: E402
 from tasks.prm.model import EnsembleHeads, lm_token_features, read_steps
-from tasks.prm.step_tags import step_ends
 
-EXTRA_KEY = "prm_factory_prompt_tokens"  # PoolingParams.extra_kwargs[EXTRA_KEY]: {ids_digest(ids): prompt length}
+# PoolingParams.extra_kwargs[EXTRA_KEY]: {ids_digest(ids): [prompt length, each step's last token or -1]}
+EXTRA_KEY = "prm_factory_steps"
 BACKBONES = ("llama", "qwen2")  # model_type -> vLLM's decoder of that name (_decoder)
 
 
@@ -80,11 +81,11 @@ class EnsembleStepPooler(Pooler):
                 out.append(None)
                 continue
             ids = ids.to(torch.int64)
-            prompt_tokens = ((params.extra_kwargs or {}).get(EXTRA_KEY) or {}).get(ids_digest(ids.tolist()))
-            if prompt_tokens is None:
+            layout = ((params.extra_kwargs or {}).get(EXTRA_KEY) or {}).get(ids_digest(ids.tolist()))
+            if not layout:
                 out.append(hidden.new_zeros((0, 2 + model.num_heads), dtype=torch.float32))
                 continue
-            out.append(model.score_steps(hidden, ids, int(prompt_tokens)))
+            out.append(model.score_steps(hidden, ids, int(layout[0]), [int(e) for e in layout[1:]]))
         return out
 
 
@@ -100,7 +101,6 @@ class PRMFactoryEnsembleForProcessReward(nn.Module):
         self.config = config
         self.num_heads = int(spec["num_heads"])
         self.reads, self.token_features = spec["reads"], spec["token_features"]
-        self.tag_id = int(spec["step_tag_id"])
         self.vocab_size = int(config.vocab_size)
         self.model = _decoder(vllm_config, "model" if not prefix else f"{prefix}.model")
         width = int(config.hidden_size) + int(spec["token_feature_width"])
@@ -118,9 +118,10 @@ class PRMFactoryEnsembleForProcessReward(nn.Module):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     @torch.no_grad()
-    def score_steps(self, hidden: torch.Tensor, ids: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
-        """[S, 2 + E] for one request: its hidden states [T, H], token ids [T] and prompt length."""
-        ends = step_ends(ids.tolist(), self.tag_id, prompt_tokens)
+    def score_steps(self, hidden: torch.Tensor, ids: torch.Tensor, prompt_tokens: int, ends: list[int]
+                    ) -> torch.Tensor:
+        """[S, 2 + E] for one request: its hidden states [T, H], token ids [T], prompt length and its steps' last
+        tokens (-1: cut off by the context; its row is NaN)."""
         hidden = hidden.float().unsqueeze(0)
         ids = ids.to(hidden.device).unsqueeze(0)
         states = hidden
@@ -133,8 +134,9 @@ class PRMFactoryEnsembleForProcessReward(nn.Module):
         completion[:, prompt_tokens:] = True
         index = torch.tensor([ends], dtype=torch.long, device=hidden.device)
         probs = torch.sigmoid(read_steps(self.heads, self.reads, states, index, completion).float())[0].double()
-        return torch.cat([probs.mean(-1, keepdim=True), probs.std(-1, unbiased=False, keepdim=True), probs],
-                         dim=-1).float().cpu()
+        rows = torch.cat([probs.mean(-1, keepdim=True), probs.std(-1, unbiased=False, keepdim=True), probs], dim=-1)
+        cut = torch.tensor([e < 0 for e in ends], dtype=torch.bool, device=rows.device)
+        return rows.masked_fill(cut.unsqueeze(-1), float("nan")).float().cpu()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """``model.*``: the decoder (vLLM's loader stacks q/k/v and gate/up); ``lm_head.weight``; ``heads.*``."""

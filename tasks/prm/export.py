@@ -417,7 +417,10 @@ class ExportReader:
                               "`prm-factory export`")
         self.hf_config = json.loads(cfg_path.read_text())
         if self.hf_config.get("architectures") != [ARCHITECTURE] or "step_tag_id" not in self.hf_config:
-            raise ExportError(f"{self.path} is not a {ARCHITECTURE} export with a step_tag_id")
+            hint = (f"; an {ENSEMBLE_ARCHITECTURE} export is served (its serve.json) and scored with `score --url`, "
+                    "or score its checkpoint" if self.hf_config.get("architectures") == [ENSEMBLE_ARCHITECTURE]
+                    else "")
+            raise ExportError(f"{self.path} is not a {ARCHITECTURE} export with a step_tag_id{hint}")
         self.tag = int(self.hf_config["step_tag_id"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.max_length = int(self.hf_config.get("max_position_embeddings", 2048))

@@ -267,8 +267,7 @@ class ProcessRewardModel(nn.Module):
                                        .last_hidden_state, input_ids)
 
     def states_from_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """``token_states`` from the backbone's last hidden states [B, T, H] computed elsewhere (a vLLM engine
-        serving the backbone: ``cluster.pooling_engine.VLLMEnsemblePRM``)."""
+        """``token_states`` from the backbone's last hidden states [B, T, H] computed elsewhere."""
         if self.token_features != "none":
             hidden = torch.cat([hidden, self._token_features(hidden, input_ids)], dim=-1)
         return hidden.to(self.heads.weights[0].dtype)

@@ -223,3 +223,5 @@ def test_the_client_sends_the_servers_api_key(served):
         except urllib.error.HTTPError as err:
             got = err.code
         assert got == status
+    # and /pooling answers without it (vLLM 0.32's middleware guards /v1... only): the README says so
+    assert score_steps(url, "Start at 1.\n", ["1+1=2\n"], retries=0)[0]

@@ -179,10 +179,15 @@ def test_score_engine_vllm_scores_in_ray_actors_as_transformers_does(exported, r
 
 @pytest.mark.slow
 def test_score_engine_vllm_serves_a_native_checkpoint_with_its_ensemble(ruler_rows, tmp_path, ray_session):
-    """`score --engine vllm` on a checkpoint from `train`: vLLM serves the backbone's hidden states in a Ray actor
-    and the checkpoint's own eight heads read them, so mean and std equal the transformers path's per step (the
-    export's one-head student plays no part)."""
+    """`score --engine vllm` on a checkpoint from `train`: a Ray actor's vLLM engine runs the whole ensemble as the
+    package's plugin model (backbone, token features, eight heads), so mean and std equal the transformers path's
+    per step (the export's one-head student plays no part). Steps cut mid-line (as EDU cuts them) and a text past
+    the context (its cut-off steps null) are scored as transformers scores them."""
     _, check = ruler_rows
+    first = check[0]
+    text = "".join(first["completions"])
+    check = [*check, dict(first, completions=[text[:3], text[3:9], text[9:]]),
+             dict(first, completions=["1+1=2\n"] * 60, step_truth=[True] * 60)]
     src = tmp_path / "check.jsonl"
     src.write_text("".join(json.dumps({"prompt": r["prompt"], "completions": r["completions"],
                                        "step_truth": r["step_truth"]}) + "\n" for r in check))
@@ -194,25 +199,13 @@ def test_score_engine_vllm_serves_a_native_checkpoint_with_its_ensemble(ruler_ro
     lengths = [len(r["completions"]) for r in check]
     assert [len(r["step_scores"]) for r in got] == [len(w.mean) for w in want] == lengths
     for key, attr in (("step_scores", "mean"), ("step_std", "std")):
+        assert [[x is None for x in row[key]] for row in got] == [[math.isnan(x) for x in getattr(ref, attr)]
+                                                                 for ref in want]
         worst = max(abs(a - b) for row, ref in zip(got, want, strict=True)
-                    for a, b in zip(row[key], getattr(ref, attr), strict=True))
+                    for a, b in zip(row[key], getattr(ref, attr), strict=True) if a is not None)
         assert worst <= 1e-4, (key, worst)
-    assert max(x for row in got for x in row["step_std"]) > 0.01  # the heads disagree somewhere: a real ensemble
-
-
-def test_write_backbone_refuses_what_vllm_cannot_load_as_a_causal_lm(tmp_path):
-    from cluster.pooling_engine import PoolingUnsupported, write_backbone
-
-    prm = load_prm(TOY_PRM)
-    write_backbone(prm, tmp_path / "ok")
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(tmp_path / "ok" / "model.safetensors"))
-    assert torch.equal(tensors["model.embed_tokens.weight"], prm.model.backbone.embed_tokens.weight)
-    assert (tmp_path / "ok" / "tokenizer.json").is_file() and "lm_head.weight" not in tensors  # tied
-    prm.model.backbone.config.architectures = ["LlamaModel"]
-    with pytest.raises(PoolingUnsupported, match="LlamaModel"):
-        write_backbone(prm, tmp_path / "no")
+    assert got[-1]["step_scores"][0] is not None and got[-1]["step_scores"][-1] is None  # cut at the context
+    assert max(x for row in got for x in row["step_std"] if x is not None) > 0.01  # a real ensemble: heads disagree
 
 
 def test_cli_refusals(tmp_path):
