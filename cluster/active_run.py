@@ -36,7 +36,7 @@ def default_eval_fn(cfg: FactoryConfig) -> EvalFn | None:
 
 def pool_scorer(cfg: FactoryConfig) -> Callable[[Path], Any] | None:
     """``active.scorer: vllm``: a round's checkpoint served by one vLLM scoring actor in the Ray pool
-    (``cluster.pooling_engine.PooledPRM``: the backbone in vLLM, the ensemble heads in the actor), started for the
+    (``cluster.pooling_engine.PooledPRM``: the whole ensemble in vLLM as the plugin model), started for the
     round and stopped after; ``transformers``: None (the loop loads the checkpoint in the driver)."""
     if cfg.active.scorer != "vllm":
         return None

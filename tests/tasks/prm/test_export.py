@@ -23,7 +23,7 @@ from tasks.prm.export import (
     step_tag_id,
     tagged_input,
 )
-from tasks.prm.model import BACKBONE_DIR, find_checkpoint_dir, load_prm
+from tasks.prm.model import load_prm
 
 POLICY = REPO_ROOT / "assets" / "toy-policy"
 TOY_PRM = REPO_ROOT / "assets" / "toy-prm"
@@ -109,18 +109,26 @@ def test_student_layers_start_as_the_identity():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, ruler_rows):
-    from tasks.prm.export import export_prm
-
+    """`export --format qwen2-prm` (the one-head export any vLLM serves), through the CLI."""
     train, _ = ruler_rows
-    out = tmp_path_factory.mktemp("export") / "toy-prm-qwen2"
-    prm = load_prm(TOY_PRM)
+    work = tmp_path_factory.mktemp("export")
+    out = work / "toy-prm-qwen2"
     too_long = ["1+1=2\n"] * 60  # past the backbone's 256 positions: left out and counted, not scored at a wrong tag
-    summary = export_prm(prm, find_checkpoint_dir(TOY_PRM) / BACKBONE_DIR, [r["prompt"] for r in train] + ["Start.\n"],
-                         [r["completions"] for r in train] + [too_long], out, epochs=4)
+    data = work / "distill.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completions": c}) + "\n" for p, c in
+                            [(r["prompt"], r["completions"]) for r in train] + [("Start.\n", too_long)]))
+    res = CliRunner().invoke(app, ["export", "--format", "qwen2-prm", "--checkpoint", str(TOY_PRM), "--data",
+                                   str(data), "--out", str(out), "--epochs", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    prm = load_prm(TOY_PRM)
     assert summary["trajectories"] == len(train) and summary["trajectories_left_out"] == 1
     layers = int(prm.model.backbone.config.num_hidden_layers) + summary["distillation"]["extra_layers"]
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == layers == 5
     assert "exceeds" in summary["first_left_out"]
+    # serve.json names the directory the export ends in, not its temporary name
+    cli = json.loads((out / "serve.json").read_text())["cli"]
+    assert f"--model {out} " in cli and "export-tmp" not in cli
     return out, summary, prm
 
 
@@ -171,10 +179,15 @@ def test_score_engine_vllm_scores_in_ray_actors_as_transformers_does(exported, r
 
 @pytest.mark.slow
 def test_score_engine_vllm_serves_a_native_checkpoint_with_its_ensemble(ruler_rows, tmp_path, ray_session):
-    """`score --engine vllm` on a checkpoint from `train`: vLLM serves the backbone's hidden states in a Ray actor
-    and the checkpoint's own eight heads read them, so mean and std equal the transformers path's per step (the
-    export's one-head student plays no part)."""
+    """`score --engine vllm` on a checkpoint from `train`: a Ray actor's vLLM engine runs the whole ensemble as the
+    package's plugin model (backbone, token features, eight heads), so mean and std equal the transformers path's
+    per step (the export's one-head student plays no part). Steps cut mid-line (as EDU cuts them) and a text past
+    the context (its cut-off steps null) are scored as transformers scores them."""
     _, check = ruler_rows
+    first = check[0]
+    text = "".join(first["completions"])
+    check = [*check, dict(first, completions=[text[:3], text[3:9], text[9:]]),
+             dict(first, completions=["1+1=2\n"] * 60, step_truth=[True] * 60)]
     src = tmp_path / "check.jsonl"
     src.write_text("".join(json.dumps({"prompt": r["prompt"], "completions": r["completions"],
                                        "step_truth": r["step_truth"]}) + "\n" for r in check))
@@ -186,25 +199,13 @@ def test_score_engine_vllm_serves_a_native_checkpoint_with_its_ensemble(ruler_ro
     lengths = [len(r["completions"]) for r in check]
     assert [len(r["step_scores"]) for r in got] == [len(w.mean) for w in want] == lengths
     for key, attr in (("step_scores", "mean"), ("step_std", "std")):
+        assert [[x is None for x in row[key]] for row in got] == [[math.isnan(x) for x in getattr(ref, attr)]
+                                                                 for ref in want]
         worst = max(abs(a - b) for row, ref in zip(got, want, strict=True)
-                    for a, b in zip(row[key], getattr(ref, attr), strict=True))
+                    for a, b in zip(row[key], getattr(ref, attr), strict=True) if a is not None)
         assert worst <= 1e-4, (key, worst)
-    assert max(x for row in got for x in row["step_std"]) > 0.01  # the heads disagree somewhere: a real ensemble
-
-
-def test_write_backbone_refuses_what_vllm_cannot_load_as_a_causal_lm(tmp_path):
-    from cluster.pooling_engine import PoolingUnsupported, write_backbone
-
-    prm = load_prm(TOY_PRM)
-    write_backbone(prm, tmp_path / "ok")
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(tmp_path / "ok" / "model.safetensors"))
-    assert torch.equal(tensors["model.embed_tokens.weight"], prm.model.backbone.embed_tokens.weight)
-    assert (tmp_path / "ok" / "tokenizer.json").is_file() and "lm_head.weight" not in tensors  # tied
-    prm.model.backbone.config.architectures = ["LlamaModel"]
-    with pytest.raises(PoolingUnsupported, match="LlamaModel"):
-        write_backbone(prm, tmp_path / "no")
+    assert got[-1]["step_scores"][0] is not None and got[-1]["step_scores"][-1] is None  # cut at the context
+    assert max(x for row in got for x in row["step_std"] if x is not None) > 0.01  # a real ensemble: heads disagree
 
 
 def test_cli_refusals(tmp_path):
@@ -217,9 +218,11 @@ def test_cli_refusals(tmp_path):
     assert res.exit_code == 2 and "empty" in res.output and not (tmp_path / "o.jsonl").exists()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep me")
-    res = runner.invoke(app, ["export", "--checkpoint", str(TOY_PRM), "--data", str(src), "--out",
-                              str(tmp_path / "taken")])
+    res = runner.invoke(app, ["export", "--checkpoint", str(TOY_PRM), "--out", str(tmp_path / "taken")])
     assert res.exit_code == 2 and "--force" in res.output and (tmp_path / "taken" / "x").read_text() == "keep me"
     res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "nothing"), "--data", str(src), "--out",
                               str(tmp_path / "new")])
     assert res.exit_code == 2 and not (tmp_path / "new").exists()
+    for argv, words in ((["--format", "qwen2-prm"], "give --data"), (["--format", "onnx"], "--format must be")):
+        res = runner.invoke(app, ["export", "--checkpoint", str(TOY_PRM), "--out", str(tmp_path / "new"), *argv])
+        assert res.exit_code == 2 and words in res.output and not (tmp_path / "new").exists()
