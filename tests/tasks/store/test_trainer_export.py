@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from configs.schema import REPO_ROOT, parse_config
 from prm_factory.cli import app
 from tasks.labelling.label_rule import step_labels
-from tasks.store import export as export_module
+from tasks.store import trainer_export as export_module
 from tasks.store.dataset import SCHEMA_VERSION, read_dataset, read_manifest, write_manifest, write_shard
 from tasks.store.trainer_export import MATH_SHEPHERD_TAG, QWEN_STEP_TOKEN, ExportError, export_dataset
 
