@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+OLD_PATH_MARK = "old-path-figures: "  # the subprocess's answer line (vLLM logs to stdout too)
 
 
 def free_port() -> int:
@@ -103,8 +104,11 @@ def old_path_subprocess(args: argparse.Namespace) -> dict:
     argv = [sys.executable, __file__, "--old-path-only", "--checkpoint", str(args.checkpoint), "--eval-problems",
             str(args.eval_problems), "--batch-size", str(args.batch_size)]
     env = {**os.environ, "PYTHONPATH": f"{args.old_path_code}:{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    res = subprocess.run(argv, capture_output=True, text=True, env=env)
+    found = [line for line in res.stdout.splitlines() if line.startswith(OLD_PATH_MARK)]
+    if not found:
+        return {"error": f"exit {res.returncode}: {(res.stderr or res.stdout)[-400:]}", "trajectories_per_s": 0.0}
+    return json.loads(found[-1][len(OLD_PATH_MARK):])
 
 
 def old_path_speed(args: argparse.Namespace) -> dict:
@@ -135,7 +139,7 @@ def main() -> None:
     parser.add_argument("--old-path-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.old_path_only:
-        print(json.dumps(old_path_speed(args)))
+        print(OLD_PATH_MARK + json.dumps(old_path_speed(args)), flush=True)
         return
 
     import shutil

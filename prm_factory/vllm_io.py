@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from tasks.prm.model import encode_trajectory
 from tasks.prm.step_tags import STEP_TAG, StepTagError, step_ends, tag_trajectory
 
 OFFLINE = "offline"  # the request id of LLM.encode's calls, which pass none
+MAX_OPEN_REQUESTS = 65536
 
 
 class EnsembleStepsIO(IOProcessor):
@@ -48,7 +50,9 @@ class EnsembleStepsIO(IOProcessor):
         self.max_length = int(vllm_config.model_config.max_model_len)
         self.tokenizer = renderer.get_tokenizer()
         self._lock = threading.Lock()
-        self._rows: dict[str, list[str | None]] = {}  # request id -> each row's error (None: scored)
+        # request id -> each row's error (None: scored), until post_process; capped, since a request aborted on the
+        # way (a client gone) never reaches post_process
+        self._rows: OrderedDict[str, list[str | None]] = OrderedDict()
         self._pending: dict[str, list[int]] = {}  # the last pre_process's layouts, for merge_pooling_params
 
     def parse_data(self, data: object) -> list[dict[str, Any]]:
@@ -81,6 +85,8 @@ class EnsembleStepsIO(IOProcessor):
             raise ValueError("no row can be scored: " + "; ".join(e for e in errors if e))
         with self._lock:
             self._rows[request_id or OFFLINE] = errors
+            while len(self._rows) > MAX_OPEN_REQUESTS:
+                self._rows.popitem(last=False)
             self._pending = lengths
         return prompts
 

@@ -30,7 +30,7 @@ from vllm.model_executor.layers.pooler import Pooler, PoolingParamsUpdate
 from vllm.model_executor.layers.pooler.tokwise.methods import AllPool
 from vllm.v1.pool.metadata import PoolingMetadata
 
-from prm_factory.vllm_plugin import ARCHITECTURE  # noqa: E402
+from prm_factory.vllm_plugin import ARCHITECTURE
 from tasks.prm.model import EnsembleHeads, lm_token_features, read_steps
 
 # PoolingParams.extra_kwargs[EXTRA_KEY]: {ids_digest(ids): [prompt length, each step's last token or -1]}

@@ -198,8 +198,8 @@ def test_warm_start_checkpoint_must_fit_the_model(tmp_path):
 
 @pytest.mark.slow
 def test_vllm_scorer_selects_what_the_transformers_scorer_selects(tmp_path, ray_session):
-    """`active.scorer: vllm`: round 1 scores the pool from a vLLM scoring actor in the Ray pool (the round-0 PRM's
-    backbone served by vLLM, its heads in the actor) and picks the same problems, with the same figures, as the
+    """`active.scorer: vllm`: round 1 scores the pool from a vLLM scoring actor in the Ray pool (the round-0 PRM
+    whole, as the package's vLLM plugin model) and picks the same problems, with the same figures, as the
     PRM scored in the driver. The toy PRM stands in for round 0's PRM; the pool is ruler trajectories."""
     import json
     import shutil
