@@ -252,7 +252,7 @@ def test_a_backbone_fsdp_cannot_wrap_fails_before_ray(toy_prm_dataset, tmp_path,
         _no_split_modules = None
 
     monkeypatch.setattr(transformers.AutoModel, "from_config", lambda *a, **k: Flat())
-    monkeypatch.setattr(train_module, "_connect", lambda cfg: pytest.fail("Ray was started"))
+    monkeypatch.setattr(train_module, "connect", lambda *a, **k: pytest.fail("Ray was started"))
     cfg = parse_config({**toy_prm_dataset["config"], "train": {**toy_prm_dataset["config"]["train"], **FSDP_TRAIN}})
     with pytest.raises(TrainError, match=r"strategy fsdp wraps each decoder layer, and Flat .* names none.*"
                                          r"use strategy: ddp"):
