@@ -151,8 +151,9 @@ def test_nothing_uncertain_stops_without_training(two_rounds):
 
     out = two_rounds["out"]
     before = sorted(p.name for p in (out / "labels" / "versions").iterdir())
-    # delta_pred 0.5 / delta_std 0.5: every scored step is confident (mean >= 0.5 or <= 0.5, std <= 0.5).
-    cfg = parse_config(_toy_active(rounds=3, selection={"delta_pred": 0.5, "delta_std": 0.5}))
+    # delta_pred 0.5001 / delta_std 0.5: every scored step is confident (its mean is off 0.5 by more than 1e-4, and a
+    # std of probabilities is at most 0.5); delta_pred 0.5 itself is refused by validation.
+    cfg = parse_config(_toy_active(rounds=3, selection={"delta_pred": 0.5001, "delta_std": 0.5}))
     started = []
     result = run_active(cfg, out, engine=lambda: started.append(1) or two_rounds["engine"])
     assert result.stop_reason == "nothing_uncertain" and len(result.rounds) == 2
