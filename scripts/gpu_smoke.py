@@ -97,7 +97,8 @@ def main() -> int:
     figures["train"] = {"history": train.get("history"), "global_step": train.get("global_step"),
                         "strategy": train.get("strategy"), "precision": train.get("precision"),
                         "state_bytes_per_worker": last.get("state_bytes_per_worker"),
-                        "peak_gpu_mb": last.get("peak_gpu_mb"), "consolidate_seconds": train.get("consolidate_seconds")}
+                        "peak_gpu_mb": last.get("peak_gpu_mb"),
+                        "consolidate_seconds": train.get("consolidate_seconds")}
     exported = last_json(run("export", cli + ["export", "--checkpoint", str(prm_run), "--data", str(data), "--out",
                                               str(export), "--limit", "256", "--epochs", "2", "--force", "--json"],
                              figures))  # the student trains on the CPU: a short distillation keeps the smoke short

@@ -306,9 +306,8 @@ def row_states(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_lengt
     for training the heads of a frozen backbone with ``train_step(..., states=...)``."""
     import torch
 
-    from tasks.prm.model import collate, encode_trajectory, pad_token_id
-
     from tasks.prm.distributed import unwrap
+    from tasks.prm.model import collate, encode_trajectory, pad_token_id
 
     bare = unwrap(model)
     lm_head = list(bare.lm_head.parameters()) if bare.lm_head is not None else []
