@@ -210,9 +210,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window: list[dict[str, Any]] = []
         pieces = 0
 
-        def step(rows: list[dict[str, Any]], pieces: int) -> None:
+        def step(rows: list[dict[str, Any]], pieces: int, where: str) -> None:
             nonlocal global_step, steps, truncated, sums
-            where = f"epoch {epoch}, global step {global_step + 1}, rank {rank} batch {batches - 1}"
             loss, parts, cut = train_step(model, optimizer, tokenizer, rows, target, max_length,
                                           train["pull_lambda"], device, where, train["pull_reduction"],
                                           precision=precision, micro_batches=pieces, scaler=scaler)
@@ -240,10 +239,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches += 1
             pieces += 1
             if pieces == accum:
-                step(window, pieces)
+                step(window, pieces, f"epoch {epoch}, global step {global_step + 1}, rank {rank} batch {batch_index}")
                 window, pieces = [], 0
         if window:  # the epoch's last, shorter window
-            step(window, pieces)
+            step(window, pieces, f"epoch {epoch}, global step {global_step + 1}, rank {rank} batch {batches - 1}")
         sums = reduce(sums.tolist())
         train_seconds = time.perf_counter() - started
         per_worker_steps = max(1, steps)
@@ -384,7 +383,8 @@ def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Pat
     """Train (or resume) the PRM of ``cfg.train`` on a dataset version; returns the finished run.
 
     Everything that can be checked without Ray is checked first (dataset exists, target column present,
-    RUN belongs to this config and global batch, the backbone fits ``train.strategy``). ``on_epoch`` is called from a watcher thread with each new epoch record.
+    RUN belongs to this config and global batch, the backbone fits ``train.strategy``). ``on_epoch`` is called
+    from a watcher thread with each new epoch record.
     ``init_from`` (a checkpoint or run dir of a PRM with the same model config): warm start, i.e. the weights
     (backbone, heads, and the heads' initial weights that the pull penalty aims at) start from it, in a fresh
     RUN with its own optimizer and epoch count (the active loop's rounds); a resumed RUN continues from its own

@@ -18,7 +18,7 @@ float32 shards), under ddp through ``torch.autocast``. fp16 adds loss scaling (`
 Sharded checkpoints (fsdp): ``save_sharded`` has every rank write its own shard of model and optimizer with
 ``torch.distributed.checkpoint`` (no rank gathers the whole model); ``load_sharded`` reads them back into any
 layout (another world size reshards); ``consolidate_sharded`` writes the model's tensors into one safetensors
-file, one tensor in memory at a time, for ``score``, ``eval`` and ``export``, which read a checkpoint as always.
+file, a few hundred MB in memory at a time, for ``score``, ``eval`` and ``export``, which read a checkpoint as always.
 """
 
 from __future__ import annotations
@@ -226,23 +226,37 @@ def sharded_tensors(path: str | Path, prefix: str = MODEL_PREFIX) -> dict[str, A
             if key.startswith(prefix) and isinstance(value, TensorStorageMetadata)}
 
 
-def iter_sharded_tensors(path: str | Path, prefix: str = MODEL_PREFIX) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each whole tensor under `prefix`, assembled from every rank's shard, one at a time (no process group)."""
+def iter_sharded_tensors(path: str | Path, prefix: str = MODEL_PREFIX, chunk_bytes: int = 256 * 2**20
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each whole tensor under `prefix`, assembled from every rank's shard (no process group), in the checkpoint's
+    order; read a group of tensors up to `chunk_bytes` at a time, so memory stays near that (or one tensor)."""
     import torch.distributed.checkpoint as dcp
 
-    for name, meta in sharded_tensors(path, prefix).items():
-        tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    def flush(group: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({prefix + name: tensor}, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
-        yield name, tensor
+            dcp.load({prefix + name: t for name, t in group}, storage_reader=dcp.FileSystemReader(str(path)),
+                     no_dist=True)
+        return group
+
+    group: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, meta in sharded_tensors(path, prefix).items():
+        tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        if group and size + tensor.numel() * tensor.element_size() > chunk_bytes:
+            yield from flush(group)
+            group, size = [], 0
+        group.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+    if group:
+        yield from flush(group)
 
 
 def consolidate_sharded(path: str | Path, out_file: str | Path, metadata: dict[str, str] | None = None,
                         prefix: str = MODEL_PREFIX) -> int:
     """Write the model of a sharded checkpoint as one safetensors file (what ``load_prm`` reads), streaming: the
-    header from ``.metadata``, then each tensor's bytes as it is assembled, so no more than one tensor is in
-    memory. Returns the bytes written."""
+    header from ``.metadata``, then each tensor's bytes as it is assembled, a few hundred MB at a time (never the
+    whole model). Returns the bytes written."""
     entries = sharded_tensors(path, prefix)
     header: dict[str, Any] = {}
     offset = 0

@@ -96,7 +96,7 @@ def test_heads_features_checkpointing_and_fp16_under_both_strategies(runs):
 
 def test_sharded_checkpoint_reloads_and_consolidates(runs, tmp_path):
     """Each rank writes only its shard; a fresh FSDP model loads the shards and steps as the original; the shards
-    consolidate (one tensor at a time) into a model.safetensors that `load_prm` scores with."""
+    consolidate (a group of tensors at a time) into a model.safetensors that `load_prm` scores with."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
