@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -74,10 +75,11 @@ def main() -> None:
 
     import ray
 
+    from cluster.connect import start_own
     from cluster.train import train_on_ray
     from tasks.prm.training import TrainError, dataset_shards
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    start_own(namespace="prm-factory", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     shards, version = dataset_shards(args.dataset)
@@ -222,6 +224,7 @@ def _strategies(args) -> None:
 
     import ray
 
+    from cluster.connect import start_own
     from cluster.hf_engine import HFEngine
     from cluster.train import train_on_ray
     from configs.schema import REPO_ROOT, parse_config
@@ -238,7 +241,7 @@ def _strategies(args) -> None:
     backbone = args.backbone or (str(smollm2) if (smollm2 / "config.json").is_file() else "assets/toy-policy")
     train = {"model_path": backbone, "num_workers": 2, "cpus_per_worker": 0.5, "epochs": args.epochs,
              "batch_size": args.batch_size, "lr": 1e-5, "eval_fraction": 0.25}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    start_own(namespace="prm-factory", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     out: dict = {"backbone": backbone, "dataset": str(dataset), "workers": 2, "epochs": args.epochs,
                  "batch_size_per_worker": args.batch_size, "device": "cpu (gloo)", "cpus": os.cpu_count(),
