@@ -41,6 +41,7 @@ import shutil
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,7 +467,14 @@ def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Pat
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; report the worker's own line
-        raise TrainError(f"training failed: {_failure_line(err)} (checkpoints, if any, are in {run})") from err
+        line = _failure_line(err)
+        # The finished frames of the error's tracebacks hold Ray Train's controller handle: while anything keeps the
+        # error (a caller, a test), the controller, its worker group and their placement group (CPUs or GPUs) would
+        # stay. Clearing those frames lets Ray stop them now.
+        for e in _chain(err):
+            if e.__traceback__ is not None:
+                traceback.clear_frames(e.__traceback__)
+        raise TrainError(f"training failed: {line} (checkpoints, if any, are in {run})") from err
     finally:
         stop.set()
         if watcher:

@@ -4,9 +4,11 @@ continues where it stopped (same step count, no epoch twice), and `score` giving
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 from typer.testing import CliRunner
 
 from cluster.train import train_on_ray
@@ -167,8 +169,14 @@ def fsdp_runs(ray_session, toy_prm_dataset, tmp_path_factory):
     cfg = parse_config({**toy_prm_dataset["config"], "train": {**toy_prm_dataset["config"]["train"], **FSDP_TRAIN}})
     root = tmp_path_factory.mktemp("fsdp")
     whole = train_on_ray(cfg, toy_prm_dataset["dir"], root / "whole")
+    cpus = ray.available_resources().get("CPU", 0)
     with pytest.raises(TrainError, match=r"worker rank 1 \(pid \d+\) died: its process exited"):
         train_on_ray(cfg, toy_prm_dataset["dir"], root / "killed", fault_after_epoch=0, fault_kind="kill")
+    # The failed run's controller, workers and placement group go with it, though the error is still held here.
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= cpus, "the killed run's CPUs are still reserved"
     left = sorted(p.name for p in (root / "killed").glob("epoch-*"))
     assert left == ["epoch-0000"] and not (root / "killed" / "model").exists()
     resumed = train_on_ray(cfg, toy_prm_dataset["dir"], root / "killed")
