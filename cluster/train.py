@@ -38,6 +38,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -464,6 +465,11 @@ def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Pat
     watcher = threading.Thread(target=_watch_epochs, args=(run, stop, on_epoch), daemon=True) if on_epoch else None
     if watcher:
         watcher.start()
+    # Ray Train's fit, on the main thread, installs a SIGINT handler whose closure holds the run's controller handle
+    # and never removes it: the controller, and on a failed run its worker group's placement group (CPUs or GPUs),
+    # would live until the next fit. Restoring the caller's handler afterwards releases them.
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; report the worker's own line
@@ -476,6 +482,8 @@ def train_on_ray(cfg: FactoryConfig, dataset_dir: str | Path, run_dir: str | Pat
                 traceback.clear_frames(e.__traceback__)
         raise TrainError(f"training failed: {line} (checkpoints, if any, are in {run})") from err
     finally:
+        if sigint is not None:  # None: a handler not installed from Python, left as it is
+            signal.signal(signal.SIGINT, sigint)
         stop.set()
         if watcher:
             watcher.join(timeout=5)
