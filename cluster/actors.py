@@ -101,6 +101,15 @@ class EngineActor:
         self.engine_name = engine_name
         self.started_at = time.time()
         self.policy_json = policy.model_dump_json()
+        if policy.backend == "transformers":
+            # As many torch threads as CPUs reserved (at least one). Ray's OMP_NUM_THREADS reaches torch only
+            # when the OpenMP runtime starts after Ray sets it: a worker started with libgomp in LD_PRELOAD (a
+            # driver that created a vLLM engine passes it on) read the variable at exec and keeps one thread per
+            # core, oversubscribing the node and giving other float bits than the same engine elsewhere.
+            import torch
+
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+            torch.set_num_threads(max(1, math.floor(cpus)))
         self.engine = make_engine(policy, offline, tensor_parallel_size, cpu_core_offset)
         self.metrics = EngineMetrics(engine_name)
         self._engine_lock = threading.Lock()
@@ -143,7 +152,16 @@ class EngineActor:
             "started_at": self.started_at,
             "requests_served": self._served,
             "policy": self.policy_json,
+            "torch_threads": _torch_threads(),
         }
+
+
+def _torch_threads() -> int | None:
+    """This process's torch intra-op threads, or None where torch was never imported (it is not imported here)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
 
 
 def engine_name(config_name: str, index: int) -> str:

@@ -60,6 +60,38 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_cpus_come_back():
+    """After each test module, its module-scoped pools gone, the session's Ray has every CPU free again.
+
+    A placement group a module leaves behind (a failed test's engines, a training run that kept its workers)
+    would make every later placement group wait out its timeout, and the failures would show far from their
+    cause. Whatever is left is named in a warning here, at the module that left it, and removed."""
+    yield
+    import sys
+    import time
+    import warnings
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.monotonic() + 15  # the resource view lags a released group by up to a second or so
+    while ray.available_resources().get("CPU", 0.0) < total - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    free = ray.available_resources().get("CPU", 0.0)
+    if free >= total - 1e-6:
+        return
+    left = {pg_id: info for pg_id, info in placement_group_table().items() if info["state"] != "REMOVED"}
+    warnings.warn(f"{total - free:g} of {total:g} Ray CPUs still reserved after this module; placement groups "
+                  f"left: {[(info['name'], info['state'], info['bundles']) for info in left.values()]} (removed now)",
+                  stacklevel=1)
+    for pg_id in left:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+
+
 @pytest.fixture(scope="session")
 def vllm_engine(policy_model_path, ray_session):
     """One vLLM engine for the session (prefix caching on, float32, 256-token context).

@@ -69,6 +69,8 @@ def test_pool_serves_a_batch_in_request_order(pool):
     assert all(len(r.samples) == 2 and r.generated_tokens > 0 for r in results)
     served = [e["requests_served"] for e in pool.health()["engines"]]
     assert all(count > 0 for count in served), f"work should spread over both engines: {served}"
+    # 0.5 CPU each: one torch thread, whatever OMP_NUM_THREADS or LD_PRELOAD the worker started with
+    assert [e["torch_threads"] for e in pool.health()["engines"]] == [1, 1]
 
 
 def test_named_actors_are_reattached_not_recreated(pool, ray_session, policy_model_path):
@@ -212,3 +214,28 @@ def test_threads_sharing_a_pool_survive_an_engine_death_with_the_same_answers(po
         th.join(timeout=300)
     assert not errors, errors
     assert got == want
+
+
+def test_engine_uses_the_cpus_it_reserved_even_with_libgomp_preloaded(ray_session, policy_model_path):
+    """A worker whose libgomp was preloaded (as after a vLLM engine in the driver) read OMP_NUM_THREADS at exec,
+    before Ray set it, and torch would run one thread per core; the engine sets its threads from its CPUs."""
+    from pathlib import Path
+
+    import ray
+    import torch
+
+    from cluster.actors import EngineActor
+    from configs.schema import PolicyConfig
+
+    libgomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if not libgomp.exists():
+        pytest.skip(f"this torch build has no {libgomp}")
+    policy = PolicyConfig(model_path=policy_model_path, backend="transformers", max_model_len=256)
+    actor = ray.remote(EngineActor).options(
+        num_cpus=0.5, namespace=ray_session["namespace"],
+        runtime_env={"env_vars": {"LD_PRELOAD": str(libgomp)}}).remote(policy, "gomp-probe")
+    try:
+        health = ray.get(actor.health.remote(), timeout=120)
+    finally:
+        ray.kill(actor)
+    assert health["torch_threads"] == 1
