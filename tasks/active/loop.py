@@ -329,13 +329,15 @@ class ActiveLoop:
     """Runs (or resumes) the rounds of one active run in ``out_dir``; see the module docstring.
 
     ``engine_factory`` starts the policy engines (called at most once, and only when a pool must be generated
-    or labels bought); ``train_fn`` trains a PRM on a dataset version; ``eval_fn`` measures a checkpoint on a
-    held-out set; ``labeller_factory`` makes the labeller for a round from (cfg, engine, tokenizer);
+    or labels bought); None: a loop that has no engine (a replay of labels already bought, e.g. the end-to-end
+    benchmark's: the pool must be in OUT/pool and the labeller is given ``None`` for the engine; a pool that must
+    be generated is an ActiveError); ``train_fn`` trains a PRM on a dataset version; ``eval_fn`` measures a
+    checkpoint on a held-out set; ``labeller_factory`` makes the labeller for a round from (cfg, engine, tokenizer);
     ``scorer_factory`` opens a round's checkpoint to score the pool (``score(prompts, completions)``, and ``close()``
     if it has one; ``cluster.active_run.pool_scorer``), required by ``active.scorer: vllm``; None: ``load_prm`` here.
     """
 
-    def __init__(self, cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Any],
+    def __init__(self, cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Any] | None,
                  train_fn: TrainFn, eval_fn: EvalFn | None = None, *,
                  labeller_factory: Callable[[FactoryConfig, Any, Any], Labeller] | None = None,
                  on_event: EventFn | None = None, tokenizer_factory: Callable[[], Any] | None = None,
@@ -363,6 +365,9 @@ class ActiveLoop:
     @property
     def engine(self) -> Any:
         if self._engine is None:
+            if self._engine_factory is None:
+                raise ActiveError(f"this loop has no policy engine (engine_factory None) but needs one: the pool in "
+                                  f"{self.out / POOL_DIR} is missing or was written for another labelling config")
             self._engine = self._engine_factory()
         return self._engine
 
@@ -621,7 +626,8 @@ class ActiveLoop:
             if check_shard(vdir, index, key) is None:
                 bought = False  # written by a run that was killed before its manifest: the tokens were spent then
             else:
-                labeller = self.labeller_factory(cfg, self.engine, self.tokenizer)
+                engine = None if self._engine_factory is None else self.engine  # a replay needs no engine
+                labeller = self.labeller_factory(cfg, engine, self.tokenizer)
                 result = labeller.label([problems[pid] for pid in selected])
                 write_labelled_shard(cfg, vdir, index, key, result, problems=len(selected),
                                      provenance={"active_round": r, "labeller": type(labeller).__name__})
