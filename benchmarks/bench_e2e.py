@@ -12,15 +12,19 @@ confident misconceptions) and each seed (``--seeds``), one pool of ``--problems`
   tokens; ``--ms-independent`` builds each N on its own (``benchmarks/bench_ms_subsample.py`` compares the two);
 - ``edu``: EDU entropy cuts, branching and ``--edu-n`` rollouts, ER labels with η = 1; the η grid (``--etas``)
   relabels the same rows (`tasks.store.relabel.relabel`: no new generation);
-- ``actprm`` and ``random``: the ActPRM loop over the ``edu``-labelled pool. Round 0 labels a random seed set
-  (the same for both); later rounds let the ensemble PRM of the round before score the unlabelled pool's
-  solutions (`tasks.active.selection.select_uncertain`, the paper's thresholds) and label the uncertain ones;
-  ``random`` labels random problems until its tokens reach what ``actprm`` has spent by that round (equal
-  tokens, not equal problems). Labelling a problem reveals its ``edu`` rows: the build seeds every request by
-  problem and prefix, so a problem labelled in a round gives the rows it has in the full build;
+- ``actprm`` and ``random``: runs of the product's loop (`tasks.active.loop.ActiveLoop`, what ``prm-factory
+  active`` runs) over the ``edu``-labelled pool, selector ``uncertainty`` (the paper's thresholds, top-k) and
+  ``random``: round 0 labels the loop's random seed set (the same for both), each of ``--rounds`` later rounds at
+  most ``--per-round`` problems, the PRM warm-started from the round before (``--cold-start``: from the backbone).
+  Nothing is generated to label: the pool is the build's first row per problem, written through the loop's
+  ``write_pool`` (no engine), and ``ReplayLabeller`` returns a chosen problem's rows in the full build (the build
+  seeds every request by problem and prefix, so a problem labelled alone gives the same rows) and charges exactly
+  its labelling tokens. The two arms are compared at equal labelling tokens through their curves (tokens to reach),
+  not in lockstep;
 - ``filter`` (and ``filter-random``): ActPRM as a filter of an already labelled pool, as the paper filtered 1M
-  trajectories (arXiv 2504.10559): the seed-set PRM scores the whole pool and the PRM trains on the seed set plus
-  the uncertain share ``--filter-share`` (the control: as many problems drawn at random).
+  trajectories (arXiv 2504.10559), as one round of the same loop after its seed set (a fresh PRM, warm start off):
+  the seed-set PRM scores the whole pool and the PRM trains on the seed set plus the uncertain share
+  ``--filter-share`` (the control: as many problems drawn at random).
 
 Static labellers are measured along a curve: the first k problems of the pool, k in ``--sizes`` (whole shards, so
 a point's cost is exactly the sum of its shards' cost records). Every PRM is trained the same way: the recipe of
