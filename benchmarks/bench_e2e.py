@@ -561,7 +561,9 @@ def round_points(arm: str, seed: int, rounds: list[dict[str, Any]], shards: list
                                "pool_generated": pool_generated,
                                "prefill": int(round(sum(costs[p]["prefill"] for p in labelled) + pool_prefill)),
                                "scoring_forward": scoring},
-                    "gate": {k: rec.get(k) for k in GATE_FIGURES}, "warm_start_from": rec.get("warm_start_from"),
+                    # None where no gate ran (round 0, selector random)
+                    "gate": {k: rec.get(k) for k in GATE_FIGURES} if rec.get("trusted_share") is not None else None,
+                    "warm_start_from": rec.get("warm_start_from"),
                     **figures})
     return out
 

@@ -237,6 +237,7 @@ def test_the_active_arms_run_the_products_loop_with_labels_replayed(e2e, edu4, t
         pts = [p for p in points if p["arm"] == arm]
         assert pts[-1]["tokens"]["label_generated"] == sum(rec["label_tokens"] for rec in rounds)
         assert 0 <= pts[-1]["within_position_auroc"] <= 1
+        assert pts[0]["gate"] is None and (pts[1]["gate"] is None) == (arm == "random")  # a gate ran in round 1
     assert points[0]["within_position_auroc"] == points[2]["within_position_auroc"]  # the same round 0
     # the filter arm is a run of the loop too: one round after the seed set, up to 3 of 4 problems in all
     calls.clear()
