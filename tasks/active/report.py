@@ -22,7 +22,8 @@ def round_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for rec in records:
         row = {c: rec.get(c) for c in TABLE_COLUMNS}
         picks = rec.get("labelled_problems") or rec.get("selected")
-        row["tokens_per_problem"] = round(rec["label_tokens"] / picks, 1) if picks and rec.get("label_tokens") else None
+        tokens = rec.get("label_tokens")
+        row["tokens_per_problem"] = round(tokens / picks, 1) if picks and tokens else None
         for c in ROUNDED:
             if isinstance(row[c], float):
                 row[c] = round(row[c], 4)

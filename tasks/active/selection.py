@@ -285,7 +285,7 @@ def selection_diagnostics(scores: Sequence[StepScoresLike], truths: Sequence[Seq
             bins[b][0].append(sd)
             bins[b][1].append((m >= threshold) != t)
     weighted, steps, per_bin = 0.0, 0, []
-    for (lo, hi), (stds, miss) in zip(zip(MARGIN_BINS[:-1], MARGIN_BINS[1:]), bins, strict=True):
+    for (lo, hi), (stds, miss) in zip(zip(MARGIN_BINS[:-1], MARGIN_BINS[1:], strict=True), bins, strict=True):
         a = auroc(stds, miss) if stds else float("nan")
         per_bin.append({"margin": [lo, hi], "steps": len(stds), "misclassified": sum(miss),
                         "std_auroc": None if math.isnan(a) else a})
