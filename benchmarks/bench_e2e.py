@@ -300,7 +300,8 @@ class Trainer:
                 idx = order[start:start + train.batch_size]
                 train_step(model, optimizer, tokenizer, [rows[i] for i in idx], train.target,
                            prm_config["max_length"], train.pull_lambda, "cpu", f"{name} epoch {epoch}",
-                           train.pull_reduction, states=None if states is None else [states[i] for i in idx])
+                           train.pull_reduction, states=None if states is None else [states[i] for i in idx],
+                           learning_probability=train.learning_probability)
         model.eval()
         PROFILE["training"] += time.perf_counter() - t0
         return Scorer(model, tokenizer, prm_config["max_length"], self if states is not None else None)
