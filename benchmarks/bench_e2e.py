@@ -322,7 +322,8 @@ class Trainer:
                 loss, _, _ = train_step(model, optimizer, tokenizer, [rows[i] for i in idx], train.target,
                                         prm_config["max_length"], train.pull_lambda, "cpu", f"{name} epoch {epoch}",
                                         train.pull_reduction,
-                                        states=None if states is None else [states[i] for i in idx])
+                                        states=None if states is None else [states[i] for i in idx],
+                                        learning_probability=train.learning_probability)
                 steps += 1
         model.eval()
         PROFILE["training"] += time.perf_counter() - t0
