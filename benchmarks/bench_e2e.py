@@ -12,15 +12,19 @@ confident misconceptions) and each seed (``--seeds``), one pool of ``--problems`
   tokens; ``--ms-independent`` builds each N on its own (``benchmarks/bench_ms_subsample.py`` compares the two);
 - ``edu``: EDU entropy cuts, branching and ``--edu-n`` rollouts, ER labels with η = 1; the η grid (``--etas``)
   relabels the same rows (`tasks.store.relabel.relabel`: no new generation);
-- ``actprm`` and ``random``: the ActPRM loop over the ``edu``-labelled pool. Round 0 labels a random seed set
-  (the same for both); later rounds let the ensemble PRM of the round before score the unlabelled pool's
-  solutions (`tasks.active.selection.select_uncertain`, the paper's thresholds) and label the uncertain ones;
-  ``random`` labels random problems until its tokens reach what ``actprm`` has spent by that round (equal
-  tokens, not equal problems). Labelling a problem reveals its ``edu`` rows: the build seeds every request by
-  problem and prefix, so a problem labelled in a round gives the rows it has in the full build;
+- ``actprm`` and ``random``: runs of the product's loop (`tasks.active.loop.ActiveLoop`, what ``prm-factory
+  active`` runs) over the ``edu``-labelled pool, selector ``uncertainty`` (the paper's thresholds, top-k) and
+  ``random``: round 0 labels the loop's random seed set (the same for both), each of ``--rounds`` later rounds at
+  most ``--per-round`` problems, the PRM warm-started from the round before (``--cold-start``: from the backbone).
+  Nothing is generated to label: the pool is the build's first row per problem, written through the loop's
+  ``write_pool`` (no engine), and ``ReplayLabeller`` returns a chosen problem's rows in the full build (the build
+  seeds every request by problem and prefix, so a problem labelled alone gives the same rows) and charges exactly
+  its labelling tokens. The two arms are compared at equal labelling tokens through their curves (tokens to reach),
+  not in lockstep;
 - ``filter`` (and ``filter-random``): ActPRM as a filter of an already labelled pool, as the paper filtered 1M
-  trajectories (arXiv 2504.10559): the seed-set PRM scores the whole pool and the PRM trains on the seed set plus
-  the uncertain share ``--filter-share`` (the control: as many problems drawn at random).
+  trajectories (arXiv 2504.10559), as one round of the same loop after its seed set (a fresh PRM, warm start off):
+  the seed-set PRM scores the whole pool and the PRM trains on the seed set plus the uncertain share
+  ``--filter-share`` (the control: as many problems drawn at random).
 
 Static labellers are measured along a curve: the first k problems of the pool, k in ``--sizes`` (whole shards, so
 a point's cost is exactly the sum of its shards' cost records). Every PRM is trained the same way: the recipe of
@@ -85,7 +89,7 @@ POOL_SEED_BASE = 7100  # the pool of seed s: toy problems of seed 7100 + s
 PROBLEMS_PER_SHARD = 16
 # World -> (the policy that samples its data and is its PRMs' backbone, the ruler it is judged on).
 WORLDS = {"v1": ("assets/toy-policy", "v1"), "v2": ("assets/toy-policy-v2", "v2")}
-ACTIVE_ARMS = ("actprm", "random")
+ACTIVE_ARMS = ("actprm", "random")  # runs of the product's active loop (one point per round)
 PROFILE: dict[str, float] = defaultdict(float)  # seconds per phase, for the profile in the JSON
 
 
@@ -215,17 +219,25 @@ def shard_tokens(records: list[dict[str, int]]) -> dict[str, Any]:
             "pool_generated": 0, "by_stage": {stage: getattr(cost, stage) for stage in COST_STAGES}}
 
 
-def problem_costs(shards: list[tuple[list[dict[str, Any]], dict[str, int]]]) -> dict[str, dict[str, float]]:
+def problem_costs(shards: list[tuple[list[dict[str, Any]], dict[str, int]]]) -> dict[str, dict[str, Any]]:
     """Per problem: its generated labelling tokens (the sum of its rows' ``rollout_tokens``, which share the tree's
-    and the rollouts' tokens out between rows) and its prefill (its shard's prompt tokens in proportion)."""
-    out: dict[str, dict[str, float]] = {}
+    and the rollouts' tokens out between rows), its prefill (its shard's prompt tokens in proportion), and
+    ``stages``: its generated tokens split over the cost stages as its shard's record splits them (whole tokens
+    that sum to ``generated`` exactly)."""
+    from tasks.cost import COST_STAGES
+
+    out: dict[str, dict[str, Any]] = {}
     for rows, record in shards:
         gen: dict[str, int] = defaultdict(int)
         for r in rows:
             gen[r["problem_id"]] += int(r["rollout_tokens"])
         total = max(1, sum(gen.values()))
+        by_stage = {stage: int(record.get(stage, 0)) for stage in COST_STAGES}
+        stage_total = sum(by_stage.values())
         for pid, g in gen.items():
-            out[pid] = {"generated": g, "prefill": record["prompt_tokens"] * g / total}
+            stages = {stage: (g * n // stage_total if stage_total else 0) for stage, n in by_stage.items()}
+            stages["rollout_tokens"] += g - sum(stages.values())  # what flooring left, so the stages sum to g
+            out[pid] = {"generated": g, "prefill": record["prompt_tokens"] * g / total, "stages": stages}
     return out
 
 
@@ -276,10 +288,13 @@ class Trainer:
             self.states.update(zip(missing, row_states(model, tokenizer, rows, max_length), strict=True))
         return [self.states[k] for k in keys]
 
-    def fit(self, rows: list[dict[str, Any]], seed: int, name: str) -> Any:
-        """A trained model as a scorer (``.score``, ``.model``)."""
+    def fit(self, rows: list[dict[str, Any]], seed: int, name: str, init_from: Path | None = None) -> Any:
+        """A trained model as a scorer (``.score``, ``.model``, ``.prm_config``); ``init_from``: a checkpoint of the
+        same model config to start from (the active loop's warm start, as cluster/train.py does it)."""
         import torch
+        from safetensors.torch import load_file
 
+        from tasks.prm.model import WEIGHTS_NAME, find_checkpoint_dir, load_state_into, read_prm_config
         from tasks.prm.training import run_prm_config, start_model, train_step
 
         t0 = time.perf_counter()
@@ -288,6 +303,12 @@ class Trainer:
         backbone = REPO / train.model_path
         prm_config = run_prm_config(train, backbone, "bench-e2e")
         model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
+        if init_from is not None:
+            ckpt = find_checkpoint_dir(init_from)
+            if read_prm_config(ckpt)["config_hash"] != prm_config["config_hash"]:
+                raise ValueError(f"warm start: {ckpt} is a PRM of another model config")
+            load_state_into(model, load_file(str(ckpt / WEIGHTS_NAME)), str(ckpt))
+        steps, loss = 0, None
         rng, order = random.Random(seed), list(range(len(rows)))
         model.train()
         # A frozen backbone's token states depend on the text alone: computed once, the epochs train only the heads.
@@ -298,12 +319,17 @@ class Trainer:
                 rng.shuffle(order)
             for start in range(0, len(order), train.batch_size):
                 idx = order[start:start + train.batch_size]
-                train_step(model, optimizer, tokenizer, [rows[i] for i in idx], train.target,
-                           prm_config["max_length"], train.pull_lambda, "cpu", f"{name} epoch {epoch}",
-                           train.pull_reduction, states=None if states is None else [states[i] for i in idx])
+                loss, _, _ = train_step(model, optimizer, tokenizer, [rows[i] for i in idx], train.target,
+                                        prm_config["max_length"], train.pull_lambda, "cpu", f"{name} epoch {epoch}",
+                                        train.pull_reduction,
+                                        states=None if states is None else [states[i] for i in idx],
+                                        learning_probability=train.learning_probability)
+                steps += 1
         model.eval()
         PROFILE["training"] += time.perf_counter() - t0
-        return Scorer(model, tokenizer, prm_config["max_length"], self if states is not None else None)
+        scorer = Scorer(model, tokenizer, prm_config["max_length"], self if states is not None else None)
+        scorer.prm_config, scorer.steps, scorer.last_loss = prm_config, steps, loss
+        return scorer
 
     def measure(self, scorer: Any) -> dict[str, Any]:
         from tasks.evaluation.ruler import evaluate_ruler
@@ -335,6 +361,8 @@ class Scorer:
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int, trainer: Trainer | None = None) -> None:
         self.model, self.tokenizer, self.max_length, self.trainer = model, tokenizer, max_length, trainer
+        self.prm_config: dict[str, Any] | None = None  # set by Trainer.fit, with its steps and last batch loss
+        self.steps, self.last_loss = 0, None
 
     def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 32) -> list[Any]:
         import torch
@@ -404,107 +432,197 @@ def relabelled(rows: list[dict[str, Any]], eta: float) -> list[dict[str, Any]]:
     return relabel(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), eta).to_pylist()
 
 
-def active_points(shards: list, trainer: Trainer, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """ActPRM and random selection over the ``edu``-labelled pool, in lockstep (random matches ActPRM's tokens)."""
-    from tasks.active.selection import PRESETS, random_selection, select_uncertain
+# The active arms run the product's loop (tasks/active/loop.py ActiveLoop): its round 0, its selectors and gate,
+# its label versions and its warm start. Only the labelling is replayed from the cached ``edu`` build, and the PRM
+# trains in this process on the trainer's cached token states; nothing here selects or loops over rounds.
 
-    pool, costs = pool_items(shards), problem_costs(shards)
-    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for rs, _ in shards:
-        for r in rs:
-            by_problem[r["problem_id"]].append(r)
-    ids = sorted(pool)
-    pool_generated = sum(int(pool[p]["completion_tokens"]) for p in ids)
-    seed_set = list(random_selection(ids, args.seed_size, seed).selected)
-    labelled = {arm: list(seed_set) for arm in ACTIVE_ARMS}
-    scoring = {arm: 0 for arm in ACTIVE_ARMS}
-    draw = random.Random(seed * 7919 + 1)
-    random_order = [p for p in ids if p not in set(seed_set)]  # ids are sorted; the seed set is drawn once
-    draw.shuffle(random_order)
-    points: list[dict[str, Any]] = []
-    scorers: dict[str, Any] = {}
 
-    def spent(arm: str) -> float:
-        return sum(costs[p]["generated"] for p in labelled[arm])
+class ReplayLabeller:
+    """The loop's Labeller, replaying a cached build: for the chosen problems, exactly the build's rows and a cost
+    record that charges exactly those problems' labelling tokens (``problem_costs``). The build seeds every request by
+    problem and prefix, so a problem labelled alone gives the rows it has in the full build."""
 
-    for rnd in range(args.rounds + 1):
-        if rnd > 0:  # select with the previous round's PRM of ActPRM; random matches its tokens
-            taken = set(labelled["actprm"])
-            rest = [p for p in ids if p not in taken]
-            if not rest:
-                break
-            t0 = time.perf_counter()
-            scores = scorers["actprm"].score([pool[p]["prompt"] for p in rest], [pool[p]["completions"] for p in rest])
+    def __init__(self, shards: list[tuple[list[dict[str, Any]], dict[str, int]]]) -> None:
+        self.costs = problem_costs(shards)
+        self.by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for rows, _ in shards:
+            for r in rows:
+                self.by_problem[r["problem_id"]].append({k: v for k, v in r.items() if k != "shard"})
+
+    def label(self, problems: Any) -> Any:
+        from tasks.cost import ShardCost
+        from tasks.labelling.tree_labeller import ShardResult
+
+        ids = [p.problem_id for p in problems]
+        missing = [pid for pid in ids if pid not in self.by_problem]
+        if missing:
+            raise KeyError(f"the cached build has no rows for {missing[:3]} (of {len(missing)}): not in its pool")
+        cost = ShardCost(prompt_tokens=round(sum(self.costs[pid]["prefill"] for pid in ids)))
+        for pid in ids:
+            for stage, tokens in self.costs[pid]["stages"].items():
+                setattr(cost, stage, getattr(cost, stage) + tokens)
+        return ShardResult(rows=[dict(r) for pid in ids for r in self.by_problem[pid]], cost=cost)
+
+
+def loop_config(base: dict[str, Any], world: str, seed: int, args: argparse.Namespace, trainer: Trainer,
+                active: dict[str, Any]) -> Any:
+    """The ``edu`` labeller's config with the benchmark's train recipe and this arm's ``active`` section."""
+    from configs.schema import parse_config
+
+    raw = labeller_config(base, world, "edu", seed, args.problems)
+    raw["train"] = trainer.train.model_copy(update={"seed": seed}).model_dump(mode="json")
+    raw["active"] = {"seed_size": args.seed_size, "seed": seed, "selection": {"preset": "paper", "pick": "top_k"},
+                     **active}
+    return parse_config(raw, f"bench_e2e active {active}")
+
+
+def replayed_loop(cfg: Any, shards: list, trainer: Trainer, seed: int, name: str, out: Path) -> Any:
+    """The product's ActiveLoop in ``out`` with no engine: the pool written from the cached build (each problem's
+    first row, ``pool_items``) through the loop's own ``write_pool``, labels replayed (``ReplayLabeller``), the PRM
+    trained here (``Trainer.fit``, warm-started from ``init_from``) into a real checkpoint, the ruler as eval."""
+    from tasks.active.loop import ActiveLoop, PoolItem, check_out_dir, read_pool, write_pool
+    from tasks.prm.model import find_checkpoint_dir, load_prm, save_checkpoint
+
+    loop = ActiveLoop(cfg, out, None, train_fn=None)
+    problems = loop.problems()
+    check_out_dir(out, cfg)  # pins OUT before the pool goes in (the loop refuses a non-empty unpinned dir)
+    in_ids = [p.problem_id for p in problems]
+    cached = read_pool(out, cfg.labelling_hash())
+    if cached is None or cached[1].get("problem_ids_in") != in_ids:
+        rows = pool_items(shards)
+        items = [PoolItem(pid, rows[pid]["source"], rows[pid]["prompt"], list(rows[pid]["completions"]),
+                          int(rows[pid]["completion_tokens"]), "stop") for pid in in_ids if pid in rows]
+        write_pool(out, items, {"labelling_hash": cfg.labelling_hash(), "problem_ids_in": in_ids,
+                                "pool_tokens": sum(i.completion_tokens for i in items), "rejected": [],
+                                "replayed_from": "the benchmark's cached edu build"})
+    scorers: dict[str, Any] = {}  # checkpoint dir -> the trained scorer (reads the trainer's cached states)
+
+    def scorer_of(checkpoint: Path) -> Any:
+        key = str(find_checkpoint_dir(checkpoint))  # the loop names a round's run dir or its model dir
+        if key not in scorers:  # a round finished by an earlier run: its checkpoint, on the cached states
+            prm = load_prm(key)
+            prm.model.requires_grad_(False)  # a frozen backbone: its token states are the cached ones
+            scorers[key] = Scorer(prm.model, prm.tokenizer, prm.max_length, trainer)
+        return scorers[key]
+
+    def train_fn(dataset_dir: Path, run_dir: Path, init_from: Path | None) -> dict[str, Any]:
+        rows = [r for rs, _ in read_shards(dataset_dir) for r in rs]
+        t0 = time.perf_counter()
+        scorer = trainer.fit(rows, seed, f"{name} {run_dir.parent.name}", init_from=init_from)
+        model_dir = run_dir / "model"
+        save_checkpoint(scorer.model, scorer.prm_config, model_dir, scorer.tokenizer)
+        scorers[str(model_dir)] = scorer
+        return {"model_dir": str(model_dir), "epochs": trainer.train.epochs, "global_step": scorer.steps,
+                "seconds": round(time.perf_counter() - t0, 2), "history": [{"train_loss": scorer.last_loss}]}
+
+    def pool_scorer(checkpoint: Path) -> Any:
+        return _Timed(scorer_of(checkpoint))
+
+    return ActiveLoop(cfg, out, None, train_fn, lambda model_dir, _ids: trainer.measure(scorer_of(model_dir)),
+                      labeller_factory=lambda *_: ReplayLabeller(shards), scorer_factory=pool_scorer)
+
+
+class _Timed:
+    """A pool scorer whose time goes to the profile's pool_scoring."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+
+    def score(self, prompts: list[str], completions: list[list[str]]) -> list[Any]:
+        t0 = time.perf_counter()
+        try:
+            return self.scorer.score(prompts, completions)
+        finally:
             PROFILE["pool_scoring"] += time.perf_counter() - t0
-            scoring["actprm"] += sum(int(pool[p]["prompt_tokens"]) + int(pool[p]["completion_tokens"]) for p in rest)
-            chosen = select_uncertain(rest, scores, PRESETS["paper"], args.per_round).selected
-            if not chosen:
-                log(f"{trainer.world} actprm seed {seed}: round {rnd}: no uncertain trajectory left, stopping")
-                break
-            labelled["actprm"] += list(chosen)
-            budget = spent("actprm")
-            while spent("random") < budget and random_order:  # random_order holds each unlabelled id once
-                labelled["random"].append(random_order.pop(0))
-        for arm in ACTIVE_ARMS:
-            if rnd == 0 and arm == "random":  # round 0 is the same seed set for both: measured once
-                points.append({**points[-1], "arm": "random"})
-                continue
-            rows = [r for p in labelled[arm] for r in by_problem[p]]
-            fig, scorer = trainer.point(rows, seed, f"{arm} round {rnd}", need_model=arm == "actprm" and
-                                        rnd < args.rounds)
-            if scorer is not None:
-                scorers[arm] = scorer
-            points.append({"arm": arm, "seed": seed, "round": rnd, "problems": len(labelled[arm]), "rows": len(rows),
-                           "tokens": active_tokens(labelled[arm], costs, pool_generated,
-                                                   sum(int(pool[p]["prompt_tokens"]) for p in ids), scoring[arm]),
-                           **fig})
-            log(f"{trainer.world} {arm} seed {seed} round {rnd}: {len(labelled[arm])} problems, "
-                f"{points[-1]['tokens']['generated']:,} tokens, within-position AUROC "
-                f"{fig['within_position_auroc']:.3f}, BoN@8 {fig['bon8_min_step']:.3f}")
+
+
+GATE_FIGURES = ("uncertain", "confident", "trusted_share", "pseudo_label_acc", "error_share_selected",
+                "error_share_scored", "std_auroc_within_margin")
+
+
+def round_points(arm: str, seed: int, rounds: list[dict[str, Any]], shards: list) -> list[dict[str, Any]]:
+    """A loop's finished rounds as curve points: cumulative problems, rows and tokens, the ruler's figures (the
+    loop's held-out eval), the gate's figures of the round."""
+    pool, costs = pool_items(shards), problem_costs(shards)
+    pool_generated = sum(int(r["completion_tokens"]) for r in pool.values())
+    pool_prefill = sum(int(r["prompt_tokens"]) for r in pool.values())
+    labelled: list[str] = []
+    rows = scoring = 0
+    out = []
+    for rec in rounds:
+        if rec.get("selector") == "uncertainty" and rec["round"] > 0:  # the PRM read every unlabelled trajectory
+            scoring += sum(int(r["prompt_tokens"]) + int(r["completion_tokens"])
+                           for pid, r in pool.items() if pid not in set(labelled))
+        labelled += rec["selected_problem_ids"]
+        rows += int(rec["labelled_rows"] or 0)
+        label = int(rec["cumulative_label_tokens"])
+        figures = {k.removeprefix("heldout_"): v for k, v in rec.items() if k.startswith("heldout_")}
+        out.append({"arm": arm, "seed": seed, "round": rec["round"], "problems": len(labelled), "rows": rows,
+                    "tokens": {"generated": label + pool_generated, "label_generated": label,
+                               "pool_generated": pool_generated,
+                               "prefill": int(round(sum(costs[p]["prefill"] for p in labelled) + pool_prefill)),
+                               "scoring_forward": scoring},
+                    # None where no gate ran (round 0, selector random)
+                    "gate": {k: rec.get(k) for k in GATE_FIGURES} if rec.get("trusted_share") is not None else None,
+                    "warm_start_from": rec.get("warm_start_from"),
+                    **figures})
+    return out
+
+
+def active_points(shards: list, trainer: Trainer, seed: int, args: argparse.Namespace, base: dict[str, Any]
+                  ) -> list[dict[str, Any]]:
+    """ActPRM (selector uncertainty) and random selection (selector random), each a run of the product's loop over
+    the ``edu``-labelled pool: round 0 the same random seed set, then ``--rounds`` rounds of at most
+    ``--per-round`` problems. Compared at equal labelling tokens through their curves (the headline's
+    tokens-to-reach), not in lockstep."""
+    points: list[dict[str, Any]] = []
+    for arm, selector in (("actprm", "uncertainty"), ("random", "random")):
+        active = {"rounds": args.rounds + 1, "max_selected": args.per_round, "selector": selector,
+                  "warm_start": not args.cold_start}
+        cfg = loop_config(base, trainer.world, seed, args, trainer, active)
+        out = args.cache / "active" / f"{cfg.name}-{arm}-{loop_key(cfg, trainer)}"
+        result = replayed_loop(cfg, shards, trainer, seed, arm, out).run()
+        for p in round_points(arm, seed, result.rounds, shards):
+            points.append(p)
+            log(f"{trainer.world} {arm} seed {seed} round {p['round']}: {p['problems']} problems, "
+                f"{p['tokens']['generated']:,} tokens, within-position AUROC {p['within_position_auroc']:.3f}, "
+                f"BoN@8 {p['bon8_min_step']:.3f} (stop: {result.stop_reason})")
     return points
 
 
-def active_tokens(problems: list[str], costs: dict[str, dict[str, float]], pool_generated: int, pool_prefill: int,
-                  scoring_forward: int) -> dict[str, Any]:
-    """An active arm's tokens: its problems' labelling plus the pool's generation (one solution per problem)."""
-    label = sum(costs[p]["generated"] for p in problems)
-    return {"generated": int(label + pool_generated), "label_generated": int(label), "pool_generated": pool_generated,
-            "prefill": int(round(sum(costs[p]["prefill"] for p in problems) + pool_prefill)),
-            "scoring_forward": scoring_forward}
+def loop_key(cfg: Any, trainer: Trainer) -> str:
+    """A loop directory's cache key: the labelling, the recipe and the active section, the ruler (its figures are
+    in the round records)."""
+    return content_key([cfg.labelling_hash(), cfg.train.train_hash(), cfg.active.model_dump(mode="json"),
+                        trainer.ruler_key])
 
 
-def filter_points(shards: list, trainer: Trainer, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """ActPRM as a filter of the labelled pool: the seed-set PRM keeps the uncertain share; the control draws."""
-    from tasks.active.selection import PRESETS, random_selection, select_uncertain
-
-    pool = pool_items(shards)
-    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for rs, _ in shards:
-        for r in rs:
-            by_problem[r["problem_id"]].append(r)
-    ids = sorted(pool)
-    seed_set = list(random_selection(ids, args.seed_size, seed).selected)
-    seeded = set(seed_set)
-    rest = [p for p in ids if p not in seeded]
-    keep = max(0, int(round(args.filter_share * len(ids))) - len(seed_set))
-    scorer = trainer.fit([r for p in seed_set for r in by_problem[p]], seed, "filter seed set")
-    t0 = time.perf_counter()
-    scores = scorer.score([pool[p]["prompt"] for p in rest], [pool[p]["completions"] for p in rest])
-    PROFILE["pool_scoring"] += time.perf_counter() - t0
-    selection = select_uncertain(rest, scores, PRESETS["paper"], keep)
-    chosen = {"filter": list(selection.selected),
-              "filter-random": list(random_selection(rest, len(selection.selected), seed + 1).selected)}
+def filter_points(shards: list, trainer: Trainer, seed: int, args: argparse.Namespace, base: dict[str, Any]
+                  ) -> list[dict[str, Any]]:
+    """ActPRM as a filter of the labelled pool, as one round of the product's loop after its seed set: the seed-set
+    PRM keeps the uncertain share (top_k up to ``--filter-share`` of the pool), a fresh PRM trains on the seed set plus
+    the kept (warm_start off); the control (``filter-random``) draws as many at random."""
+    ids = sorted(pool_items(shards))
+    keep = int(round(args.filter_share * len(ids))) - args.seed_size
+    if keep < 1:
+        log(f"{trainer.world} filter seed {seed}: --filter-share keeps no problem beyond the seed set, skipped")
+        return []
     full = shard_tokens([rec for _, rec in shards])
-    forward = sum(int(pool[p]["prompt_tokens"]) + int(pool[p]["completion_tokens"]) for p in rest)
-    out = []
-    for arm, picked in chosen.items():
-        rows = [r for p in seed_set + picked for r in by_problem[p]]
-        fig, _ = trainer.point(rows, seed, arm)
-        out.append({"arm": arm, "seed": seed, "problems": len(seed_set) + len(picked), "rows": len(rows),
-                    "uncertain_in_pool": selection.uncertain, "pool_problems": len(ids),
-                    "tokens": {**full, "scoring_forward": forward if arm == "filter" else 0}, **fig})
-        log(f"{trainer.world} {arm} seed {seed}: trains on {out[-1]['problems']} of {len(ids)} problems "
-            f"({selection.uncertain} uncertain), within-position AUROC {fig['within_position_auroc']:.3f}")
+    out: list[dict[str, Any]] = []
+    for arm, selector in (("filter", "uncertainty"), ("filter-random", "random")):
+        active = {"rounds": 2, "max_selected": keep, "selector": selector, "warm_start": False}
+        cfg = loop_config(base, trainer.world, seed, args, trainer, active)
+        path = args.cache / "active" / f"{cfg.name}-{arm}-{loop_key(cfg, trainer)}"
+        result = replayed_loop(cfg, shards, trainer, seed, arm, path).run()
+        last = round_points(arm, seed, result.rounds, shards)[-1]
+        if arm == "filter":
+            uncertain = result.rounds[-1]["uncertain"]
+            keep = max(1, len(result.rounds[-1]["selected_problem_ids"]))  # the control draws as many
+        out.append({**{k: v for k, v in last.items() if k not in ("round", "tokens", "warm_start_from")},
+                    "uncertain_in_pool": uncertain, "pool_problems": len(ids),
+                    "tokens": {**full, "scoring_forward": last["tokens"]["scoring_forward"]}})
+        log(f"{trainer.world} {arm} seed {seed}: trains on {last['problems']} of {len(ids)} problems "
+            f"({uncertain} uncertain), within-position AUROC {last['within_position_auroc']:.3f}")
     return out
 
 
@@ -824,8 +942,8 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
         for eta in args.eta_list:
             if eta != base["labels"].get("eta", 1.0):
                 points += static_points(f"edu-eta{eta:g}", shards_of["edu"], trainer, s, [args.problems], eta)
-        points += active_points(shards_of["edu"], trainer, s, args)
-        points += filter_points(shards_of["edu"], trainer, s, args)
+        points += active_points(shards_of["edu"], trainer, s, args, base)
+        points += filter_points(shards_of["edu"], trainer, s, args, base)
         done = args.seed_list[: args.seed_list.index(s) + 1]
         result = {"seeds_done": done, **world_result(world, ruler, ruler_dir, refs, points, datasets, done, args,
                                                      base, trainer)}
@@ -876,6 +994,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="active rounds after round 0")
     ap.add_argument("--seed-size", type=int, default=64, help="problems labelled at random in round 0")
     ap.add_argument("--per-round", type=int, default=64, help="most problems ActPRM labels per later round")
+    ap.add_argument("--cold-start", action="store_true", help="the active arms retrain from the backbone every "
+                    "round (the loop's active.warm_start false); default: the product's warm start")
     ap.add_argument("--filter-share", type=float, default=0.3, help="share of the pool the filter trains on")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--ruler-problems", type=int, default=128)

@@ -182,7 +182,8 @@ def _in_process(cfg, shards: list) -> dict:
         t0 = time.perf_counter()
         for start in range(0, len(rows), train.batch_size):
             train_step(model, optimizer, tokenizer, rows[start:start + train.batch_size], train.target,
-                       prm_config["max_length"], train.pull_lambda, "cpu", f"epoch {epoch}", train.pull_reduction)
+                       prm_config["max_length"], train.pull_lambda, "cpu", f"epoch {epoch}", train.pull_reduction,
+                       learning_probability=train.learning_probability)
         rates.append(len(rows) / (time.perf_counter() - t0))
     return {"samples_per_s_median": round(_median_rate([{"samples_per_s": r} for r in rates]), 2),
             "samples_per_s_by_epoch": [round(r, 2) for r in rates], "rows": len(rows)}

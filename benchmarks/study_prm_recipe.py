@@ -178,7 +178,8 @@ def train_recipe(name: str, overrides: dict[str, Any], rows: list[dict[str, Any]
         for start in range(0, len(order), train.batch_size):
             batch = [train_rows[i] for i in order[start:start + train.batch_size]]
             loss, parts, _ = train_step(model, optimizer, tokenizer, batch, train.target, prm_config["max_length"],
-                                        train.pull_lambda, "cpu", f"{name} epoch {epoch}", train.pull_reduction)
+                                        train.pull_lambda, "cpu", f"{name} epoch {epoch}", train.pull_reduction,
+                                        learning_probability=train.learning_probability)
             losses.append(parts["bce"])
         quality = heldout_quality(scorer, heldout)
         history.append({"epoch": epoch, "train_bce": round(sum(losses) / len(losses), 4),

@@ -206,6 +206,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, train["epochs"]):
         model.train()
+        if train.get("learning_probability", 1.0) < 1.0:
+            # The heads' data masks (train_step) come from torch's global RNG: seeded per epoch, so a resumed run
+            # draws the masks an uninterrupted one does, and per rank, so the workers do not mask their rows alike.
+            torch.manual_seed((train["seed"] * 1000 + epoch) * 1024 + rank)
         started = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, bce, pull (all x optimizer steps), samples
         batches = steps = truncated = 0
@@ -216,7 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             nonlocal global_step, steps, truncated, sums
             loss, parts, cut = train_step(model, optimizer, tokenizer, rows, target, max_length,
                                           train["pull_lambda"], device, where, train["pull_reduction"],
-                                          precision=precision, micro_batches=pieces, scaler=scaler)
+                                          precision=precision, micro_batches=pieces, scaler=scaler,
+                                          learning_probability=train.get("learning_probability", 1.0))
             truncated += cut
             global_step += 1
             steps += 1

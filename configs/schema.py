@@ -295,6 +295,14 @@ class TrainConfig(_Strict):
     pull_lambda: float = Field(0.5, ge=0, description="weight of ||head - head_init||^2 (ActPRM, lambda ~0.5)")
     pull_reduction: Literal["sum", "mean"] = Field("sum", description="the pull term over a head's parameters: "
                                                    "their squared distance summed, or its mean per parameter")
+    head_init: Literal["uniform", "trunc-normal"] = Field(
+        "uniform", description="the heads' initial weights, each head from its own seed: uniform, PyTorch Linear's "
+        "U(+-1/sqrt(fan_in)) for weights and biases; trunc-normal, N(0, (1/(2 sqrt(fan_in)))^2) truncated at +-2 "
+        "std with biases 0 (ActPRM's reference code, arXiv 2504.10559)")
+    learning_probability: float = Field(
+        1.0, description="in (0, 1]: each head trains on each trajectory of a batch with this probability, "
+        "independently per head (a diverse ensemble: every head sees its own share of the data, ActPRM arXiv "
+        "2504.10559); 1 trains every head on every trajectory")
     reads: Literal["end", "tokens"] = Field("end", description="what the heads read: each step's end token, or "
                                             "every token with a step's score the product of its tokens' "
                                             "(tasks/prm/model.py ProcessRewardModel)")
@@ -340,6 +348,14 @@ class TrainConfig(_Strict):
         raise ValueError(f"{v!r} is not a training dtype; drop dtype (the weights are float32) and choose the compute "
                          "with precision: fp32 | bf16-mixed | fp16-mixed")
 
+    @field_validator("learning_probability")
+    @classmethod
+    def _learning_probability_range(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"learning_probability must be in (0, 1], got {v}: it is the chance that a head trains "
+                             "on a trajectory (1: every head on every trajectory; 0 would train no head on anything)")
+        return v
+
     @field_validator("model_path")
     @classmethod
     def _backbone_exists(cls, v: str, info: ValidationInfo) -> str:
@@ -368,7 +384,7 @@ class TrainConfig(_Strict):
 _REMOVED_ROLLOUT_FIELDS = {"seed": 0}
 _LATER_TRAIN_DEFAULTS = {"pull_reduction": "sum", "reads": "end", "token_features": "none", "shuffle": False,
                          "keep": "last", "strategy": "ddp", "precision": "fp32", "activation_checkpointing": False,
-                         "grad_accum_steps": 1}
+                         "grad_accum_steps": 1, "head_init": "uniform", "learning_probability": 1.0}
 # train.dtype (the trained weights' dtype) became `precision` (the compute's; the weights are float32): a run written
 # before with the float32 it always trained in keeps its train hash.
 _REMOVED_TRAIN_FIELDS = {"dtype": "float32"}

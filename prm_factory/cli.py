@@ -611,9 +611,9 @@ def _parse_ns(text: str) -> list[int]:
     return ns
 
 
-def _load_scorer(checkpoint: Path | None, scorer: str | None, device: str, ruler):
+def _load_scorer(checkpoint: Path | None, scorer: str | None, device: str, ruler, model: Path | None = None):
     """The StepScorer for `eval`: a trained PRM checkpoint, or a reference scorer (policy-confidence reads the
-    policy named in `ruler`'s manifest)."""
+    policy named in `ruler`'s manifest, model-confidence the `model` given)."""
     from tasks.evaluation.ruler import REFERENCE_SCORERS, reference_scorer
 
     if (checkpoint is None) == (scorer is None):
@@ -624,7 +624,11 @@ def _load_scorer(checkpoint: Path | None, scorer: str | None, device: str, ruler
             console.print(f"--scorer must be one of {list(REFERENCE_SCORERS)}, got {scorer!r}", style="red",
                           markup=False)
             raise typer.Exit(2)
-        return reference_scorer(scorer, ruler, device), scorer
+        if (model is not None) != (scorer == "model-confidence"):
+            console.print("--model PATH goes with --scorer model-confidence, and only with it", style="red")
+            raise typer.Exit(2)
+        name = scorer if model is None else f"{scorer} ({model})"
+        return reference_scorer(scorer, ruler, device, model), name
     from tasks.prm.model import CheckpointError, load_prm
 
     with _fails(CheckpointError, FileNotFoundError):
@@ -638,7 +642,11 @@ def eval_cmd(
     scorer: Annotated[str | None, typer.Option(
         "--scorer", help="a reference scorer instead of a checkpoint (toy ruler/BoN only): oracle | constant | "
                          "position (earlier steps higher) | policy-confidence (the sampling policy's own token "
-                         "probabilities)")] = None,
+                         "probabilities) | model-confidence (--model's probabilities of the policy's tokens)")]
+    = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="with --scorer model-confidence: the causal LM directory whose confidence scores the steps "
+                        "(e.g. assets/toy-policy, which knows the v1 rules, on the v2 ruler)")] = None,
     processbench: Annotated[Path | None, typer.Option(
         "--processbench", help="ProcessBench directory (gsm8k/math/olympiadbench/omnimath .json)")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="ProcessBench samples per subset (half erroneous)")]
@@ -699,7 +707,7 @@ def eval_cmd(
                 raise EvaluationError(f"--bon {max(ns)} exceeds the ruler's {per_problem} samples per problem")
         if processbench is not None and not processbench.is_dir():
             raise EvaluationError(f"ProcessBench directory not found: {processbench}")
-        step_scorer, scorer_name = _load_scorer(checkpoint, scorer, device, loaded_ruler)
+        step_scorer, scorer_name = _load_scorer(checkpoint, scorer, device, loaded_ruler, model)
         report["scorer"] = scorer_name
         if loaded_ruler is not None:
             report["ruler"] = evaluate_ruler(step_scorer, loaded_ruler, ns, threshold, batch_size)

@@ -63,6 +63,7 @@ from tasks.active.selection import (
     gate_stats,
     random_selection,
     select_uncertain,
+    selection_diagnostics,
     selection_params,
 )
 from tasks.build import shard_key, write_labelled_shard, write_version_manifest
@@ -328,13 +329,15 @@ class ActiveLoop:
     """Runs (or resumes) the rounds of one active run in ``out_dir``; see the module docstring.
 
     ``engine_factory`` starts the policy engines (called at most once, and only when a pool must be generated
-    or labels bought); ``train_fn`` trains a PRM on a dataset version; ``eval_fn`` measures a checkpoint on a
-    held-out set; ``labeller_factory`` makes the labeller for a round from (cfg, engine, tokenizer);
+    or labels bought); None: a loop that has no engine (a replay of labels already bought, e.g. the end-to-end
+    benchmark's: the pool must be in OUT/pool and the labeller is given ``None`` for the engine; a pool that must
+    be generated is an ActiveError); ``train_fn`` trains a PRM on a dataset version; ``eval_fn`` measures a
+    checkpoint on a held-out set; ``labeller_factory`` makes the labeller for a round from (cfg, engine, tokenizer);
     ``scorer_factory`` opens a round's checkpoint to score the pool (``score(prompts, completions)``, and ``close()``
     if it has one; ``cluster.active_run.pool_scorer``), required by ``active.scorer: vllm``; None: ``load_prm`` here.
     """
 
-    def __init__(self, cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Any],
+    def __init__(self, cfg: FactoryConfig, out_dir: str | Path, engine_factory: Callable[[], Any] | None,
                  train_fn: TrainFn, eval_fn: EvalFn | None = None, *,
                  labeller_factory: Callable[[FactoryConfig, Any, Any], Labeller] | None = None,
                  on_event: EventFn | None = None, tokenizer_factory: Callable[[], Any] | None = None,
@@ -362,6 +365,9 @@ class ActiveLoop:
     @property
     def engine(self) -> Any:
         if self._engine is None:
+            if self._engine_factory is None:
+                raise ActiveError(f"this loop has no policy engine (engine_factory None) but needs one: the pool in "
+                                  f"{self.out / POOL_DIR} is missing or was written for another labelling config")
             self._engine = self._engine_factory()
         return self._engine
 
@@ -455,7 +461,7 @@ class ActiveLoop:
         spent = sum(int(rec["label_tokens"]) for rec in records)
         cap = budget_cap(act.label_token_budget, spent, len(labelled))
         ids = [i.problem_id for i in unlabelled]
-        scored_by, gate, stats = None, None, None
+        scored_by, gate, stats, diagnostics = None, None, None, {}
         if r == 0 or act.selector == "random":
             k = act.seed_size if r == 0 else (act.max_selected or act.seed_size)
             k = k if cap is None else min(k, cap)
@@ -466,7 +472,8 @@ class ActiveLoop:
             scores = self.score_pool(scored_by, unlabelled)
             check_scored(scores, f"round {r}: the pool")
             params, gate = self.gate_params(records)
-            stats = gate_stats(scores, params, self.step_truths(unlabelled))
+            truths = self.step_truths(unlabelled)
+            stats = gate_stats(scores, params, truths)
             limit = act.max_selected if cap is None else min(act.max_selected or cap, cap)
             pick = act.selection.pick
             if pick == "top_k":
@@ -475,12 +482,14 @@ class ActiveLoop:
                 sel = draw_uncertain(ids, scores, params, limit, round_seed(act.seed, r),
                                      weight="std" if pick == "by_std" else "uniform")
             how = "uncertainty" if pick == "top_k" else f"uncertainty ({pick} draw)"
+            chosen = set(sel.selected)
+            diagnostics = selection_diagnostics(scores, truths, [i in chosen for i in ids], params.error_threshold)
         return {"round": r, "how": how, "unlabelled": len(unlabelled), "uncertain": sel.uncertain,
                 "confident": sel.confident, "selected_problem_ids": list(sel.selected),
                 "selected_digest": sel.digest(), "budget_cap": cap,
                 "scored_by": str(scored_by) if scored_by else None,
                 "params": asdict(sel.params) if sel.params else None, "gate": gate,
-                **(stats.to_dict() if stats else {})}
+                **(stats.to_dict() if stats else {}), **diagnostics}
 
     def _select_batch(self, r: int, pool: Sequence[PoolItem], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Streaming batch r: the r-th slice of the seeded pass; the current PRM keeps its uncertain part (all of
@@ -493,7 +502,7 @@ class ActiveLoop:
         spent = sum(int(rec["label_tokens"]) for rec in records)
         cap = budget_cap(act.label_token_budget, spent, sum(len(rec["selected_problem_ids"]) for rec in records))
         checkpoint = next((rec["checkpoint"] for rec in reversed(records) if rec.get("checkpoint")), None)
-        gate, stats, params = None, None, None
+        gate, stats, params, diagnostics = None, None, None, {}
         if not batch:  # the pass is over
             chosen, uncertain, how = [], 0, "streaming (pass over)"
         elif checkpoint is None:
@@ -502,7 +511,8 @@ class ActiveLoop:
             scores = self.score_pool(Path(checkpoint), batch)
             check_scored(scores, f"streaming batch {r}")
             params, gate = self.gate_params(records)
-            stats = gate_stats(scores, params, self.step_truths(batch))
+            truths = self.step_truths(batch)
+            stats = gate_stats(scores, params, truths)
             gated = select_uncertain(ids, scores, params)
             uncertain = gated.uncertain
             if act.selector == "random":
@@ -512,11 +522,14 @@ class ActiveLoop:
                 chosen, how = sorted(gated.selected), "streaming uncertainty"
         if cap is not None and len(chosen) > cap:
             chosen = list(random_selection(chosen, cap, round_seed(act.seed, r)).selected)
+        if stats is not None:
+            kept = set(chosen)
+            diagnostics = selection_diagnostics(scores, truths, [i in kept for i in ids], params.error_threshold)
         digest = hashlib.sha256("\n".join(chosen).encode()).hexdigest()[:16]
         return {"round": r, "how": how, "unlabelled": len(batch), "uncertain": uncertain,
                 "confident": len(batch) - uncertain, "selected_problem_ids": chosen, "selected_digest": digest,
                 "budget_cap": cap, "scored_by": checkpoint, "params": asdict(params) if params else None,
-                "gate": gate, **(stats.to_dict() if stats else {})}
+                "gate": gate, **(stats.to_dict() if stats else {}), **diagnostics}
 
     def gate_params(self, records: Sequence[dict[str, Any]]) -> tuple[SelectionParams, dict[str, Any]]:
         """The gate's thresholds and how they were set: the config's (a preset or explicit values), or calibrated
@@ -613,7 +626,8 @@ class ActiveLoop:
             if check_shard(vdir, index, key) is None:
                 bought = False  # written by a run that was killed before its manifest: the tokens were spent then
             else:
-                labeller = self.labeller_factory(cfg, self.engine, self.tokenizer)
+                engine = None if self._engine_factory is None else self.engine  # a replay needs no engine
+                labeller = self.labeller_factory(cfg, engine, self.tokenizer)
                 result = labeller.label([problems[pid] for pid in selected])
                 write_labelled_shard(cfg, vdir, index, key, result, problems=len(selected),
                                      provenance={"active_round": r, "labeller": type(labeller).__name__})
@@ -759,7 +773,9 @@ class ActiveLoop:
             "uncertain": sel["uncertain"], "confident": sel["confident"],
             "selected": len(sel["selected_problem_ids"]), "selected_problem_ids": sel["selected_problem_ids"],
             "selected_digest": sel["selected_digest"], "budget_cap": sel["budget_cap"], "gate": sel.get("gate"),
-            **{k: sel.get(k) for k in ("trusted_share", "pseudo_label_acc", "pseudo_label_checked", "gate_note")},
+            **{k: sel.get(k) for k in ("trusted_share", "pseudo_label_acc", "pseudo_label_checked", "gate_note",
+                                       "error_share_selected", "error_share_scored", "std_auroc_within_margin",
+                                       "std_auroc_by_margin")},
         }
 
     def finish(self, stop: str, message: str) -> ActiveResult:
@@ -847,6 +863,12 @@ def format_round_line(record: dict[str, Any]) -> str:
     share, acc = record.get("trusted_share"), record.get("pseudo_label_acc")
     gate = "" if share is None else (f"; gate trusts {share:.1%}" + ("" if acc is None else
                                                                     f", pseudo-label acc {acc:.3f}"))
+    err_sel, err_pool, std_auc = (record.get(k) for k in ("error_share_selected", "error_share_scored",
+                                                           "std_auroc_within_margin"))
+    if err_sel is not None:
+        gate += f"; errors {err_sel:.0%} of picks vs {err_pool:.0%} of scored"
+    if std_auc is not None:
+        gate += f"; std AUROC within margin {std_auc:.3f}"
     note = f" [{record['gate_note']}]" if record.get("gate_note") else ""
     return (f"round {record['round']} ({record['how']}): pool {record['unlabelled']} unlabelled, "
             f"{record['uncertain']} uncertain, {record['selected']} labelled -> {record['labelled_rows']} rows, "

@@ -9,15 +9,22 @@ from typing import Any
 
 TABLE_COLUMNS = ("round", "selector", "unlabelled", "uncertain", "selected", "labelled_rows", "labelled_steps",
                  "label_tokens", "rollout_tokens", "cumulative_label_tokens", "train_loss", "heldout_step_auroc",
-                 "trusted_share", "pseudo_label_acc", "dataset_version", "version_id")
+                 "trusted_share", "pseudo_label_acc", "error_share_selected", "error_share_scored",
+                 "std_auroc_within_margin", "tokens_per_problem", "dataset_version", "version_id")
+ROUNDED = ("train_loss", "heldout_step_auroc", "trusted_share", "pseudo_label_acc", "error_share_selected",
+           "error_share_scored", "std_auroc_within_margin")
 
 
 def round_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per round, the columns of ``TABLE_COLUMNS`` (floats rounded for display)."""
+    """One flat row per round, the columns of ``TABLE_COLUMNS`` (floats rounded for display); tokens per problem
+    is the round's labelling tokens over the problems it labelled (what a pick costs)."""
     rows = []
     for rec in records:
         row = {c: rec.get(c) for c in TABLE_COLUMNS}
-        for c in ("train_loss", "heldout_step_auroc", "trusted_share", "pseudo_label_acc"):
+        picks = rec.get("labelled_problems") or rec.get("selected")
+        tokens = rec.get("label_tokens")
+        row["tokens_per_problem"] = round(tokens / picks, 1) if picks and tokens else None
+        for c in ROUNDED:
             if isinstance(row[c], float):
                 row[c] = round(row[c], 4)
         rows.append(row)
@@ -57,16 +64,22 @@ def report_markdown(title: str, records: Sequence[dict[str, Any]], stop: str, me
     """The markdown report: stop reason, the rounds table, the curve (an image URL: a file name or a data URI)."""
     lines = [f"# {title}", "", f"Stopped: **{stop}** ({message}).", "",
              "| round | selector | unlabelled | uncertain | labelled | rows | steps | tokens | rollout tokens | "
-             "cumulative | train loss | held-out AUROC | trusted | pseudo-label acc | dataset version |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "cumulative | tokens per problem | train loss | held-out AUROC | trusted | pseudo-label acc | "
+             "errors in picks | errors in scored | std AUROC within margin | dataset version |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in round_rows(records):
         fmt = {k: ("-" if v is None else v) for k, v in r.items()}
         lines.append(f"| {fmt['round']} | {fmt['selector']} | {fmt['unlabelled']} | {fmt['uncertain']} | "
                      f"{fmt['selected']} | {fmt['labelled_rows']} | {fmt['labelled_steps']} | "
                      f"{fmt['label_tokens']:,} | {fmt['rollout_tokens']:,} | {fmt['cumulative_label_tokens']:,} | "
-                     f"{fmt['train_loss']} | {fmt['heldout_step_auroc']} | {fmt['trusted_share']} | "
-                     f"{fmt['pseudo_label_acc']} | {fmt['dataset_version']} |")
+                     f"{fmt['tokens_per_problem']} | {fmt['train_loss']} | {fmt['heldout_step_auroc']} | "
+                     f"{fmt['trusted_share']} | {fmt['pseudo_label_acc']} | {fmt['error_share_selected']} | "
+                     f"{fmt['error_share_scored']} | {fmt['std_auroc_within_margin']} | {fmt['dataset_version']} |")
     notes = [f"- round {r['round']}: {r['gate_note']}" for r in records if r.get("gate_note")]
+    lines += ["", "Errors in picks / in scored: the share of trajectories with a wrong step (exact truth, toy world) "
+              "among the round's picks and among all it scored, what a random pick gets. Std AUROC within margin: "
+              "how well the heads' spread finds misclassified steps among steps of equal mean margin (0.5: it adds "
+              "nothing to the mean)."]
     if notes:
         lines += ["", "## Gate", "", *notes]
     if curve_url:

@@ -25,6 +25,9 @@ trajectories whose step truth is known, the share whose pseudo labels are right.
 labels with labels that are masked after the true first error, so a trusted trajectory is right exactly when its
 first predicted error is its true first error (or it has neither): ``pseudo_labels_correct``.
 
+**Does the ranking pay** (``selection_diagnostics``): the error share among the selected against the scored
+pool's, and the AUROC of std for a misclassified step within bins of the mean's margin.
+
 **A gate that can fire** (``calibrate_thresholds``): with the paper's thresholds a small ensemble trusts almost
 nothing, and the gate degenerates into a ranking. Calibration puts delta_pred and delta_std at the same quantile
 of a score set's per-trajectory needs (the least margin |mean - 0.5| and the largest std over the steps that
@@ -246,6 +249,52 @@ def gate_stats(scores: Sequence[StepScoresLike], params: SelectionParams,
             checked += 1
             correct += pseudo_labels_correct(s.mean, truth, params.error_threshold)
     return GateStats(len(scores), trusted, checked, correct)
+
+
+# Margin bins |mean - 0.5| for what std adds beyond the mean (``selection_diagnostics``).
+MARGIN_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def selection_diagnostics(scores: Sequence[StepScoresLike], truths: Sequence[Sequence[bool | None] | None],
+                          selected: Sequence[bool], threshold: float = ERROR_THRESHOLD) -> dict[str, Any]:
+    """Does the gate's ranking pay? Over the trajectories whose step truth is known (``truths``, same order as
+    ``scores``; None: unknown):
+
+    - ``error_share_selected`` / ``error_share_scored``: the share of trajectories with a wrong step among the
+      selected, and among all scored (what a random pick gets in expectation);
+    - ``std_auroc_within_margin``: the AUROC of the ensemble std for "this step is misclassified" (mean on the wrong
+      side of ``threshold``), within bins of the mean's margin |mean - 0.5| (``MARGIN_BINS``), averaged over the
+      bins holding both kinds of step, weighted by their steps. The mean's margin already says how sure the
+      ensemble is; this is what its spread adds. 0.5: nothing. Steps after the first true error count too (the
+      PRM is judged on them as well); NaN steps do not.
+    """
+    from tasks.evaluation.metrics import auroc
+
+    if not (len(scores) == len(truths) == len(selected)):
+        raise ValueError(f"{len(scores)} scores, {len(truths)} truths and {len(selected)} selection flags")
+    known = [i for i, t in enumerate(truths) if t is not None]
+    wrong = {i: not all(t for t in truths[i] if t is not None) for i in known}
+    picked = [i for i in known if selected[i]]
+    bins: list[tuple[list[float], list[bool]]] = [([], []) for _ in MARGIN_BINS[1:]]
+    for i in known:
+        for m, sd, t in zip(scores[i].mean, scores[i].std, truths[i], strict=False):
+            if t is None or math.isnan(m) or math.isnan(sd):
+                continue
+            margin = abs(m - 0.5)
+            b = min(sum(margin >= edge for edge in MARGIN_BINS[1:-1]), len(bins) - 1)
+            bins[b][0].append(sd)
+            bins[b][1].append((m >= threshold) != t)
+    weighted, steps, per_bin = 0.0, 0, []
+    for (lo, hi), (stds, miss) in zip(zip(MARGIN_BINS[:-1], MARGIN_BINS[1:], strict=True), bins, strict=True):
+        a = auroc(stds, miss) if stds else float("nan")
+        per_bin.append({"margin": [lo, hi], "steps": len(stds), "misclassified": sum(miss),
+                        "std_auroc": None if math.isnan(a) else a})
+        if not math.isnan(a):
+            weighted, steps = weighted + a * len(stds), steps + len(stds)
+    return {"truth_known": len(known),
+            "error_share_selected": sum(wrong[i] for i in picked) / len(picked) if picked else None,
+            "error_share_scored": sum(wrong.values()) / len(known) if known else None,
+            "std_auroc_within_margin": weighted / steps if steps else None, "std_auroc_by_margin": per_bin}
 
 
 def trust_needs(means: Sequence[float], stds: Sequence[float],

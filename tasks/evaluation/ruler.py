@@ -201,15 +201,20 @@ class PolicyConfidenceScorer:
     It reads the policy that sampled the trajectories (the ruler's ``spec.policy_path``). Where the policy's
     errors are sampling slips (an unlikely token drawn at T=1), it is close to an oracle; it cannot see an error
     the policy makes with confidence. The prompt and each step are tokenized piece by piece, as the PRM does.
+
+    The same scorer over another model (``name="model-confidence"``) is that model's confidence in the policy's
+    tokens: a model that knows the world's rules makes it a near-oracle for free, which a trained PRM must be
+    compared with. In the toy world such a model exists (the v1 policy knows the true rules that the v2 policy
+    breaks); in real math none does.
     """
 
-    name = "policy-confidence"
-
-    def __init__(self, policy_path: str | Path, device: str = "cpu"):
+    def __init__(self, policy_path: str | Path, device: str = "cpu", name: str = "policy-confidence"):
+        self.name = name
         path = resolve_path(policy_path)
         if not (path / "config.json").is_file():
-            raise EvaluationError(f"policy-confidence needs the policy that sampled the trajectories; no model at "
-                                  f"{path} (the ruler's manifest names it as spec.policy_path)")
+            where = ("the ruler's manifest names it as spec.policy_path" if name == "policy-confidence"
+                     else "given as --model")
+            raise EvaluationError(f"{name} needs a causal LM directory; no model at {path} ({where})")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,9 +262,15 @@ class PolicyConfidenceScorer:
         return out
 
 
-def reference_scorer(name: str, ruler: Ruler | None = None, device: str = "cpu") -> StepScorer:
-    """A reference scorer by name: oracle, constant, position, or policy-confidence (which reads the policy
-    named in `ruler`'s manifest; a ruler is needed for it)."""
+def reference_scorer(name: str, ruler: Ruler | None = None, device: str = "cpu",
+                     model: str | Path | None = None) -> StepScorer:
+    """A reference scorer by name: oracle, constant, position, policy-confidence (which reads the policy
+    named in `ruler`'s manifest; a ruler is needed for it), or model-confidence (`model`'s confidence in the
+    policy's tokens)."""
+    if (model is not None) != (name == "model-confidence"):
+        raise EvaluationError("a model (--model PATH) goes with the model-confidence scorer, and only with it")
+    if name == "model-confidence":
+        return PolicyConfidenceScorer(model, device, name=name)
     if name == "policy-confidence":
         if ruler is None:
             raise EvaluationError("--scorer policy-confidence reads the policy that sampled the ruler: give a ruler")
@@ -273,7 +284,7 @@ def reference_scorer(name: str, ruler: Ruler | None = None, device: str = "cpu")
     return simple[name]()
 
 
-REFERENCE_SCORERS = ("oracle", "constant", "position", "policy-confidence")
+REFERENCE_SCORERS = ("oracle", "constant", "position", "policy-confidence", "model-confidence")
 
 
 # -- building -------------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ cross-entropy of head ``e``'s logits against the (hard, soft or ER) targets over
 ``theta_e^0`` is head ``e``'s initial weights (kept as buffers, saved with the checkpoint, so a resumed
 run pulls toward the same point). Heads get different init seeds, so the ensemble starts spread out.
 
+A diverse ensemble (ActPRM's reference code, sail-sg/ActivePRM): ``head_init`` "trunc-normal" draws the heads'
+weights from a normal truncated at 2 std instead of PyTorch Linear's uniform range, and a per-head data mask
+(``ensemble_loss``'s ``head_mask``; the trainer's ``learning_probability``) lets each head train on its own random
+share of the rows, so the heads see different data as well as starting from different points.
+
 Checkpoints are a directory: ``model.safetensors`` (backbone, heads, initial heads), ``prm_config.json``
 (backbone, E, widths, target, hash) and ``backbone/`` (the backbone's HF config and tokenizer), so a
 checkpoint loads without the original backbone directory. No pickle anywhere.
@@ -53,12 +58,13 @@ FORMAT = "prm-factory/ensemble-prm/v1"
 # Keys of prm_config.json that define the model's shape and meaning; the hash covers exactly these.
 MODEL_KEYS = ("backbone", "hidden_size", "num_heads", "head_hidden", "target", "max_length", "seed")
 # Keys added later, with the value every checkpoint written before them has: hashed only when they differ from it,
-# so older checkpoints keep their hash. What they mean: ProcessRewardModel.
+# so older checkpoints keep their hash. What they mean: ProcessRewardModel (head_init: EnsembleHeads).
 READS = ("end", "tokens")
 # token_features -> how many numbers each token adds to its hidden state (ProcessRewardModel's docstring).
 TOKEN_FEATURE_WIDTH = {"none": 0, "logprob": 1, "distribution": 3}
 TOKEN_FEATURES = tuple(TOKEN_FEATURE_WIDTH)
-LATER_MODEL_KEYS = {"reads": "end", "token_features": "none"}
+HEAD_INITS = ("uniform", "trunc-normal")  # EnsembleHeads' docstring
+LATER_MODEL_KEYS = {"reads": "end", "token_features": "none", "head_init": "uniform"}
 # reads "tokens": a token's head logit starts near +TOKEN_LOGIT_OFFSET, i.e. a token is "fine" with p ~ 0.99, so a
 # fresh model's prefix probability (a product over tokens) starts high instead of at 0.5 ** tokens.
 TOKEN_LOGIT_OFFSET = 5.0
@@ -155,12 +161,16 @@ class EnsembleHeads(nn.Module):
     """E independent MLP heads evaluated as one batched matmul per layer; their initial weights kept as buffers.
 
     Layer l of head e is ``x -> relu(x @ W_l[e] + b_l[e])`` (no relu after the last layer, width 1).
-    Head e is initialised from its own seed ``seed * 1_000_003 + e`` with PyTorch Linear's default range
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so the heads differ from the first step.
+    Head e is initialised from its own seed ``seed * 1_000_003 + e``, so the heads differ from the first step:
+    ``init="uniform"``, weights and biases from PyTorch Linear's default range U(-1/sqrt(fan_in), 1/sqrt(fan_in));
+    ``"trunc-normal"``, weights from N(0, std^2) truncated at +-2 std with std = 1/(2 sqrt(fan_in)), biases 0.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, head_hidden: Sequence[int], seed: int = 0) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, head_hidden: Sequence[int], seed: int = 0,
+                 init: str = "uniform") -> None:
         super().__init__()
+        if init not in HEAD_INITS:
+            raise ValueError(f"head init must be one of {HEAD_INITS}, got {init!r}")
         self.num_heads = num_heads
         widths = [hidden_size, *head_hidden, 1]
         self.weights = nn.ParameterList()
@@ -172,6 +182,11 @@ class EnsembleHeads(nn.Module):
             for e in range(num_heads):
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + e)
                 for w, b in zip(self.weights, self.biases, strict=True):
+                    if init == "trunc-normal":
+                        std = 0.5 / math.sqrt(w.shape[1])
+                        nn.init.trunc_normal_(w[e], std=std, a=-2 * std, b=2 * std, generator=gen)
+                        b[e].zero_()
+                        continue
                     bound = 1.0 / math.sqrt(w.shape[1])
                     w[e].copy_(torch.rand(w.shape[1:], generator=gen) * 2 * bound - bound)
                     b[e].copy_(torch.rand(b.shape[1:], generator=gen) * 2 * bound - bound)
@@ -205,22 +220,35 @@ class EnsembleHeads(nn.Module):
 
 
 def ensemble_loss(logits: torch.Tensor, targets: torch.Tensor, pull: torch.Tensor, pull_lambda: float,
-                  bce_weight: float = 1.0, pull_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                  bce_weight: float | torch.Tensor = 1.0, pull_weight: float = 1.0,
+                  head_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``(1/E) sum_e [mean BCE_e over usable steps + lambda * pull_e]``; logits [N, E], targets [N] (NaN: masked).
 
-    Returns the loss and its parts (``bce``, ``pull``, ``steps``; unweighted). With no usable step the BCE part is
-    0. ``bce_weight`` / ``pull_weight`` scale the two terms: a piece of an accumulated batch weighs its BCE by its
-    share of the batch's usable steps and its pull by 1/pieces (``tasks.prm.training.train_step``).
+    ``head_mask`` [N, E] (bool; None: all True): head e trains on step n only where it is True, so ``BCE_e`` is the
+    mean over head e's own kept usable steps, and a head without one gets BCE 0 (and no BCE gradient). The pull is
+    not masked.
+
+    Returns the loss and its parts (``bce``, ``pull``, ``steps``; unweighted; ``bce_term``: the BCE part as it enters
+    the loss, ``mean_e bce_weight_e * BCE_e``). With no usable step the BCE part is 0. ``bce_weight`` (a float, or
+    [E] per head) / ``pull_weight`` scale the two terms: a piece of an accumulated batch weighs each head's BCE by
+    its share of that head's usable steps in the batch and its pull by 1/pieces (``tasks.prm.training.train_step``).
     """
     mask = ~torch.isnan(targets)
     steps = int(mask.sum())
     if steps:
         y = targets[mask].unsqueeze(1).expand(-1, logits.shape[1]).to(logits.dtype)
-        bce_per_head = nn.functional.binary_cross_entropy_with_logits(logits[mask], y, reduction="none").mean(0)
+        bce = nn.functional.binary_cross_entropy_with_logits(logits[mask], y, reduction="none")
+        if head_mask is None:
+            bce_per_head = bce.mean(0)
+        else:
+            keep = head_mask[mask]
+            bce_per_head = torch.where(keep, bce, 0.0).sum(0) / keep.sum(0).clamp(min=1)
     else:
         bce_per_head = logits.sum(0) * 0.0  # keeps the graph (DDP needs every parameter to get a gradient)
-    loss = (bce_weight * bce_per_head + (pull_weight * pull_lambda) * pull).mean()
-    return loss, {"bce": float(bce_per_head.detach().mean()), "pull": float(pull.detach().mean()), "steps": steps}
+    bce_term = bce_weight * bce_per_head
+    loss = (bce_term + (pull_weight * pull_lambda) * pull).mean()
+    return loss, {"bce": float(bce_per_head.detach().mean()), "pull": float(pull.detach().mean()), "steps": steps,
+                  "bce_term": float(bce_term.detach().mean())}
 
 
 class ProcessRewardModel(nn.Module):
@@ -249,7 +277,8 @@ class ProcessRewardModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_heads: int, head_hidden: Sequence[int], seed: int = 0,
-                 reads: str = "end", token_features: str = "none", lm_head: nn.Module | None = None) -> None:
+                 reads: str = "end", token_features: str = "none", lm_head: nn.Module | None = None,
+                 head_init: str = "uniform") -> None:
         super().__init__()
         if reads not in READS or token_features not in TOKEN_FEATURES:
             raise ValueError(f"reads must be one of {READS} and token_features one of {TOKEN_FEATURES}, got "
@@ -257,7 +286,7 @@ class ProcessRewardModel(nn.Module):
         self.backbone = backbone
         self.reads, self.token_features = reads, token_features
         hidden = int(backbone.config.hidden_size) + TOKEN_FEATURE_WIDTH[token_features]
-        self.heads = EnsembleHeads(hidden, num_heads, head_hidden, seed)
+        self.heads = EnsembleHeads(hidden, num_heads, head_hidden, seed, head_init)
         # An untied LM head is a module of its own; a tied one is the input embedding (no second copy is saved).
         self.lm_head = lm_head
 
@@ -351,11 +380,11 @@ def backbone_context(model_path: str | Path) -> int:
 
 def make_prm_config(backbone: str, hidden_size: int, num_heads: int, head_hidden: Sequence[int], target: str,
                     max_length: int, seed: int, reads: str = "end", token_features: str = "none",
-                    **extra: Any) -> dict[str, Any]:
+                    head_init: str = "uniform", **extra: Any) -> dict[str, Any]:
     """A prm_config dict with its hash (``extra``: provenance such as the train config and dataset version)."""
     cfg = {"format": FORMAT, "backbone": str(backbone), "hidden_size": int(hidden_size), "num_heads": int(num_heads),
            "head_hidden": [int(w) for w in head_hidden], "target": target, "max_length": int(max_length),
-           "seed": int(seed), "reads": reads, "token_features": token_features, **extra}
+           "seed": int(seed), "reads": reads, "token_features": token_features, "head_init": head_init, **extra}
     cfg["config_hash"] = prm_config_hash(cfg)
     return cfg
 

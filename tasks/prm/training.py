@@ -72,7 +72,7 @@ def run_prm_config(train: TrainConfig, backbone: Path, dataset_version: str | No
     max_length = min(train.max_length or context, context)
     return make_prm_config(train.model_path, AutoConfig.from_pretrained(str(backbone)).hidden_size,
                            train.num_heads, train.head_hidden, train.target, max_length, train.seed,
-                           reads=train.reads, token_features=train.token_features,
+                           reads=train.reads, token_features=train.token_features, head_init=train.head_init,
                            train=train.model_dump(mode="json"), train_hash=train.train_hash(),
                            dataset_version=dataset_version, prompt_template=prompt_template,
                            system_prompt=system_prompt)
@@ -230,13 +230,22 @@ def evaluate_held_out(model: Any, tokenizer: Any, rows: list[dict[str, Any]], ta
 def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str,
                max_length: int, pull_lambda: float, device: str, where: str,
                pull_reduction: str = "sum", states: list[Any] | None = None, *, precision: str = "fp32",
-               micro_batches: int = 1, scaler: Any = None) -> tuple[float, dict[str, float], int]:
+               micro_batches: int = 1, scaler: Any = None, learning_probability: float = 1.0
+               ) -> tuple[float, dict[str, float], int]:
     """One optimizer step on a batch of rows; returns (loss, its parts, truncated rows).
 
     ``micro_batches`` (gradient accumulation): the rows run forward and backward in that many consecutive
     pieces, their gradients summed, then one step. Each piece's BCE is weighted by its share of the batch's usable
     steps and the pull counted once over the pieces, so the step is the one the whole batch would give (up to
     float rounding); the loss returned is the whole batch's. Under DDP only the last piece all-reduces.
+
+    ``learning_probability`` below 1 (ActPRM's per-head data masks): each head trains on each row with that
+    probability, independently per head, from one Bernoulli [rows, heads] draw of torch's global RNG per step
+    (made before the pieces, so accumulation does not change it; at 1 nothing is drawn). Head e's BCE is then the
+    mean over its own kept usable steps: a piece weighs head e's BCE by its share of head e's kept steps in the
+    batch (0 for a head with none), so accumulation still gives the whole batch's step, head by head. The reported
+    ``bce`` is the mean over heads of each head's BCE over its kept steps (0 for a head that keeps none); ``steps``
+    counts the usable steps, kept or not.
 
     ``precision``: the compute (tasks/prm/distributed.py); an FSDP model casts by its own policy, any other
     computes its forward under autocast. The loss is float32 either way; ``scaler`` (fp16) scales it.
@@ -259,17 +268,29 @@ def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, 
     size = -(-len(rows) // max(1, micro_batches))
     pieces = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
     encoded = [encode_trajectory(tokenizer, r["prompt"], r["completions"], max_length) for r in rows]
+    kept_rows = None  # [rows, E]: head e trains on row i (learning_probability < 1 only)
+    if learning_probability < 1.0:
+        kept_rows = torch.bernoulli(torch.full((len(rows), bare.heads.num_heads), float(learning_probability))).bool()
     batches = []
     for idx in pieces:
         tensors = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_token_id(tokenizer)).items()}
         targets = target_tensor([rows[i][target] for i in idx], [encoded[i] for i in idx],
-                                tensors["step_ends"].shape[1]).to(device)
-        batches.append((idx, tensors, targets, int((~torch.isnan(targets)).sum())))
+                                tensors["step_ends"].shape[1])
+        row_steps = (~torch.isnan(targets)).sum(1)
+        head_steps = None if kept_rows is None else (kept_rows[idx] * row_steps.unsqueeze(1)).sum(0)  # [E]
+        batches.append((idx, tensors, targets.to(device), int(row_steps.sum()), head_steps))
     usable = sum(b[3] for b in batches)
+    if kept_rows is not None:
+        head_usable = sum(b[4] for b in batches).clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
     total, bce, pull_value = 0.0, 0.0, 0.0
-    for k, (idx, tensors, targets, steps) in enumerate(batches):
+    for k, (idx, tensors, targets, steps, head_steps) in enumerate(batches):
         share = steps / usable if usable else 1.0 / len(batches)
+        head_mask = None
+        if kept_rows is not None:
+            share = (head_steps / head_usable).to(device)
+            head_mask = kept_rows[idx].to(device).unsqueeze(1).expand(-1, targets.shape[1], -1).reshape(
+                -1, kept_rows.shape[1])
         last = k == len(batches) - 1
         with contextlib.ExitStack() as stack:
             if not last:
@@ -284,13 +305,13 @@ def train_step(model: Any, optimizer: Any, tokenizer: Any, rows: list[dict[str, 
                     pull = bare.heads.pull(pull_reduction)
             loss, parts = ensemble_loss(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                         pull.float(), pull_lambda, bce_weight=share,
-                                        pull_weight=1.0 / len(batches))
+                                        pull_weight=1.0 / len(batches), head_mask=head_mask)
             if not torch.isfinite(loss):
                 ids = [rows[i]["problem_id"] for i in idx]
                 raise NaNLossError(f"non-finite loss {float(loss.detach())} at {where} (problem_ids {ids})")
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += float(loss.detach())
-        bce += share * parts["bce"]
+        bce += share * parts["bce"] if head_mask is None else parts["bce_term"]
         pull_value = parts["pull"]
     if scaler is not None:
         scaler.step(optimizer)

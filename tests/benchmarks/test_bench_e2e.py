@@ -9,6 +9,7 @@ Math-Shepherd arm subsampled from a larger N, on a real 4-problem build too.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -122,10 +123,10 @@ def test_seed_sign_says_unresolved_when_seeds_disagree(e2e):
     assert e2e.seed_sign(agree, "edu", "ms-8", "within_position_auroc")["verdict"] == "higher"
 
 
-def test_token_accounting_equals_the_shard_records_plus_the_pool(e2e, tmp_path):
-    """A real 4-problem EDU build (2 shards of 2 problems, transformers engine): every arm's tokens come from it."""
-    import json as _json
-
+@pytest.fixture(scope="module")
+def edu4(e2e, tmp_path_factory):
+    """A real 4-problem EDU build (2 shards of 2 problems, transformers engine): its shards, as the benchmark reads
+    them, and its manifest's cost."""
     import yaml
 
     from cluster.hf_engine import HFEngine
@@ -139,12 +140,16 @@ def test_token_accounting_equals_the_shard_records_plus_the_pool(e2e, tmp_path):
     raw["policy"]["backend"] = "transformers"
     raw["partition"]["entropy_source"] = "exact"
     raw["dataset"]["problems_per_shard"] = 2
-    cfg = parse_config(raw)
-    out = tmp_path / "ds"
-    build(cfg, out, lambda: HFEngine(str(REPO / "assets" / "toy-policy")))
-    shards = e2e.read_shards(out)
+    out = tmp_path_factory.mktemp("edu4") / "ds"
+    build(parse_config(raw), out, lambda: HFEngine(str(REPO / "assets" / "toy-policy")))
+    return e2e.read_shards(out), total_cost([read_manifest(out)["extra"]["cost"]]), base
+
+
+def test_token_accounting_equals_the_shard_records_plus_the_pool(e2e, edu4):
+    """Every arm's tokens come from the build's records: a static arm's are its shards' records, the per-problem
+    costs share them out."""
+    shards, manifest_cost, _ = edu4
     assert len(shards) == 2
-    manifest_cost = total_cost([read_manifest(out)["extra"]["cost"]])
     # Static arm: exactly the sum of its shards' records, which is what the manifest says.
     whole = e2e.shard_tokens([rec for _, rec in shards])
     assert whole["generated"] == manifest_cost.generated_tokens > 0
@@ -156,16 +161,105 @@ def test_token_accounting_equals_the_shard_records_plus_the_pool(e2e, tmp_path):
     assert len(costs) == 4
     assert abs(sum(c["generated"] for c in costs.values()) - manifest_cost.generated_tokens) <= rows
     assert sum(c["prefill"] for c in costs.values()) == pytest.approx(manifest_cost.prompt_tokens)
+    for c in costs.values():  # the stage split is whole tokens that add up to the problem's tokens
+        assert sum(c["stages"].values()) == c["generated"] and min(c["stages"].values()) >= 0
+
+
+def test_token_accounting_a_4_problem_replay_charges_exactly_the_selected_problems_labelling_tokens(e2e, edu4):
+    """The replay labeller the benchmark hands the product's loop: for the chosen problems, exactly their rows in
+    the build and a cost record of exactly their labelling tokens; the round points add the pool's generation."""
+    from types import SimpleNamespace
+
+    shards, _, _ = edu4
+    costs = e2e.problem_costs(shards)
+    ids = sorted(costs)
+    replay = e2e.ReplayLabeller(shards)
+    for chosen in (ids[:1], [ids[3], ids[0]], ids):
+        result = replay.label([SimpleNamespace(problem_id=pid) for pid in chosen])
+        assert result.cost.generated_tokens == sum(costs[p]["generated"] for p in chosen) > 0
+        assert result.cost.prompt_tokens == round(sum(costs[p]["prefill"] for p in chosen))
+        want = [r for rs, _ in shards for r in rs if r["problem_id"] in chosen]
+        assert sorted(r["problem_id"] for r in result.rows) == sorted(r["problem_id"] for r in want)
+        assert sorted(len(r["completions"]) for r in result.rows) == sorted(len(r["completions"]) for r in want)
+    with pytest.raises(KeyError, match="no rows"):
+        replay.label([SimpleNamespace(problem_id="not-in-the-pool")])
     pool = e2e.pool_items(shards)
     pool_generated = sum(int(r["completion_tokens"]) for r in pool.values())
-    assert pool_generated > 0
-    tokens = e2e.active_tokens(sorted(costs), costs, pool_generated, 0, 0)
-    assert abs(tokens["generated"] - (manifest_cost.generated_tokens + pool_generated)) <= rows
-    assert tokens["pool_generated"] == pool_generated and tokens["label_generated"] + pool_generated == \
-        tokens["generated"]
-    two = e2e.active_tokens(sorted(costs)[:2], costs, pool_generated, 0, 0)
-    assert two["label_generated"] == int(sum(costs[p]["generated"] for p in sorted(costs)[:2]))
-    _json.dumps(tokens)  # JSON-ready
+    rounds = [{"round": 0, "selector": "random", "selected_problem_ids": ids[:2], "labelled_rows": 3,
+               "cumulative_label_tokens": sum(costs[p]["generated"] for p in ids[:2]), "heldout_x": 0.5},
+              {"round": 1, "selector": "uncertainty", "selected_problem_ids": ids[2:3], "labelled_rows": 2,
+               "cumulative_label_tokens": sum(costs[p]["generated"] for p in ids[:3]), "heldout_x": 0.6}]
+    pts = e2e.round_points("actprm", 0, rounds, shards)
+    assert [p["problems"] for p in pts] == [2, 3] and [p["rows"] for p in pts] == [3, 5] and pts[1]["x"] == 0.6
+    tok = pts[1]["tokens"]
+    assert tok["label_generated"] == sum(costs[p]["generated"] for p in ids[:3])
+    assert tok["generated"] == tok["label_generated"] + pool_generated and tok["pool_generated"] == pool_generated
+    # round 1's PRM read the two unlabelled trajectories, round 0 read none (a random seed set)
+    assert pts[0]["tokens"]["scoring_forward"] == 0
+    assert tok["scoring_forward"] == sum(int(pool[p]["prompt_tokens"]) + int(pool[p]["completion_tokens"])
+                                         for p in ids[2:])
+
+
+def test_the_active_arms_run_the_products_loop_with_labels_replayed(e2e, edu4, tmp_path, monkeypatch):
+    """The benchmark's ActPRM and random arms are runs of tasks.active.loop.ActiveLoop: every round goes through
+    its run_round, no engine starts, each round's labels are exactly the chosen problems' build rows and tokens,
+    and round r > 0 warm-starts from round r-1's checkpoint."""
+    import argparse
+
+    from tasks.active import loop as loop_module
+    from tasks.evaluation.ruler import SHIPPED_RULERS, load_ruler
+
+    shards, _, base = edu4
+    costs = e2e.problem_costs(shards)
+    calls = []
+    real = loop_module.ActiveLoop.run_round
+
+    def spy(self, r):
+        calls.append((self.cfg.active.selector, r))
+        return real(self, r)
+
+    monkeypatch.setattr(loop_module.ActiveLoop, "run_round", spy)
+    args = argparse.Namespace(epochs=1, n_boot=10, cache=tmp_path, problems=4, seed_size=2, per_round=1, rounds=1,
+                              cold_start=False, filter_share=0.75)
+    trainer = e2e.Trainer(base["train"], "v1", args, load_ruler(*SHIPPED_RULERS["v1"]).limited(2))
+    points = e2e.active_points(shards, trainer, 0, args, base)
+    assert ("uncertainty", 0) in calls and ("uncertainty", 1) in calls and ("random", 1) in calls
+    assert [(p["arm"], p["round"], p["problems"]) for p in points] == [
+        ("actprm", 0, 2), ("actprm", 1, 3), ("random", 0, 2), ("random", 1, 3)]
+    for arm in ("actprm", "random"):
+        out = next((tmp_path / "active").glob(f"*-{arm}-*"))
+        rounds = loop_module.read_rounds(out)
+        summary = json.loads((out / loop_module.SUMMARY_FILE).read_text())
+        assert summary["engine_started"] is False
+        assert rounds[1]["warm_start_from"] == rounds[0]["checkpoint"]
+        for rec in rounds:
+            assert rec["label_tokens"] == sum(costs[p]["generated"] for p in rec["selected_problem_ids"])
+        pts = [p for p in points if p["arm"] == arm]
+        assert pts[-1]["tokens"]["label_generated"] == sum(rec["label_tokens"] for rec in rounds)
+        assert 0 <= pts[-1]["within_position_auroc"] <= 1
+        assert pts[0]["gate"] is None and (pts[1]["gate"] is None) == (arm == "random")  # a gate ran in round 1
+    assert points[0]["within_position_auroc"] == points[2]["within_position_auroc"]  # the same round 0
+    # the filter arm is a run of the loop too: one round after the seed set, up to 3 of 4 problems in all
+    calls.clear()
+    filtered = e2e.filter_points(shards, trainer, 0, args, base)
+    assert [p["arm"] for p in filtered] == ["filter", "filter-random"] and ("uncertainty", 1) in calls
+    assert filtered[0]["problems"] <= 3 and filtered[1]["problems"] == filtered[0]["problems"]
+
+
+def test_benchmarks_define_no_round_or_selection_loop_of_their_own():
+    """The product's loop is the only one: no benchmark imports the selection rules to run rounds itself."""
+    import ast
+
+    rules = {"select_uncertain", "draw_uncertain", "random_selection"}
+    offenders = []
+    for path in (REPO / "benchmarks").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = {a.name.split(".")[-1] for a in node.names} if isinstance(node, ast.Import | ast.ImportFrom) \
+                else {node.attr} if isinstance(node, ast.Attribute) else set()
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names & rules]
+    assert not offenders, f"a benchmark uses a selection rule itself (run tasks.active.loop.ActiveLoop): {offenders}"
+    source = (REPO / "benchmarks" / "bench_e2e.py").read_text()
+    assert "ActiveLoop" in source and "for rnd in range" not in source
 
 
 def test_subsampled_math_shepherd_from_a_real_build(e2e, tmp_path):

@@ -223,7 +223,8 @@ def test_the_toy_trainer_keeps_its_train_hash(base):
     assert parse_config(_with(base, "train.dtype", "float32"), check_paths=False).train.train_hash() == (
         "41e849bb0c5bcf95")
     for dotted, value in (("train.strategy", "fsdp"), ("train.precision", "bf16-mixed"),
-                          ("train.activation_checkpointing", True), ("train.grad_accum_steps", 2)):
+                          ("train.activation_checkpointing", True), ("train.grad_accum_steps", 2),
+                          ("train.head_init", "trunc-normal"), ("train.learning_probability", 0.5)):
         assert parse_config(_with(base, dotted, value), check_paths=False).train.train_hash() != train.train_hash()
     assert "dtype" not in train.model_dump()
 
@@ -242,6 +243,21 @@ def test_global_batch_is_batch_times_workers_times_accumulation(base):
     assert "  train.grad_accum_steps: " in _error(_with(base, "train.grad_accum_steps", 0))
     assert "  train.strategy: " in _error(_with(base, "train.strategy", "deepspeed"))
     assert "  train.precision: " in _error(_with(base, "train.precision", "bf16"))
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.2, float("nan")])
+def test_learning_probability_outside_zero_one_is_refused(base, value):
+    message = _error(_with(base, "train.learning_probability", value))
+    assert "  train.learning_probability: " in message and message.count("\n") == 1
+    assert "must be in (0, 1]" in message and "the chance that a head trains on a trajectory" in message
+
+
+def test_diverse_ensemble_fields_default_to_todays_training(base):
+    train = parse_config(_with(_with(base, "train.learning_probability", 1), "train.head_init", "uniform"),
+                         check_paths=False).train
+    assert (train.head_init, train.learning_probability) == ("uniform", 1.0)
+    assert train.train_hash() == parse_config(base, check_paths=False).train.train_hash()
+    assert "  train.head_init: " in _error(_with(base, "train.head_init", "normal"))
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

@@ -139,6 +139,18 @@ def test_empty_pool_is_refused_before_any_engine(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_loop_without_an_engine_refuses_to_generate_the_pool(tmp_path):
+    """engine_factory None (a replay, the end-to-end benchmark's): a pool missing from OUT is an ActiveError naming
+    it, not an engine started."""
+    from tasks.active.loop import ActiveError, ActiveLoop
+
+    cfg = parse_config(_toy(pool_size=2))
+    loop = ActiveLoop(cfg, tmp_path / "out", None, train_fn=lambda *a: pytest.fail("no training"))
+    with pytest.raises(ActiveError, match="no policy engine .* the pool in"):
+        loop.run()
+    assert not loop.engine_started
+
+
 def test_out_dir_of_another_config_is_refused(tmp_path):
     from tasks.active.loop import ActiveError, check_out_dir
 

@@ -222,3 +222,34 @@ def test_draw_among_the_uncertain_is_seeded_capped_and_order_free():
     for s in range(600):
         counts[draw_uncertain(ids, flat, CODE, 1, seed=s).selected[0]] += 1
     assert min(counts.values()) > 20 and max(counts.values()) < 85
+
+
+def test_selection_diagnostics_error_shares_and_std_within_margin():
+    from tasks.active.selection import selection_diagnostics
+
+    # Four trajectories, truth known for three; two selected (0 and 3, whose truth is unknown).
+    scores = [_traj((0.95, 0.30), (0.20, 0.01)),   # margin bin 0.4-0.5: misclassified step has the larger std
+              _traj((0.92, 0.02), (0.75, 0.02)),   # bins 0.4-0.5 and 0.2-0.3
+              _traj((0.93, 0.05), (0.72, 0.40)),   # bins 0.4-0.5 and 0.2-0.3
+              _traj((0.99, 0.0), (0.99, 0.0))]
+    truths = [[False, False], [True, True], [True, False], None]
+    out = selection_diagnostics(scores, truths, [True, False, False, True])
+    assert out["truth_known"] == 3
+    assert out["error_share_selected"] == 1.0           # the one selected with known truth has a wrong step
+    assert out["error_share_scored"] == pytest.approx(2 / 3)
+    by_bin = {tuple(b["margin"]): b for b in out["std_auroc_by_margin"]}
+    # Bin 0.4-0.5: steps (0.95, 0.30, wrong: misclassified), (0.92, 0.02), (0.93, 0.05): the misclassified one has
+    # the largest std, AUROC 1. Bin 0.2-0.3: (0.75, 0.02, right) and (0.72, 0.40, wrong: misclassified): AUROC 1.
+    assert by_bin[(0.4, 0.5)]["steps"] == 3 and by_bin[(0.4, 0.5)]["std_auroc"] == 1.0
+    assert by_bin[(0.2, 0.3)]["steps"] == 2 and by_bin[(0.2, 0.3)]["std_auroc"] == 1.0
+    # Bin 0.3-0.4 holds (0.20, 0.01, wrong): correctly classified alone, no AUROC; it is left out of the mean.
+    assert by_bin[(0.3, 0.4)]["steps"] == 1 and by_bin[(0.3, 0.4)]["std_auroc"] is None
+    assert out["std_auroc_within_margin"] == 1.0
+    # The spread inverted: the misclassified steps have the smallest std, AUROC 0.
+    flipped = [_traj((0.95, 0.01), (0.20, 0.01)), _traj((0.92, 0.30), (0.75, 0.50)),
+               _traj((0.93, 0.40), (0.72, 0.02)), scores[3]]
+    assert selection_diagnostics(flipped, truths, [False] * 4)["std_auroc_within_margin"] == 0.0
+    nothing = selection_diagnostics(scores, [None] * 4, [True] * 4)
+    assert nothing["error_share_selected"] is None and nothing["std_auroc_within_margin"] is None
+    with pytest.raises(ValueError, match="selection flags"):
+        selection_diagnostics(scores, truths, [True])

@@ -159,6 +159,19 @@ def test_streaming_labels_and_trains_exactly_the_uncertain(tmp_path):
     assert (r2["selected"], r2["trusted_share"], r2["pseudo_label_acc"], r2["trained"]) == (0, 1.0, 1.0, False)
     assert r2["label_tokens"] == 0 and r2["cumulative_label_tokens"] == 600  # 4 + 2 problems at 100 tokens
     assert r1["gate"]["how"] == "preset actprm_code" and r1["gate_note"] is None
+    # Every solution here is right: no errors among the picks or the scored. The two misclassified steps (a sure
+    # "wrong" on a right step) have the heads' smallest std, tied with most right steps: std ranks them below
+    # chance within their margin bin, which is what the figure is for.
+    assert (r1["error_share_selected"], r1["error_share_scored"]) == (0.0, 0.0)
+    assert 0 < r1["std_auroc_within_margin"] < 0.5 and r0["std_auroc_within_margin"] is None
+    from tasks.active.report import report_markdown, round_rows
+
+    rows = round_rows(result.rounds)
+    assert [r["tokens_per_problem"] for r in rows] == [100.0, 100.0, None]  # 100 tokens a problem; none labelled
+    table = report_markdown("t", result.rounds, result.stop_reason, "", None).splitlines()
+    header, r1_line = table[4], table[7]
+    assert header.count("|") == r1_line.count("|") and "errors in picks" in header
+    assert "| 0.0 | 0.0 |" in r1_line
     # Run again in the same directory: it resumes as finished, nothing labelled, scored or trained again.
     assert loop.run().stop_reason == "pool_exhausted"
     assert (len(rec["labelled"]), len(rec["scored"]), len(rec["trained"])) == (2, 2, 2)

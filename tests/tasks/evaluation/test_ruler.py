@@ -196,6 +196,9 @@ def test_eval_command_bad_input(ruler, tmp_path):
         (("eval", "--scorer", "oracle", "--bon", "32"), "exceeds the ruler's 16 samples"),
         (("eval", "--scorer", "oracle", "--bon", "two"), "--bon must be"),
         (("eval", "--scorer", "best"), "--scorer must be one of"),
+        (("eval", "--scorer", "model-confidence"), "--model PATH goes with --scorer model-confidence"),
+        (("eval", "--scorer", "oracle", "--model", "assets/toy-policy"), "--model PATH goes with"),
+        (("eval", "--scorer", "model-confidence", "--model", str(tmp_path / "none")), "no model at"),
         (("eval",), "exactly one of --checkpoint"),
         (("eval", "--scorer", "oracle", "--ruler", str(tmp_path)), "no ruler at"),
         (("eval", "--scorer", "oracle", "--dataset",
@@ -244,6 +247,23 @@ def test_policy_confidence_reads_the_rulers_policy_and_sees_a_slip():
         reference_scorer("policy-confidence", Ruler([], {"spec": {}}))
     with pytest.raises(EvaluationError, match="no model at"):
         reference_scorer("policy-confidence", Ruler([], {"spec": {"policy_path": "assets/no-such-policy"}}))
+
+
+def test_model_confidence_is_another_models_view_of_the_policys_tokens(ruler_v2):
+    """On the v2 ruler, the v1 policy (which knows the true rules) scores the v2 policy's steps; it is the same
+    scorer as policy-confidence, over the model given."""
+    v2 = ruler_v2.limited(2)
+    prompts, completions = [r["prompt"] for r in v2.rows[:8]], [r["completions"] for r in v2.rows[:8]]
+    v1_view = reference_scorer("model-confidence", v2, model="assets/toy-policy")
+    assert v1_view.name == "model-confidence"
+    same = reference_scorer("policy-confidence", Ruler([], {"spec": {"policy_path": "assets/toy-policy"}}))
+    assert [s.mean for s in v1_view.score(prompts, completions)] == [s.mean for s in same.score(prompts, completions)]
+    own = reference_scorer("policy-confidence", v2)  # the v2 policy's own view differs
+    assert [s.mean for s in own.score(prompts, completions)] != [s.mean for s in same.score(prompts, completions)]
+    with pytest.raises(EvaluationError, match="goes with the model-confidence scorer"):
+        reference_scorer("model-confidence", v2)
+    with pytest.raises(EvaluationError, match="goes with the model-confidence scorer"):
+        reference_scorer("position", v2, model="assets/toy-policy")
 
 
 @pytest.mark.slow

@@ -331,10 +331,11 @@ def test_toy_truth_and_held_out_metrics():
 
 
 def test_later_model_options_keep_old_checkpoint_hashes():
-    old = {k: v for k, v in _toy_config().items() if k not in ("reads", "token_features", "config_hash")}
+    old = {k: v for k, v in _toy_config().items() if k not in ("reads", "token_features", "head_init", "config_hash")}
     assert prm_config_hash(old) == _toy_config()["config_hash"]  # written before the options existed
     assert _toy_config(reads="tokens")["config_hash"] != _toy_config()["config_hash"]
     assert _toy_config(token_features="logprob")["config_hash"] != _toy_config()["config_hash"]
+    assert _toy_config(head_init="trunc-normal")["config_hash"] != _toy_config()["config_hash"]
 
 
 def test_token_reads_score_a_prefix_as_the_product_over_its_tokens():
@@ -433,3 +434,144 @@ def test_a_tokens_logprob_checkpoint_round_trips(tmp_path):
     after = load_prm(save_checkpoint(model, cfg, tmp_path / "model", tok)).score(PROMPTS, STEPS)
     assert [m for s in after for m in s.mean] == pytest.approx([m for s in before for m in s.mean], abs=1e-6)
     assert load_prm(tmp_path / "model").config["reads"] == "tokens"
+
+
+# -- a diverse ensemble (ActPRM's reference code): truncated-normal heads, per-head data masks -------------------
+
+
+def test_uniform_heads_are_linears_default_range_from_each_heads_seed():
+    """The default init, pinned to its formula: what every checkpoint before head_init was written with."""
+    heads = EnsembleHeads(6, 3, [5, 4], seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(heads.state_dict().values(),
+                                                 EnsembleHeads(6, 3, [5, 4], 7, "uniform").state_dict().values(),
+                                                 strict=True))
+    for e in range(3):
+        gen = torch.Generator().manual_seed(7 * 1_000_003 + e)
+        for w, b in zip(heads.weights, heads.biases, strict=True):
+            bound = 1 / math.sqrt(w.shape[1])
+            assert torch.equal(w[e], torch.rand(w.shape[1:], generator=gen) * 2 * bound - bound)
+            assert torch.equal(b[e], torch.rand(b.shape[1:], generator=gen) * 2 * bound - bound)
+
+
+def test_trunc_normal_heads_have_the_truncated_std_zero_biases_and_differ():
+    heads = EnsembleHeads(1024, 3, [256], seed=2, init="trunc-normal")
+    sigma = 1 / (2 * math.sqrt(1024))
+    # the std of N(0, sigma^2) cut at +-2 sigma: sigma * sqrt(1 - 2 * 2 phi(2) / (Phi(2) - Phi(-2)))
+    phi2, mass = math.exp(-2) / math.sqrt(2 * math.pi), math.erf(2 / math.sqrt(2))
+    expected = sigma * math.sqrt(1 - 4 * phi2 / mass)  # 0.8796 sigma
+    w = heads.weights[0].detach()
+    for e in range(3):  # 262,144 draws a head: the sample std is within ~0.2% of the true one
+        assert float(w[e].std()) == pytest.approx(expected, rel=0.01)
+        assert abs(float(w[e].mean())) < 0.01 * sigma
+    assert float(w.abs().max()) <= 2 * sigma and float(w.abs().max()) > 1.9 * sigma
+    last = heads.weights[1].detach()  # fan_in 256: its own std
+    assert float(last.abs().max()) <= 2 / (2 * math.sqrt(256))
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in heads.biases)
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    again = EnsembleHeads(1024, 3, [256], seed=2, init="trunc-normal")
+    assert torch.equal(again.weights[0], heads.weights[0]) and torch.equal(heads.init_weight_0, heads.weights[0])
+    with pytest.raises(ValueError, match="head init must be one of"):
+        EnsembleHeads(4, 2, [3], init="normal")
+
+
+def test_a_prm_config_from_before_head_init_builds_and_loads_uniform_heads(toy_checkpoint, tmp_path):
+    import shutil
+
+    path, model, _ = toy_checkpoint
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    cfg = json.loads((old / "prm_config.json").read_text())
+    del cfg["head_init"]  # as a checkpoint written before the option: its hash is the same
+    (old / "prm_config.json").write_text(json.dumps(cfg))
+    assert load_prm(old).model.heads.init_weight_0.equal(model.heads.init_weight_0)
+    fresh = build_prm(cfg).heads
+    assert all(torch.equal(w, EnsembleHeads(128, 3, [16, 16], seed=1).weights[i]) for i, w in enumerate(fresh.weights))
+    normal = build_prm(_toy_config(head_init="trunc-normal")).heads
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in normal.biases)
+    assert not torch.equal(normal.weights[0], fresh.weights[0])
+
+
+def test_a_head_mask_keeps_each_heads_bce_to_its_own_steps():
+    logits = torch.tensor([[0.0, math.log(3)], [math.log(3), 0.0], [5.0, -5.0]], requires_grad=True)
+    targets = torch.tensor([1.0, 0.0, math.nan])  # the third step has no target
+    pull = torch.zeros(2)
+    # head 0 keeps steps 0 and 1; head 1 keeps only the step without a target: no usable step of its own
+    mask = torch.tensor([[True, False], [True, False], [True, True]])
+    loss, parts = ensemble_loss(logits, targets, pull, 0.5, head_mask=mask)
+    head0 = (math.log(2) + math.log(4)) / 2  # p = 0.5 vs 1; p = 0.75 vs 0
+    assert float(loss.detach()) == pytest.approx(head0 / 2) and parts["bce"] == pytest.approx(head0 / 2)
+    assert parts["steps"] == 2
+    loss.backward()
+    # d loss / d logit = (p - y) / (kept steps of the head) / heads; head 1 and the untargeted step get nothing
+    assert logits.grad.flatten().tolist() == pytest.approx([-0.125, 0.0, 0.1875, 0.0, 0.0, 0.0])
+    # head 1 keeping step 1 only: its BCE is that step's alone (p = 0.5 vs 0)
+    mask[1, 1] = True
+    _, parts = ensemble_loss(logits, targets, pull, 0.5, head_mask=mask)
+    assert parts["bce"] == pytest.approx((head0 + math.log(2)) / 2)
+    # a mask keeping everything is the unmasked loss; a per-head bce_weight weighs each head's BCE
+    full, _ = ensemble_loss(logits, targets, pull, 0.5)
+    everything = ensemble_loss(logits, targets, pull, 0.5, head_mask=torch.ones(3, 2, dtype=torch.bool))[0]
+    assert float(everything.detach()) == pytest.approx(float(full.detach()), abs=1e-7)
+    weighted, parts = ensemble_loss(logits, targets, pull, 0.5, bce_weight=torch.tensor([1.0, 0.0]), head_mask=mask)
+    assert float(weighted.detach()) == pytest.approx(head0 / 2) and parts["bce_term"] == pytest.approx(head0 / 2)
+
+
+def _mask_rows() -> list[dict]:
+    """Four rows of 2, 3, 1 and 2 steps, so a head's kept steps differ from piece to piece."""
+    rows = [{"prompt": p, "completions": s, "labels": [True] * (len(s) - 1) + [False], "problem_id": f"p{i}"}
+            for i, (p, s) in enumerate(zip(PROMPTS, STEPS, strict=True))]
+    rows.append({"prompt": "Start at 3. Apply in order: -1.\n", "completions": ["Answer: 2"], "labels": [True],
+                 "problem_id": "p2"})
+    rows.append({"prompt": "Start at 1. Apply in order: +1.\n", "completions": ["1+1=3\n", "Answer: 3"],
+                 "labels": [False, False], "problem_id": "p3"})
+    return rows
+
+
+def _one_step(config: dict, tok, rows: list[dict], seed: int, **options) -> tuple[float, dict, list[torch.Tensor]]:
+    """One train_step (lr 0: the gradients stay to compare) from a fresh model and global RNG seed."""
+    model = build_prm(config)
+    torch.manual_seed(seed)
+    loss, parts, _ = train_step(model, torch.optim.SGD(model.heads.parameters(), lr=0.0), tok, rows, "labels", 256,
+                                0.5, "cpu", "x", **options)
+    return loss, parts, [p.grad.clone() for p in model.heads.parameters()]
+
+
+def test_learning_probability_one_is_todays_step_and_draws_nothing(toy_checkpoint):
+    _, _, tok = toy_checkpoint
+    rows, config = _mask_rows(), _toy_config()
+    loss, parts, grads = _one_step(config, tok, rows, 0)
+    before = torch.get_rng_state()
+    model = build_prm(config)
+    torch.set_rng_state(before)
+    same = train_step(model, torch.optim.SGD(model.heads.parameters(), lr=0.0), tok, rows, "labels", 256, 0.5,
+                      "cpu", "x", learning_probability=1.0)
+    assert torch.equal(torch.get_rng_state(), before)  # no mask drawn, so nothing else that draws moves
+    assert same[0] == loss and same[1] == parts
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.heads.parameters(), grads, strict=True))
+
+
+def test_masked_heads_accumulate_to_the_whole_batch_head_by_head(toy_checkpoint):
+    """Below 1, one [rows, heads] draw per step; 2 accumulated pieces weigh each head's BCE by its own kept steps,
+    so they give the whole batch's loss and gradients, and the masks do change the step."""
+    _, _, tok = toy_checkpoint
+    rows, config = _mask_rows(), _toy_config()
+    torch.manual_seed(0)
+    kept = torch.bernoulli(torch.full((4, 3), 0.5)).bool()  # what train_step draws after the same seed
+    # heads keep rows {0, 1, 2}, {1, 3}, {0, 2, 3}: 5 + 1, 3 + 2, 2 + 3 of their steps in the two pieces, shares
+    # that differ from the unmasked 5 + 3, so weighing by the batch's usable steps would give another step
+    assert kept.t().tolist() == [[True, True, True, False], [False, True, False, True], [True, False, True, True]]
+    whole = _one_step(config, tok, rows, 0, learning_probability=0.5)
+    pieces = _one_step(config, tok, rows, 0, learning_probability=0.5, micro_batches=2)
+    assert pieces[0] == pytest.approx(whole[0], rel=1e-5) and pieces[1]["bce"] == pytest.approx(whole[1]["bce"])
+    assert pieces[1]["steps"] == whole[1]["steps"] == 8
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole[2], pieces[2], strict=True))
+    unmasked = _one_step(config, tok, rows, 0)
+    assert unmasked[0] != pytest.approx(whole[0], rel=1e-3)
+    # a head that keeps no row gets no BCE gradient (only its pull's, which is 0 at init); the others do
+    torch.manual_seed(0)
+    kept = torch.bernoulli(torch.full((4, 3), 0.3)).bool()
+    assert kept.any(0).tolist() == [True, False, True]  # seed 0 at 0.3: head 1 keeps no row
+    _, parts, grads = _one_step(config, tok, rows, 0, learning_probability=0.3, micro_batches=2)
+    assert all(float(g[1].abs().max()) == 0.0 for g in grads)
+    assert all(float(g[e].abs().max()) > 0.0 for g in grads for e in (0, 2))
+    assert parts["steps"] == 8
