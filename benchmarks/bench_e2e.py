@@ -13,9 +13,10 @@ confident misconceptions) and each seed (``--seeds``), one pool of ``--problems`
 - ``edu``: EDU entropy cuts, branching and ``--edu-n`` rollouts, ER labels with η = 1; the η grid (``--etas``)
   relabels the same rows (`tasks.store.relabel.relabel`: no new generation);
 - ``actprm`` and ``random``: runs of the product's loop (`tasks.active.loop.ActiveLoop`, what ``prm-factory
-  active`` runs) over the ``edu``-labelled pool, selector ``uncertainty`` (the paper's thresholds, top-k) and
-  ``random``: round 0 labels the loop's random seed set (the same for both), each of ``--rounds`` later rounds at
-  most ``--per-round`` problems, the PRM warm-started from the round before (``--cold-start``: from the backbone).
+  active`` runs) over the ``edu``-labelled pool, selector ``uncertainty`` (``--selection``, else the config's
+  ``active.selection``: the paper's thresholds, top-k) and ``random``: round 0 labels the loop's random seed set
+  (the same for both), each of ``--rounds`` later rounds at most ``--per-round`` problems, the PRM warm-started
+  from the round before (``--cold-start``: from the backbone).
   Nothing is generated to label: the pool is the build's first row per problem, written through the loop's
   ``write_pool`` (no engine), and ``ReplayLabeller`` returns a chosen problem's rows in the full build (the build
   seeds every request by problem and prefix, so a problem labelled alone gives the same rows) and charges exactly
@@ -471,9 +472,16 @@ def loop_config(base: dict[str, Any], world: str, seed: int, args: argparse.Name
 
     raw = labeller_config(base, world, "edu", seed, args.problems)
     raw["train"] = trainer.train.model_copy(update={"seed": seed}).model_dump(mode="json")
-    raw["active"] = {"seed_size": args.seed_size, "seed": seed, "selection": {"preset": "paper", "pick": "top_k"},
-                     **active}
+    raw["active"] = {"seed_size": args.seed_size, "seed": seed, "selection": selection_of(base, args), **active}
     return parse_config(raw, f"bench_e2e active {active}")
+
+
+def selection_of(base: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The uncertainty arms' ``active.selection``: ``--selection`` (JSON), else the config's, else the paper's
+    thresholds with top-k (what the former benchmark loop ran)."""
+    if args.selection:
+        return json.loads(args.selection)
+    return (base.get("active") or {}).get("selection") or {"preset": "paper", "pick": "top_k"}
 
 
 def replayed_loop(cfg: Any, shards: list, trainer: Trainer, seed: int, name: str, out: Path) -> Any:
@@ -996,6 +1004,9 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=64, help="most problems ActPRM labels per later round")
     ap.add_argument("--cold-start", action="store_true", help="the active arms retrain from the backbone every "
                     "round (the loop's active.warm_start false); default: the product's warm start")
+    ap.add_argument("--selection", default=None, help="the ActPRM and filter arms' active.selection as JSON, e.g. "
+                    "'{\"calibrate_trusted_share\": 0.5, \"pick\": \"uniform\"}'; default: the config's "
+                    "active.selection")
     ap.add_argument("--filter-share", type=float, default=0.3, help="share of the pool the filter trains on")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--ruler-problems", type=int, default=128)

@@ -220,7 +220,7 @@ def test_the_active_arms_run_the_products_loop_with_labels_replayed(e2e, edu4, t
 
     monkeypatch.setattr(loop_module.ActiveLoop, "run_round", spy)
     args = argparse.Namespace(epochs=1, n_boot=10, cache=tmp_path, problems=4, seed_size=2, per_round=1, rounds=1,
-                              cold_start=False, filter_share=0.75)
+                              cold_start=False, filter_share=0.75, selection=None)
     trainer = e2e.Trainer(base["train"], "v1", args, load_ruler(*SHIPPED_RULERS["v1"]).limited(2))
     points = e2e.active_points(shards, trainer, 0, args, base)
     assert ("uncertainty", 0) in calls and ("uncertainty", 1) in calls and ("random", 1) in calls
@@ -244,6 +244,23 @@ def test_the_active_arms_run_the_products_loop_with_labels_replayed(e2e, edu4, t
     filtered = e2e.filter_points(shards, trainer, 0, args, base)
     assert [p["arm"] for p in filtered] == ["filter", "filter-random"] and ("uncertainty", 1) in calls
     assert filtered[0]["problems"] <= 3 and filtered[1]["problems"] == filtered[0]["problems"]
+
+
+def test_the_active_arms_selection_is_the_flags_else_the_configs_else_the_papers(e2e):
+    import argparse
+
+    import yaml
+
+    from configs.schema import SelectionConfig
+
+    flag = argparse.Namespace(selection='{"calibrate_trusted_share": 0.5, "pick": "uniform"}')
+    none = argparse.Namespace(selection=None)
+    config = {"active": {"selection": {"preset": "actprm_code"}}}
+    assert e2e.selection_of(config, flag) == {"calibrate_trusted_share": 0.5, "pick": "uniform"}
+    assert e2e.selection_of(config, none) == {"preset": "actprm_code"}
+    assert e2e.selection_of({}, none) == {"preset": "paper", "pick": "top_k"}
+    shipped = e2e.selection_of(yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text()), none)
+    assert SelectionConfig(**shipped) == SelectionConfig(preset="paper", pick="top_k"), "the former loop's rule"
 
 
 def test_benchmarks_define_no_round_or_selection_loop_of_their_own():
