@@ -90,7 +90,10 @@ POOL_SEED_BASE = 7100  # the pool of seed s: toy problems of seed 7100 + s
 PROBLEMS_PER_SHARD = 16
 # World -> (the policy that samples its data and is its PRMs' backbone, the ruler it is judged on).
 WORLDS = {"v1": ("assets/toy-policy", "v1"), "v2": ("assets/toy-policy-v2", "v2")}
-ACTIVE_ARMS = ("actprm", "random")  # runs of the product's active loop (one point per round)
+ACTIVE_ARMS = ("actprm", "random")  # runs of the product's active loop in rounds (one point per round)
+STREAM_ARMS = ("stream-actprm", "stream-random", "stream-all")  # its streaming schedule (one point per batch)
+# The streaming gate that labels everything: no trajectory is confident at a std of at most 0.
+LABEL_ALL = {"delta_pred": 0.999999, "delta_std": 0.0}
 PROFILE: dict[str, float] = defaultdict(float)  # seconds per phase, for the profile in the JSON
 
 
@@ -548,9 +551,14 @@ GATE_FIGURES = ("uncertain", "confident", "trusted_share", "pseudo_label_acc", "
                 "error_share_scored", "std_auroc_within_margin")
 
 
-def round_points(arm: str, seed: int, rounds: list[dict[str, Any]], shards: list) -> list[dict[str, Any]]:
-    """A loop's finished rounds as curve points: cumulative problems, rows and tokens, the ruler's figures (the
-    loop's held-out eval), the gate's figures of the round."""
+def round_points(arm: str, seed: int, rounds: list[dict[str, Any]], shards: list, active: Any = None
+                 ) -> list[dict[str, Any]]:
+    """A loop's finished rounds (or streaming batches) as curve points: cumulative problems, rows and tokens, the
+    ruler's figures (the loop's held-out eval), the gate's figures of the round. ``active``: the loop's active
+    section (a streaming run's pass order and batch size, for the PRM's scoring tokens)."""
+    from tasks.active.loop import stream_order
+
+    seed_of_loop, batch_size = (active.seed, active.batch_size) if active is not None else (0, 0)
     pool, costs = pool_items(shards), problem_costs(shards)
     pool_generated = sum(int(r["completion_tokens"]) for r in pool.values())
     pool_prefill = sum(int(r["prompt_tokens"]) for r in pool.values())
@@ -558,7 +566,14 @@ def round_points(arm: str, seed: int, rounds: list[dict[str, Any]], shards: list
     rows = scoring = 0
     out = []
     for rec in rounds:
-        if rec.get("selector") == "uncertainty" and rec["round"] > 0:  # the PRM read every unlabelled trajectory
+        if rec.get("schedule") == "streaming":
+            if rec["round"] > 0:  # the PRM read the batch (both selectors: random draws as many as the gate left)
+                batch = stream_order(sorted(pool), seed_of_loop)[rec["round"] * batch_size:
+                                                                 (rec["round"] + 1) * batch_size]
+                scoring += sum(int(pool[pid]["prompt_tokens"]) + int(pool[pid]["completion_tokens"]) for pid in batch)
+            if not rec.get("trained"):  # a batch the PRM trusted whole: nothing bought, no new model, no point
+                continue
+        elif rec.get("selector") == "uncertainty" and rec["round"] > 0:  # the PRM read every unlabelled trajectory
             scoring += sum(int(r["prompt_tokens"]) + int(r["completion_tokens"])
                            for pid, r in pool.items() if pid not in set(labelled))
         labelled += rec["selected_problem_ids"]
@@ -595,6 +610,39 @@ def active_points(shards: list, trainer: Trainer, seed: int, args: argparse.Name
             log(f"{trainer.world} {arm} seed {seed} round {p['round']}: {p['problems']} problems, "
                 f"{p['tokens']['generated']:,} tokens, within-position AUROC {p['within_position_auroc']:.3f}, "
                 f"BoN@8 {p['bon8_min_step']:.3f} (stop: {result.stop_reason})")
+    return points
+
+
+def streaming_points(shards_of: dict[str, list], trainer: Trainer, seed: int, args: argparse.Namespace,
+                     base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The streaming schedule (the reference's: one pass over the pool in batches of ``--stream-batch``, the current
+    PRM gates each batch, only its uncertain part is labelled and trained on, warm-started, no retraining), three
+    runs of the product's loop per labeller: ``stream-actprm`` (the gate of ``--stream-selection``),
+    ``stream-random`` (as many as that gate left uncertain, drawn at random from the batch) and ``stream-all`` (a
+    gate that trusts nothing: every batch labelled). ``--stream-labellers`` adds diagnosis labellers: ``edu-hard``
+    (the EDU rows with hard labels, eta = inf) and ``truth`` (exact step labels); their arms are suffixed ``@hard`` and
+    ``@truth``."""
+    points: list[dict[str, Any]] = []
+    gate = json.loads(args.stream_selection)
+    for labeller in args.stream_labellers.split(","):
+        shards = {"edu": shards_of["edu"], "truth": shards_of["truth"],
+                  "edu-hard": [(relabelled(rows, math.inf), rec) for rows, rec in shards_of["edu"]]}[labeller]
+        suffix = {"edu": "", "edu-hard": "@hard", "truth": "@truth"}[labeller]
+        for arm, selector, selection in (("stream-actprm", "uncertainty", gate), ("stream-random", "random", gate),
+                                         ("stream-all", "uncertainty", LABEL_ALL)):
+            active = {"schedule": "streaming", "batch_size": args.stream_batch, "selector": selector,
+                      "warm_start": True, "seed_size": args.stream_batch, "selection": selection}
+            cfg = loop_config(base, trainer.world, seed, args, trainer, active)
+            name = arm + suffix
+            key = loop_key(cfg, trainer) if labeller == "edu" else content_key([loop_key(cfg, trainer), labeller])
+            out = args.cache / "active" / f"{cfg.name}-{name.replace('@', '-')}-{key}"
+            result = replayed_loop(cfg, shards, trainer, seed, name, out).run()
+            for p in round_points(name, seed, result.rounds, shards, cfg.active):
+                points.append(p)
+                g = p["gate"] or {}
+                log(f"{trainer.world} {name} seed {seed} batch {p['round']}: {p['problems']} problems, "
+                    f"{p['tokens']['label_generated']:,} label tokens, within-position AUROC "
+                    f"{p['within_position_auroc']:.3f}, trusted {g.get('trusted_share')}")
     return points
 
 
@@ -771,6 +819,81 @@ def seed_sign(points: list[dict[str, Any]], a: str, b: str, metric: str) -> dict
             ("higher" if signs == {1.0} else "lower" if signs else "equal")}
 
 
+def last_point(points: list[dict[str, Any]], arm: str, seed: int) -> dict[str, Any] | None:
+    mine = [p for p in points if p["arm"] == arm and p["seed"] == seed]
+    return max(mine, key=lambda p: (p["problems"], p.get("round", 0))) if mine else None
+
+
+def seed_bootstrap(diffs: list[float], n_boot: int = 2000) -> list[float] | None:
+    """95% bootstrap interval of the mean of per-seed differences, resampling seeds (None under two seeds)."""
+    if len(diffs) < 2:
+        return None
+    rng = random.Random(0)
+    means = sorted(statistics.mean(rng.choices(diffs, k=len(diffs))) for _ in range(n_boot))
+    return [means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]]
+
+
+def at_equal_tokens(points: list[dict[str, Any]], a: str, b: str, metric: str) -> dict[str, Any]:
+    """Per seed, ``a``'s last point minus ``b``'s point with the most generated tokens not above ``a``'s (b's curve
+    at no more tokens); the mean over seeds with a seed-bootstrap interval."""
+    per_seed: dict[int, Any] = {}
+    for s in sorted({p["seed"] for p in points}):
+        top = last_point(points, a, s)
+        cheaper = [p for p in points if p["arm"] == b and p["seed"] == s
+                   and p["tokens"]["generated"] <= (top or {"tokens": {"generated": -1}})["tokens"]["generated"]]
+        if top and cheaper:
+            ref = max(cheaper, key=lambda p: p["tokens"]["generated"])
+            per_seed[s] = {"diff": top[metric] - ref[metric], a: top[metric], b: ref[metric],
+                           f"{a}_tokens": top["tokens"]["generated"], f"{b}_tokens": ref["tokens"]["generated"]}
+        elif top:
+            per_seed[s] = {"diff": None, "note": f"{b} has no point at or under {a}'s tokens"}
+    diffs = [v["diff"] for v in per_seed.values() if v["diff"] is not None]
+    return {"per_seed": per_seed, "mean": statistics.mean(diffs) if diffs else None,
+            "ci95_over_seeds": seed_bootstrap(diffs), "above_in_every_seed": bool(diffs) and len(diffs) == len(
+                per_seed) and all(d > 0 for d in diffs), "not_below_in_any_seed": bool(diffs) and all(
+                d >= 0 for d in diffs)}
+
+
+def paired_rounds(points: list[dict[str, Any]], a: str, b: str, metric: str) -> dict[str, Any]:
+    """Per round (or streaming batch) both arms reached in every seed: per-seed ``a`` minus ``b``, their mean and a
+    seed-bootstrap interval (the arms share round 0 and, in the streaming schedule, the batch each round reads)."""
+    seeds = sorted({p["seed"] for p in points if p["arm"] == a})
+    out: dict[str, Any] = {}
+    rounds = sorted({p["round"] for p in points if p["arm"] == a})
+    for r in rounds:
+        pa = {p["seed"]: p for p in points if p["arm"] == a and p["round"] == r}
+        pb = {p["seed"]: p for p in points if p["arm"] == b and p["round"] == r}
+        if seeds and all(s in pa and s in pb for s in seeds):
+            diffs = [pa[s][metric] - pb[s][metric] for s in seeds]
+            out[str(r)] = {"per_seed": dict(zip(seeds, diffs, strict=True)), "mean": statistics.mean(diffs),
+                           "ci95_over_seeds": seed_bootstrap(diffs),
+                           "tokens_a": statistics.mean(pa[s]["tokens"]["label_generated"] for s in seeds),
+                           "tokens_b": statistics.mean(pb[s]["tokens"]["label_generated"] for s in seeds)}
+    return out
+
+
+def reach_whole_pool(points: list[dict[str, Any]], arm: str, metric: str) -> dict[str, Any]:
+    """Per seed: the first point of ``arm`` inside the whole-pool ``edu`` PRM's interval on ``metric`` (at or above
+    its lower end), and its share of that PRM's generated and labelling tokens and of its problems."""
+    out: dict[int, Any] = {}
+    for s in sorted({p["seed"] for p in points if p["arm"] == arm}):
+        full = last_point(points, "edu", s)
+        if full is None:
+            continue
+        lo = (full.get(f"{metric}_ci") or [full[metric]] * 2)[0]
+        hits = [p for p in points if p["arm"] == arm and p["seed"] == s and p[metric] >= lo]
+        first = min(hits, key=lambda p: p["tokens"]["generated"]) if hits else None
+        pool_gen = first["tokens"]["pool_generated"] if first else 0
+        out[s] = {"edu_whole_pool": full[metric], "edu_ci_low": lo, "edu_tokens": full["tokens"]["generated"],
+                  "reached": first is not None, "at": first[metric] if first else None,
+                  "round": first["round"] if first else None,
+                  "token_share": first["tokens"]["generated"] / full["tokens"]["generated"] if first else None,
+                  "label_token_share": (first["tokens"]["label_generated"]
+                                        / (full["tokens"]["generated"] - pool_gen)) if first else None,
+                  "problem_share": first["problems"] / full["problems"] if first else None}
+    return out
+
+
 # -- output -----------------------------------------------------------------------------------------------------------
 
 COLORS = {"truth": "black", "ms-4": "#9ecae1", "ms-8": "tab:blue", "ms-16": "#08519c", "edu": "tab:green",
@@ -851,7 +974,8 @@ def print_summary(results: dict[str, Any]) -> None:
             au = [p["within_position_auroc"] for p in ps]
             spread = f" ({min(au):.3f}-{max(au):.3f})" if len(ps) > 1 else ""
             diff = [p["bon8_min_step_minus_majority_ci"] for p in ps]
-            point = f"round {step}" if arm in ACTIVE_ARMS else f"k={step}"
+            point = (f"round {step}" if arm in ACTIVE_ARMS else f"batch {step}" if arm.startswith("stream-")
+                     else f"k={step}")
             print(f"| {arm} | {point} | {mean(lambda p: p['problems']):.0f} | "
                   f"{mean(lambda p: p['tokens']['generated']):,.0f} | {mean(lambda p: p['tokens']['prefill']):,.0f} | "
                   f"{mean(lambda p: p['tokens']['scoring_forward']):,.0f} | {statistics.mean(au):.3f}{spread} | "
@@ -885,6 +1009,22 @@ def print_summary(results: dict[str, Any]) -> None:
         for name, cmp in res.get("comparisons", {}).items():
             print(f"- {name}: **{cmp['verdict']}** (per seed: "
                   + ", ".join(f"{d:+.3f}" for d in cmp["per_seed"].values()) + ")")
+        for name, eq in res.get("at_equal_tokens", {}).items():
+            ci = eq["ci95_over_seeds"]
+            cells = ", ".join("-" if v["diff"] is None else f"{v['diff']:+.3f}" for v in eq["per_seed"].values())
+            mean = "-" if eq["mean"] is None else f"{eq['mean']:+.3f}"
+            print(f"- {name} at no more generated tokens (within-position AUROC, last point): mean {mean}"
+                  + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}] over seeds" if ci else "") + f" (per seed: {cells})")
+        for name, rounds in res.get("paired_by_round", {}).items():
+            print(f"- {name} per round, paired by seed (mean [95% over seeds]): " + "; ".join(
+                f"{r}: {v['mean']:+.3f}" + (f" [{v['ci95_over_seeds'][0]:+.3f}, {v['ci95_over_seeds'][1]:+.3f}]"
+                                            if v["ci95_over_seeds"] else "") for r, v in rounds.items()))
+        for arm, per_seed in res.get("reach_whole_pool_edu", {}).items():
+            print(f"- {arm} reaches the whole-pool EDU PRM's interval: " + "; ".join(
+                f"seed {s}: " + (f"batch/round {v['round']}, {v['token_share']:.0%} of its tokens "
+                                 f"({v['label_token_share']:.0%} of its labelling tokens), {v['problem_share']:.0%} "
+                                 "of its problems" if v["reached"] else f"no (best below {v['edu_ci_low']:.3f})")
+                for s, v in per_seed.items()))
     print(f"\nprofile (s): {json.dumps(results.get('profile', {}))}; whole run {results.get('seconds')} s")
 
 
@@ -941,17 +1081,22 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
         for n in sorted(set(args.ms_list) - set(ms_built)):
             shards_of[f"ms-{n}"] = subsampled(shards_of[f"ms-{ms_built[0]}"], n, s)
             datasets[str(s)][f"ms-{n}"] = f"{datasets[str(s)][f'ms-{ms_built[0]}']} (subsampled to N={n})"
-        points += static_points("truth", shards_of["truth"], trainer, s, [args.problems])
-        for n in args.ms_list:
-            sizes = args.size_list if n == 8 else [args.problems]
-            points += [p | ({} if n in ms_built else {"subsampled_from": f"ms-{ms_built[0]}"})
-                       for p in static_points(f"ms-{n}", shards_of[f"ms-{n}"], trainer, s, sizes)]
-        points += static_points("edu", shards_of["edu"], trainer, s, args.size_list)
-        for eta in args.eta_list:
-            if eta != base["labels"].get("eta", 1.0):
-                points += static_points(f"edu-eta{eta:g}", shards_of["edu"], trainer, s, [args.problems], eta)
-        points += active_points(shards_of["edu"], trainer, s, args, base)
-        points += filter_points(shards_of["edu"], trainer, s, args, base)
+        if "static" in args.arm_list:
+            points += static_points("truth", shards_of["truth"], trainer, s, [args.problems])
+            for n in args.ms_list:
+                sizes = args.size_list if n == 8 else [args.problems]
+                points += [p | ({} if n in ms_built else {"subsampled_from": f"ms-{ms_built[0]}"})
+                           for p in static_points(f"ms-{n}", shards_of[f"ms-{n}"], trainer, s, sizes)]
+            points += static_points("edu", shards_of["edu"], trainer, s, args.size_list)
+            for eta in args.eta_list:
+                if eta != base["labels"].get("eta", 1.0):
+                    points += static_points(f"edu-eta{eta:g}", shards_of["edu"], trainer, s, [args.problems], eta)
+        if "rounds" in args.arm_list:
+            points += active_points(shards_of["edu"], trainer, s, args, base)
+        if "filter" in args.arm_list:
+            points += filter_points(shards_of["edu"], trainer, s, args, base)
+        if "streaming" in args.arm_list:
+            points += streaming_points(shards_of, trainer, s, args, base)
         done = args.seed_list[: args.seed_list.index(s) + 1]
         result = {"seeds_done": done, **world_result(world, ruler, ruler_dir, refs, points, datasets, done, args,
                                                      base, trainer)}
@@ -980,11 +1125,26 @@ def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float],
         "filter minus filter-random (within-position AUROC)": seed_sign(points, "filter", "filter-random",
                                                                        "within_position_auroc"),
     }
+    metric = "within_position_auroc"
+    streams = {p["arm"] for p in points if p["arm"].startswith("stream-")}
+    if {"stream-actprm", "stream-random"} <= streams:
+        comparisons["stream-actprm minus stream-random (within-position AUROC, last batch)"] = seed_sign(
+            points, "stream-actprm", "stream-random", metric)
+    equal = {f"{a} minus {b}": at_equal_tokens(points, a, b, metric)
+             for a, b in (("actprm", "random"), ("stream-actprm", "stream-random"), ("stream-actprm", "edu"),
+                          ("stream-actprm", "stream-all"), ("stream-random", "edu"))
+             if any(p["arm"] == a for p in points) and any(p["arm"] == b for p in points)}
+    paired = {f"{a} minus {b}": paired_rounds(points, a, b, metric)
+              for a, b in (("actprm", "random"), ("stream-actprm", "stream-random"))
+              if any(p["arm"] == a for p in points) and any(p["arm"] == b for p in points)}
+    reach = {arm: reach_whole_pool(points, arm, metric) for arm in ("actprm", "stream-actprm", "stream-random")
+             if any(p["arm"] == arm for p in points)}
     for eta in etas:
         if eta != base_eta:
             comparisons[f"edu eta {eta:g} minus eta 1 (within-position AUROC)"] = seed_sign(
                 points, f"edu-eta{eta:g}", "edu", "within_position_auroc")
-    return {"headline": headline(points, seeds), "comparisons": comparisons}
+    return {"headline": headline(points, seeds), "comparisons": comparisons,
+            "at_equal_tokens": equal, "paired_by_round": paired, "reach_whole_pool_edu": reach}
 
 
 def main() -> None:
@@ -1007,6 +1167,15 @@ def main() -> None:
     ap.add_argument("--selection", default=None, help="the ActPRM and filter arms' active.selection as JSON, e.g. "
                     "'{\"calibrate_trusted_share\": 0.5, \"pick\": \"uniform\"}'; default: the config's "
                     "active.selection")
+    ap.add_argument("--arms", default="static,rounds,filter,streaming", help="which arms run: static (truth, "
+                    "Math-Shepherd, EDU and its eta grid on pool prefixes), rounds (ActPRM and random in the loop's "
+                    "rounds), filter, streaming (the loop's streaming schedule: ActPRM, random, everything)")
+    ap.add_argument("--stream-batch", type=int, default=64, help="problems per streaming batch (the reference's 64)")
+    ap.add_argument("--stream-selection", default='{"calibrate_trusted_share": 0.5}',
+                    help="the streaming ActPRM gate's active.selection as JSON (default: thresholds calibrated on the "
+                    "first batch to trust half of it; the paper's: '{\"preset\": \"paper\"}')")
+    ap.add_argument("--stream-labellers", default="edu", help="labellers the streaming arms replay: edu, and for "
+                    "diagnosis edu-hard (hard labels, eta = inf) and truth (exact step labels)")
     ap.add_argument("--filter-share", type=float, default=0.3, help="share of the pool the filter trains on")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--ruler-problems", type=int, default=128)
@@ -1034,11 +1203,16 @@ def main() -> None:
     if args.ci:
         args.worlds, args.seeds, args.problems, args.sizes, args.ms_ns = "v1", "0", 32, "16,32", "4,8"
         args.etas, args.rounds, args.seed_size, args.per_round, args.epochs = "1,10", 1, 8, 8, 2
-        args.ruler_problems, args.n_boot = 32, 200
+        args.ruler_problems, args.n_boot, args.stream_batch = 32, 200, 8
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     args.size_list = sorted({int(k) for k in args.sizes.split(",")} | {args.problems})
     args.ms_list = [int(n) for n in args.ms_ns.split(",")]
     args.eta_list = [float(e) for e in args.etas.split(",")]
+    args.arm_list = args.arms.split(",")
+    bad_arms = set(args.arm_list) - {"static", "rounds", "filter", "streaming"}
+    bad_labellers = set(args.stream_labellers.split(",")) - {"edu", "edu-hard", "truth"}
+    if bad_arms or bad_labellers:
+        raise SystemExit(f"unknown --arms {sorted(bad_arms)} or --stream-labellers {sorted(bad_labellers)}")
     worlds = args.worlds.split(",")
     unknown = [w for w in worlds if w not in WORLDS]
     if unknown or max(args.size_list) > args.problems or args.problems % PROBLEMS_PER_SHARD or any(
