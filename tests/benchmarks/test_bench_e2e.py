@@ -123,6 +123,89 @@ def test_seed_sign_says_unresolved_when_seeds_disagree(e2e):
     assert e2e.seed_sign(agree, "edu", "ms-8", "within_position_auroc")["verdict"] == "higher"
 
 
+def test_equal_tokens_paired_rounds_and_reach_by_hand(e2e):
+    """At no more tokens: a's last point against b's most expensive point not above it; per round: differences
+    paired by seed; reach: the first point at or above the whole-pool EDU PRM's lower interval end."""
+    def pt(arm, seed, tokens, auroc, problems, rnd=None, label=0, pool=0, ci=None):
+        p = _pt(arm, seed, tokens, auroc, problems=problems, rnd=rnd, ci=ci)
+        p["tokens"].update(label_generated=label, pool_generated=pool)
+        return p
+
+    pts = [pt("stream-actprm", 0, 500, 0.80, 2, 0, 100, 400), pt("stream-actprm", 0, 900, 0.86, 4, 1, 500, 400),
+           pt("stream-random", 0, 500, 0.80, 2, 0, 100, 400), pt("stream-random", 0, 1000, 0.84, 4, 1, 600, 400),
+           pt("stream-random", 0, 800, 0.83, 3, 2, 400, 400),  # not a curve in tokens: the cheaper-or-equal rule
+           pt("edu", 0, 600, 0.82, 4), pt("edu", 0, 1200, 0.90, 8, ci=(0.85, 0.95)),
+           pt("stream-actprm", 1, 500, 0.70, 2, 0, 100, 400), pt("stream-actprm", 1, 700, 0.75, 4, 1, 300, 400),
+           pt("stream-random", 1, 500, 0.70, 2, 0, 100, 400), pt("stream-random", 1, 700, 0.79, 4, 1, 300, 400),
+           pt("edu", 1, 2000, 0.90, 8)]
+    eq = e2e.at_equal_tokens(pts, "stream-actprm", "stream-random", "within_position_auroc")
+    # seed 0: actprm's last (4 problems, round 1, 900 tokens) 0.86 against random's 800-token point 0.83
+    assert eq["per_seed"][0]["diff"] == pytest.approx(0.03) and eq["per_seed"][0]["stream-random_tokens"] == 800
+    assert eq["per_seed"][1]["diff"] == pytest.approx(-0.04)
+    assert eq["mean"] == pytest.approx(-0.005) and not eq["not_below_in_any_seed"] and not eq["above_in_every_seed"]
+    lo, hi = eq["ci95_over_seeds"]
+    assert lo == pytest.approx(-0.04) and hi == pytest.approx(0.03)
+    assert e2e.at_equal_tokens(pts, "stream-actprm", "edu", "within_position_auroc")["per_seed"][1]["diff"] is None
+    paired = e2e.paired_rounds(pts, "stream-actprm", "stream-random", "within_position_auroc")
+    assert set(paired) == {"0", "1"}  # round 2 is in one arm and one seed only
+    assert paired["0"]["mean"] == 0 and paired["1"]["per_seed"] == pytest.approx({0: 0.02, 1: -0.04})
+    assert paired["1"]["tokens_a"] == 400 and paired["1"]["tokens_b"] == 450
+    reach = e2e.reach_whole_pool(pts, "stream-actprm", "within_position_auroc")
+    assert reach[0]["reached"] and reach[0]["round"] == 1 and reach[0]["token_share"] == pytest.approx(900 / 1200)
+    assert reach[0]["label_token_share"] == pytest.approx(500 / 800) and reach[0]["problem_share"] == 0.5
+    assert not reach[1]["reached"] and reach[1]["token_share"] is None
+
+
+def test_the_streaming_arms_run_the_products_streaming_schedule(e2e, edu4, tmp_path):
+    """stream-actprm, stream-random and stream-all are runs of the product's loop with schedule streaming: batch 0
+    is labelled whole, random labels as many per batch as the gate left, stream-all every problem; tokens are the
+    chosen problems' records, the PRM's scoring tokens are the batch it read; the hard-label replay is the same
+    build's rows with eta = inf."""
+    import argparse
+
+    from tasks.active.loop import LABELS_DIR, read_rounds, stream_order
+    from tasks.evaluation.ruler import SHIPPED_RULERS, load_ruler
+    from tasks.store.versions import version_dir
+
+    shards, _, base = edu4
+    costs, pool = e2e.problem_costs(shards), e2e.pool_items(shards)
+    args = argparse.Namespace(epochs=1, n_boot=10, cache=tmp_path, problems=4, seed_size=2, per_round=1, rounds=1,
+                              cold_start=False, selection=None, stream_batch=2,
+                              stream_selection='{"preset": "paper"}', stream_labellers="edu,edu-hard")
+    trainer = e2e.Trainer(base["train"], "v1", args, load_ruler(*SHIPPED_RULERS["v1"]).limited(2))
+    points = e2e.streaming_points({"edu": shards, "truth": shards}, trainer, 0, args, base)
+    arms = [p["arm"] for p in points]
+    assert set(arms) == {"stream-actprm", "stream-random", "stream-all", "stream-actprm@hard", "stream-random@hard",
+                         "stream-all@hard"}
+    for arm in ("stream-actprm", "stream-random", "stream-all"):
+        out = next((tmp_path / "active").glob(f"*-{arm}-[0-9a-f]*"))
+        rounds = read_rounds(out)
+        assert [r["schedule"] for r in rounds] == ["streaming"] * 2
+        assert len(rounds[0]["selected_problem_ids"]) == 2  # batch 0: no PRM yet, all labelled
+        for rec in rounds:
+            assert rec["label_tokens"] == sum(costs[p]["generated"] for p in rec["selected_problem_ids"])
+        mine = [p for p in points if p["arm"] == arm]
+        batch1 = stream_order(sorted(pool), 0)[2:4]
+        want = sum(int(pool[p]["prompt_tokens"]) + int(pool[p]["completion_tokens"]) for p in batch1)
+        if rounds[1]["trained"]:  # the last point is batch 1's: its PRM read batch 1's two trajectories
+            assert mine[-1]["round"] == 1 and mine[-1]["tokens"]["scoring_forward"] == want
+    rounds = {arm: read_rounds(next((tmp_path / "active").glob(f"*-{arm}-[0-9a-f]*")))
+              for arm in ("stream-actprm", "stream-random", "stream-all")}
+    assert len(rounds["stream-random"][1]["selected_problem_ids"]) == rounds["stream-actprm"][1]["uncertain"]
+    assert sum(len(r["selected_problem_ids"]) for r in rounds["stream-all"]) == 4
+    assert rounds["stream-all"][1]["uncertain"] == 2  # the gate that trusts nothing
+    def labels(arm):  # the ER labels of every row the run bought (its last label version holds them all)
+        out = next((tmp_path / "active").glob(f"*-{arm}-[0-9a-f]*"))
+        last = read_rounds(out)[-1]["version_id"]
+        rows = [r for rs, _ in e2e.read_shards(version_dir(out / LABELS_DIR, last)) for r in rs]
+        return {v for r in rows for v in r["er_labels"] if v is not None}
+
+    values = labels("stream-all-hard")
+    assert values and values <= {0.0, 1.0}  # hard labels: the replayed rows relabelled with eta = inf
+    soft = labels("stream-all")
+    assert soft - {0.0, 1.0}, "the edu replay keeps its soft ER labels"
+
+
 @pytest.fixture(scope="module")
 def edu4(e2e, tmp_path_factory):
     """A real 4-problem EDU build (2 shards of 2 problems, transformers engine): its shards, as the benchmark reads
