@@ -1010,7 +1010,9 @@ def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/toy-e2e.yaml", help="base config: the labelling and train sections")
+    ap.add_argument("--config", default="configs/toy-e2e.yaml", help="base config: the labelling, train and active "
+                    "sections (the defaults of --rounds, --seed-size, --per-round, --cold-start, --stream-batch and "
+                    "--epochs)")
     ap.add_argument("--worlds", default="v1,v2")
     ap.add_argument("--seeds", default="3,6,7", help="pool seeds (toy seed 7100 + s); the default's 1,024-problem "
                     "pools hold no problem of either ruler (checked at start-up)")
@@ -1020,25 +1022,29 @@ def main() -> None:
                     "others subsampled from it")
     ap.add_argument("--ms-independent", action="store_true", help="build every Math-Shepherd N on its own instead")
     ap.add_argument("--etas", default="0.1,1,10", help="the ER η grid on the EDU rows (relabelled, not regenerated)")
-    ap.add_argument("--rounds", type=int, default=4, help="active rounds after round 0")
-    ap.add_argument("--seed-size", type=int, default=64, help="problems labelled at random in round 0")
-    ap.add_argument("--per-round", type=int, default=64, help="most problems ActPRM labels per later round")
+    ap.add_argument("--rounds", type=int, default=None, help="active rounds after round 0 (default: the config's "
+                    "active.rounds, which counts round 0, minus 1)")
+    ap.add_argument("--seed-size", type=int, default=None, help="problems labelled at random in round 0 (default: "
+                    "the config's active.seed_size)")
+    ap.add_argument("--per-round", type=int, default=None, help="most problems ActPRM labels per later round "
+                    "(default: the config's active.max_selected)")
     ap.add_argument("--cold-start", action="store_true", help="the active arms retrain from the backbone every "
-                    "round (the loop's active.warm_start false); default: the product's warm start")
+                    "round (the loop's active.warm_start false); default: the config's active.warm_start")
     ap.add_argument("--selection", default=None, help="the ActPRM and filter arms' active.selection as JSON, e.g. "
                     "'{\"calibrate_trusted_share\": 0.5, \"pick\": \"uniform\"}'; default: the config's "
                     "active.selection")
     ap.add_argument("--arms", default="static,rounds,filter,streaming", help="which arms run: static (truth, "
                     "Math-Shepherd, EDU and its eta grid on pool prefixes), rounds (ActPRM and random in the loop's "
                     "rounds), filter, streaming (the loop's streaming schedule: ActPRM, random, everything)")
-    ap.add_argument("--stream-batch", type=int, default=64, help="problems per streaming batch (the reference's 64)")
+    ap.add_argument("--stream-batch", type=int, default=None, help="problems per streaming batch (default: the "
+                    "config's active.batch_size, the reference's 64)")
     ap.add_argument("--stream-selection", default='{"calibrate_trusted_share": 0.5}',
                     help="the streaming ActPRM gate's active.selection as JSON (default: thresholds calibrated on the "
                     "first batch to trust half of it; the paper's: '{\"preset\": \"paper\"}')")
     ap.add_argument("--stream-labellers", default="edu", help="labellers the streaming arms replay: edu, and for "
                     "diagnosis edu-hard (hard labels, eta = inf) and truth (exact step labels)")
     ap.add_argument("--filter-share", type=float, default=0.3, help="share of the pool the filter trains on")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the config's train.epochs")
     ap.add_argument("--ruler-problems", type=int, default=128)
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-e2e-cache")
@@ -1061,6 +1067,23 @@ def main() -> None:
             args.json_out.write_text(json.dumps(results, indent=1) + "\n")
         print_summary(results)
         return
+    import yaml
+
+    from configs.schema import parse_config
+
+    base = yaml.safe_load((REPO / args.config).read_text())
+    cfg = parse_config(base, args.config)
+    if args.rounds is None:
+        args.rounds = cfg.active.rounds - 1
+    if args.seed_size is None:
+        args.seed_size = cfg.active.seed_size
+    if args.per_round is None:
+        args.per_round = cfg.active.max_selected
+    if args.stream_batch is None:
+        args.stream_batch = cfg.active.batch_size
+    if args.epochs is None:
+        args.epochs = cfg.train.epochs
+    args.cold_start = args.cold_start or not cfg.active.warm_start
     if args.ci:
         args.worlds, args.seeds, args.problems, args.sizes, args.ms_ns = "v1", "0", 32, "16,32", "4,8"
         args.etas, args.rounds, args.seed_size, args.per_round, args.epochs = "1,10", 1, 8, 8, 2
@@ -1082,11 +1105,9 @@ def main() -> None:
                          "sizes at most the pool; --ms-ns must hold 8 (the headline's reference)")
 
     import torch
-    import yaml
 
     torch.set_num_threads(2)
     started = time.perf_counter()
-    base = yaml.safe_load((REPO / args.config).read_text())
     args.cache.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     engines = Engines(args.cache / "engine.log")
