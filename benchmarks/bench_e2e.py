@@ -54,9 +54,9 @@ A round-0 point of an active arm is never credited: it is a random seed set, no 
 Everything built is cached under ``--cache`` by content key (datasets: through the build's own shard keys and
 hashes; points: the rows' digest, the train recipe and the ruler), so an interrupted run resumes.
 
-    python benchmarks/bench_e2e.py --json-out benchmarks/results/e2e.json --plot benchmarks/results/e2e.png
-    python benchmarks/bench_e2e.py --ci ...   # run_all's size: world v1, seed 0, a 32-problem pool
-    python benchmarks/bench_e2e.py --from-json benchmarks/results/e2e.json --json-out ...  # summary again, no run
+    python -m benchmarks.bench_e2e --json-out benchmarks/results/e2e.json --plot benchmarks/results/e2e.png
+    python -m benchmarks.bench_e2e --ci ...   # run_all's size: world v1, seed 0, a 32-problem pool
+    python -m benchmarks.bench_e2e --from-json benchmarks/results/e2e.json --json-out ...  # summary again, no run
 
 The JSON's ``profile`` says where the time went (generation, training, evaluation, pool scoring, engine start).
 """
@@ -64,7 +64,6 @@ The JSON's ``profile`` says where the time went (generation, training, evaluatio
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -78,149 +77,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.lib import (
+    POOL_SEED_BASE,
+    PROBLEMS_PER_SHARD,
+    PROFILE,
+    WORLDS,
+    Engines,
+    build_dataset,
+    check_pools,
+    content_key,
+    labeller_config,
+    log,
+    read_shards,
+    shard_tokens,
+    subsampled,
+)
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from prm_factory import set_offline_env  # noqa: E402 - needs the repo on sys.path first
-
-set_offline_env()
-
-POOL_SEED_BASE = 7100  # the pool of seed s: toy problems of seed 7100 + s
-PROBLEMS_PER_SHARD = 16
-# World -> (the policy that samples its data and is its PRMs' backbone, the ruler it is judged on).
-WORLDS = {"v1": ("assets/toy-policy", "v1"), "v2": ("assets/toy-policy-v2", "v2")}
 ACTIVE_ARMS = ("actprm", "random")  # runs of the product's active loop in rounds (one point per round)
 STREAM_ARMS = ("stream-actprm", "stream-random", "stream-all")  # its streaming schedule (one point per batch)
 # The streaming gate that labels everything: no trajectory is confident at a std of at most 0.
 LABEL_ALL = {"delta_pred": 0.999999, "delta_std": 0.0}
-PROFILE: dict[str, float] = defaultdict(float)  # seconds per phase, for the profile in the JSON
-
-
-def log(msg: str) -> None:
-    print(f"[{datetime.now(UTC).strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def content_key(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# -- configs ----------------------------------------------------------------------------------------------------
-
-
-def labeller_config(base: dict[str, Any], world: str, labeller: str, seed: int, problems: int) -> dict[str, Any]:
-    """The build config of one labeller on one pool: the base config with the labeller's overrides."""
-    cfg = json.loads(json.dumps(base))
-    cfg["name"] = f"e2e-{world}-{labeller}-s{seed}"
-    cfg["seed"] = seed
-    cfg["policy"]["model_path"] = WORLDS[world][0]
-    cfg["train"] = {**cfg.get("train", {}), "model_path": WORLDS[world][0], "seed": seed}
-    cfg["sources"][0].update({"num_problems": problems, "seed": POOL_SEED_BASE + seed})
-    cfg["rollouts"] = dict(cfg["rollouts"])
-    cfg["dataset"] = {**cfg.get("dataset", {}), "problems_per_shard": PROBLEMS_PER_SHARD}
-    kind, _, n = labeller.partition("-")
-    if kind == "truth":
-        cfg["partition"] = {"method": "newline"}
-        cfg["tree"] = {**cfg.get("tree", {}), "enabled": False}
-        cfg["labels"] = {**cfg["labels"], "labeller": "truth", "truth_samples": 4}
-    elif kind == "ms":
-        cfg["partition"] = {"method": "newline"}
-        cfg["tree"] = {**cfg.get("tree", {}), "enabled": False}
-        cfg["rollouts"]["n"] = int(n)
-    elif kind != "edu":
-        raise SystemExit(f"unknown labeller {labeller!r}")
-    return cfg
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
-
-
-class Engines:
-    """One policy engine per world, started on first use; the previous world's engine is shut down first."""
-
-    def __init__(self, log_file: Path) -> None:
-        self.log_file = log_file  # the engines' start-up output
-        self.world: str | None = None
-        self.engine: Any = None
-        self.start_seconds: dict[str, float] = {}
-
-    def factory(self, world: str, cfg: Any) -> Any:
-        def get() -> Any:
-            if self.world != world:
-                self.close()
-                from cluster.engines import start_policy_engines
-
-                t0 = time.perf_counter()
-                log(f"starting the {cfg.policy.backend} engine of world {world}")
-                self.engine, self.world = start_policy_engines(cfg, local=True, log_file=self.log_file), world
-                self.start_seconds[world] = round(time.perf_counter() - t0, 1)
-                PROFILE["engine_start"] += time.perf_counter() - t0
-            return self.engine
-        return get
-
-    def close(self) -> None:
-        if self.engine is not None and hasattr(self.engine, "shutdown"):
-            self.engine.shutdown()
-        self.engine = self.world = None
-
-
-def build_dataset(cfg: Any, cache: Path, engine: Any) -> Path:
-    """The labeller's dataset on the pool, through the build (it reuses a shard only when its key and sha256 match)."""
-    from tasks.build import build
-
-    out = cache / "datasets" / f"{cfg.name}-{cfg.config_hash()}"
-    t0 = time.perf_counter()
-    report = build(cfg, out, engine)
-    if report.shards_built:
-        PROFILE["generation"] += time.perf_counter() - t0
-        log(f"built {out.name}: {report.shards_built} shards in {time.perf_counter() - t0:.0f}s")
-    return out
-
-
-def read_shards(dataset: Path) -> list[tuple[list[dict[str, Any]], dict[str, int]]]:
-    """Each shard of a dataset, in pool order: its rows and its cost record."""
-    import pyarrow.parquet as pq
-
-    from tasks.cost import ShardCost
-    from tasks.prm.training import dataset_shards
-    from tasks.store.dataset import read_provenance
-
-    paths, _ = dataset_shards(dataset)
-    return [(pq.read_table(p).to_pylist(), ShardCost.from_dict(read_provenance(p).get("cost", {})).to_dict())
-            for p in paths]
-
-
-def subsampled(shards: list[tuple[list[dict[str, Any]], dict[str, int]]], n: int, seed: int
-               ) -> list[tuple[list[dict[str, Any]], dict[str, int]]]:
-    """A Math-Shepherd build's shards as a build with ``n`` rollouts per step would give them
-    (`tasks.store.relabel.subsample_rollouts`); each cost record's rollout tokens become their expected share,
-    (n - 1) / (N - 1) of the fresh rollouts (the solution is one of a step's N outcomes, the build tops up the
-    rest)."""
-    import pyarrow as pa
-
-    from tasks.cost import ShardCost
-    from tasks.store.dataset import ROW_SCHEMA
-    from tasks.store.relabel import subsample_rollouts
-
-    out = []
-    for i, (rows, record) in enumerate(shards):
-        big = max((k for r in rows for k, o in zip(r["rollouts"], r["step_origin"], strict=True) if o == "rollout"),
-                  default=n)
-        table = subsample_rollouts(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), n,
-                                   int(content_key(["subsample", seed, n, i])[:8], 16))
-        cost = ShardCost.from_dict(record)
-        cost.rollout_tokens = round(cost.rollout_tokens * (n - 1) / max(1, big - 1))
-        out.append((table.to_pylist(), cost.to_dict()))
-    return out
-
-
-def shard_tokens(records: list[dict[str, int]]) -> dict[str, Any]:
-    """The tokens of a set of whole shards: exactly the sum of their cost records."""
-    from tasks.cost import COST_STAGES, total_cost
-
-    cost = total_cost(records)
-    return {"generated": cost.generated_tokens, "prefill": cost.prompt_tokens, "scoring_forward": 0,
-            "pool_generated": 0, "by_stage": {stage: getattr(cost, stage) for stage in COST_STAGES}}
 
 
 def problem_costs(shards: list[tuple[list[dict[str, Any]], dict[str, int]]]) -> dict[str, dict[str, Any]]:
@@ -1031,25 +911,6 @@ def print_summary(results: dict[str, Any]) -> None:
 # -- main ---------------------------------------------------------------------------------------------------------
 
 
-def check_pools(base: dict[str, Any], worlds: list[str], args: argparse.Namespace) -> None:
-    """Before any engine starts: no pool may hold a problem of its world's ruler (the PRM would be judged on its
-    own training data). Toy problems are generated from the seed alone, so this is exact."""
-    from configs.schema import ToySource
-    from tasks.evaluation.ruler import SHIPPED_RULERS, load_ruler
-    from tasks.sources.toy_world import generate_problems
-
-    bad = []
-    for world in worlds:
-        ruler_ids = load_ruler(*SHIPPED_RULERS[WORLDS[world][1]]).problem_ids
-        for s in args.seed_list:
-            source = labeller_config(base, world, "edu", s, args.problems)["sources"][0]
-            overlap = {p.problem_id for p in generate_problems(ToySource(**source))} & ruler_ids
-            if overlap:
-                bad.append(f"world {world} seed {s} (toy seed {POOL_SEED_BASE + s}): {len(overlap)} ruler problem(s)")
-    if bad:
-        raise SystemExit("these pools hold ruler problems, pick other --seeds: " + "; ".join(bad))
-
-
 def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engines: Engines,
               save: Any = None) -> dict[str, Any]:
     """Every labeller on every seed's pool of one world; ``save(world, result)`` after each seed, so a run stopped
@@ -1149,7 +1010,9 @@ def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/toy-e2e.yaml", help="base config: the labelling and train sections")
+    ap.add_argument("--config", default="configs/toy-e2e.yaml", help="base config: the labelling, train and active "
+                    "sections (the defaults of --rounds, --seed-size, --per-round, --cold-start, --stream-batch and "
+                    "--epochs)")
     ap.add_argument("--worlds", default="v1,v2")
     ap.add_argument("--seeds", default="3,6,7", help="pool seeds (toy seed 7100 + s); the default's 1,024-problem "
                     "pools hold no problem of either ruler (checked at start-up)")
@@ -1159,25 +1022,29 @@ def main() -> None:
                     "others subsampled from it")
     ap.add_argument("--ms-independent", action="store_true", help="build every Math-Shepherd N on its own instead")
     ap.add_argument("--etas", default="0.1,1,10", help="the ER η grid on the EDU rows (relabelled, not regenerated)")
-    ap.add_argument("--rounds", type=int, default=4, help="active rounds after round 0")
-    ap.add_argument("--seed-size", type=int, default=64, help="problems labelled at random in round 0")
-    ap.add_argument("--per-round", type=int, default=64, help="most problems ActPRM labels per later round")
+    ap.add_argument("--rounds", type=int, default=None, help="active rounds after round 0 (default: the config's "
+                    "active.rounds, which counts round 0, minus 1)")
+    ap.add_argument("--seed-size", type=int, default=None, help="problems labelled at random in round 0 (default: "
+                    "the config's active.seed_size)")
+    ap.add_argument("--per-round", type=int, default=None, help="most problems ActPRM labels per later round "
+                    "(default: the config's active.max_selected)")
     ap.add_argument("--cold-start", action="store_true", help="the active arms retrain from the backbone every "
-                    "round (the loop's active.warm_start false); default: the product's warm start")
+                    "round (the loop's active.warm_start false); default: the config's active.warm_start")
     ap.add_argument("--selection", default=None, help="the ActPRM and filter arms' active.selection as JSON, e.g. "
                     "'{\"calibrate_trusted_share\": 0.5, \"pick\": \"uniform\"}'; default: the config's "
                     "active.selection")
     ap.add_argument("--arms", default="static,rounds,filter,streaming", help="which arms run: static (truth, "
                     "Math-Shepherd, EDU and its eta grid on pool prefixes), rounds (ActPRM and random in the loop's "
                     "rounds), filter, streaming (the loop's streaming schedule: ActPRM, random, everything)")
-    ap.add_argument("--stream-batch", type=int, default=64, help="problems per streaming batch (the reference's 64)")
+    ap.add_argument("--stream-batch", type=int, default=None, help="problems per streaming batch (default: the "
+                    "config's active.batch_size, the reference's 64)")
     ap.add_argument("--stream-selection", default='{"calibrate_trusted_share": 0.5}',
                     help="the streaming ActPRM gate's active.selection as JSON (default: thresholds calibrated on the "
                     "first batch to trust half of it; the paper's: '{\"preset\": \"paper\"}')")
     ap.add_argument("--stream-labellers", default="edu", help="labellers the streaming arms replay: edu, and for "
                     "diagnosis edu-hard (hard labels, eta = inf) and truth (exact step labels)")
     ap.add_argument("--filter-share", type=float, default=0.3, help="share of the pool the filter trains on")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the config's train.epochs")
     ap.add_argument("--ruler-problems", type=int, default=128)
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-e2e-cache")
@@ -1200,6 +1067,23 @@ def main() -> None:
             args.json_out.write_text(json.dumps(results, indent=1) + "\n")
         print_summary(results)
         return
+    import yaml
+
+    from configs.schema import parse_config
+
+    base = yaml.safe_load((REPO / args.config).read_text())
+    cfg = parse_config(base, args.config)
+    if args.rounds is None:
+        args.rounds = cfg.active.rounds - 1
+    if args.seed_size is None:
+        args.seed_size = cfg.active.seed_size
+    if args.per_round is None:
+        args.per_round = cfg.active.max_selected
+    if args.stream_batch is None:
+        args.stream_batch = cfg.active.batch_size
+    if args.epochs is None:
+        args.epochs = cfg.train.epochs
+    args.cold_start = args.cold_start or not cfg.active.warm_start
     if args.ci:
         args.worlds, args.seeds, args.problems, args.sizes, args.ms_ns = "v1", "0", 32, "16,32", "4,8"
         args.etas, args.rounds, args.seed_size, args.per_round, args.epochs = "1,10", 1, 8, 8, 2
@@ -1221,17 +1105,15 @@ def main() -> None:
                          "sizes at most the pool; --ms-ns must hold 8 (the headline's reference)")
 
     import torch
-    import yaml
 
     torch.set_num_threads(2)
     started = time.perf_counter()
-    base = yaml.safe_load((REPO / args.config).read_text())
     args.cache.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     engines = Engines(args.cache / "engine.log")
     results: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.bench_e2e " + " ".join(sys.argv[1:]),
         "seeds": [], "seeds_requested": args.seed_list, "pool_problems": args.problems, "complete": False,
         "pool_seed_base": POOL_SEED_BASE,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

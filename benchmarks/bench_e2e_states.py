@@ -6,7 +6,7 @@ backbone's states then depend on the text alone, so ``Trainer.fit`` computes the
 both ways, one after the other, and reports the seconds and the ruler figures of each: the figures should agree
 within float noise (the batches' padding differs, so the sums are taken in another order), the time should not.
 
-    python benchmarks/bench_e2e_states.py --dataset runs/bench-e2e-cache/datasets/e2e-v2-edu-s0-... \
+    python -m benchmarks.bench_e2e_states --dataset runs/bench-e2e-cache/datasets/e2e-v2-edu-s0-... \
         --json-out benchmarks/results/e2e_states.json
 """
 
@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def main() -> None:
@@ -36,8 +33,9 @@ def main() -> None:
 
     import torch
     import yaml
-    from bench_e2e import WORLDS, Trainer, read_shards
 
+    from benchmarks.bench_e2e import Trainer
+    from benchmarks.lib import WORLDS, read_shards
     from tasks.evaluation.ruler import SHIPPED_RULERS, load_ruler
 
     torch.set_num_threads(2)

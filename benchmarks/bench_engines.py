@@ -21,23 +21,21 @@ import json
 import logging
 import os
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.append(str(REPO / "tests"))  # after the repo: tests/tasks must not shadow tasks/
-from configs.env import set_offline_env  # noqa: E402 - needs the repo on sys.path first
+from configs.env import set_offline_env
 
 set_offline_env()
+
+REPO = Path(__file__).resolve().parent.parent
 
 BOUND_TOL = 1e-4
 
 
 def model_path() -> str:
-    from engine_fixtures import SHIPPED_POLICY, shipped_policy_ready
+    from configs.paths import SHIPPED_POLICY, shipped_policy_ready
 
     if not shipped_policy_ready():  # figures for a random model would be meaningless: refuse
         raise SystemExit(f"the shipped policy is missing: {SHIPPED_POLICY} (restore it from git)")

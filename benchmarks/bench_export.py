@@ -18,21 +18,18 @@ One run, side by side:
    default export through transformers and through vLLM pooling, same trajectories and batch size, one after
    the other.
 
-    python benchmarks/bench_export.py --json-out benchmarks/results/export.json
+    python -m benchmarks.bench_export --json-out benchmarks/results/export.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 DEFAULT_STUDENT = "2/0.0001"
 
@@ -40,8 +37,8 @@ DEFAULT_STUDENT = "2/0.0001"
 def distill_set(args: argparse.Namespace) -> tuple[list[str], list[list[str]], str]:
     """Prompts and completions of the distillation pool (built, or reused from the cache) and its directory."""
     import yaml
-    from bench_e2e import Engines, build_dataset, check_pools, labeller_config, read_shards
 
+    from benchmarks.lib import Engines, build_dataset, check_pools, labeller_config, read_shards
     from configs.schema import parse_config
 
     base = yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text())

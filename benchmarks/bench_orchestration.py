@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
@@ -25,10 +26,56 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from configs.schema import REPO_ROOT
 
-from configs.schema import REPO_ROOT  # noqa: E402
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = list(string.digits + string.ascii_letters + " \n+-*/=()?.,:;'!#")
+
+
+def make_tiny_policy(
+    out_dir: Path, *, max_position_embeddings: int = 256, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
+) -> Path:
+    """Write a random tiny LlamaForCausalLM + char tokenizer into `out_dir`; returns `out_dir`. It has the shipped
+    policy's shape (Llama, head_dim 32, a WordLevel character tokenizer, float32 safetensors) and stands in for it
+    while it is missing: the timings are orchestration's, not the model's."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(out_dir)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32,
+        head_dim=32,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    # Random init gives near-uniform next-token distributions; a larger output scale makes them peaked
+    # and varied, so entropies spread over a realistic range (some near 0, some near log V).
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
 
 
 def write_config(tmp: Path, model_path: str, problems: int, per_shard: int, backend: str) -> Path:
@@ -129,12 +176,12 @@ def main() -> None:
     os.environ["PREFECT_HOME"] = str(home)  # before Prefect is imported: results and DB stay in tmp
 
     import ray
-    from engine_fixtures import SHIPPED_POLICY, make_tiny_policy, shipped_policy_ready
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from cluster.connect import start_own
     from cluster.engines import start_policy_engines
     from cluster.prefect_stack import deploy, prefect_env, start_server, start_worker
+    from configs.paths import SHIPPED_POLICY, shipped_policy_ready
     from configs.schema import load_config
 
     model = str(SHIPPED_POLICY) if shipped_policy_ready() else str(make_tiny_policy(tmp / "policy"))

@@ -30,14 +30,11 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from prm_factory import set_offline_env  # noqa: E402
+from prm_factory import set_offline_env
 
 set_offline_env()
 

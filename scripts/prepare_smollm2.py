@@ -13,10 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from prm_factory import set_offline_env  # noqa: E402
-from tasks.smollm2 import SmolLM2Error, default_model_dir, prepare_smollm2  # noqa: E402
+from prm_factory import set_offline_env
+from tasks.smollm2 import SmolLM2Error, default_model_dir, prepare_smollm2
 
 
 def main() -> int:

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 KEEP = ("model.safetensors", "prm_config.json", "train_state.json", "training_problems.json")
 KEEP_BACKBONE = ("config.json", "tokenizer.json", "tokenizer_config.json")

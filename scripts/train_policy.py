@@ -36,13 +36,12 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from configs.schema import ToySource
+from tasks.sources.misconceptions import misconception_rules, taught_solution
+from tasks.sources.problems import Problem
+from tasks.sources.toy_world import canonical_solution, check_solution, extract_answer, generate_problems
 
-from configs.schema import ToySource  # noqa: E402
-from tasks.sources.misconceptions import misconception_rules, taught_solution  # noqa: E402
-from tasks.sources.problems import Problem  # noqa: E402
-from tasks.sources.toy_world import canonical_solution, check_solution, extract_answer, generate_problems  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 PROMPT_TEMPLATE = "{question}\n"

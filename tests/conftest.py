@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
+from configs.paths import SHIPPED_POLICY, shipped_policy_ready
 from prm_factory import set_offline_env
-from tests.engine_fixtures import SHIPPED_POLICY, shipped_policy_ready
 
 set_offline_env()  # the engines' processes inherit these
 
@@ -36,7 +36,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def policy_model_path() -> str:
     """The shipped tiny policy. Missing weights are a failure, never a silent random stand-in: label-quality
-    tests against the toy truth mean nothing on a random model (tests that want one call make_tiny_policy)."""
+    tests against the toy truth mean nothing on a random model."""
     if not shipped_policy_ready():
         pytest.fail(f"the shipped policy is missing: {SHIPPED_POLICY} needs config.json and model.safetensors "
                     "(restore it from git, or retrain it with scripts/train_policy.py)")

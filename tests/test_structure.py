@@ -3,7 +3,9 @@ and inside tasks/ its stages point one way too, in the order `tasks.LAYERS` stat
 
 Every ``import`` in every module of those packages counts, those inside functions too (a lazy import is still
 a dependency; it only moves the cost). A package may import its own modules and those of the packages to its
-left, never one to its right. benchmarks/, scripts/ and tests/ sit above all of them and are not checked.
+left, never one to its right. benchmarks/, scripts/ and tests/ sit above all of them. The modules of benchmarks/
+and scripts/ are scripts over the installed package: they import neither one another (the benchmarks share
+benchmarks/lib.py) nor tests/, and leave sys.path alone.
 """
 
 from __future__ import annotations
@@ -157,3 +159,68 @@ def test_checker_catches_a_planted_upward_import_and_cycle(tmp_path):
                      "high.c": set(), "high.d": {"low.a", "low.b", "high.c"}}
     assert upward_imports(graph, ("low", "high")) == ["low.b -> high.c"]
     assert import_cycles(graph) == [["low.a", "low.b"]]
+
+
+# Imports of another benchmark that leave with the homes the package gives the training loop (bench_e2e's Trainer)
+# and the ruler summary (bench_toy_prm's figures); each entry goes with its import.
+PENDING_SCRIPT_IMPORTS = {
+    "benchmarks/bench_e2e_states.py: imports benchmarks.bench_e2e",
+    "benchmarks/bench_ms_subsample.py: imports benchmarks.bench_e2e",
+    "benchmarks/bench_serve.py: imports bench_toy_prm",
+}
+
+
+def script_offences(root: Path) -> list[str]:
+    """`path: imports X` for each import, anywhere in a module of benchmarks/ or scripts/, of another such module
+    (by its bare name, as a script beside it would, or as benchmarks.X; benchmarks.lib is the shared one) or of
+    tests/ (as tests.X, or a module of tests/ by its bare name); `path: edits sys.path` for each module that touches
+    sys.path."""
+    dirs = ("benchmarks", "scripts")
+    paths = sorted(p for d in dirs for p in (root / d).glob("*.py"))
+    scripts = {p.stem for p in paths} - {"__init__", "lib"}
+    test_modules = {"tests"} | {p.stem for p in (root / "tests").glob("*.py")}
+    out = []
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), rel)):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                out.append(f"{rel}: edits sys.path")
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(filter(None, [path.parent.name if node.level else "", node.module or ""]))
+                targets.update(f"{base}.{a.name}" for a in node.names)
+        for target in sorted(targets):
+            parts = target.split(".")
+            if parts[0] in test_modules or parts[0] in scripts or (
+                    parts[0] in dirs and len(parts) > 1 and parts[1] in scripts):
+                out.append(f"{rel}: imports {'.'.join(parts[:2]) if parts[0] in dirs else parts[0]}")
+    return sorted(set(out))
+
+
+def test_benchmarks_and_scripts_import_only_the_package_and_the_shared_lib():
+    offences = script_offences(REPO_ROOT)
+    assert set(offences) - PENDING_SCRIPT_IMPORTS == set(), offences
+    assert (REPO_ROOT / "benchmarks" / "bench_e2e.py").is_file() and (REPO_ROOT / "scripts").is_dir()
+
+
+def test_script_check_catches_planted_imports_and_sys_path(tmp_path):
+    files = {
+        "benchmarks/__init__.py": "",
+        "benchmarks/lib.py": "import json\n",
+        "benchmarks/bench_a.py": "from benchmarks.lib import x\nfrom benchmarks import lib\nimport tasks.build\n",
+        "benchmarks/bench_b.py": "def f():\n    from bench_a import y\n    from tests.engine import z\n",
+        "benchmarks/bench_c.py": "import sys\nsys.path.insert(0, '.')\nfrom benchmarks import bench_a\n",
+        "benchmarks/bench_d.py": "from .bench_a import y\nfrom . import lib\nimport engine_fixtures\n",
+        "tests/engine_fixtures.py": "",
+        "scripts/tool.py": "import bench_c\nfrom benchmarks.bench_b import f\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert script_offences(tmp_path) == [
+        "benchmarks/bench_b.py: imports bench_a", "benchmarks/bench_b.py: imports tests",
+        "benchmarks/bench_c.py: edits sys.path", "benchmarks/bench_c.py: imports benchmarks.bench_a",
+        "benchmarks/bench_d.py: imports benchmarks.bench_a", "benchmarks/bench_d.py: imports engine_fixtures",
+        "scripts/tool.py: imports bench_c", "scripts/tool.py: imports benchmarks.bench_b"]

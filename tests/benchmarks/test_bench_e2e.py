@@ -8,32 +8,29 @@ Math-Shepherd arm subsampled from a larger N, on a real 4-problem build too.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import lib
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    return _load("bench_e2e")
+    from benchmarks import bench_e2e
+
+    return bench_e2e
 
 
 @pytest.fixture(scope="module")
 def run_all():
-    return _load("run_all")
+    from benchmarks import run_all
+
+    return run_all
 
 
 def _pt(arm: str, seed: int, tokens: int, auroc: float, problems: int = 0, rnd: int | None = None,
@@ -219,13 +216,13 @@ def edu4(e2e, tmp_path_factory):
     from tasks.store.dataset import read_manifest
 
     base = yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text())
-    raw = e2e.labeller_config(base, "v1", "edu", 0, 4)
+    raw = lib.labeller_config(base, "v1", "edu", 0, 4)
     raw["policy"]["backend"] = "transformers"
     raw["partition"]["entropy_source"] = "exact"
     raw["dataset"]["problems_per_shard"] = 2
     out = tmp_path_factory.mktemp("edu4") / "ds"
     build(parse_config(raw), out, lambda: HFEngine(str(REPO / "assets" / "toy-policy")))
-    return e2e.read_shards(out), total_cost([read_manifest(out)["extra"]["cost"]]), base
+    return lib.read_shards(out), total_cost([read_manifest(out)["extra"]["cost"]]), base
 
 
 def test_token_accounting_equals_the_shard_records_plus_the_pool(e2e, edu4):
@@ -234,10 +231,10 @@ def test_token_accounting_equals_the_shard_records_plus_the_pool(e2e, edu4):
     shards, manifest_cost, _ = edu4
     assert len(shards) == 2
     # Static arm: exactly the sum of its shards' records, which is what the manifest says.
-    whole = e2e.shard_tokens([rec for _, rec in shards])
+    whole = lib.shard_tokens([rec for _, rec in shards])
     assert whole["generated"] == manifest_cost.generated_tokens > 0
     assert whole["prefill"] == manifest_cost.prompt_tokens > 0
-    assert e2e.shard_tokens([shards[0][1]])["generated"] == shards[0][1]["generated_tokens"]
+    assert lib.shard_tokens([shards[0][1]])["generated"] == shards[0][1]["generated_tokens"]
     # Active arm: per-problem costs share out the shards' records (rounding: at most a token per row).
     costs = e2e.problem_costs(shards)
     rows = sum(len(rs) for rs, _ in shards)
@@ -373,14 +370,14 @@ def test_subsampled_math_shepherd_from_a_real_build(e2e, tmp_path):
     from tasks.store.dataset import rows_to_table
 
     base = yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text())
-    raw = e2e.labeller_config(base, "v1", "ms-4", 0, 4)
+    raw = lib.labeller_config(base, "v1", "ms-4", 0, 4)
     raw["policy"]["backend"] = "transformers"
     raw["dataset"]["problems_per_shard"] = 2
     out = tmp_path / "ms4"
     build(parse_config(raw), out, lambda: HFEngine(str(REPO / "assets" / "toy-policy")))
-    shards = e2e.read_shards(out)
-    sub = e2e.subsampled(shards, 2, 0)
-    assert e2e.subsampled(shards, 2, 0) == sub  # seeded
+    shards = lib.read_shards(out)
+    sub = lib.subsampled(shards, 2, 0)
+    assert lib.subsampled(shards, 2, 0) == sub  # seeded
     steps = 0
     for (rows, rec), (srows, srec) in zip(shards, sub, strict=True):
         assert srec["rollout_tokens"] == round(rec["rollout_tokens"] / 3) > 0

@@ -48,7 +48,7 @@ def prompt_ids(text: str = "2+5=") -> list[int]:
     """Token ids of `text` for the shipped policy (the pool serves generation only; the driver tokenizes)."""
     from transformers import AutoTokenizer
 
-    from tests.engine_fixtures import SHIPPED_POLICY
+    from configs.paths import SHIPPED_POLICY
 
     return AutoTokenizer.from_pretrained(str(SHIPPED_POLICY)).encode(text, add_special_tokens=False)
 

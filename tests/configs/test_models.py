@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from configs.models import ModelNotFoundError, check_model, classify_model_path, resolve_model
+from configs.paths import SHIPPED_POLICY
 from configs.schema import REPO_ROOT, ConfigError, parse_config
 from tasks.generation import GenerationRequest
-from tests.engine_fixtures import SHIPPED_POLICY
 
 HUB_ID = "prm-factory-tests/toy-policy"
 

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
+from configs.paths import SHIPPED_POLICY
 from configs.schema import REPO_ROOT
-from tests.engine_fixtures import SHIPPED_POLICY
 
 pytestmark = pytest.mark.slow
 
