@@ -488,7 +488,8 @@ def replayed_loop(cfg: Any, shards: list, trainer: Trainer, seed: int, name: str
     """The product's ActiveLoop in ``out`` with no engine: the pool written from the cached build (each problem's
     first row, ``pool_items``) through the loop's own ``write_pool``, labels replayed (``ReplayLabeller``), the PRM
     trained here (``Trainer.fit``, warm-started from ``init_from``) into a real checkpoint, the ruler as eval."""
-    from tasks.active.loop import ActiveLoop, PoolItem, check_out_dir, read_pool, write_pool
+    from tasks.active.loop import ActiveLoop
+    from tasks.active.run_dir import PoolItem, check_out_dir, read_pool, write_pool
     from tasks.prm.model import find_checkpoint_dir, load_prm, save_checkpoint
 
     loop = ActiveLoop(cfg, out, None, train_fn=None)
