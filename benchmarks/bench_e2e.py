@@ -389,7 +389,8 @@ class Scorer:
 
 def references(ruler: Any, world: str, args: argparse.Namespace) -> dict[str, Any]:
     """The free references on the same ruler slice: position and the world's policy confidence."""
-    from tasks.evaluation.ruler import evaluate_ruler, reference_scorer
+    from tasks.evaluation.reference_scorers import reference_scorer
+    from tasks.evaluation.ruler import evaluate_ruler
     from tasks.evaluation.summary import ruler_figures
 
     key = content_key(["refs", ruler.manifest["content_hash"], len(ruler.problem_ids), args.n_boot])
