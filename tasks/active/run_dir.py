@@ -44,6 +44,7 @@ SELECTION_FILE = "selection.json"
 CALIBRATION_FILE = "calibration.json"
 PRM_DIR = "prm"
 
+
 class ActiveError(RuntimeError):
     """An active run that cannot start or go on (empty pool, budget too small, another config's directory)."""
 
