@@ -272,7 +272,8 @@ class Scorer:
 
 def references(ruler: Any, world: str, args: argparse.Namespace) -> dict[str, Any]:
     """The free references on the same ruler slice: position and the world's policy confidence."""
-    from tasks.evaluation.ruler import evaluate_ruler, reference_scorer
+    from tasks.evaluation.reference_scorers import reference_scorer
+    from tasks.evaluation.ruler import evaluate_ruler
     from tasks.evaluation.summary import ruler_figures
 
     key = content_key(["refs", ruler.manifest["content_hash"], len(ruler.problem_ids), args.n_boot])
@@ -371,7 +372,8 @@ def replayed_loop(cfg: Any, shards: list, trainer: Trainer, seed: int, name: str
     """The product's ActiveLoop in ``out`` with no engine: the pool written from the cached build (each problem's
     first row, ``pool_items``) through the loop's own ``write_pool``, labels replayed (``ReplayLabeller``), the PRM
     trained here (``Trainer.fit``, warm-started from ``init_from``) into a real checkpoint, the ruler as eval."""
-    from tasks.active.loop import ActiveLoop, PoolItem, check_out_dir, read_pool, write_pool
+    from tasks.active.loop import ActiveLoop
+    from tasks.active.run_dir import PoolItem, check_out_dir, read_pool, write_pool
     from tasks.prm.model import find_checkpoint_dir, load_prm, save_checkpoint
 
     loop = ActiveLoop(cfg, out, None, train_fn=None)

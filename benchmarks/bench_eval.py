@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
 
-    from tasks.evaluation.ruler import ConstantScorer, OracleScorer, load_ruler
+    from tasks.evaluation.reference_scorers import ConstantScorer, OracleScorer
+    from tasks.evaluation.ruler import load_ruler
 
     ns = [int(x) for x in args.bon.split(",")]
     ruler = load_ruler(args.ruler)

@@ -79,7 +79,8 @@ def main() -> None:
     import torch
 
     from cluster.pooling_engine import VLLMEnsemblePRM, VLLMPooledPRM
-    from tasks.evaluation.ruler import Ruler, evaluate_ruler, load_ruler, reference_scorer
+    from tasks.evaluation.reference_scorers import reference_scorer
+    from tasks.evaluation.ruler import Ruler, evaluate_ruler, load_ruler
     from tasks.evaluation.summary import ruler_figures
     from tasks.prm.export import ExportedPRM, export_prm
     from tasks.prm.model import BACKBONE_DIR, find_checkpoint_dir, load_prm

@@ -93,7 +93,8 @@ def main() -> None:
     import torch
 
     from tasks.evaluation.processbench import evaluate_processbench
-    from tasks.evaluation.ruler import ConstantScorer, OracleScorer, check_disjoint, dataset_problem_ids, load_ruler
+    from tasks.evaluation.reference_scorers import ConstantScorer, OracleScorer
+    from tasks.evaluation.ruler import check_disjoint, dataset_problem_ids, load_ruler
     from tasks.prm.model import load_prm
 
     torch.set_num_threads(2)

@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
-    from tasks.evaluation.ruler import check_disjoint, evaluate_ruler, load_ruler, reference_scorer
+    from tasks.evaluation.reference_scorers import reference_scorer
+    from tasks.evaluation.ruler import check_disjoint, evaluate_ruler, load_ruler
     from tasks.evaluation.summary import ruler_figures
     from tasks.prm.model import load_prm, training_problem_ids
 

@@ -121,7 +121,8 @@ def error_kinds(ruler, rules, policy_path: str, tau: float) -> dict:
 
 
 def reference_figures(ruler) -> dict:
-    from tasks.evaluation.ruler import PositionScorer, evaluate_ruler, reference_scorer
+    from tasks.evaluation.reference_scorers import PositionScorer, reference_scorer
+    from tasks.evaluation.ruler import evaluate_ruler
 
     out = {}
     for name, scorer in (("policy-confidence", reference_scorer("policy-confidence", ruler)),

@@ -262,7 +262,8 @@ def main() -> None:
         plot_ceiling(json.loads(args.out.read_text()), args.recipes.split(",")[0], args.plot)
         return
 
-    from tasks.evaluation.ruler import SHIPPED_RULERS, evaluate_ruler, load_ruler, reference_scorer
+    from tasks.evaluation.reference_scorers import reference_scorer
+    from tasks.evaluation.ruler import SHIPPED_RULERS, evaluate_ruler, load_ruler
 
     full = load_ruler(REPO / SHIPPED_RULERS[WORLDS[args.world][1]][0], SHIPPED_RULERS[WORLDS[args.world][1]][1])
     ruler = full.limited(args.ruler_problems)

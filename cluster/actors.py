@@ -168,6 +168,24 @@ def engine_name(config_name: str, index: int) -> str:
     return f"{config_name}-engine-{index}"
 
 
+def engine_placement_group(num_engines: int, cpus_per_engine: float, gpus_per_engine: float, **options: Any):
+    """A placement group of one bundle per engine (its CPUs, and its GPUs when it has any); `options` go to Ray's
+    ``placement_group`` (strategy, name, lifetime). Policy engines and PRM scorers are placed alike."""
+    bundle = {"CPU": cpus_per_engine, **({"GPU": gpus_per_engine} if gpus_per_engine > 0 else {})}
+    return placement_group([dict(bundle) for _ in range(num_engines)], **options)
+
+
+def placed_actor_options(pg, index: int, *, cpus: float, gpus: float, max_restarts: int,
+                         max_in_flight: int) -> dict[str, Any]:
+    """Ray actor options for engine `index` of an ``EnginePool``: bundle `index` of `pg`, restarted by Ray up to
+    `max_restarts` times, its calls never retried by Ray (the pool resends), `max_in_flight` + 1 concurrent calls
+    (+1: health checks answer while the pool is full)."""
+    return {"max_restarts": max_restarts, "max_task_retries": 0, "max_concurrency": max_in_flight + 1,
+            "num_cpus": cpus, "num_gpus": gpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                    placement_group_bundle_index=index)}
+
+
 def _placement_group(cfg: FactoryConfig):
     """The engines' placement group (one bundle per engine), reattached by name when it exists."""
     name = f"{cfg.name}-engines"
@@ -175,16 +193,9 @@ def _placement_group(cfg: FactoryConfig):
         return get_placement_group(name)
     except ValueError:
         pass
-    bundle = {"CPU": cfg.cluster.cpus_per_engine}
-    if cfg.cluster.gpus_per_engine > 0:
-        bundle["GPU"] = cfg.cluster.gpus_per_engine
-    pg = placement_group(
-        [dict(bundle) for _ in range(cfg.cluster.num_engines)],
-        strategy=cfg.cluster.placement_strategy,
-        name=name,
-        lifetime="detached",
-    )
-    return pg
+    cluster = cfg.cluster
+    return engine_placement_group(cluster.num_engines, cluster.cpus_per_engine, cluster.gpus_per_engine,
+                                  strategy=cluster.placement_strategy, name=name, lifetime="detached")
 
 
 def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None, log_file: str | None = None):
@@ -224,14 +235,8 @@ def get_or_create_engine(cfg: FactoryConfig, index: int, pg=None, log_file: str 
             namespace=cluster.namespace,
             get_if_exists=True,
             lifetime="detached",
-            max_restarts=cluster.max_restarts,
-            max_task_retries=0,
-            max_concurrency=cluster.max_in_flight + 1,  # +1: health checks answer while the pool is full
-            num_cpus=cluster.cpus_per_engine,
-            num_gpus=cluster.gpus_per_engine,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=index
-            ),
+            **placed_actor_options(pg, index, cpus=cluster.cpus_per_engine, gpus=cluster.gpus_per_engine,
+                                   max_restarts=cluster.max_restarts, max_in_flight=cluster.max_in_flight),
             runtime_env={"env_vars": env} if env else None,
         )
         # Engines of one node bind their CPU ranks to different cores (index x TP on); on GPU the offset is unused.

@@ -207,22 +207,18 @@ def start_scoring_pool(path: str | Path, *, num_engines: int = 1, cpus_per_engin
     cluster/connect.py's rule for `cluster` when needed), placed in one placement group, and return the
     ``EnginePool`` serving them once every actor has loaded its engine."""
     import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from cluster.actors import EnginePool
+    from cluster.actors import EnginePool, engine_placement_group, placed_actor_options
 
     check_scorable(path)  # neither a checkpoint nor an export: one line, before Ray starts
     connect(cluster or ClusterConfig(), log_to_driver=log_file is None)
-    bundle = {"CPU": cpus_per_engine, **({"GPU": gpus_per_engine} if gpus_per_engine > 0 else {})}
-    pg = placement_group([dict(bundle) for _ in range(num_engines)])
+    pg = engine_placement_group(num_engines, cpus_per_engine, gpus_per_engine)
     ray.get(pg.ready(), timeout=request_timeout_s)
     names = [f"prm-scorer-{i}" for i in range(num_engines)]
     actors = [
         ray.remote(PoolingActor).options(
-            max_restarts=max_restarts, max_task_retries=0, max_concurrency=max_in_flight + 1,
-            num_cpus=cpus_per_engine, num_gpus=gpus_per_engine,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i),
+            **placed_actor_options(pg, i, cpus=cpus_per_engine, gpus=gpus_per_engine, max_restarts=max_restarts,
+                                   max_in_flight=max_in_flight),
         ).remote(str(Path(path).resolve()), name, str(Path(log_file).resolve()) if log_file else None)
         for i, name in enumerate(names)
     ]

@@ -5,8 +5,8 @@ then the uncertain trajectories under the last PRM) -> label (EDU tree + ER-PRM 
 -> train on Ray Train (warm start) -> held-out AUROC -> table artifact; after the last round: report with the
 label-efficiency curve.
 
-Resumable after a crash at any round: the loop's own records (OUT/rounds.jsonl, tasks/active/loop.py) say which rounds
-are finished, so a new flow run on the same OUT returns them at once and starts at the first unfinished round,
+Resumable after a crash at any round: the loop's own records (OUT/rounds.jsonl, tasks/active/run_dir.py) say which
+rounds are finished, so a new flow run on the same OUT returns them at once and starts at the first unfinished round,
 buying no label twice. Prefect's result cache is not needed for that.
 """
 

@@ -614,7 +614,7 @@ def _parse_ns(text: str) -> list[int]:
 def _load_scorer(checkpoint: Path | None, scorer: str | None, device: str, ruler, model: Path | None = None):
     """The StepScorer for `eval`: a trained PRM checkpoint, or a reference scorer (policy-confidence reads the
     policy named in `ruler`'s manifest, model-confidence the `model` given)."""
-    from tasks.evaluation.ruler import REFERENCE_SCORERS, reference_scorer
+    from tasks.evaluation.reference_scorers import REFERENCE_SCORERS, reference_scorer
 
     if (checkpoint is None) == (scorer is None):
         console.print(f"give exactly one of --checkpoint RUN or --scorer {'|'.join(REFERENCE_SCORERS)}", style="red")

@@ -1,15 +1,6 @@
 """The ActPRM active-labelling loop (arXiv 2504.10559): label only what the PRM ensemble is unsure about.
 
-One run lives in one output directory::
-
-    OUT/active.json              what the run is pinned to (config name and hashes); another config is refused
-    OUT/pool/pool.parquet        the pool: one policy solution per problem, cut into steps, no rollouts
-    OUT/pool/pool.json           its ids, sha256 and the tokens its generation cost
-    OUT/labels/versions/<id>/    the labels bought so far, one dataset version per round (tasks/store/versions.py):
-    OUT/labels/LATEST            shard r holds round r's rows; version r links shards 0..r-1 from version r-1
-    OUT/rounds/round-RRR/        selection.json (written before labelling) and prm/ (the Ray Train run dir)
-    OUT/rounds.jsonl             one line per finished round: the round's figures and hashes
-    OUT/summary.json             the last run's stop reason and totals
+One run lives in one output directory, laid out and read back by tasks/active/run_dir.py.
 
 **Pool.** The config's sources (the first ``active.pool_size`` problems ingested). Each problem's solution is
 generated with the labeller's own seeded root request (``tasks.labelling.tree_labeller``: seed from the config
@@ -51,11 +42,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from configs.env import __version__
 from configs.schema import FactoryConfig
+from tasks.active.run_dir import (
+    CALIBRATION_FILE,
+    LABELS_DIR,
+    POOL_DIR,
+    PRM_DIR,
+    ROUNDS_DIR,
+    SELECTION_FILE,
+    SUMMARY_FILE,
+    ActiveError,
+    PoolItem,
+    append_round,
+    check_out_dir,
+    complete_version,
+    read_pool,
+    read_rounds,
+    write_json,
+    write_pool,
+)
 from tasks.active.selection import (
     SelectionParams,
     calibrate_thresholds,
@@ -73,7 +80,6 @@ from tasks.labelling.tree_labeller import ShardResult, Trajectory
 from tasks.sources.problems import Problem
 from tasks.store.dataset import (
     MANIFEST_NAME,
-    atomic_write_bytes,
     check_shard,
     read_manifest,
     read_provenance,
@@ -84,29 +90,13 @@ from tasks.store.dataset import (
 from tasks.store.versions import (
     ReusableShard,
     append_refresh_log,
-    content_id,
     link_shard,
     next_version_id,
     version_dir,
-    versions_dir,
     write_latest,
 )
 
 log = logging.getLogger(__name__)
-
-PIN_FILE = "active.json"
-POOL_DIR = "pool"
-LABELS_DIR = "labels"
-ROUNDS_DIR = "rounds"
-ROUNDS_LOG = "rounds.jsonl"
-SUMMARY_FILE = "summary.json"
-SELECTION_FILE = "selection.json"
-CALIBRATION_FILE = "calibration.json"
-PRM_DIR = "prm"
-
-
-class ActiveError(RuntimeError):
-    """An active run that cannot start or go on (empty pool, budget too small, another config's directory)."""
 
 
 class Labeller(Protocol):
@@ -173,49 +163,9 @@ def budget_cap(budget: int | None, spent: int, labelled_problems: int) -> int | 
     return max(1, int((budget - spent) // (spent / labelled_problems)))
 
 
-@dataclass(frozen=True)
-class PoolItem:
-    """One unlabelled pool trajectory: the policy's own solution to a problem, cut into steps."""
-
-    problem_id: str
-    source: str
-    prompt: str
-    completions: list[str]
-    completion_tokens: int
-    finish_reason: str
-
-
 def pool_steps(labeller: Any, leaf: Trajectory) -> list[str]:
     """A solution's step texts, cut exactly as ``ShardLabeller`` cuts the rows it labels."""
     return decode_steps(labeller.tok, leaf.token_ids, labeller.boundaries(leaf))
-
-
-# -- files -----------------------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def pin_payload(cfg: FactoryConfig) -> dict[str, Any]:
-    """What an output directory is pinned to: what its pool and its bought labels mean.
-
-    A resume may change how far the loop goes and how it picks from now on (rounds, budget, thresholds, the cap per
-    round, the ruler size) and where the pool is scored (the scorer: the same scores); not the pool, the labeller,
-    the trainer, the selector, round 0 or the warm start.
-    """
-    active = cfg.active.model_dump(mode="json", exclude={"rounds", "label_token_budget", "selection",
-                                                         "max_selected", "ruler_problems", "scorer"})
-    for name, default in _LATER_ACTIVE_DEFAULTS.items():  # pinned only when set: older runs keep their pin
-        if active.get(name) == default:
-            active.pop(name)
-    return {"name": cfg.name, "labelling_hash": cfg.labelling_hash(), "train_hash": cfg.train.train_hash(),
-            "sources": [s.model_dump(mode="json") for s in cfg.sources],
-            **{f"active.{k}": v for k, v in active.items()}}
-
-
-_LATER_ACTIVE_DEFAULTS = {"schedule": "rounds", "batch_size": 64}
 
 
 def stream_order(ids: Sequence[str], seed: int) -> list[str]:
@@ -228,78 +178,6 @@ def check_scored(scores: Sequence[Any], what: str) -> None:
     if scores and all(all(math.isnan(m) for m in s.mean) for s in scores):
         raise ActiveError(f"{what}: the PRM scored no step of any of the {len(scores)} trajectories (every step "
                           "cut off by train.max_length, or no steps at all); nothing to gate, nothing labelled")
-
-
-def check_out_dir(out: Path, cfg: FactoryConfig) -> bool:
-    """Pin OUT to this config (or check the pin); True when OUT already holds this run (a resume)."""
-    pin = pin_payload(cfg)
-    path = out / PIN_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = [k for k in pin if old.get(k) != pin[k]]
-        if changed:
-            raise ActiveError(f"{out} holds an active run of another config ({', '.join(changed)} differ); "
-                              "use a new --out, or delete it")
-        return True
-    if out.exists() and any(out.iterdir()):
-        raise ActiveError(f"{out} exists and is not an active-run directory; choose an empty or new --out")
-    _write_json(path, {**pin, "code_version": __version__})
-    return False
-
-
-def read_rounds(out: Path) -> list[dict[str, Any]]:
-    """The finished rounds' records, in order (a torn last line, from a kill mid-write, is ignored)."""
-    path = out / ROUNDS_LOG
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s: ignoring a torn line (a kill while it was written)", path)
-    for i, r in enumerate(records):
-        if r.get("round") != i:
-            raise ActiveError(f"{path}: line {i + 1} is round {r.get('round')}, expected {i}")
-    return records
-
-
-def _append_round(out: Path, record: dict[str, Any]) -> None:
-    path = out / ROUNDS_LOG
-    text = path.read_text() if path.is_file() else ""
-    if text and not text.endswith("\n"):  # a torn line from a kill: drop it before appending
-        text = text[: text.rfind("\n") + 1]
-    atomic_write_bytes(path, (text + json.dumps(record, sort_keys=True, default=str) + "\n").encode())
-
-
-def write_pool(out: Path, items: Sequence[PoolItem], meta: dict[str, Any]) -> dict[str, Any]:
-    """pool.parquet (atomically) and pool.json with its ids, sha256 and cost."""
-    table = pa.Table.from_pylist([asdict(i) for i in items], schema=pa.schema([
-        ("problem_id", pa.string()), ("source", pa.string()), ("prompt", pa.string()),
-        ("completions", pa.list_(pa.string())), ("completion_tokens", pa.int64()), ("finish_reason", pa.string())]))
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue().to_pybytes()
-    path = out / POOL_DIR / "pool.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-    record = {**meta, "trajectories": len(items), "sha256": hashlib.sha256(data).hexdigest(),
-              "problem_ids": [i.problem_id for i in items]}
-    _write_json(out / POOL_DIR / "pool.json", record)
-    return record
-
-
-def read_pool(out: Path, labelling_hash: str) -> tuple[list[PoolItem], dict[str, Any]] | None:
-    """The pool written before (None when absent, or written for another labelling config, or damaged)."""
-    meta_path, path = out / POOL_DIR / "pool.json", out / POOL_DIR / "pool.parquet"
-    if not meta_path.is_file() or not path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("labelling_hash") != labelling_hash or sha256_file(path) != meta.get("sha256"):
-        log.warning("%s is stale or damaged: generating the pool again", path)
-        return None
-    items = [PoolItem(**row) for row in pq.read_table(path).to_pylist()]
-    return items, meta
 
 
 # -- the loop --------------------------------------------------------------------------------------------------
@@ -451,7 +329,7 @@ class ActiveLoop:
             selection = self._select_round(r, pool, records)
         # An empty selection stops the rounds (nothing to resume); a streaming batch the PRM trusts whole is a record.
         if selection["selected_problem_ids"] or (self.cfg.active.schedule == "streaming" and selection["unlabelled"]):
-            _write_json(path, selection)
+            write_json(path, selection)
         return selection
 
     def _select_round(self, r: int, pool: Sequence[PoolItem], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -555,7 +433,7 @@ class ActiveLoop:
             raise ActiveError(f"active.selection.calibrate_trusted_share: {err} (the seed set, round 0)") from None
         saved = {"how": f"calibrated on the seed set ({len(items)} trajectories, round 0's PRM) to a trusted share "
                         f"of {sel.calibrate_trusted_share}", "checkpoint": seed["checkpoint"], **cal.to_dict()}
-        _write_json(path, saved)
+        write_json(path, saved)
         return cal.params, saved
 
     def step_truths(self, items: Sequence[PoolItem]) -> list[list[bool] | None]:
@@ -616,7 +494,7 @@ class ActiveLoop:
         keys = ([] if streaming else [rec["shard_key"] for rec in bought_before]) + [key]
         index = len(keys) - 1
         parent = bought_before[-1]["version_id"] if bought_before else None
-        vid = _complete_version(root, keys) or next_version_id(root, keys)
+        vid = complete_version(root, keys) or next_version_id(root, keys)
         vdir = version_dir(root, vid)
         bought = True
         if (vdir / MANIFEST_NAME).is_file():
@@ -729,7 +607,7 @@ class ActiveLoop:
                           "labelled_steps": 0, "labelled_problems": 0, "cumulative_label_tokens": spent,
                           "checkpoint": sel["scored_by"], "trained": False,
                           "seconds": round(time.perf_counter() - started, 2)}
-                _append_round(self.out, record)
+                append_round(self.out, record)
                 self.on_event("round", record)
                 return record
             return {"stop": "nothing_uncertain", "message": (
@@ -760,7 +638,7 @@ class ActiveLoop:
             **{f"heldout_{k}": v for k, v in evaluation.items()},
             "seconds": round(time.perf_counter() - started, 2),
         }
-        _append_round(self.out, record)
+        append_round(self.out, record)
         self.on_event("round", record)
         return record
 
@@ -781,7 +659,7 @@ class ActiveLoop:
     def finish(self, stop: str, message: str) -> ActiveResult:
         """Write OUT/summary.json for this run and return the result."""
         result = ActiveResult(self.out, read_rounds(self.out), stop, message, self._pool_meta)
-        _write_json(self.out / SUMMARY_FILE, {**result.to_dict(), "engine_started": self.engine_started,
+        write_json(self.out / SUMMARY_FILE, {**result.to_dict(), "engine_started": self.engine_started,
                                               "estimated_label_cost": estimate_label_cost(self.cfg)})
         self.on_event("stop", {"reason": stop, "message": message})
         return result
@@ -815,15 +693,6 @@ class ActiveLoop:
 _LABEL_KEYS = ("version_id", "dataset_version", "parent_version", "shard_key", "shard_sha256", "labelled_rows",
                "labelled_steps", "rollout_labelled_steps", "labelled_problems", "rejected", "label_tokens",
                "rollout_tokens", "tree_tokens", "bought_now")
-
-
-def _complete_version(root: Path, keys: Sequence[str]) -> str | None:
-    """A finished version of exactly this plan (a killed run wrote its manifest before its round record)."""
-    suffix = content_id(keys)
-    for d in sorted(versions_dir(root).glob(f"*-{suffix}")) if versions_dir(root).is_dir() else []:
-        if (d / MANIFEST_NAME).is_file() and read_manifest(d).get("extra", {}).get("shard_keys") == list(keys):
-            return d.name
-    return None
 
 
 def _shard_labeller(cfg: FactoryConfig, engine: Any, tokenizer: Any) -> Labeller:

@@ -1,4 +1,5 @@
-"""Scores against exact truth: AUROC, accuracy at a threshold, Brier score (pure functions).
+"""Scores against exact truth: AUROC, accuracy at a threshold, Brier score, first-error F1 and bootstrap intervals
+over problems (pure functions).
 
 AUROC is the probability that a truly correct step scores above a truly wrong one, ties counting 1/2 (the
 Mann-Whitney U statistic over P*N pairs, computed from average ranks).
@@ -138,3 +139,35 @@ def bootstrap_ci(groups: Sequence[Any], statistic: Callable[[Sequence[Any]], flo
         return math.nan, math.nan
     lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def within_position_auroc_ci(problem_ids: Sequence[str], scores: Sequence[Sequence[float]],
+                             truth: Sequence[Sequence[bool]], n_boot: int = 1000, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of within-position AUROC over trajectories (`problem_ids[i]` is trajectory i's
+    problem), resampling problems (their samples together); NaN scores are left out. None when no resample has
+    a value."""
+    by_problem: dict[str, dict[int, tuple[list[float], list[bool]]]] = {}
+    for problem_id, s, t in zip(problem_ids, scores, truth, strict=True):
+        positions = by_problem.setdefault(problem_id, {})
+        for j, value in enumerate(s):
+            if math.isnan(value):
+                continue
+            xs, ys = positions.setdefault(j, ([], []))
+            xs.append(value)
+            ys.append(t[j])
+    groups = [{j: (np.asarray(xs), np.asarray(ys, dtype=bool)) for j, (xs, ys) in pos.items()}
+              for pos in by_problem.values()]
+    max_j = max((j for g in groups for j in g), default=-1)
+
+    def statistic(picked: Sequence[dict[int, tuple[np.ndarray, np.ndarray]]]) -> float:
+        values = []
+        for j in range(max_j + 1):
+            parts = [g[j] for g in picked if j in g]
+            if parts:
+                value = auroc(np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+                if not math.isnan(value):
+                    values.append(value)
+        return float(np.mean(values)) if values else math.nan
+
+    lo, hi = bootstrap_ci(groups, statistic, n_boot=n_boot, seed=seed)
+    return None if math.isnan(lo) else [lo, hi]

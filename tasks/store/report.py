@@ -14,11 +14,14 @@ import base64
 import io
 import json
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tasks.cost import COST_STAGES, ShardCost, total_cost
+from tasks.labelling.label_rule import FINAL_ORIGIN
 
 REPORTS_DIR = "reports"
 ER_BINS = 10
@@ -55,6 +58,20 @@ def _tau(dataset_dir: Path) -> float | None:
     return config.get("partition", {}).get("tau")
 
 
+def step_counts(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Steps per origin, and the stored hard ``labels`` as good / bad counts of the non-final steps (the ones a
+    rollout or the tree labelled) and of the final ones (the outcome), over dataset rows (``labels`` and
+    ``step_origin`` columns). The dataset report and the export's card count with this."""
+    origins: Counter[str] = Counter()
+    hard = {"good": 0, "bad": 0}
+    final = {"good": 0, "bad": 0}
+    for row in rows:
+        for label, origin in zip(row["labels"], row["step_origin"], strict=True):
+            origins[origin] += 1
+            (final if origin == FINAL_ORIGIN else hard)["good" if label else "bad"] += 1
+    return {"step_origin": origins, "hard_labels": hard, "final_labels": final}
+
+
 def dataset_stats(dataset_dir: str | Path) -> dict[str, Any]:
     """Counts, label distributions, step entropies and cost of a finished dataset directory."""
     from tasks.io import read_provenance
@@ -66,18 +83,16 @@ def dataset_stats(dataset_dir: str | Path) -> dict[str, Any]:
     table = read_dataset(root)
     cols = table.select(["labels", "er_labels", "step_origin", "step_entropies", "final_correct", "shard"]).to_pylist()
 
-    origins: dict[str, int] = {}
-    hard = {"good": 0, "bad": 0}
+    counts = step_counts(cols)
+    origins, hard = counts["step_origin"], counts["hard_labels"]
     er_hist = [0] * ER_BINS
     er_null = 0
     entropies: list[float] = []
     per_shard_steps: dict[int, int] = {}
     for row in cols:
-        for label, er, origin in zip(row["labels"], row["er_labels"], row["step_origin"], strict=True):
-            origins[origin] = origins.get(origin, 0) + 1
-            if origin == "final":
+        for er, origin in zip(row["er_labels"], row["step_origin"], strict=True):
+            if origin == FINAL_ORIGIN:
                 continue
-            hard["good" if label else "bad"] += 1
             if er is None:
                 er_null += 1
             else:

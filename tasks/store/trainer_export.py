@@ -62,6 +62,7 @@ import yaml
 from tasks.io import atomic_write_bytes, atomic_write_text, fsync_dir
 from tasks.labelling.label_rule import EARLY_STOP_ORIGIN, ESTIMATED_ORIGIN, FINAL_ORIGIN, SAMPLED_ORIGINS
 from tasks.store.dataset import BUILD_MARKER, INGEST_REPORT, read_dataset, read_manifest, verify_dataset
+from tasks.store.report import step_counts
 
 FORMATS = ("math-shepherd", "qwen-prm", "trl-stepwise")
 LABEL_COLUMNS = ("labels", "soft_labels", "er_labels")
@@ -416,11 +417,12 @@ def dataset_card(src: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]
     ingest = _read_json(src / INGEST_REPORT)
     name = extra.get("name") or (build or {}).get("name") or src.name
 
-    origins: Counter[str] = Counter(o for r in rows for o in r["step_origin"])
+    counts = step_counts(rows)
+    origins: Counter[str] = counts["step_origin"]
     by_origin = [(o, v) for r, g in zip(rows, verdicts, strict=True) for o, v in zip(r["step_origin"], g, strict=True)]
     final = [v for o, v in by_origin if o == FINAL_ORIGIN]
     non_final = [v for o, v in by_origin if o != FINAL_ORIGIN]
-    stored_good = sum(sum(bool(x) for x in r["labels"]) for r in rows)
+    stored_good = counts["hard_labels"]["good"] + counts["final_labels"]["good"]
     null_soft = sum(x is None for r in rows for x in r["soft_labels"])
     sampled_n = Counter(n for r in rows for o, n in zip(r["step_origin"], r["rollouts"], strict=True)
                         if o in SAMPLED_ORIGINS)

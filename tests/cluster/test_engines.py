@@ -135,6 +135,19 @@ def test_hf_entropy_rises_with_temperature(hf_engine):
     assert first[0] < first[1] < first[2]
 
 
+def test_hf_entropy_of_a_top_p_nucleus_is_finite():
+    """Top-p gives the tokens outside the nucleus a -inf logprob; the engine's entropy (entropy_from_logprobs)
+    counts them as zero, not 0 * -inf = NaN: two equal tokens in the nucleus give ln 2."""
+    import torch
+
+    from cluster.hf_engine import sampling_logprobs
+    from tasks.labelling.entropy import entropy_from_logprobs
+
+    logprobs = sampling_logprobs(torch.tensor([[3.0, 3.0, -2.0, -4.0]]), temperature=1.0, top_p=0.9)
+    assert torch.isinf(logprobs).any()
+    assert abs(float(entropy_from_logprobs(logprobs)[0]) - math.log(2)) < 1e-6
+
+
 def test_hf_kv_cache_reuse_matches_a_full_forward_pass(hf_engine):
     """Samples decoded from the shared, repeated prompt cache score the same under teacher forcing."""
     p = prompt(hf_engine, "8-3=")

@@ -81,7 +81,7 @@ def two_rounds(vllm_engine, ray_session, tmp_path_factory):
 
 
 def test_round_one_buys_only_new_problems_the_prm_is_unsure_about(two_rounds):
-    from tasks.active.loop import read_pool
+    from tasks.active.run_dir import read_pool
     from tasks.active.selection import trajectory_confident
     from tasks.prm.model import load_prm
 
@@ -187,7 +187,7 @@ def _cli(args: list[str], ray_tmp: str) -> subprocess.Popen:
 
 
 def test_cli_killed_after_round_one_resumes_without_buying_again(tmp_path):
-    from tasks.active.loop import read_rounds
+    from tasks.active.run_dir import read_rounds
     from tasks.store.versions import read_refresh_log
 
     config = tmp_path / "active.yaml"

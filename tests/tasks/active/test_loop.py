@@ -142,7 +142,8 @@ def test_empty_pool_is_refused_before_any_engine(tmp_path):
 def test_a_loop_without_an_engine_refuses_to_generate_the_pool(tmp_path):
     """engine_factory None (a replay, the end-to-end benchmark's): a pool missing from OUT is an ActiveError naming
     it, not an engine started."""
-    from tasks.active.loop import ActiveError, ActiveLoop
+    from tasks.active.loop import ActiveLoop
+    from tasks.active.run_dir import ActiveError
 
     cfg = parse_config(_toy(pool_size=2))
     loop = ActiveLoop(cfg, tmp_path / "out", None, train_fn=lambda *a: pytest.fail("no training"))
@@ -152,7 +153,7 @@ def test_a_loop_without_an_engine_refuses_to_generate_the_pool(tmp_path):
 
 
 def test_out_dir_of_another_config_is_refused(tmp_path):
-    from tasks.active.loop import ActiveError, check_out_dir
+    from tasks.active.run_dir import ActiveError, check_out_dir
 
     out = tmp_path / "out"
     assert check_out_dir(out, parse_config(_toy())) is False
@@ -178,13 +179,13 @@ def test_budget_cap_and_round_seed():
 def test_torn_round_line_is_ignored(tmp_path):
     import json
 
-    from tasks.active.loop import _append_round, read_rounds
+    from tasks.active.run_dir import append_round, read_rounds
 
-    _append_round(tmp_path, {"round": 0, "x": 1})
+    append_round(tmp_path, {"round": 0, "x": 1})
     with open(tmp_path / "rounds.jsonl", "a") as fh:
         fh.write('{"round": 1, "x"')  # a kill while the line was written
     assert read_rounds(tmp_path) == [{"round": 0, "x": 1}]
-    _append_round(tmp_path, {"round": 1, "x": 2})
+    append_round(tmp_path, {"round": 1, "x": 2})
     assert [json.loads(line)["x"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1, 2]
 
 
@@ -219,7 +220,8 @@ def test_vllm_scorer_selects_what_the_transformers_scorer_selects(tmp_path, ray_
     import pyarrow.parquet as pq
 
     from cluster.active_run import pool_scorer
-    from tasks.active.loop import PRM_DIR, ROUNDS_DIR, ActiveError, ActiveLoop, PoolItem
+    from tasks.active.loop import ActiveLoop
+    from tasks.active.run_dir import PRM_DIR, ROUNDS_DIR, ActiveError, PoolItem
 
     rows = pq.read_table(REPO_ROOT / "assets" / "toy-ruler" / "ruler.parquet").to_pylist()
     by_problem = {}

@@ -90,7 +90,8 @@ def _recording_train(trained: list[dict], num_heads: int):
 def _loop(tmp_path, cfg, scores: dict[str, list[tuple[float, float]]], steps: dict[str, list[str]],
           trained_heads: int | None = None):
     """An ActiveLoop on a pool written beforehand (steps per problem), with the recording pieces."""
-    from tasks.active.loop import ActiveLoop, PoolItem, check_out_dir, write_pool
+    from tasks.active.loop import ActiveLoop
+    from tasks.active.run_dir import PoolItem, check_out_dir, write_pool
     from tasks.build import ingest
 
     out = tmp_path / "out"
@@ -180,7 +181,8 @@ def test_streaming_labels_and_trains_exactly_the_uncertain(tmp_path):
 def test_calibrated_gate_fires_on_the_seed_set(tmp_path):
     """calibrate_trusted_share: the first batch (the seed set) scored by its own PRM sets the thresholds so that
     half of it is trusted; the paper's preset would trust none of these scores."""
-    from tasks.active.loop import CALIBRATION_FILE, stream_order
+    from tasks.active.loop import stream_order
+    from tasks.active.run_dir import CALIBRATION_FILE
     from tasks.build import ingest
 
     cfg = parse_config(_config(pool_size=8, selection={"calibrate_trusted_share": 0.5}))
@@ -216,7 +218,7 @@ def test_streaming_random_arm_labels_as_many_as_the_gate_leaves(tmp_path):
 
 
 def test_unscored_pool_and_foreign_checkpoint_stop_before_labelling(tmp_path):
-    from tasks.active.loop import ActiveError
+    from tasks.active.run_dir import ActiveError
 
     cfg = parse_config(_config(pool_size=8))
     from tasks.build import ingest

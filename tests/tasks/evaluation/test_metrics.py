@@ -17,6 +17,7 @@ from tasks.evaluation.metrics import (
     first_error_f1,
     first_error_labels,
     within_position_auroc,
+    within_position_auroc_ci,
 )
 
 
@@ -137,3 +138,16 @@ def test_bootstrap_ci_gives_the_exact_percentiles_of_a_two_group_set():
     assert bootstrap_ci([0.0, 1.0], lambda xs: float(np.mean(xs)), n_boot=4000, seed=3) == (0.0, 1.0)
     lo, hi = bootstrap_ci([0.0, 1.0], lambda xs: float(np.max(xs)), n_boot=4000, level=0.4, seed=3)
     assert (lo, hi) == (1.0, 1.0)
+
+
+def test_within_position_auroc_ci_resamples_problems_and_leaves_nan_out():
+    # Every problem ranks its right step above its wrong one at position 0: any resample of problems gives 1.0.
+    ids = ["a", "a", "b", "b"]
+    scores = [[0.9, math.nan], [0.2], [0.8], [0.1]]
+    truth = [[True, False], [False], [True], [False]]
+    assert within_position_auroc_ci(ids, scores, truth, n_boot=200, seed=0) == [1.0, 1.0]
+    # Problem a ranks right, b wrong: a resample of both gives 0.5, of one 1.0 or 0.0; the 95% interval spans them.
+    flipped = [[0.9], [0.2], [0.1], [0.8]]
+    flat = [[True], [False], [True], [False]]
+    assert within_position_auroc_ci(ids, flipped, flat, n_boot=2000, seed=0) == [0.0, 1.0]
+    assert within_position_auroc_ci(ids, [[math.nan], [], [], []], [[True], [], [], []]) is None  # no scored pair

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.schema import REPO_ROOT, ToySource, load_config
+from tasks.evaluation.reference_scorers import ConstantScorer, OracleScorer, reference_scorer
 from tasks.evaluation.ruler import (
     DEFAULT_RULER_DIR,
     DEFAULT_RULER_V2_DIR,
@@ -22,15 +23,12 @@ from tasks.evaluation.ruler import (
     SHIPPED_RULERS,
     TOY_RULER,
     TOY_RULER_V2,
-    ConstantScorer,
-    OracleScorer,
     Ruler,
     check_disjoint,
     cut_at_newlines,
     dataset_problem_ids,
     evaluate_ruler,
     load_ruler,
-    reference_scorer,
     ruler_problems,
     sample_ruler_rows,
     shipped_spec,

@@ -11,7 +11,7 @@ import pytest
 
 from tasks.labelling.label_rule import step_labels
 from tasks.store.dataset import SCHEMA_VERSION, write_manifest, write_shard
-from tasks.store.report import build_report, dataset_stats, render_markdown, render_plots
+from tasks.store.report import build_report, dataset_stats, render_markdown, render_plots, step_counts
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -104,6 +104,16 @@ def test_inspect_cli_prints_json(tmp_path):
     stats = json.loads(result.stdout)
     assert stats["labelled_steps"] == 4 and stats["tokens_per_labelled_step"] == 17.5
     assert "entropies" not in stats
+
+
+def test_step_counts_split_the_stored_hard_labels_at_the_final_step():
+    rows = [{"labels": [True, False, True], "step_origin": ["rollout", "tree", "final"]},
+            {"labels": [False, False], "step_origin": ["early_stop", "final"]}]
+    counts = step_counts(rows)
+    assert counts["step_origin"] == {"rollout": 1, "tree": 1, "early_stop": 1, "final": 2}
+    assert counts["hard_labels"] == {"good": 1, "bad": 2} and counts["final_labels"] == {"good": 1, "bad": 1}
+    with pytest.raises(ValueError):  # a row whose columns disagree in length is not counted
+        step_counts([{"labels": [True], "step_origin": ["rollout", "final"]}])
 
 
 def test_stats_and_markdown_handle_null_soft_and_er_labels(tmp_path):
