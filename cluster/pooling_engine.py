@@ -18,7 +18,7 @@ from typing import Any
 from cluster.connect import connect
 from configs.schema import ClusterConfig
 from tasks.prm.export import ExportError, ExportReader, split_scores
-from tasks.prm.model import StepScores
+from tasks.prm.model import StepScores, is_checkpoint
 
 
 class PoolingUnsupported(RuntimeError):
@@ -128,25 +128,18 @@ class VLLMEnsemblePRM:
         return scored
 
 
-def _is_checkpoint(path: str | Path) -> bool:
-    """A native checkpoint (or a training run holding one in ``model/``), as opposed to an export."""
-    from tasks.prm.model import PRM_CONFIG_NAME
-
-    return any((Path(path) / sub / PRM_CONFIG_NAME).is_file() for sub in (".", "model"))
-
-
 def open_scorer(path: str | Path) -> Any:
     """The vLLM scorer for ``path``: ``VLLMEnsemblePRM`` for a native checkpoint, ``VLLMPooledPRM`` for an export."""
     from tasks.prm.model import find_checkpoint_dir
 
-    return VLLMEnsemblePRM(find_checkpoint_dir(path)) if _is_checkpoint(path) else VLLMPooledPRM(path)
+    return VLLMEnsemblePRM(find_checkpoint_dir(path)) if is_checkpoint(path) else VLLMPooledPRM(path)
 
 
 def check_scorable(path: str | Path) -> None:
     """Fail in one line, before Ray or vLLM starts, when ``path`` is neither a native checkpoint nor an export."""
     from tasks.prm.model import read_prm_config
 
-    if _is_checkpoint(path):
+    if is_checkpoint(path):
         read_prm_config(path)
     else:
         ExportReader(path)
@@ -240,7 +233,7 @@ class PooledPRM:
     def __init__(self, path: str | Path, **pool_options: Any):
         from tasks.prm.model import read_prm_config
 
-        self.export = None if _is_checkpoint(path) else ExportReader(path)
+        self.export = None if is_checkpoint(path) else ExportReader(path)
         self.config = self.export.config if self.export else read_prm_config(path)
         self.max_length = self.export.max_length if self.export else int(self.config["max_length"])
         self.pool = start_scoring_pool(path, **pool_options)

@@ -449,6 +449,12 @@ def save_checkpoint_files(backbone_config: Any, prm_config: dict[str, Any], out_
     return out
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """A native checkpoint (or a training run holding one in ``model/``), as opposed to an export
+    (``tasks.prm.export``: a Hugging Face directory with no prm_config.json)."""
+    return any((Path(path) / sub / PRM_CONFIG_NAME).is_file() for sub in (".", "model"))
+
+
 def find_checkpoint_dir(checkpoint: str | Path) -> Path:
     """The directory holding prm_config.json: the path itself, or ``<run>/model`` for a training run dir."""
     p = Path(checkpoint)
