@@ -145,11 +145,11 @@ def main() -> None:
     import shutil
 
     import torch
-    from bench_toy_prm import figures
 
     from cluster.pooling_engine import VLLMEnsemblePRM
     from prm_factory.client import RemotePRM, score_rows
     from tasks.evaluation.ruler import Ruler, evaluate_ruler, load_ruler
+    from tasks.evaluation.summary import ruler_figures
     from tasks.prm.export import export_ensemble
     from tasks.prm.model import load_prm
 
@@ -178,10 +178,10 @@ def main() -> None:
                    "start_s": server_start_s}}
     try:
         remote = RemotePRM(url, max_in_flight=args.in_flight)
-        quality = {"ensemble, transformers": figures(evaluate_ruler(prm, check, [1, 8], n_boot=args.n_boot)),
-                   "ensemble, vLLM server over HTTP": figures(evaluate_ruler(remote, check, [1, 8],
-                                                                             batch_size=args.batch_size,
-                                                                             n_boot=args.n_boot))}
+        quality = {"ensemble, transformers": ruler_figures(evaluate_ruler(prm, check, [1, 8], n_boot=args.n_boot)),
+                   "ensemble, vLLM server over HTTP": ruler_figures(evaluate_ruler(remote, check, [1, 8],
+                                                                                   batch_size=args.batch_size,
+                                                                                   n_boot=args.n_boot))}
         for name, q in quality.items():
             print(f"{name:34s} within-position AUROC {q['within_position_auroc']:.4f}  F1 {q['first_error_f1']:.3f}",
                   flush=True)

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from cluster.engines import ray_dashboard_url
 from configs.schema import load_config, resolve_path
 from flows.steps import artifact_key, default_root, validate_config
-from tasks.evaluation.summary import best_of_n_rows, f3
+from tasks.evaluation.summary import ruler_markdown
 
 DEPLOYMENT = "train-prm/train-prm"
 
@@ -74,26 +74,6 @@ def evaluate_on_ruler(dataset_dir: str, run_dir: str, ruler_problems: int | None
     ruler = load_ruler().limited(ruler_problems)
     check_disjoint(ruler, dataset_problem_ids(dataset_dir), f"dataset {dataset_dir}")
     return evaluate_ruler(load_prm(run_dir), ruler)
-
-
-def ruler_markdown(report: dict[str, Any]) -> str:
-    """The ruler's tables for the training report: the metrics position cannot win first, with 95% intervals."""
-    st = report["steps"]
-    ci = st.get("within_position_auroc_ci")
-    lines = ["## Toy ruler (held-out policy trajectories, exact step truth)", "",
-             f"Ruler `{st['ruler_version']}`: {st['problems']} problems, {st['trajectories']} trajectories, "
-             f"{st['steps']} steps ({st['correct_steps']} correct).", "",
-             "| within-position AUROC (95% CI) | first-error F1 | step AUROC | step accuracy |",
-             "|---:|---:|---:|---:|",
-             f"| {f3(st['within_position_auroc'])}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-             + f" | {f3(st['first_error_f1'])} | {f3(st['step_auroc'])} | {f3(st['step_accuracy'])} |", ""]
-    if "best_of_n" in report:
-        bon = report["best_of_n"]
-        lines += ["| best-of-N accuracy (95% CI) | " + " | ".join(f"N={n}" for n in bon["ns"]) + " |",
-                  "|---|" + "---:|" * len(bon["ns"])]
-        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in best_of_n_rows(bon)]
-        lines.append("")
-    return "\n".join(lines)
 
 
 @task(name="publish-training-report")

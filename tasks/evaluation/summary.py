@@ -1,7 +1,7 @@
 """The toy ruler's report (``tasks.evaluation.ruler.evaluate_ruler``) summed up for people and for JSON, once.
 
-``steps_line`` and ``best_of_n_rows`` are what `prm-factory eval` prints and what the training report's Markdown
-shows; ``ruler_figures`` is the flat dict of headline figures the benchmarks and studies record.
+``steps_line`` and ``best_of_n_rows`` are what `prm-factory eval` prints, ``ruler_markdown`` the training report's
+tables (flows/train_prm.py); ``ruler_figures`` is the flat dict of headline figures the benchmarks and studies record.
 """
 
 from __future__ import annotations
@@ -37,6 +37,26 @@ def best_of_n_rows(bon: dict[str, Any]) -> list[tuple[str, list[str]]]:
         rows.append((f"{name} - majority", [f"{d[0]:+.3f}..{d[1]:+.3f}" for d in diffs]))
     rows.append(("(some sample right)", [f"{a:.3f}" for a in bon["oracle_any_correct"]]))
     return rows
+
+
+def ruler_markdown(report: dict[str, Any]) -> str:
+    """The ruler's tables for the training report: the metrics position cannot win first, with 95% intervals."""
+    st = report["steps"]
+    ci = st.get("within_position_auroc_ci")
+    lines = ["## Toy ruler (held-out policy trajectories, exact step truth)", "",
+             f"Ruler `{st['ruler_version']}`: {st['problems']} problems, {st['trajectories']} trajectories, "
+             f"{st['steps']} steps ({st['correct_steps']} correct).", "",
+             "| within-position AUROC (95% CI) | first-error F1 | step AUROC | step accuracy |",
+             "|---:|---:|---:|---:|",
+             f"| {f3(st['within_position_auroc'])}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+             + f" | {f3(st['first_error_f1'])} | {f3(st['step_auroc'])} | {f3(st['step_accuracy'])} |", ""]
+    if "best_of_n" in report:
+        bon = report["best_of_n"]
+        lines += ["| best-of-N accuracy (95% CI) | " + " | ".join(f"N={n}" for n in bon["ns"]) + " |",
+                  "|---|" + "---:|" * len(bon["ns"])]
+        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in best_of_n_rows(bon)]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def ruler_figures(report: dict[str, Any], n: int = 8) -> dict[str, Any]:
