@@ -180,7 +180,9 @@ def test_hub_offline_follows_the_config_not_the_cli(tmp_path):
         "for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'DO_NOT_TRACK'): os.environ.pop(k, None)\n"
         "from prm_factory import cli\n"
         "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('DO_NOT_TRACK'))\n"
-        "cli._load(cli.Path(%r))\n"
+        "from pathlib import Path\n"
+        "from prm_factory.commands import _load\n"
+        "_load(Path(%r))\n"
         "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('TRANSFORMERS_OFFLINE'))\n"
     )
     online = tmp_path / "online.yaml"

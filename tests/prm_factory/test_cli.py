@@ -1,4 +1,4 @@
-"""The CLI's own rules (prm_factory/cli.py): one error handler with one meaning per exit code, one config loader.
+"""The CLI's own rules (prm_factory/commands/): one error handler with one meaning per exit code, one config loader.
 
 The commands' behaviour is tested beside the code each one runs (tests/tasks/..., tests/cluster/...); here, what
 every command shares.
@@ -15,35 +15,35 @@ import pytest
 import typer
 
 from configs.schema import REPO_ROOT, ConfigError, load_config
-from prm_factory import cli
+from prm_factory import commands
 
 
 def test_fails_turns_an_expected_error_into_one_red_line_and_its_exit_code(capsys):
-    with pytest.raises(typer.Exit) as exit_info, cli._fails(KeyError, ValueError):
+    with pytest.raises(typer.Exit) as exit_info, commands._fails(KeyError, ValueError):
         raise ValueError("train.lr: must be > 0")
     assert exit_info.value.exit_code == 2
     assert capsys.readouterr().err.strip() == "train.lr: must be > 0"
 
-    with pytest.raises(typer.Exit) as exit_info, cli._fails(RuntimeError, code=1, note="; see the log"):
+    with pytest.raises(typer.Exit) as exit_info, commands._fails(RuntimeError, code=1, note="; see the log"):
         raise RuntimeError("training failed")
     assert exit_info.value.exit_code == 1
     assert capsys.readouterr().err.strip() == "training failed; see the log"
 
 
 def test_fails_lets_unexpected_errors_through_with_their_traceback():
-    with pytest.raises(ZeroDivisionError), cli._fails(ValueError):
+    with pytest.raises(ZeroDivisionError), commands._fails(ValueError):
         raise ZeroDivisionError
     # an OS error is the output's only when it is a disk error and an output was named
-    with pytest.raises(OSError), cli._fails(ValueError):
+    with pytest.raises(OSError), commands._fails(ValueError):
         raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(ConnectionResetError), cli._fails(out="runs/x"):
+    with pytest.raises(ConnectionResetError), commands._fails(out="runs/x"):
         raise ConnectionResetError(errno.ECONNRESET, "reset")
 
 
 def test_fails_reports_an_unwritable_output_with_exit_3(capsys, tmp_path):
-    with pytest.raises(typer.Exit) as exit_info, cli._fails(ValueError, out=tmp_path):
+    with pytest.raises(typer.Exit) as exit_info, commands._fails(ValueError, out=tmp_path):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "shards"))
-    assert exit_info.value.exit_code == cli.EXIT_UNWRITABLE == 3
+    assert exit_info.value.exit_code == commands.EXIT_UNWRITABLE == 3
     err = capsys.readouterr().err
     assert f"cannot write {tmp_path / 'shards'}: Read-only file system" in " ".join(err.split())
 
