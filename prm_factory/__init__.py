@@ -1,5 +1,6 @@
 """prm-factory: step-labelled training data for process reward models. This package is the `prm-factory`
-command (cli.py), the top layer: each subcommand is a thin shell over configs, tasks, cluster and flows.
+command (cli.py: the app; commands/: the subcommands), the top layer: each subcommand is a thin shell over configs,
+tasks, cluster and flows.
 
 May import every package of the repo; none of them may import it (tests/test_structure.py). Only
 benchmarks/, scripts/ and tests/ sit above it.

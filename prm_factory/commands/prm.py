@@ -121,7 +121,8 @@ def score_cmd(
         return
     with _fails(CheckpointError, ScoreInputError, ExportError):
         _, _, prompts, _ = read_trajectories(input_path)
-        # neither a checkpoint nor an export: load_prm names what is missing
+        # an export has a Hugging Face config.json and no prm_config.json; what is neither goes to load_prm,
+        # which names what is missing
         exported = not is_checkpoint(checkpoint) and (checkpoint / "config.json").is_file()
         if engine == "vllm":
             from cluster.connect import ClusterConnectError
