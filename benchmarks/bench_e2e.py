@@ -622,6 +622,7 @@ def headline(points: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
         out[metric] = {"ceiling": cap, "target": target, "target_rule": f"{share:g} x the truth ceiling",
                        "arms": per_arm, "goals": goals(points, seeds, metric, target)}
     out["ladder"] = ladder(points, seeds, "within_position_auroc", LADDER)
+    out["against_cheapest_ms"] = against_cheapest_ms(points, seeds, "within_position_auroc")
     return out
 
 
@@ -641,9 +642,42 @@ def ladder(points: list[dict[str, Any]], seeds: list[int], metric: str, targets:
                                            target)["tokens"] for s in seeds}
             ms8 = {s: tokens_to_reach([p for p in points if p["arm"] == "ms-8" and p["seed"] == s], metric,
                                       target)["tokens"] for s in seeds}
+            cheap = {s: cheapest_ms(points, s, metric, target) for s in seeds}
             row[arm] = {"tokens": per_seed,
-                        "ms8_over_arm": {s: ms8[s] / t if t and ms8[s] else None for s, t in per_seed.items()}}
+                        "ms8_over_arm": {s: ms8[s] / t if t and ms8[s] else None for s, t in per_seed.items()},
+                        "cheapest_ms": cheap,
+                        "cheapest_ms_over_arm": {s: cheap[s]["tokens"] / t if t and cheap[s] else None
+                                                 for s, t in per_seed.items()}}
         out[f"{target:.2f}"] = row
+    return out
+
+
+def cheapest_ms(points: list[dict[str, Any]], seed: int, metric: str, target: float) -> dict[str, Any] | None:
+    """The Math-Shepherd N (of those measured) that reaches ``target`` with the fewest generated tokens in ``seed``:
+    the cheapest baseline of that quality, not N = 8 alone (None: no N reaches it)."""
+    hits = []
+    for arm in sorted({p["arm"] for p in points if p["arm"].startswith("ms-")}):
+        got = tokens_to_reach([p for p in points if p["arm"] == arm and p["seed"] == seed], metric, target)["tokens"]
+        if got is not None:
+            hits.append({"arm": arm, "tokens": got})
+    return min(hits, key=lambda h: h["tokens"]) if hits else None
+
+
+def against_cheapest_ms(points: list[dict[str, Any]], seeds: list[int], metric: str) -> dict[str, Any]:
+    """Per labelling arm and seed: the quality of its last point, its tokens, and the cheapest Math-Shepherd N's
+    tokens to reach that quality (ratio above 1: the arm is cheaper)."""
+    out: dict[str, Any] = {}
+    for arm in ("edu", "actprm", "stream-actprm", "stream-random", "stream-all"):
+        per_seed = {}
+        for s in seeds:
+            top = last_point(points, arm, s)
+            if top is None:
+                continue
+            cheap = cheapest_ms(points, s, metric, top[metric])
+            per_seed[s] = {"quality": top[metric], "tokens": top["tokens"]["generated"], "cheapest_ms": cheap,
+                           "ms_over_arm": cheap["tokens"] / top["tokens"]["generated"] if cheap else None}
+        if per_seed:
+            out[arm] = per_seed
     return out
 
 
@@ -869,7 +903,7 @@ def print_summary(results: dict[str, Any]) -> None:
                   f"{ref['first_error_f1']:.3f} | {ref['bon8_min_step']:.3f} | {lo:+.3f}..{hi:+.3f} |")
         print()
         for metric, h in res["headline"].items():
-            if metric == "ladder":
+            if metric in ("ladder", "against_cheapest_ms"):
                 continue
             if not isinstance(h, dict) or "arms" not in h:
                 print(f"- {metric}: {h}")
@@ -888,6 +922,12 @@ def print_summary(results: dict[str, Any]) -> None:
                   f"goal <= 30% of full labelling's problems: {g['goal_30pct_met']} (per seed: {shares})")
         if "ladder" in res["headline"]:
             print_ladder(res["headline"]["ladder"])
+        for arm, per_seed in res["headline"].get("against_cheapest_ms", {}).items():
+            print(f"- {arm} against the cheapest Math-Shepherd N at its own quality (within-position AUROC): "
+                  + "; ".join(
+                f"seed {s}: {v['quality']:.3f} with {v['tokens'] / 1000:.0f}k tokens, "
+                + (f"{v['cheapest_ms']['arm']} {v['cheapest_ms']['tokens'] / 1000:.0f}k ({v['ms_over_arm']:.2f}x)"
+                   if v["cheapest_ms"] else "no N reaches it") for s, v in per_seed.items()))
         for name, cmp in res.get("comparisons", {}).items():
             print(f"- {name}: **{cmp['verdict']}** (per seed: "
                   + ", ".join(f"{d:+.3f}" for d in cmp["per_seed"].values()) + ")")

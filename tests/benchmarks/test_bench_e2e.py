@@ -120,6 +120,18 @@ def test_seed_sign_says_unresolved_when_seeds_disagree(e2e):
     assert e2e.seed_sign(agree, "edu", "ms-8", "within_position_auroc")["verdict"] == "higher"
 
 
+def test_the_cheapest_math_shepherd_n_that_reaches_a_quality_by_hand(e2e):
+    """Against the cheapest baseline: the N with the fewest tokens to the quality, not N = 8 alone."""
+    pts = [_pt("ms-8", 0, 1000, 0.85, problems=128), _pt("ms-8", 0, 4000, 0.92, problems=1024),
+           _pt("ms-4", 0, 2500, 0.91, problems=1024), _pt("ms-16", 0, 9000, 0.93, problems=1024),
+           _pt("edu", 0, 3000, 0.90, problems=1024)]
+    assert e2e.cheapest_ms(pts, 0, "within_position_auroc", 0.90) == {"arm": "ms-4", "tokens": 2500}
+    assert e2e.cheapest_ms(pts, 0, "within_position_auroc", 0.80) == {"arm": "ms-8", "tokens": 1000}
+    assert e2e.cheapest_ms(pts, 0, "within_position_auroc", 0.95) is None
+    got = e2e.against_cheapest_ms(pts, [0], "within_position_auroc")["edu"][0]
+    assert got["cheapest_ms"] == {"arm": "ms-4", "tokens": 2500} and got["ms_over_arm"] == pytest.approx(2500 / 3000)
+
+
 def test_equal_tokens_paired_rounds_and_reach_by_hand(e2e):
     """At no more tokens: a's last point against b's most expensive point not above it; per round: differences
     paired by seed; reach: the first point at or above the whole-pool EDU PRM's lower interval end."""
