@@ -157,3 +157,21 @@ def test_checker_catches_a_planted_upward_import_and_cycle(tmp_path):
                      "high.c": set(), "high.d": {"low.a", "low.b", "high.c"}}
     assert upward_imports(graph, ("low", "high")) == ["low.b -> high.c"]
     assert import_cycles(graph) == [["low.a", "low.b"]]
+
+
+def test_no_benchmark_runs_a_training_loop_of_its_own():
+    """A benchmark trains through tasks.prm.fit (the epoch loop Ray Train's workers run too): no module under
+    benchmarks/ imports or calls ``train_step``."""
+    offenders = []
+    for path in sorted((REPO_ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Call):
+                func = node.func
+                names = [func.id] if isinstance(func, ast.Name) else [func.attr] if isinstance(func, ast.Attribute) \
+                    else []
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno}" for n in names if n == "train_step"]
+    assert not offenders, f"a training loop outside tasks/prm (use tasks.prm.fit): {offenders}"
