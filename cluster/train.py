@@ -9,8 +9,9 @@ every run and every worker), so the eval rows never reach the optimizer. Before 
 checks that the backbone can be trained as configured (FSDP needs its decoder layers; a meta-device build from
 config.json, no weights).
 
-One optimizer step sums ``train.grad_accum_steps`` batches of ``train.batch_size`` rows on each worker: the
-global batch, ``batch_size x num_workers x grad_accum_steps``, is pinned in RUN/run.json.
+One optimizer step sums ``train.grad_accum_steps`` batches of ``train.batch_size`` rows on each worker (the epoch
+loop is tasks/prm/fit.py's ``train_epoch``, the one a run in one process trains with): the global batch,
+``batch_size x num_workers x grad_accum_steps``, is pinned in RUN/run.json.
 
 The run directory RUN is Ray Train's experiment directory (``storage_path`` = RUN's parent, ``name`` = RUN's
 name). Every epoch a checkpoint is written and reported through ``ray.train.report``, with ``train_state.json``
