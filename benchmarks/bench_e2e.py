@@ -30,10 +30,10 @@ confident misconceptions) and each seed (``--seeds``), one pool of ``--problems`
 Static labellers are measured along a curve: the first k problems of the pool, k in ``--sizes`` (whole shards, so
 a point's cost is exactly the sum of its shards' cost records). Every PRM is trained the same way: the recipe of
 ``configs/toy.yaml``'s ``train:`` section (tokens read, distribution features, frozen backbone) for ``--epochs``
-epochs in this process (`tasks.prm.training.train_step`, the step Ray Train runs), keeping the last epoch; the
-frozen backbone's token states are computed once per text for a whole pool (`Trainer.states_of`: every PRM of the
-pool trains on them, and scores the ruler and the active pool from them), so the epochs train only the heads
-(``benchmarks/bench_e2e_states.py`` measures what that saves).
+epochs in this process (`tasks.prm.fit`, the epoch loop Ray Train runs), keeping the last epoch; the frozen
+backbone's token states are computed once per text for a whole pool (`Recipe.states`, fit's ``states_cache``: every
+PRM of the pool trains on them, and scores the ruler and the active pool from them), so the epochs train only the
+heads (``benchmarks/bench_e2e_states.py`` measures what that saves).
 
 Tokens, per point:
 - ``generated``: what the labelling generated (policy solutions + EDU branches + rollouts), plus, for the active
@@ -83,6 +83,7 @@ from benchmarks.lib import (
     PROFILE,
     WORLDS,
     Engines,
+    Recipe,
     build_dataset,
     check_pools,
     content_key,
@@ -134,142 +135,6 @@ def pool_items(shards: list[tuple[list[dict[str, Any]], dict[str, int]]]) -> dic
     return out
 
 
-def rows_digest(rows: list[dict[str, Any]], target: str) -> str:
-    return content_key([[r["problem_id"], r["prompt"], r["completions"], r[target]] for r in rows])
-
-
-# -- training and measuring --------------------------------------------------------------------------------------
-
-
-class Trainer:
-    """Trains the recipe on rows in this process, measures it on the ruler, caches each point's figures."""
-
-    def __init__(self, train_section: dict[str, Any], world: str, args: argparse.Namespace, ruler: Any) -> None:
-        from configs.schema import TrainConfig
-
-        self.train = TrainConfig(**{**train_section, "model_path": WORLDS[world][0], "epochs": args.epochs,
-                                    "keep": "last"})
-        self.world, self.args, self.ruler = world, args, ruler
-        self.cache_states = True  # off only to measure what caching the backbone's states saves
-        self.ruler_key = [ruler.manifest["content_hash"], len(ruler.problem_ids), args.n_boot]
-        # Token states by text: the backbone is the world's frozen policy in every fit, so a row's states are the
-        # same in each PRM that trains on it or scores it (the curve's sizes, the η grid, the active rounds, the
-        # ruler); ``forget`` empties it between pools.
-        self.states: dict[str, Any] = {}
-
-    def forget(self) -> None:
-        self.states.clear()
-
-    def states_of(self, model: Any, tokenizer: Any, prompts: list[str], completions: list[list[str]],
-                  max_length: int) -> list[Any]:
-        """Each trajectory's token states, computed once per text (``tasks.prm.training.row_states``)."""
-        from tasks.prm.training import row_states
-
-        keys = [p + "\x00" + "\x01".join(c) for p, c in zip(prompts, completions, strict=True)]
-        missing = {k: i for i, k in enumerate(keys) if k not in self.states}
-        if missing:
-            rows = [{"prompt": prompts[i], "completions": completions[i]} for i in missing.values()]
-            self.states.update(zip(missing, row_states(model, tokenizer, rows, max_length), strict=True))
-        return [self.states[k] for k in keys]
-
-    def fit(self, rows: list[dict[str, Any]], seed: int, name: str, init_from: Path | None = None) -> Any:
-        """A trained model as a scorer (``.score``, ``.model``, ``.prm_config``); ``init_from``: a checkpoint of the
-        same model config to start from (the active loop's warm start, as cluster/train.py does it)."""
-        import torch
-        from safetensors.torch import load_file
-
-        from tasks.prm.model import WEIGHTS_NAME, find_checkpoint_dir, load_state_into, read_prm_config
-        from tasks.prm.training import run_prm_config, start_model, train_step
-
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        train = self.train.model_copy(update={"seed": seed})
-        backbone = REPO / train.model_path
-        prm_config = run_prm_config(train, backbone, "bench-e2e")
-        model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
-        if init_from is not None:
-            ckpt = find_checkpoint_dir(init_from)
-            if read_prm_config(ckpt)["config_hash"] != prm_config["config_hash"]:
-                raise ValueError(f"warm start: {ckpt} is a PRM of another model config")
-            load_state_into(model, load_file(str(ckpt / WEIGHTS_NAME)), str(ckpt))
-        steps, loss = 0, None
-        rng, order = random.Random(seed), list(range(len(rows)))
-        model.train()
-        # A frozen backbone's token states depend on the text alone: computed once, the epochs train only the heads.
-        states = None if train.train_backbone or not self.cache_states else self.states_of(
-            model, tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows], prm_config["max_length"])
-        for epoch in range(train.epochs):
-            if train.shuffle:
-                rng.shuffle(order)
-            for start in range(0, len(order), train.batch_size):
-                idx = order[start:start + train.batch_size]
-                loss, _, _ = train_step(model, optimizer, tokenizer, [rows[i] for i in idx], train.target,
-                                        prm_config["max_length"], train.pull_lambda, "cpu", f"{name} epoch {epoch}",
-                                        train.pull_reduction,
-                                        states=None if states is None else [states[i] for i in idx],
-                                        learning_probability=train.learning_probability)
-                steps += 1
-        model.eval()
-        PROFILE["training"] += time.perf_counter() - t0
-        scorer = Scorer(model, tokenizer, prm_config["max_length"], self if states is not None else None)
-        scorer.prm_config, scorer.steps, scorer.last_loss = prm_config, steps, loss
-        return scorer
-
-    def measure(self, scorer: Any) -> dict[str, Any]:
-        from tasks.evaluation.ruler import evaluate_ruler
-        from tasks.evaluation.summary import ruler_figures
-
-        t0 = time.perf_counter()
-        out = ruler_figures(evaluate_ruler(scorer, self.ruler, [1, 8], n_boot=self.args.n_boot))
-        PROFILE["evaluation"] += time.perf_counter() - t0
-        return out
-
-    def point(self, rows: list[dict[str, Any]], seed: int, name: str, need_model: bool = False
-              ) -> tuple[dict[str, Any], Any]:
-        """Figures of the recipe trained on ``rows`` (cached by the rows' digest, the recipe and the ruler), and
-        the trained scorer when ``need_model`` (trained again if the figures came from the cache) or else None."""
-        key = content_key([rows_digest(rows, self.train.target), self.train.train_hash(), seed, self.ruler_key])
-        path = self.args.cache / "points" / f"{key}.json"
-        if path.is_file():
-            return json.loads(path.read_text()), (self.fit(rows, seed, name) if need_model else None)
-        scorer = self.fit(rows, seed, name)
-        out = self.measure(scorer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1) + "\n")
-        return out, (scorer if need_model else None)
-
-
-class Scorer:
-    """A model in memory as a StepScorer; with a trainer, its heads read the trainer's cached token states (a frozen
-    backbone's), otherwise the model runs whole (`tasks.prm.model.score_trajectories`)."""
-
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, trainer: Trainer | None = None) -> None:
-        self.model, self.tokenizer, self.max_length, self.trainer = model, tokenizer, max_length, trainer
-        self.prm_config: dict[str, Any] | None = None  # set by Trainer.fit, with its steps and last batch loss
-        self.steps, self.last_loss = 0, None
-
-    def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 32) -> list[Any]:
-        import torch
-
-        from tasks.prm.model import collate, encode_trajectory, ensemble_scores, pad_token_id, score_trajectories
-
-        if self.trainer is None:
-            return score_trajectories(self.model, self.tokenizer, prompts, completions, self.max_length,
-                                      batch_size=batch_size)
-        states = self.trainer.states_of(self.model, self.tokenizer, prompts, completions, self.max_length)
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                end = start + batch_size
-                encoded = [encode_trajectory(self.tokenizer, p, list(c), self.max_length)
-                           for p, c in zip(prompts[start:end], completions[start:end], strict=True)]
-                batch = collate(encoded, pad_token_id(self.tokenizer))
-                hidden = torch.nn.utils.rnn.pad_sequence(states[start:end], batch_first=True)
-                logits = self.model.read(hidden, batch["step_ends"], batch["completion_mask"])
-                out.extend(ensemble_scores(torch.sigmoid(logits.float()), encoded))
-        return out
-
-
 def references(ruler: Any, world: str, args: argparse.Namespace) -> dict[str, Any]:
     """The free references on the same ruler slice: position and the world's policy confidence."""
     from tasks.evaluation.reference_scorers import reference_scorer
@@ -290,7 +155,7 @@ def references(ruler: Any, world: str, args: argparse.Namespace) -> dict[str, An
 # -- the arms ------------------------------------------------------------------------------------------------------
 
 
-def static_points(arm: str, shards: list, trainer: Trainer, seed: int, sizes: list[int], eta: float | None = None
+def static_points(arm: str, shards: list, recipe: Recipe, seed: int, sizes: list[int], eta: float | None = None
                   ) -> list[dict[str, Any]]:
     """The arm measured on the first k problems of the pool (whole shards), k in ``sizes``."""
     out = []
@@ -300,10 +165,10 @@ def static_points(arm: str, shards: list, trainer: Trainer, seed: int, sizes: li
         if eta is not None:
             rows = relabelled(rows, eta)
         problems = len({r["problem_id"] for r in rows})
-        fig, _ = trainer.point(rows, seed, f"{arm} k={k}")
+        fig, _ = recipe.point(rows, seed, f"{arm} k={k}")
         out.append({"arm": arm, "seed": seed, "problems": problems, "rows": len(rows),
                     "tokens": shard_tokens([rec for _, rec in take]), **fig})
-        log(f"{trainer.world} {arm} seed {seed} k={k}: {out[-1]['tokens']['generated']:,} tokens, "
+        log(f"{recipe.world} {arm} seed {seed} k={k}: {out[-1]['tokens']['generated']:,} tokens, "
             f"within-position AUROC {fig['within_position_auroc']:.3f}, BoN@8 {fig['bon8_min_step']:.3f}")
     return out
 
@@ -319,7 +184,7 @@ def relabelled(rows: list[dict[str, Any]], eta: float) -> list[dict[str, Any]]:
 
 # The active arms run the product's loop (tasks/active/loop.py ActiveLoop): its round 0, its selectors and gate,
 # its label versions and its warm start. Only the labelling is replayed from the cached ``edu`` build, and the PRM
-# trains in this process on the trainer's cached token states; nothing here selects or loops over rounds.
+# trains in this process on the recipe's cached token states; nothing here selects or loops over rounds.
 
 
 class ReplayLabeller:
@@ -349,13 +214,13 @@ class ReplayLabeller:
         return ShardResult(rows=[dict(r) for pid in ids for r in self.by_problem[pid]], cost=cost)
 
 
-def loop_config(base: dict[str, Any], world: str, seed: int, args: argparse.Namespace, trainer: Trainer,
+def loop_config(base: dict[str, Any], world: str, seed: int, args: argparse.Namespace, recipe: Recipe,
                 active: dict[str, Any]) -> Any:
     """The ``edu`` labeller's config with the benchmark's train recipe and this arm's ``active`` section."""
     from configs.schema import parse_config
 
     raw = labeller_config(base, world, "edu", seed, args.problems)
-    raw["train"] = trainer.train.model_copy(update={"seed": seed}).model_dump(mode="json")
+    raw["train"] = recipe.train.model_copy(update={"seed": seed}).model_dump(mode="json")
     raw["active"] = {"seed_size": args.seed_size, "seed": seed, "selection": selection_of(base, args), **active}
     return parse_config(raw, f"bench_e2e active {active}")
 
@@ -368,12 +233,13 @@ def selection_of(base: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     return (base.get("active") or {}).get("selection") or {"preset": "paper", "pick": "top_k"}
 
 
-def replayed_loop(cfg: Any, shards: list, trainer: Trainer, seed: int, name: str, out: Path) -> Any:
+def replayed_loop(cfg: Any, shards: list, recipe: Recipe, seed: int, name: str, out: Path) -> Any:
     """The product's ActiveLoop in ``out`` with no engine: the pool written from the cached build (each problem's
     first row, ``pool_items``) through the loop's own ``write_pool``, labels replayed (``ReplayLabeller``), the PRM
-    trained here (``Trainer.fit``, warm-started from ``init_from``) into a real checkpoint, the ruler as eval."""
+    trained here (``Recipe.fit``, warm-started from ``init_from``) into a real checkpoint, the ruler as eval."""
     from tasks.active.loop import ActiveLoop
     from tasks.active.run_dir import PoolItem, check_out_dir, read_pool, write_pool
+    from tasks.prm.fit import FittedPRM
     from tasks.prm.model import find_checkpoint_dir, load_prm, save_checkpoint
 
     loop = ActiveLoop(cfg, out, None, train_fn=None)
@@ -388,30 +254,30 @@ def replayed_loop(cfg: Any, shards: list, trainer: Trainer, seed: int, name: str
         write_pool(out, items, {"labelling_hash": cfg.labelling_hash(), "problem_ids_in": in_ids,
                                 "pool_tokens": sum(i.completion_tokens for i in items), "rejected": [],
                                 "replayed_from": "the benchmark's cached edu build"})
-    scorers: dict[str, Any] = {}  # checkpoint dir -> the trained scorer (reads the trainer's cached states)
+    scorers: dict[str, Any] = {}  # checkpoint dir -> the trained scorer (reads the recipe's cached states)
 
     def scorer_of(checkpoint: Path) -> Any:
         key = str(find_checkpoint_dir(checkpoint))  # the loop names a round's run dir or its model dir
         if key not in scorers:  # a round finished by an earlier run: its checkpoint, on the cached states
             prm = load_prm(key)
             prm.model.requires_grad_(False)  # a frozen backbone: its token states are the cached ones
-            scorers[key] = Scorer(prm.model, prm.tokenizer, prm.max_length, trainer)
+            scorers[key] = FittedPRM(prm.model, prm.tokenizer, prm.max_length, prm.config, recipe.states)
         return scorers[key]
 
     def train_fn(dataset_dir: Path, run_dir: Path, init_from: Path | None) -> dict[str, Any]:
         rows = [r for rs, _ in read_shards(dataset_dir) for r in rs]
         t0 = time.perf_counter()
-        scorer = trainer.fit(rows, seed, f"{name} {run_dir.parent.name}", init_from=init_from)
+        scorer = recipe.fit(rows, seed, f"{name} {run_dir.parent.name}", init_from=init_from)
         model_dir = run_dir / "model"
         save_checkpoint(scorer.model, scorer.prm_config, model_dir, scorer.tokenizer)
         scorers[str(model_dir)] = scorer
-        return {"model_dir": str(model_dir), "epochs": trainer.train.epochs, "global_step": scorer.steps,
+        return {"model_dir": str(model_dir), "epochs": recipe.train.epochs, "global_step": scorer.steps,
                 "seconds": round(time.perf_counter() - t0, 2), "history": [{"train_loss": scorer.last_loss}]}
 
     def pool_scorer(checkpoint: Path) -> Any:
         return _Timed(scorer_of(checkpoint))
 
-    return ActiveLoop(cfg, out, None, train_fn, lambda model_dir, _ids: trainer.measure(scorer_of(model_dir)),
+    return ActiveLoop(cfg, out, None, train_fn, lambda model_dir, _ids: recipe.measure(scorer_of(model_dir)),
                       labeller_factory=lambda *_: ReplayLabeller(shards), scorer_factory=pool_scorer)
 
 
@@ -474,7 +340,7 @@ def round_points(arm: str, seed: int, rounds: list[dict[str, Any]], shards: list
     return out
 
 
-def active_points(shards: list, trainer: Trainer, seed: int, args: argparse.Namespace, base: dict[str, Any]
+def active_points(shards: list, recipe: Recipe, seed: int, args: argparse.Namespace, base: dict[str, Any]
                   ) -> list[dict[str, Any]]:
     """ActPRM (selector uncertainty) and random selection (selector random), each a run of the product's loop over
     the ``edu``-labelled pool: round 0 the same random seed set, then ``--rounds`` rounds of at most
@@ -484,18 +350,18 @@ def active_points(shards: list, trainer: Trainer, seed: int, args: argparse.Name
     for arm, selector in (("actprm", "uncertainty"), ("random", "random")):
         active = {"rounds": args.rounds + 1, "max_selected": args.per_round, "selector": selector,
                   "warm_start": not args.cold_start}
-        cfg = loop_config(base, trainer.world, seed, args, trainer, active)
-        out = args.cache / "active" / f"{cfg.name}-{arm}-{loop_key(cfg, trainer)}"
-        result = replayed_loop(cfg, shards, trainer, seed, arm, out).run()
+        cfg = loop_config(base, recipe.world, seed, args, recipe, active)
+        out = args.cache / "active" / f"{cfg.name}-{arm}-{loop_key(cfg, recipe)}"
+        result = replayed_loop(cfg, shards, recipe, seed, arm, out).run()
         for p in round_points(arm, seed, result.rounds, shards):
             points.append(p)
-            log(f"{trainer.world} {arm} seed {seed} round {p['round']}: {p['problems']} problems, "
+            log(f"{recipe.world} {arm} seed {seed} round {p['round']}: {p['problems']} problems, "
                 f"{p['tokens']['generated']:,} tokens, within-position AUROC {p['within_position_auroc']:.3f}, "
                 f"BoN@8 {p['bon8_min_step']:.3f} (stop: {result.stop_reason})")
     return points
 
 
-def streaming_points(shards_of: dict[str, list], trainer: Trainer, seed: int, args: argparse.Namespace,
+def streaming_points(shards_of: dict[str, list], recipe: Recipe, seed: int, args: argparse.Namespace,
                      base: dict[str, Any]) -> list[dict[str, Any]]:
     """The streaming schedule (the reference's: one pass over the pool in batches of ``--stream-batch``, the current
     PRM gates each batch, only its uncertain part is labelled and trained on, warm-started, no retraining), three
@@ -514,28 +380,28 @@ def streaming_points(shards_of: dict[str, list], trainer: Trainer, seed: int, ar
                                          ("stream-all", "uncertainty", LABEL_ALL)):
             active = {"schedule": "streaming", "batch_size": args.stream_batch, "selector": selector,
                       "warm_start": True, "seed_size": args.stream_batch, "selection": selection}
-            cfg = loop_config(base, trainer.world, seed, args, trainer, active)
+            cfg = loop_config(base, recipe.world, seed, args, recipe, active)
             name = arm + suffix
-            key = loop_key(cfg, trainer) if labeller == "edu" else content_key([loop_key(cfg, trainer), labeller])
+            key = loop_key(cfg, recipe) if labeller == "edu" else content_key([loop_key(cfg, recipe), labeller])
             out = args.cache / "active" / f"{cfg.name}-{name.replace('@', '-')}-{key}"
-            result = replayed_loop(cfg, shards, trainer, seed, name, out).run()
+            result = replayed_loop(cfg, shards, recipe, seed, name, out).run()
             for p in round_points(name, seed, result.rounds, shards, cfg.active):
                 points.append(p)
                 g = p["gate"] or {}
-                log(f"{trainer.world} {name} seed {seed} batch {p['round']}: {p['problems']} problems, "
+                log(f"{recipe.world} {name} seed {seed} batch {p['round']}: {p['problems']} problems, "
                     f"{p['tokens']['label_generated']:,} label tokens, within-position AUROC "
                     f"{p['within_position_auroc']:.3f}, trusted {g.get('trusted_share')}")
     return points
 
 
-def loop_key(cfg: Any, trainer: Trainer) -> str:
+def loop_key(cfg: Any, recipe: Recipe) -> str:
     """A loop directory's cache key: the labelling, the recipe and the active section, the ruler (its figures are
     in the round records)."""
     return content_key([cfg.labelling_hash(), cfg.train.train_hash(), cfg.active.model_dump(mode="json"),
-                        trainer.ruler_key])
+                        recipe.ruler_key])
 
 
-def filter_points(shards: list, trainer: Trainer, seed: int, args: argparse.Namespace, base: dict[str, Any]
+def filter_points(shards: list, recipe: Recipe, seed: int, args: argparse.Namespace, base: dict[str, Any]
                   ) -> list[dict[str, Any]]:
     """ActPRM as a filter of the labelled pool, as one round of the product's loop after its seed set: the seed-set
     PRM keeps the uncertain share (top_k up to ``--filter-share`` of the pool), a fresh PRM trains on the seed set plus
@@ -543,15 +409,15 @@ def filter_points(shards: list, trainer: Trainer, seed: int, args: argparse.Name
     ids = sorted(pool_items(shards))
     keep = int(round(args.filter_share * len(ids))) - args.seed_size
     if keep < 1:
-        log(f"{trainer.world} filter seed {seed}: --filter-share keeps no problem beyond the seed set, skipped")
+        log(f"{recipe.world} filter seed {seed}: --filter-share keeps no problem beyond the seed set, skipped")
         return []
     full = shard_tokens([rec for _, rec in shards])
     out: list[dict[str, Any]] = []
     for arm, selector in (("filter", "uncertainty"), ("filter-random", "random")):
         active = {"rounds": 2, "max_selected": keep, "selector": selector, "warm_start": False}
-        cfg = loop_config(base, trainer.world, seed, args, trainer, active)
-        path = args.cache / "active" / f"{cfg.name}-{arm}-{loop_key(cfg, trainer)}"
-        result = replayed_loop(cfg, shards, trainer, seed, arm, path).run()
+        cfg = loop_config(base, recipe.world, seed, args, recipe, active)
+        path = args.cache / "active" / f"{cfg.name}-{arm}-{loop_key(cfg, recipe)}"
+        result = replayed_loop(cfg, shards, recipe, seed, arm, path).run()
         last = round_points(arm, seed, result.rounds, shards)[-1]
         if arm == "filter":
             uncertain = result.rounds[-1]["uncertain"]
@@ -559,7 +425,7 @@ def filter_points(shards: list, trainer: Trainer, seed: int, args: argparse.Name
         out.append({**{k: v for k, v in last.items() if k not in ("round", "tokens", "warm_start_from")},
                     "uncertain_in_pool": uncertain, "pool_problems": len(ids),
                     "tokens": {**full, "scoring_forward": last["tokens"]["scoring_forward"]}})
-        log(f"{trainer.world} {arm} seed {seed}: trains on {last['problems']} of {len(ids)} problems "
+        log(f"{recipe.world} {arm} seed {seed}: trains on {last['problems']} of {len(ids)} problems "
             f"({uncertain} uncertain), within-position AUROC {last['within_position_auroc']:.3f}")
     return out
 
@@ -963,14 +829,14 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
     ruler_dir, spec = SHIPPED_RULERS[WORLDS[world][1]]
     full_ruler = load_ruler(ruler_dir, spec)
     ruler = full_ruler.limited(args.ruler_problems)
-    trainer = Trainer(base.get("train", {}), world, args, ruler)
+    recipe = Recipe(base.get("train", {}), world, args, ruler)
     t0 = time.perf_counter()
     refs = references(ruler, world, args)
     PROFILE["references"] += time.perf_counter() - t0
     points: list[dict[str, Any]] = []
     datasets: dict[str, dict[str, str]] = {}
     for s in args.seed_list:
-        trainer.forget()
+        recipe.forget()
         shards_of: dict[str, list] = {}
         ms_built = args.ms_list if args.ms_independent else [max(args.ms_list)]
         for labeller in ["truth", *[f"ms-{n}" for n in ms_built], "edu"]:
@@ -985,36 +851,36 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
             shards_of[f"ms-{n}"] = subsampled(shards_of[f"ms-{ms_built[0]}"], n, s)
             datasets[str(s)][f"ms-{n}"] = f"{datasets[str(s)][f'ms-{ms_built[0]}']} (subsampled to N={n})"
         if "static" in args.arm_list:
-            points += static_points("truth", shards_of["truth"], trainer, s, [args.problems])
+            points += static_points("truth", shards_of["truth"], recipe, s, [args.problems])
             for n in args.ms_list:
                 sizes = args.size_list if n == 8 else [args.problems]
                 points += [p | ({} if n in ms_built else {"subsampled_from": f"ms-{ms_built[0]}"})
-                           for p in static_points(f"ms-{n}", shards_of[f"ms-{n}"], trainer, s, sizes)]
-            points += static_points("edu", shards_of["edu"], trainer, s, args.size_list)
+                           for p in static_points(f"ms-{n}", shards_of[f"ms-{n}"], recipe, s, sizes)]
+            points += static_points("edu", shards_of["edu"], recipe, s, args.size_list)
             for eta in args.eta_list:
                 if eta != base["labels"].get("eta", 1.0):
-                    points += static_points(f"edu-eta{eta:g}", shards_of["edu"], trainer, s, [args.problems], eta)
+                    points += static_points(f"edu-eta{eta:g}", shards_of["edu"], recipe, s, [args.problems], eta)
         if "rounds" in args.arm_list:
-            points += active_points(shards_of["edu"], trainer, s, args, base)
+            points += active_points(shards_of["edu"], recipe, s, args, base)
         if "filter" in args.arm_list:
-            points += filter_points(shards_of["edu"], trainer, s, args, base)
+            points += filter_points(shards_of["edu"], recipe, s, args, base)
         if "streaming" in args.arm_list:
-            points += streaming_points(shards_of, trainer, s, args, base)
+            points += streaming_points(shards_of, recipe, s, args, base)
         done = args.seed_list[: args.seed_list.index(s) + 1]
         result = {"seeds_done": done, **world_result(world, ruler, ruler_dir, refs, points, datasets, done, args,
-                                                     base, trainer)}
+                                                     base, recipe)}
         if save is not None:
             save(world, result)
     return result
 
 
 def world_result(world: str, ruler: Any, ruler_dir: str, refs: dict, points: list, datasets: dict, seeds: list[int],
-                 args: argparse.Namespace, base: dict[str, Any], trainer: Trainer) -> dict[str, Any]:
+                 args: argparse.Namespace, base: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
     return {"ruler": {"dir": ruler_dir, "problems": len(ruler.problem_ids), "trajectories": len(ruler.rows),
                       "content_hash": ruler.manifest["content_hash"]},
             "policy": WORLDS[world][0], "references": refs, "points": points, "datasets": datasets,
             **summarize(points, seeds, args.eta_list, base["labels"].get("eta", 1.0)),
-            "train": trainer.train.model_dump(mode="json")}
+            "train": recipe.train.model_dump(mode="json")}
 
 
 def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float], base_eta: float) -> dict[str, Any]:

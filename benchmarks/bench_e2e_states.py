@@ -1,10 +1,10 @@
 """What caching the frozen backbone's token states saves in bench_e2e's PRM training, side by side in one run.
 
 bench_e2e trains every point with the recipe of ``configs/toy-e2e.yaml`` (frozen backbone, token features). The
-backbone's states then depend on the text alone, so ``Trainer.fit`` computes them once per row
-(``tasks.prm.training.row_states``) and the epochs train only the heads. This script trains the same rows, same seed,
-both ways, one after the other, and reports the seconds and the ruler figures of each: the figures should agree
-within float noise (the batches' padding differs, so the sums are taken in another order), the time should not.
+backbone's states then depend on the text alone, so ``tasks.prm.fit.fit`` with a ``states_cache`` computes them once
+per row (``tasks.prm.training.row_states``) and the epochs train only the heads. This script trains the same rows,
+same seed, both ways, one after the other, and reports the seconds and the ruler figures of each: the figures should
+agree within float noise (the batches' padding differs, so the sums are taken in another order), the time should not.
 
     python -m benchmarks.bench_e2e_states --dataset runs/bench-e2e-cache/datasets/e2e-v2-edu-s0-... \
         --json-out benchmarks/results/e2e_states.json
@@ -34,24 +34,26 @@ def main() -> None:
     import torch
     import yaml
 
-    from benchmarks.bench_e2e import Trainer
     from benchmarks.lib import WORLDS, read_shards
-    from tasks.evaluation.ruler import SHIPPED_RULERS, load_ruler
+    from configs.schema import TrainConfig
+    from tasks.evaluation.ruler import SHIPPED_RULERS, evaluate_ruler, load_ruler
+    from tasks.evaluation.summary import ruler_figures
+    from tasks.prm.fit import fit
 
     torch.set_num_threads(2)
     rows = [r for shard, _ in read_shards(args.dataset) for r in shard]
     ruler = load_ruler(*SHIPPED_RULERS[WORLDS[args.world][1]]).limited(args.ruler_problems)
     base = yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text())
-    trainer = Trainer(base["train"], args.world, argparse.Namespace(epochs=args.epochs, n_boot=args.n_boot,
-                                                                    cache=None), ruler)
+    train = TrainConfig(**{**base["train"], "model_path": WORLDS[args.world][0], "epochs": args.epochs,
+                           "keep": "last"})
     result = {"dataset": str(args.dataset), "rows": len(rows), "world": args.world, "epochs": args.epochs,
               "seed": args.seed, "ruler_problems": args.ruler_problems, "runs": {}}
     for cached in (False, True):
-        trainer.cache_states = cached
         t0 = time.perf_counter()
-        scorer = trainer.fit(rows, args.seed, "states" if cached else "backbone")
+        fitted = fit(train, rows, args.seed, name="states" if cached else "backbone", dataset_version="bench-e2e",
+                     states_cache={} if cached else None)
         seconds = time.perf_counter() - t0
-        fig = trainer.measure(scorer)
+        fig = ruler_figures(evaluate_ruler(fitted, ruler, [1, 8], n_boot=args.n_boot))
         name = "states cached" if cached else "backbone every step"
         result["runs"][name] = {"train_seconds": round(seconds, 1), **fig}
         print(f"{name:20s} train {seconds:6.1f}s  within-position AUROC {fig['within_position_auroc']:.4f}  "

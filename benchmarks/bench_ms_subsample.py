@@ -44,10 +44,10 @@ def main() -> None:
     import torch
     import yaml
 
-    from benchmarks.bench_e2e import Trainer
     from benchmarks.lib import (
         WORLDS,
         Engines,
+        Recipe,
         build_dataset,
         check_pools,
         labeller_config,
@@ -77,8 +77,8 @@ def main() -> None:
     try:
         for world in args.worlds.split(","):
             ruler = load_ruler(*SHIPPED_RULERS[WORLDS[world][1]]).limited(args.ruler_problems)
-            trainer = Trainer(base["train"], world, argparse.Namespace(epochs=args.epochs, n_boot=args.n_boot,
-                                                                        cache=args.cache), ruler)
+            recipe = Recipe(base["train"], world, argparse.Namespace(epochs=args.epochs, n_boot=args.n_boot,
+                                                                      cache=args.cache), ruler)
             runs = []
             for seed in seeds:
                 big = read_shards(dataset(world, args.built, seed))
@@ -89,7 +89,7 @@ def main() -> None:
                 for n in ns:
                     row = {"seed": seed, "n": n}
                     for name, shards in (("built", own[n]), ("subsampled", subsampled(big, n, seed))):
-                        fig, _ = trainer.point([r for rows, _ in shards for r in rows], seed, f"ms-{n} {name}")
+                        fig, _ = recipe.point([r for rows, _ in shards for r in rows], seed, f"ms-{n} {name}")
                         row[name] = {"tokens": shard_tokens([r for _, r in shards])["generated"],
                                      **{m: fig[m] for m in METRICS}, "within_position_auroc_ci":
                                      fig["within_position_auroc_ci"]}

@@ -5,8 +5,8 @@ checkpoint and resume cost, held-out step AUROC vs toy truth.
 
 DIR is a finished toy dataset version (e.g. `prm-factory build --config configs/toy.yaml --local --out DIR`).
 All runs share one local Ray (2 CPUs, workers at 0.5 CPU each so Ray Data keeps a core). Per run: the config's
-`train:` section with the overrides below. The in-process run is the same loop (tasks/prm/training.py's
-train_step over the same training rows, one torch thread like a worker) without Ray, side by side in this run;
+`train:` section with the overrides below. The in-process run is the same loop (tasks/prm/fit.py's epoch loop
+over the same training rows, one torch thread like a worker) without Ray, side by side in this run;
 scoring throughput is the 2-worker model scoring the toy ruler's first 64 problems (1,024 trajectories).
 samples/s is the median over epochs after the first (epoch 0 pays
 for the data pipeline start and first-touch costs); the held-out AUROC is the 2-worker run's final model
@@ -157,31 +157,21 @@ def _finish(out: dict, shards: list, cfg2, model_run: Path, args) -> None:
 
 
 def _in_process(cfg, shards: list) -> dict:
-    """The trainer's own step loop in this process, no Ray: the rows the workers train on, the same epochs."""
+    """The trainer in this process, no Ray (`tasks.prm.fit`): the rows the workers train on, in shard order, the same
+    epochs."""
     import pyarrow.parquet as pq
     import torch
 
-    from configs.schema import resolve_path
-    from tasks.prm.training import READ_COLUMNS, batch_rows, is_held_out, run_prm_config, start_model, train_step
+    from tasks.prm.fit import fit
+    from tasks.prm.training import READ_COLUMNS, batch_rows, is_held_out
 
     train = cfg.train
     torch.set_num_threads(1)
-    torch.manual_seed(train.seed)
-    backbone = resolve_path(train.model_path)
-    prm_config = run_prm_config(train, backbone, "bench")
-    model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
     rows = [r for path in shards
             for r in batch_rows(pq.read_table(path, columns=sorted({*READ_COLUMNS, train.target})), train.target)
             if not is_held_out(r["problem_id"], train.eval_fraction, train.seed)]
-    rates = []
-    for epoch in range(train.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        for start in range(0, len(rows), train.batch_size):
-            train_step(model, optimizer, tokenizer, rows[start:start + train.batch_size], train.target,
-                       prm_config["max_length"], train.pull_lambda, "cpu", f"epoch {epoch}", train.pull_reduction,
-                       learning_probability=train.learning_probability)
-        rates.append(len(rows) / (time.perf_counter() - t0))
+    fitted = fit(train.model_copy(update={"shuffle": False}), rows, train.seed, dataset_version="bench")
+    rates = [h["samples_per_s"] for h in fitted.history]
     return {"samples_per_s_median": round(_median_rate([{"samples_per_s": r} for r in rates]), 2),
             "samples_per_s_by_epoch": [round(r, 2) for r in rates], "rows": len(rows)}
 

@@ -6,6 +6,7 @@ Importing it sets the offline environment (``set_offline_env``) before anything 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -164,3 +165,64 @@ def check_pools(base: dict[str, Any], worlds: list[str], args: Any) -> None:
                 bad.append(f"world {world} seed {s} (toy seed {POOL_SEED_BASE + s}): {len(overlap)} ruler problem(s)")
     if bad:
         raise SystemExit("these pools hold ruler problems, pick other --seeds: " + "; ".join(bad))
+
+
+def rows_digest(rows: list[dict[str, Any]], target: str) -> str:
+    return content_key([[r["problem_id"], r["prompt"], r["completions"], r[target]] for r in rows])
+
+
+# -- training and measuring --------------------------------------------------------------------------------------
+
+
+class Recipe:
+    """The benchmark's train recipe on one world: each PRM fitted in this process (`tasks.prm.fit`), measured on
+    the ruler, each point's figures cached."""
+
+    def __init__(self, train_section: dict[str, Any], world: str, args: argparse.Namespace, ruler: Any) -> None:
+        from configs.schema import TrainConfig
+
+        self.train = TrainConfig(**{**train_section, "model_path": WORLDS[world][0], "epochs": args.epochs,
+                                    "keep": "last"})
+        self.world, self.args, self.ruler = world, args, ruler
+        self.ruler_key = [ruler.manifest["content_hash"], len(ruler.problem_ids), args.n_boot]
+        # Token states by text: the backbone is the world's frozen policy in every fit, so a row's states are the
+        # same in each PRM that trains on it or scores it (the curve's sizes, the η grid, the active rounds, the
+        # ruler); ``forget`` empties it between pools.
+        self.states: dict[str, Any] = {}
+
+    def forget(self) -> None:
+        self.states.clear()
+
+    def fit(self, rows: list[dict[str, Any]], seed: int, name: str, init_from: Path | None = None) -> Any:
+        """The recipe trained on ``rows`` (`tasks.prm.fit.fit`, on the cached token states), a FittedPRM;
+        ``init_from``: the active loop's warm start."""
+        from tasks.prm.fit import fit
+
+        t0 = time.perf_counter()
+        fitted = fit(self.train, rows, seed, name=name, dataset_version="bench-e2e", init_from=init_from,
+                     states_cache=self.states)
+        PROFILE["training"] += time.perf_counter() - t0
+        return fitted
+
+    def measure(self, scorer: Any) -> dict[str, Any]:
+        from tasks.evaluation.ruler import evaluate_ruler
+        from tasks.evaluation.summary import ruler_figures
+
+        t0 = time.perf_counter()
+        out = ruler_figures(evaluate_ruler(scorer, self.ruler, [1, 8], n_boot=self.args.n_boot))
+        PROFILE["evaluation"] += time.perf_counter() - t0
+        return out
+
+    def point(self, rows: list[dict[str, Any]], seed: int, name: str, need_model: bool = False
+              ) -> tuple[dict[str, Any], Any]:
+        """Figures of the recipe trained on ``rows`` (cached by the rows' digest, the recipe and the ruler), and
+        the trained scorer when ``need_model`` (trained again if the figures came from the cache) or else None."""
+        key = content_key([rows_digest(rows, self.train.target), self.train.train_hash(), seed, self.ruler_key])
+        path = self.args.cache / "points" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text()), (self.fit(rows, seed, name) if need_model else None)
+        scorer = self.fit(rows, seed, name)
+        out = self.measure(scorer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        return out, (scorer if need_model else None)

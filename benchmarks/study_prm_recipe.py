@@ -7,8 +7,8 @@ labelled by the truth labeller (tasks/labelling/truth_labeller.py, exact truth p
 engine in this process; cached under runs/study/ by a content key. `--labeller tree` labels the same problems the
 factory's way (EDU tree + ER-PRM rollouts) instead, with configs/toy.yaml's labelling sections.
 
-Training: the trainer's own pure-torch pieces (tasks/prm/training.py: run_prm_config, train_step, the held-out
-split), in one process, for each recipe in turn. A recipe is a set of `train:` overrides. Every epoch is scored on
+Training: the trainer in one process (tasks/prm/fit.py, the epoch loop Ray Train runs; tasks/prm/training.py's
+held-out split), for each recipe in turn. A recipe is a set of `train:` overrides. Every epoch is scored on
 the held-out problems (within-position AUROC against their labels); the best epoch is kept and judged on the
 ruler's first `--ruler-problems` problems: within-position AUROC, first-error F1, best-of-8 against majority vote,
 each with a 95% bootstrap interval over problems, step AUROC beside them. The free references (position,
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -127,20 +126,7 @@ def labelled_rows(args: argparse.Namespace, ruler_ids: set[str]) -> tuple[list[d
     return rows, meta
 
 
-class ModelScorer:
-    """A model being trained, as a StepScorer (the same scoring path as a loaded checkpoint)."""
-
-    def __init__(self, model: Any, tokenizer: Any, max_length: int):
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
-
-    def score(self, prompts: list[str], completions: list[list[str]], batch_size: int = 32) -> list[Any]:
-        from tasks.prm.model import score_trajectories
-
-        return score_trajectories(self.model, self.tokenizer, prompts, completions, self.max_length,
-                                  batch_size=batch_size)
-
-
-def heldout_quality(scorer: ModelScorer, rows: list[dict[str, Any]]) -> float:
+def heldout_quality(scorer: Any, rows: list[dict[str, Any]]) -> float:
     from tasks.evaluation.metrics import within_position_auroc
 
     scores = scorer.score([r["prompt"] for r in rows], [r["completions"] for r in rows])
@@ -153,42 +139,31 @@ def train_recipe(name: str, overrides: dict[str, Any], rows: list[dict[str, Any]
 
     from configs.schema import TrainConfig
     from tasks.evaluation.ruler import evaluate_ruler
-    from tasks.prm.training import is_held_out, run_prm_config, start_model, train_step
+    from tasks.prm.fit import fit
+    from tasks.prm.training import is_held_out
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     import yaml
 
     policy = yaml.safe_load((REPO / "configs" / WORLDS[args.world][0]).read_text())["policy"]["model_path"]
-    train = TrainConfig(**{"model_path": policy, "epochs": args.epochs, **overrides})
-    backbone = REPO / train.model_path
-    prm_config = run_prm_config(train, backbone, "study")
-    model, tokenizer, optimizer = start_model(prm_config, backbone, train.model_dump(mode="json"))
+    train = TrainConfig(**{"model_path": policy, "epochs": args.epochs, "seed": args.seed, **overrides})
     heldout = [r for r in rows if is_held_out(r["problem_id"], 0.1, args.seed)]
     train_rows = [r for r in rows if not is_held_out(r["problem_id"], 0.1, args.seed)]
-    scorer = ModelScorer(model, tokenizer, prm_config["max_length"])
-    rng = random.Random(args.seed)
-    order = list(range(len(train_rows)))
-    best, best_state, history, t0 = -1.0, None, [], time.perf_counter()
-    for epoch in range(train.epochs):
-        if train.shuffle:
-            rng.shuffle(order)
-        model.train()
-        losses = []
-        for start in range(0, len(order), train.batch_size):
-            batch = [train_rows[i] for i in order[start:start + train.batch_size]]
-            loss, parts, _ = train_step(model, optimizer, tokenizer, batch, train.target, prm_config["max_length"],
-                                        train.pull_lambda, "cpu", f"{name} epoch {epoch}", train.pull_reduction,
-                                        learning_probability=train.learning_probability)
-            losses.append(parts["bce"])
-        quality = heldout_quality(scorer, heldout)
-        history.append({"epoch": epoch, "train_bce": round(sum(losses) / len(losses), 4),
+    best, best_state, history = -1.0, None, []
+
+    def keep_best(record: dict[str, Any], fitted: Any) -> None:
+        nonlocal best, best_state
+        quality = heldout_quality(fitted, heldout)
+        history.append({"epoch": record["epoch"], "train_bce": round(record["train_bce"], 4),
                         "heldout_within_position_auroc": round(quality, 4)})
-        log(f"{name} epoch {epoch}: train BCE {history[-1]['train_bce']}, held-out within-position AUROC "
+        log(f"{name} epoch {record['epoch']}: train BCE {history[-1]['train_bce']}, held-out within-position AUROC "
             f"{quality:.3f}")
         if quality > best:
-            best, best_state = quality, {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+            best, best_state = quality, {k: v.detach().clone() for k, v in fitted.model.state_dict().items()}
+
+    t0 = time.perf_counter()
+    scorer = fit(train, train_rows, args.seed, name=name, dataset_version="study", on_epoch=keep_best)
+    scorer.model.load_state_dict(best_state)
     train_seconds = time.perf_counter() - t0
     report = evaluate_ruler(scorer, ruler, [1, 8], n_boot=args.n_boot)
     return {"recipe": name, "overrides": overrides, "train": train.model_dump(mode="json"),

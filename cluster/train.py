@@ -9,8 +9,9 @@ every run and every worker), so the eval rows never reach the optimizer. Before 
 checks that the backbone can be trained as configured (FSDP needs its decoder layers; a meta-device build from
 config.json, no weights).
 
-One optimizer step sums ``train.grad_accum_steps`` batches of ``train.batch_size`` rows on each worker: the
-global batch, ``batch_size x num_workers x grad_accum_steps``, is pinned in RUN/run.json.
+One optimizer step sums ``train.grad_accum_steps`` batches of ``train.batch_size`` rows on each worker (the epoch
+loop is tasks/prm/fit.py's ``train_epoch``, the one a run in one process trains with): the global batch,
+``batch_size x num_workers x grad_accum_steps``, is pinned in RUN/run.json.
 
 The run directory RUN is Ray Train's experiment directory (``storage_path`` = RUN's parent, ``name`` = RUN's
 name). Every epoch a checkpoint is written and reported through ``ray.train.report``, with ``train_state.json``
@@ -51,6 +52,7 @@ from typing import Any
 from cluster.connect import connect
 from configs.models import ModelNotFoundError, resolve_model
 from configs.schema import FactoryConfig
+from tasks.prm.fit import train_epoch
 from tasks.prm.training import (
     READ_COLUMNS,
     TrainError,
@@ -66,7 +68,6 @@ from tasks.prm.training import (
     restore_optimizer,
     run_prm_config,
     score_rows_sharded,
-    train_step,
 )
 
 RUN_FILE = "run.json"
@@ -154,7 +155,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prm_config, train = config["prm_config"], config["train"]
     target, max_length = prm_config["target"], prm_config["max_length"]
     strategy, precision = train.get("strategy", "ddp"), train.get("precision", "fp32")
-    accum = int(train.get("grad_accum_steps", 1))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(train["seed"])
@@ -204,29 +204,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t.cpu()
 
-    for epoch in range(start_epoch, train["epochs"]):
-        model.train()
-        if train.get("learning_probability", 1.0) < 1.0:
-            # The heads' data masks (train_step) come from torch's global RNG: seeded per epoch, so a resumed run
-            # draws the masks an uninterrupted one does, and per rank, so the workers do not mask their rows alike.
-            torch.manual_seed((train["seed"] * 1000 + epoch) * 1024 + rank)
-        started = time.perf_counter()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, bce, pull (all x optimizer steps), samples
-        batches = steps = truncated = 0
-        window: list[dict[str, Any]] = []
-        pieces = 0
-
-        def step(rows: list[dict[str, Any]], pieces: int, where: str) -> None:
-            nonlocal global_step, steps, truncated, sums
-            loss, parts, cut = train_step(model, optimizer, tokenizer, rows, target, max_length,
-                                          train["pull_lambda"], device, where, train["pull_reduction"],
-                                          precision=precision, micro_batches=pieces, scaler=scaler,
-                                          learning_probability=train.get("learning_probability", 1.0))
-            truncated += cut
-            global_step += 1
-            steps += 1
-            sums += torch.tensor([loss, parts["bce"], parts["pull"], len(rows)], dtype=torch.float64)
-
+    def epoch_batches(epoch: int) -> Any:
+        """This worker's batches of an epoch as rows, in the split's fixed order (shuffled by a seed per epoch);
+        the tests' injected fault fires before the second."""
         shard = ray.train.get_dataset_shard("train")
         shuffle = {"local_shuffle_buffer_size": 4096, "local_shuffle_seed": train["seed"] * 1000 + epoch
                    } if train["shuffle"] else {}
@@ -242,15 +222,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 else:
                     raise RuntimeError(f"injected fault in epoch {epoch} (after the epoch {fault['after_epoch']} "
                                        "checkpoint)")
-            window.extend(batch_rows(batch, target))
-            batches += 1
-            pieces += 1
-            if pieces == accum:
-                step(window, pieces, f"epoch {epoch}, global step {global_step + 1}, rank {rank} batch {batch_index}")
-                window, pieces = [], 0
-        if window:  # the epoch's last, shorter window
-            step(window, pieces, f"epoch {epoch}, global step {global_step + 1}, rank {rank} batch {batches - 1}")
-        sums = reduce(sums.tolist())
+            yield batch_rows(batch, target)
+
+    for epoch in range(start_epoch, train["epochs"]):
+        model.train()
+        if train.get("learning_probability", 1.0) < 1.0:
+            # The heads' data masks (train_step) come from torch's global RNG: seeded per epoch, so a resumed run
+            # draws the masks an uninterrupted one does, and per rank, so the workers do not mask their rows alike.
+            torch.manual_seed((train["seed"] * 1000 + epoch) * 1024 + rank)
+        started = time.perf_counter()
+
+        def where(step: int, batch: int, epoch: int = epoch, first: int = global_step) -> str:
+            return f"epoch {epoch}, global step {first + step}, rank {rank} batch {batch}"
+
+        done = train_epoch(model, optimizer, tokenizer, epoch_batches(epoch), train, max_length, device, where,
+                           scaler=scaler)
+        global_step += done.steps
+        steps, batches, truncated = done.steps, done.batches, done.truncated
+        sums = reduce([done.loss, done.bce, done.pull, done.samples])
         train_seconds = time.perf_counter() - started
         per_worker_steps = max(1, steps)
         state_bytes = local_state_bytes(model, optimizer)

@@ -2,16 +2,16 @@
 evaluation, optimizer state as tensors, and the model config of a run.
 
 cluster/train.py runs them under Ray Train (``train_loop_per_worker``, DDP or FSDP over gloo or NCCL: the
-strategies and precisions are tasks/prm/distributed.py's); a benchmark or a study runs the same ``train_step`` in
-one process, so both train the same way. Problems are held out by a seeded hash of ``problem_id``
-(``is_held_out``): the same split every run and every worker, so the eval rows never reach the optimizer.
+strategies and precisions are tasks/prm/distributed.py's); a benchmark or a study runs them in one process through
+tasks/prm/fit.py, whose epoch loop (``train_epoch``) the Ray Train workers run too, so both train the same way.
+Problems are held out by a seeded hash of ``problem_id`` (``is_held_out``): the same split every run and every
+worker, so the eval rows never reach the optimizer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -195,33 +195,24 @@ def score_rows_sharded(model: Any, tokenizer: Any, rows: list[dict[str, Any]], m
 
 def evaluate_held_out(model: Any, tokenizer: Any, rows: list[dict[str, Any]], target: str, max_length: int,
               device: str, scores: list[Any] | None = None) -> dict[str, Any]:
-    """Held-out loss (BCE of the ensemble mean vs the target), step AUROC and accuracy vs the hard labels.
-    ``scores``: the rows' StepScores when already computed (``score_rows_sharded``), else the model scores them."""
-    from tasks.evaluation.metrics import accuracy, auroc, within_position_auroc
+    """Held-out loss (BCE of the ensemble mean vs the target), step AUROC and accuracy vs the hard labels
+    (``tasks.prm.report.held_out_metrics``), and the within-position AUROC. ``scores``: the rows' StepScores when
+    already computed (``score_rows_sharded``), else the model scores them."""
+    from tasks.evaluation.metrics import within_position_auroc
     from tasks.prm.model import score_trajectories
+    from tasks.prm.report import held_out_metrics
 
     if scores is None:
         scores = score_trajectories(model, tokenizer, [r["prompt"] for r in rows], [r["completions"] for r in rows],
                                     max_length, batch_size=16, device=device)
-    means, hard, losses = [], [], []
-    for row, s in zip(rows, scores, strict=True):
-        for j, m in enumerate(s.mean):
-            if math.isnan(m):
-                continue
-            means.append(m)
-            hard.append(bool(row["labels"][j]))
-            y = row[target][j]
-            if y is not None and not math.isnan(float(y)):
-                p = min(max(m, 1e-7), 1 - 1e-7)
-                losses.append(-(float(y) * math.log(p) + (1 - float(y)) * math.log(1 - p)))
+    metrics = held_out_metrics(rows, scores, target)
     return {
-        "eval_rows": len(rows), "eval_steps": len(means),
-        "eval_loss": float(sum(losses) / len(losses)) if losses else math.nan,
-        "eval_auroc": auroc(means, hard) if means else math.nan,
+        "eval_rows": metrics["rows"], "eval_steps": metrics["steps"], "eval_loss": float(metrics["loss"]),
+        "eval_auroc": metrics["auroc_vs_labels"],
         "eval_within_position_auroc": within_position_auroc(
             [s.mean for s in scores], [[bool(x) for x in r["labels"]] for r in rows])["mean"],
-        "eval_acc": accuracy(means, hard) if means else math.nan,
-        "eval_truncated": sum(s.truncated for s in scores),
+        "eval_acc": metrics["accuracy_vs_labels"],
+        "eval_truncated": metrics["truncated_rows"],
         "scores": [{"problem_id": r["problem_id"], "prompt": r["prompt"], "completions": r["completions"],
                     "mean": s.mean, "std": s.std} for r, s in zip(rows, scores, strict=True)],
     }

@@ -181,8 +181,8 @@ def test_the_streaming_arms_run_the_products_streaming_schedule(e2e, edu4, tmp_p
     args = argparse.Namespace(epochs=1, n_boot=10, cache=tmp_path, problems=4, seed_size=2, per_round=1, rounds=1,
                               cold_start=False, selection=None, stream_batch=2,
                               stream_selection='{"preset": "paper"}', stream_labellers="edu,edu-hard")
-    trainer = e2e.Trainer(base["train"], "v1", args, load_ruler(*SHIPPED_RULERS["v1"]).limited(2))
-    points = e2e.streaming_points({"edu": shards, "truth": shards}, trainer, 0, args, base)
+    recipe = e2e.Recipe(base["train"], "v1", args, load_ruler(*SHIPPED_RULERS["v1"]).limited(2))
+    points = e2e.streaming_points({"edu": shards, "truth": shards}, recipe, 0, args, base)
     arms = [p["arm"] for p in points]
     assert set(arms) == {"stream-actprm", "stream-random", "stream-all", "stream-actprm@hard", "stream-random@hard",
                          "stream-all@hard"}
@@ -313,8 +313,8 @@ def test_the_active_arms_run_the_products_loop_with_labels_replayed(e2e, edu4, t
     monkeypatch.setattr(loop_module.ActiveLoop, "run_round", spy)
     args = argparse.Namespace(epochs=1, n_boot=10, cache=tmp_path, problems=4, seed_size=2, per_round=1, rounds=1,
                               cold_start=False, filter_share=0.75, selection=None)
-    trainer = e2e.Trainer(base["train"], "v1", args, load_ruler(*SHIPPED_RULERS["v1"]).limited(2))
-    points = e2e.active_points(shards, trainer, 0, args, base)
+    recipe = e2e.Recipe(base["train"], "v1", args, load_ruler(*SHIPPED_RULERS["v1"]).limited(2))
+    points = e2e.active_points(shards, recipe, 0, args, base)
     assert ("uncertainty", 0) in calls and ("uncertainty", 1) in calls and ("random", 1) in calls
     assert [(p["arm"], p["round"], p["problems"]) for p in points] == [
         ("actprm", 0, 2), ("actprm", 1, 3), ("random", 0, 2), ("random", 1, 3)]
@@ -333,7 +333,7 @@ def test_the_active_arms_run_the_products_loop_with_labels_replayed(e2e, edu4, t
     assert points[0]["within_position_auroc"] == points[2]["within_position_auroc"]  # the same round 0
     # the filter arm is a run of the loop too: one round after the seed set, up to 3 of 4 problems in all
     calls.clear()
-    filtered = e2e.filter_points(shards, trainer, 0, args, base)
+    filtered = e2e.filter_points(shards, recipe, 0, args, base)
     assert [p["arm"] for p in filtered] == ["filter", "filter-random"] and ("uncertainty", 1) in calls
     assert filtered[0]["problems"] <= 3 and filtered[1]["problems"] == filtered[0]["problems"]
 
@@ -441,34 +441,3 @@ def test_run_all_goes_on_after_a_failing_step_and_marks_it(run_all, tmp_path):
     assert "| dep | skipped: needs bad, which did not finish |" in text
     assert "| newbench | not run: no CI size in benchmarks/run_all.py |" in text
     assert "| 1 | 2 |" in text
-
-
-def test_cached_token_states_score_as_the_whole_model_and_are_computed_once(e2e):
-    """The trainer's state cache: a PRM trained on cached states scores the ruler as the same PRM run whole, and
-    a second fit or scoring pass over the same texts computes no new states."""
-    import argparse
-
-    import yaml
-
-    from tasks.evaluation.ruler import SHIPPED_RULERS, load_ruler
-
-    ruler = load_ruler(*SHIPPED_RULERS["v1"]).limited(2)
-    base = yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text())
-    trainer = e2e.Trainer(base["train"], "v1", argparse.Namespace(epochs=1, n_boot=10, cache=None), ruler)
-    rows = [{"problem_id": r["problem_id"], "prompt": r["prompt"], "completions": r["completions"],
-             "er_labels": [float(x) for x in r["step_truth"]]} for r in ruler.rows[:12]]
-    scorer = trainer.fit(rows, 0, "cache test")
-    assert scorer.trainer is trainer and len(trainer.states) == len({(r["prompt"], *r["completions"]) for r in rows})
-    prompts, completions = [r["prompt"] for r in ruler.rows], [r["completions"] for r in ruler.rows]
-    cached = scorer.score(prompts, completions)
-    whole = e2e.Scorer(scorer.model, scorer.tokenizer, scorer.max_length).score(prompts, completions)
-    assert len(cached) == len(whole) == len(ruler.rows)
-    for a, b in zip(cached, whole, strict=True):
-        assert a.mean == pytest.approx(b.mean, abs=1e-5) and a.std == pytest.approx(b.std, abs=1e-5)
-    assert max(s for sc in cached for s in sc.std) > 1e-4  # the heads disagree: std is compared, not two zeros
-    seen = len(trainer.states)
-    trainer.fit(rows, 1, "cache test again")
-    scorer.score(prompts, completions)
-    assert len(trainer.states) == seen
-    trainer.forget()
-    assert not trainer.states
