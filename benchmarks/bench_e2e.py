@@ -373,8 +373,8 @@ def streaming_points(shards_of: dict[str, list], recipe: Recipe, seed: int, args
     points: list[dict[str, Any]] = []
     gate = json.loads(args.stream_selection)
     for labeller in args.stream_labellers.split(","):
-        shards = {"edu": shards_of["edu"], "truth": shards_of["truth"],
-                  "edu-hard": [(relabelled(rows, math.inf), rec) for rows, rec in shards_of["edu"]]}[labeller]
+        shards = ([(relabelled(rows, math.inf), rec) for rows, rec in shards_of["edu"]] if labeller == "edu-hard"
+                  else shards_of[labeller])
         suffix = {"edu": "", "edu-hard": "@hard", "truth": "@truth"}[labeller]
         for arm, selector, selection in (("stream-actprm", "uncertainty", gate), ("stream-random", "random", gate),
                                          ("stream-all", "uncertainty", LABEL_ALL)):
