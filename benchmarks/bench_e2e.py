@@ -838,7 +838,7 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
     for s in args.seed_list:
         recipe.forget()
         shards_of: dict[str, list] = {}
-        ms_built = args.ms_list if args.ms_independent else [max(args.ms_list)]
+        ms_built = args.ms_list if args.ms_independent or not args.ms_list else [max(args.ms_list)]
         for labeller in ["truth", *[f"ms-{n}" for n in ms_built], "edu"]:
             cfg = parse_config(labeller_config(base, world, labeller, s, args.problems), f"bench_e2e {labeller}")
             dataset = build_dataset(cfg, args.cache, engines.factory(world, cfg))
@@ -899,15 +899,17 @@ def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float],
     if {"stream-actprm", "stream-random"} <= streams:
         comparisons["stream-actprm minus stream-random (within-position AUROC, last batch)"] = seed_sign(
             points, "stream-actprm", "stream-random", metric)
-    equal = {f"{a} minus {b}": at_equal_tokens(points, a, b, metric)
-             for a, b in (("actprm", "random"), ("stream-actprm", "stream-random"), ("stream-actprm", "edu"),
-                          ("stream-actprm", "stream-all"), ("stream-random", "edu"))
-             if any(p["arm"] == a for p in points) and any(p["arm"] == b for p in points)}
+    pairs = [("actprm", "random"), ("stream-actprm", "stream-random"), ("stream-actprm", "edu"),
+             ("stream-actprm", "stream-all"), ("stream-random", "edu")]
+    for suffix in ("@hard", "@truth"):  # the diagnosis labellers' streaming arms, against their own labeller's
+        pairs += [(f"stream-actprm{suffix}", f"stream-random{suffix}"),
+                  (f"stream-actprm{suffix}", f"stream-all{suffix}")]
+    present = {p["arm"] for p in points}
+    equal = {f"{a} minus {b}": at_equal_tokens(points, a, b, metric) for a, b in pairs if {a, b} <= present}
     paired = {f"{a} minus {b}": paired_rounds(points, a, b, metric)
-              for a, b in (("actprm", "random"), ("stream-actprm", "stream-random"))
-              if any(p["arm"] == a for p in points) and any(p["arm"] == b for p in points)}
-    reach = {arm: reach_whole_pool(points, arm, metric) for arm in ("actprm", "stream-actprm", "stream-random")
-             if any(p["arm"] == arm for p in points)}
+              for a, b in pairs if {a, b} <= present and b.startswith(("random", "stream-random"))}
+    reach = {arm: reach_whole_pool(points, arm, metric) for arm in sorted(present)
+             if arm == "actprm" or arm.startswith(("stream-actprm", "stream-random"))}
     for eta in etas:
         if eta != base_eta:
             comparisons[f"edu eta {eta:g} minus eta 1 (within-position AUROC)"] = seed_sign(
@@ -927,7 +929,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=1024, help="pool size: problems every labeller labels")
     ap.add_argument("--sizes", default="128,256,512,1024", help="curve points of the static labellers (problems)")
     ap.add_argument("--ms-ns", default="4,8,16", help="Math-Shepherd rollouts per step; the largest is built, the "
-                    "others subsampled from it")
+                    "others subsampled from it; none: no Math-Shepherd arm (the active arms' runs alone)")
     ap.add_argument("--ms-independent", action="store_true", help="build every Math-Shepherd N on its own instead")
     ap.add_argument("--etas", default="0.1,1,10", help="the ER η grid on the EDU rows (relabelled, not regenerated)")
     ap.add_argument("--rounds", type=int, default=None, help="active rounds after round 0 (default: the config's "
@@ -998,7 +1000,7 @@ def main() -> None:
         args.ruler_problems, args.n_boot, args.stream_batch = 32, 200, 8
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     args.size_list = sorted({int(k) for k in args.sizes.split(",")} | {args.problems})
-    args.ms_list = [int(n) for n in args.ms_ns.split(",")]
+    args.ms_list = [] if args.ms_ns == "none" else [int(n) for n in args.ms_ns.split(",")]
     args.eta_list = [float(e) for e in args.etas.split(",")]
     args.arm_list = args.arms.split(",")
     bad_arms = set(args.arm_list) - {"static", "rounds", "filter", "streaming"}
@@ -1008,9 +1010,9 @@ def main() -> None:
     worlds = args.worlds.split(",")
     unknown = [w for w in worlds if w not in WORLDS]
     if unknown or max(args.size_list) > args.problems or args.problems % PROBLEMS_PER_SHARD or any(
-            k % PROBLEMS_PER_SHARD for k in args.size_list) or 8 not in args.ms_list:
+            k % PROBLEMS_PER_SHARD for k in args.size_list) or (args.ms_list and 8 not in args.ms_list):
         raise SystemExit(f"--worlds from {sorted(WORLDS)}; --sizes and --problems multiples of {PROBLEMS_PER_SHARD}, "
-                         "sizes at most the pool; --ms-ns must hold 8 (the headline's reference)")
+                         "sizes at most the pool; --ms-ns must hold 8 (the headline's reference) or be none")
 
     import torch
 

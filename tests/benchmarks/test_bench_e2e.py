@@ -165,6 +165,28 @@ def test_equal_tokens_paired_rounds_and_reach_by_hand(e2e):
     assert not reach[1]["reached"] and reach[1]["token_share"] is None
 
 
+def test_the_summary_compares_each_diagnosis_labeller_with_its_own_arms_and_needs_no_math_shepherd(e2e):
+    """``--stream-labellers edu-hard,truth``: stream-actprm@hard is compared with stream-random@hard (never with the
+    edu arms), at equal tokens and batch by batch; a run with ``--ms-ns none`` has no ms arm and still summarizes."""
+    def pt(arm, seed, tokens, auroc, rnd):
+        p = _pt(arm, seed, tokens, auroc, problems=2 + rnd, rnd=rnd)
+        p["tokens"].update(label_generated=tokens, pool_generated=0)
+        return p
+
+    pts = [pt("truth", s, 100, 0.95, 2) for s in (0, 1)]
+    for s, (hard, rand) in enumerate(((0.90, 0.85), (0.80, 0.82))):
+        pts += [pt("stream-actprm@hard", s, 50, 0.7, 0), pt("stream-actprm@hard", s, 90, hard, 1),
+                pt("stream-random@hard", s, 50, 0.7, 0), pt("stream-random@hard", s, 90, rand, 1),
+                pt("stream-actprm", s, 90, 0.5, 1), pt("stream-random", s, 90, 0.6, 1)]
+    out = e2e.summarize(pts, [0, 1], [1.0], 1.0)
+    hard = out["at_equal_tokens"]["stream-actprm@hard minus stream-random@hard"]
+    assert [hard["per_seed"][s]["diff"] for s in (0, 1)] == pytest.approx([0.05, -0.02])
+    assert out["at_equal_tokens"]["stream-actprm minus stream-random"]["mean"] == pytest.approx(-0.1)
+    assert out["paired_by_round"]["stream-actprm@hard minus stream-random@hard"]["1"]["mean"] == pytest.approx(0.015)
+    assert "stream-actprm@truth minus stream-random@truth" not in out["at_equal_tokens"]  # no truth arms ran
+    assert not any(k.startswith("ms-") for k in out["headline"]["within_position_auroc"]["arms"])
+
+
 def test_the_streaming_arms_run_the_products_streaming_schedule(e2e, edu4, tmp_path):
     """stream-actprm, stream-random and stream-all are runs of the product's loop with schedule streaming: batch 0
     is labelled whole, random labels as many per batch as the gate left, stream-all every problem; tokens are the
