@@ -368,14 +368,15 @@ def streaming_points(shards_of: dict[str, list], recipe: Recipe, seed: int, args
     runs of the product's loop per labeller: ``stream-actprm`` (the gate of ``--stream-selection``),
     ``stream-random`` (as many as that gate left uncertain, drawn at random from the batch) and ``stream-all`` (a
     gate that trusts nothing: every batch labelled). ``--stream-labellers`` adds diagnosis labellers: ``edu-hard``
-    (the EDU rows with hard labels, eta = inf) and ``truth`` (exact step labels); their arms are suffixed ``@hard`` and
-    ``@truth``."""
+    (the EDU rows with hard labels, eta = inf), ``truth`` (exact step labels) and ``edu-flat`` (EDU labels of the
+    scored trajectory alone, no tree: what the gate scored is what is bought); their arms are suffixed ``@hard``,
+    ``@truth`` and ``@flat``."""
     points: list[dict[str, Any]] = []
     gate = json.loads(args.stream_selection)
     for labeller in args.stream_labellers.split(","):
         shards = ([(relabelled(rows, math.inf), rec) for rows, rec in shards_of["edu"]] if labeller == "edu-hard"
                   else shards_of[labeller])
-        suffix = {"edu": "", "edu-hard": "@hard", "truth": "@truth"}[labeller]
+        suffix = {"edu": "", "edu-hard": "@hard", "truth": "@truth", "edu-flat": "@flat"}[labeller]
         for arm, selector, selection in (("stream-actprm", "uncertainty", gate), ("stream-random", "random", gate),
                                          ("stream-all", "uncertainty", LABEL_ALL)):
             active = {"schedule": "streaming", "batch_size": args.stream_batch, "selector": selector,
@@ -839,7 +840,8 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
         recipe.forget()
         shards_of: dict[str, list] = {}
         ms_built = args.ms_list if args.ms_independent or not args.ms_list else [max(args.ms_list)]
-        for labeller in ["truth", *[f"ms-{n}" for n in ms_built], "edu"]:
+        flat = ["edu-flat"] if "streaming" in args.arm_list and "edu-flat" in args.stream_labellers.split(",") else []
+        for labeller in ["truth", *[f"ms-{n}" for n in ms_built], "edu", *flat]:
             cfg = parse_config(labeller_config(base, world, labeller, s, args.problems), f"bench_e2e {labeller}")
             dataset = build_dataset(cfg, args.cache, engines.factory(world, cfg))
             shards_of[labeller] = read_shards(dataset)
@@ -901,7 +903,8 @@ def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float],
             points, "stream-actprm", "stream-random", metric)
     pairs = [("actprm", "random"), ("stream-actprm", "stream-random"), ("stream-actprm", "edu"),
              ("stream-actprm", "stream-all"), ("stream-random", "edu")]
-    for suffix in ("@hard", "@truth"):  # the diagnosis labellers' streaming arms, against their own labeller's
+    pairs += [("stream-actprm@flat", "edu"), ("stream-all@flat", "edu")]  # the flat labeller against EDU's trees
+    for suffix in ("@hard", "@truth", "@flat"):  # the other labellers' streaming arms, against their own labeller's
         pairs += [(f"stream-actprm{suffix}", f"stream-random{suffix}"),
                   (f"stream-actprm{suffix}", f"stream-all{suffix}")]
     present = {p["arm"] for p in points}
@@ -952,7 +955,8 @@ def main() -> None:
                     help="the streaming ActPRM gate's active.selection as JSON (default: thresholds calibrated on the "
                     "first batch to trust half of it; the paper's: '{\"preset\": \"paper\"}')")
     ap.add_argument("--stream-labellers", default="edu", help="labellers the streaming arms replay: edu, and for "
-                    "diagnosis edu-hard (hard labels, eta = inf) and truth (exact step labels)")
+                    "diagnosis edu-hard (hard labels, eta = inf), truth (exact step labels) and edu-flat (EDU labels "
+                    "of the scored trajectory alone, rollouts at its cut points and no tree: built when asked for)")
     ap.add_argument("--filter-share", type=float, default=0.3, help="share of the pool the filter trains on")
     ap.add_argument("--epochs", type=int, default=None, help="default: the config's train.epochs")
     ap.add_argument("--ruler-problems", type=int, default=128)
@@ -1004,7 +1008,7 @@ def main() -> None:
     args.eta_list = [float(e) for e in args.etas.split(",")]
     args.arm_list = args.arms.split(",")
     bad_arms = set(args.arm_list) - {"static", "rounds", "filter", "streaming"}
-    bad_labellers = set(args.stream_labellers.split(",")) - {"edu", "edu-hard", "truth"}
+    bad_labellers = set(args.stream_labellers.split(",")) - {"edu", "edu-hard", "truth", "edu-flat"}
     if bad_arms or bad_labellers:
         raise SystemExit(f"unknown --arms {sorted(bad_arms)} or --stream-labellers {sorted(bad_labellers)}")
     worlds = args.worlds.split(",")

@@ -54,7 +54,9 @@ def labeller_config(base: dict[str, Any], world: str, labeller: str, seed: int, 
         cfg["partition"] = {"method": "newline"}
         cfg["tree"] = {**cfg.get("tree", {}), "enabled": False}
         cfg["rollouts"]["n"] = int(n)
-    elif kind != "edu":
+    elif labeller == "edu-flat":  # the scored trajectory alone: rollouts at its EDU cut points, no tree
+        cfg["tree"] = {**cfg.get("tree", {}), "enabled": False}
+    elif labeller != "edu":
         raise SystemExit(f"unknown labeller {labeller!r}")
     return cfg
 

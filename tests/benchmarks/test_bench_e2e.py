@@ -237,6 +237,36 @@ def test_the_streaming_arms_run_the_products_streaming_schedule(e2e, edu4, tmp_p
     assert soft - {0.0, 1.0}, "the edu replay keeps its soft ER labels"
 
 
+def test_the_flat_labeller_buys_exactly_the_scored_trajectory(e2e, edu4, tmp_path):
+    """``edu-flat`` (``--stream-labellers edu-flat``): the same EDU cuts and rollouts with no tree, so a problem's
+    rows are its one policy solution (the pool trajectory the gate scores), labelled at its cut points; the tree
+    build holds that same solution among its leaves and costs more."""
+    import yaml
+
+    from cluster.hf_engine import HFEngine
+    from configs.schema import parse_config
+    from tasks.build import build
+
+    base = yaml.safe_load((REPO / "configs" / "toy-e2e.yaml").read_text())
+    raw = lib.labeller_config(base, "v1", "edu-flat", 0, 4)
+    raw["policy"]["backend"] = "transformers"
+    raw["partition"]["entropy_source"] = "exact"
+    raw["dataset"]["problems_per_shard"] = 2
+    cfg = parse_config(raw)
+    assert cfg.partition.method == "edu" and not cfg.branching
+    build(cfg, tmp_path / "flat", lambda: HFEngine(str(REPO / "assets" / "toy-policy")))
+    flat = lib.read_shards(tmp_path / "flat")
+    rows = [r for rs, _ in flat for r in rs]
+    assert len(rows) == len({r["problem_id"] for r in rows}) == 4  # one trajectory per problem
+    pool = e2e.pool_items(flat)
+    assert all(pool[r["problem_id"]]["completions"] == r["completions"] for r in rows)
+    tree_rows = [r for rs, _ in edu4[0] for r in rs]
+    for r in rows:  # the tree's leaves include the very solution the flat build labelled
+        assert any(t["completions"] == r["completions"] for t in tree_rows if t["problem_id"] == r["problem_id"])
+    tree_cost, flat_cost = e2e.problem_costs(edu4[0]), e2e.problem_costs(flat)
+    assert sum(c["generated"] for c in flat_cost.values()) < sum(c["generated"] for c in tree_cost.values())
+
+
 @pytest.fixture(scope="module")
 def edu4(e2e, tmp_path_factory):
     """A real 4-problem EDU build (2 shards of 2 problems, transformers engine): its shards, as the benchmark reads
