@@ -34,8 +34,9 @@ of a score set's per-trajectory needs (the least margin |mean - 0.5| and the lar
 matter), the smallest quantile that trusts the target share.
 
 **Picks** (``draw_uncertain``): a seeded draw among the uncertain (uniform, or weighted by the largest std over
-the steps that matter), at most ``per_group`` per problem, instead of the deterministic most-uncertain-first
-top-k, which is a biased sample of the pool. When everything is uncertain the uniform draw is the random baseline.
+the steps that matter, or by that std per expected labelling token), at most ``per_group`` per problem, instead of
+the deterministic most-uncertain-first top-k, which is a biased sample of the pool. When everything is uncertain
+the uniform draw is the random baseline.
 
 Choices of ours, documented here because the paper does not fix them:
 - a step whose score is NaN (cut off by the PRM's token cap, see tasks/prm/model.py) is not confident: the
@@ -353,16 +354,24 @@ def calibrate_thresholds(scores: Sequence[StepScoresLike], target_share: float,
 
 def draw_uncertain(ids: Sequence[str], scores: Sequence[StepScoresLike], params: SelectionParams,
                    k: int | None, seed: int, weight: str = "uniform",
-                   groups: Sequence[str] | None = None, per_group: int | None = None) -> Selection:
+                   groups: Sequence[str] | None = None, per_group: int | None = None,
+                   costs: Sequence[float] | None = None) -> Selection:
     """A seeded draw of at most `k` (None: all) of the uncertain trajectories, without replacement.
 
-    ``weight``: ``uniform``, or ``std`` (chance proportional to the largest std over the steps that matter; an
-    unscorable trajectory weighs as the largest weight seen). ``groups`` (same order as ids: each trajectory's
-    problem) with ``per_group``: at most that many per problem. The draw depends on the seed and the set of
-    (id, score) pairs, never on their order (weighted keys u ** (1 / w), Efraimidis-Spirakis, over sorted ids).
+    ``weight``: ``uniform``, ``std`` (chance proportional to the largest std over the steps that matter; an
+    unscorable trajectory weighs as the largest weight seen), or ``std_per_token`` (that std divided by the
+    trajectory's expected labelling cost, ``costs``, same order as ids, positive: expected gain per expected
+    token). ``groups`` (same order as ids: each trajectory's problem) with ``per_group``: at most that many per
+    problem. The draw depends on the seed and the set of (id, score) pairs, never on their order (weighted keys
+    u ** (1 / w), Efraimidis-Spirakis, over sorted ids, compared as log(u) / w: a small weight cannot underflow
+    every key to 0).
     """
-    if weight not in ("uniform", "std"):
-        raise ValueError(f"weight must be 'uniform' or 'std', got {weight!r}")
+    if weight not in ("uniform", "std", "std_per_token"):
+        raise ValueError(f"weight must be 'uniform', 'std' or 'std_per_token', got {weight!r}")
+    if (weight == "std_per_token") != (costs is not None):
+        raise ValueError("costs go with weight 'std_per_token', and only with it")
+    if costs is not None and (len(costs) != len(ids) or not all(c > 0 for c in costs)):
+        raise ValueError("costs must be positive, one per id")
     if len(ids) != len(scores) or (groups is not None and len(groups) != len(ids)):
         raise ValueError("ids, scores and groups must have the same length")
     if len(set(ids)) != len(ids):
@@ -376,12 +385,15 @@ def draw_uncertain(ids: Sequence[str], scores: Sequence[StepScoresLike], params:
         weights[pid] = None if needs is None else needs[1]
     known = [w for w in weights.values() if w is not None and w > 0]
     top = max(known, default=1.0)
+    cost_of = dict(zip(ids, costs, strict=True)) if costs is not None else {}
     rng = random.Random(seed)
     keyed = []
     for pid in sorted(weights):
         u = rng.random()
         w = 1.0 if weight == "uniform" else (top if weights[pid] is None else max(weights[pid], 1e-12))
-        keyed.append((-(u ** (1.0 / w)), pid))
+        if cost_of:
+            w /= cost_of[pid]
+        keyed.append((-(math.log(u) / w if u > 0 else -math.inf), pid))  # log of u ** (1 / w): no underflow
     keyed.sort()
     chosen: list[str] = []
     taken: dict[str, int] = {}

@@ -224,6 +224,23 @@ def test_draw_among_the_uncertain_is_seeded_capped_and_order_free():
     assert min(counts.values()) > 20 and max(counts.values()) < 85
 
 
+def test_draw_by_std_per_token_prefers_the_cheaper_of_equally_unsure_trajectories():
+    """``std_per_token``: expected gain (the std) per expected labelling token; two equally unsure trajectories,
+    one four times as costly, are drawn first about 4:1; the std still counts; costs must come with that weight."""
+    ids, scores = ["cheap", "dear"], [_traj((0.8, 0.05)), _traj((0.8, 0.05))]
+    firsts = [draw_uncertain(ids, scores, CODE, 1, seed=s, weight="std_per_token", costs=[400.0, 1600.0]).selected[0]
+              for s in range(800)]  # weights ~1e-4: as u ** (1 / w) every key would underflow to 0 and tie
+    assert 3.0 < firsts.count("cheap") / firsts.count("dear") < 5.5
+    unsure = [_traj((0.8, 0.20)), _traj((0.8, 0.05))]  # 4x the std at 4x the cost: even odds
+    even = [draw_uncertain(ids, unsure, CODE, 1, seed=s, weight="std_per_token", costs=[1600.0, 400.0]).selected[0]
+            for s in range(800)]
+    assert 0.75 < even.count("cheap") / even.count("dear") < 1.33
+    with pytest.raises(ValueError, match="costs go with"):
+        draw_uncertain(ids, scores, CODE, 1, seed=0, weight="std_per_token")
+    with pytest.raises(ValueError, match="positive"):
+        draw_uncertain(ids, scores, CODE, 1, seed=0, weight="std_per_token", costs=[1.0, 0.0])
+
+
 def test_selection_diagnostics_error_shares_and_std_within_margin():
     from tasks.active.selection import selection_diagnostics
 

@@ -254,3 +254,29 @@ def test_rounds_draw_among_the_uncertain_and_record_the_gate(tmp_path):
     r1 = result.rounds[1]
     assert r1["how"] == "uncertainty (uniform draw)" and r1["uncertain"] == len(uncertain_left)
     assert r1["trusted_share"] == pytest.approx(r1["confident"] / r1["unlabelled"]) and r1["confident"] >= 3
+
+
+def test_rounds_draw_by_std_per_token_weighs_each_pool_trajectory_by_its_tokens_and_steps(tmp_path, monkeypatch):
+    """``pick: std_per_token``: the round's draw gets each unlabelled trajectory's expected labelling cost (its
+    tokens x its steps, ``expected_label_cost``), in the order of the ids it draws from."""
+    from tasks.active import loop as loop_mod
+    from tasks.build import ingest
+
+    cfg = parse_config(_config(schedule="rounds", rounds=2, seed_size=2, max_selected=2, pool_size=6,
+                               selection={"preset": "actprm_code", "pick": "std_per_token"}))
+    ids = [p.problem_id for p in ingest(cfg).problems[:6]]
+    seen = {}
+    real = loop_mod.draw_uncertain
+
+    def spy(ids_, scores_, params, k, seed, weight="uniform", costs=None, **kw):
+        seen.update(weight=weight, costs=dict(zip(ids_, costs, strict=True)))
+        return real(ids_, scores_, params, k, seed, weight=weight, costs=costs, **kw)
+
+    monkeypatch.setattr(loop_mod, "draw_uncertain", spy)
+    steps = {pid: ["1+1=2\n"] * (1 + i % 3) for i, pid in enumerate(ids)}
+    loop, _, _ = _loop(tmp_path, cfg, {pid: [UNSURE] for pid in ids}, steps)
+    result = loop.run()
+    assert seen["weight"] == "std_per_token" and result.rounds[1]["how"] == "uncertainty (std_per_token draw)"
+    pool = {item.problem_id: item for item in loop._pool}
+    assert seen["costs"] and all(c == loop_mod.expected_label_cost(pool[pid]) for pid, c in seen["costs"].items())
+    assert {len(pool[pid].completions) for pid in seen["costs"]} > {1}  # the steps differ, and so do the costs
