@@ -344,12 +344,16 @@ def active_points(shards: list, recipe: Recipe, seed: int, args: argparse.Namesp
                   ) -> list[dict[str, Any]]:
     """ActPRM (selector uncertainty) and random selection (selector random), each a run of the product's loop over
     the ``edu``-labelled pool: round 0 the same random seed set, then ``--rounds`` rounds of at most
-    ``--per-round`` problems. Compared at equal labelling tokens through their curves (the headline's
-    tokens-to-reach), not in lockstep."""
+    ``--per-round`` problems. With ``pick: std_per_token``, a third arm, ``cost-random``: a draw weighted by the
+    same expected labelling cost with the std ignored (a gate that trusts nothing, ``pick: inverse_cost``).
+    Compared at equal labelling tokens through their curves (the headline's tokens-to-reach), not in lockstep."""
     points: list[dict[str, Any]] = []
-    for arm, selector in (("actprm", "uncertainty"), ("random", "random")):
+    arms: list[tuple[str, str, dict[str, Any] | None]] = [("actprm", "uncertainty", None), ("random", "random", None)]
+    if selection_of(base, args).get("pick") == "std_per_token":  # its control: the same cost weighting, no std
+        arms.append(("cost-random", "uncertainty", {**LABEL_ALL, "pick": "inverse_cost"}))
+    for arm, selector, selection in arms:
         active = {"rounds": args.rounds + 1, "max_selected": args.per_round, "selector": selector,
-                  "warm_start": not args.cold_start}
+                  "warm_start": not args.cold_start, **({"selection": selection} if selection else {})}
         cfg = loop_config(base, recipe.world, seed, args, recipe, active)
         out = args.cache / "active" / f"{cfg.name}-{arm}-{loop_key(cfg, recipe)}"
         result = replayed_loop(cfg, shards, recipe, seed, arm, out).run()
@@ -901,7 +905,8 @@ def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float],
     if {"stream-actprm", "stream-random"} <= streams:
         comparisons["stream-actprm minus stream-random (within-position AUROC, last batch)"] = seed_sign(
             points, "stream-actprm", "stream-random", metric)
-    pairs = [("actprm", "random"), ("stream-actprm", "stream-random"), ("stream-actprm", "edu"),
+    pairs = [("actprm", "random"), ("actprm", "cost-random"), ("cost-random", "random"),
+             ("stream-actprm", "stream-random"), ("stream-actprm", "edu"),
              ("stream-actprm", "stream-all"), ("stream-random", "edu")]
     pairs += [("stream-actprm@flat", "edu"), ("stream-all@flat", "edu")]  # the flat labeller against EDU's trees
     for suffix in ("@hard", "@truth", "@flat"):  # the other labellers' streaming arms, against their own labeller's
@@ -910,7 +915,7 @@ def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float],
     present = {p["arm"] for p in points}
     equal = {f"{a} minus {b}": at_equal_tokens(points, a, b, metric) for a, b in pairs if {a, b} <= present}
     paired = {f"{a} minus {b}": paired_rounds(points, a, b, metric)
-              for a, b in pairs if {a, b} <= present and b.startswith(("random", "stream-random"))}
+              for a, b in pairs if {a, b} <= present and b.startswith(("random", "stream-random", "cost-random"))}
     reach = {arm: reach_whole_pool(points, arm, metric) for arm in sorted(present)
              if arm == "actprm" or arm.startswith(("stream-actprm", "stream-random"))}
     for eta in etas:

@@ -411,11 +411,11 @@ class SelectionConfig(_Strict):
     calibrate_trusted_share: float | None = Field(
         None, gt=0, lt=1, description="set delta_pred and delta_std on the seed set so that this share of its "
         "trajectories is trusted (a gate that fires); None: the preset or the explicit thresholds")
-    pick: Literal["top_k", "uniform", "by_std", "std_per_token"] = Field(
+    pick: Literal["top_k", "uniform", "by_std", "std_per_token", "inverse_cost"] = Field(
         "top_k", description="which uncertain trajectories a round keeps when more are uncertain than it may label: "
-        "the largest stds first (top_k, deterministic), or a seeded draw, uniform, weighted by std, or by std per "
-        "expected labelling token (std_per_token: the trajectory's tokens x steps as its cost; rounds only; "
-        "streaming keeps every uncertain one)")
+        "the largest stds first (top_k, deterministic), or a seeded draw, uniform, weighted by std, by std per "
+        "expected labelling token (std_per_token: the trajectory's tokens x steps as its cost), or by 1 / that "
+        "cost alone (inverse_cost, std_per_token's control); rounds only; streaming keeps every uncertain one")
 
     @field_validator("delta_pred")
     @classmethod

@@ -365,10 +365,11 @@ class ActiveLoop:
             if pick == "top_k":
                 sel = select_uncertain(ids, scores, params, limit)
             else:
-                weight = {"by_std": "std", "std_per_token": "std_per_token"}.get(pick, "uniform")
+                weight = {"by_std": "std", "std_per_token": "std_per_token", "inverse_cost": "inverse_cost"}.get(
+                    pick, "uniform")
                 sel = draw_uncertain(ids, scores, params, limit, round_seed(act.seed, r), weight=weight,
                                      costs=[expected_label_cost(i) for i in unlabelled]
-                                     if weight == "std_per_token" else None)
+                                     if weight in ("std_per_token", "inverse_cost") else None)
             how = "uncertainty" if pick == "top_k" else f"uncertainty ({pick} draw)"
             chosen = set(sel.selected)
             diagnostics = selection_diagnostics(scores, truths, [i in chosen for i in ids], params.error_threshold)

@@ -359,17 +359,18 @@ def draw_uncertain(ids: Sequence[str], scores: Sequence[StepScoresLike], params:
     """A seeded draw of at most `k` (None: all) of the uncertain trajectories, without replacement.
 
     ``weight``: ``uniform``, ``std`` (chance proportional to the largest std over the steps that matter; an
-    unscorable trajectory weighs as the largest weight seen), or ``std_per_token`` (that std divided by the
+    unscorable trajectory weighs as the largest weight seen), ``std_per_token`` (that std divided by the
     trajectory's expected labelling cost, ``costs``, same order as ids, positive: expected gain per expected
-    token). ``groups`` (same order as ids: each trajectory's problem) with ``per_group``: at most that many per
-    problem. The draw depends on the seed and the set of (id, score) pairs, never on their order (weighted keys
-    u ** (1 / w), Efraimidis-Spirakis, over sorted ids, compared as log(u) / w: a small weight cannot underflow
-    every key to 0).
+    token) or ``inverse_cost`` (1 / cost alone, the std ignored: the control that tells how much of
+    ``std_per_token`` is the std and how much the cheaper problems). ``groups`` (same order as ids: each
+    trajectory's problem) with ``per_group``: at most that many per problem. The draw depends on the seed and the
+    set of (id, score) pairs, never on their order (weighted keys u ** (1 / w), Efraimidis-Spirakis, over sorted
+    ids, compared as log(u) / w: a small weight cannot underflow every key to 0).
     """
-    if weight not in ("uniform", "std", "std_per_token"):
-        raise ValueError(f"weight must be 'uniform', 'std' or 'std_per_token', got {weight!r}")
-    if (weight == "std_per_token") != (costs is not None):
-        raise ValueError("costs go with weight 'std_per_token', and only with it")
+    if weight not in ("uniform", "std", "std_per_token", "inverse_cost"):
+        raise ValueError(f"weight must be 'uniform', 'std', 'std_per_token' or 'inverse_cost', got {weight!r}")
+    if (weight in ("std_per_token", "inverse_cost")) != (costs is not None):
+        raise ValueError("costs go with weight 'std_per_token' or 'inverse_cost', and only with them")
     if costs is not None and (len(costs) != len(ids) or not all(c > 0 for c in costs)):
         raise ValueError("costs must be positive, one per id")
     if len(ids) != len(scores) or (groups is not None and len(groups) != len(ids)):
@@ -390,7 +391,10 @@ def draw_uncertain(ids: Sequence[str], scores: Sequence[StepScoresLike], params:
     keyed = []
     for pid in sorted(weights):
         u = rng.random()
-        w = 1.0 if weight == "uniform" else (top if weights[pid] is None else max(weights[pid], 1e-12))
+        if weight in ("uniform", "inverse_cost"):
+            w = 1.0
+        else:
+            w = top if weights[pid] is None else max(weights[pid], 1e-12)
         if cost_of:
             w /= cost_of[pid]
         keyed.append((-(math.log(u) / w if u > 0 else -math.inf), pid))  # log of u ** (1 / w): no underflow

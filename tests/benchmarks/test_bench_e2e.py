@@ -388,6 +388,14 @@ def test_the_active_arms_run_the_products_loop_with_labels_replayed(e2e, edu4, t
     filtered = e2e.filter_points(shards, recipe, 0, args, base)
     assert [p["arm"] for p in filtered] == ["filter", "filter-random"] and ("uncertainty", 1) in calls
     assert filtered[0]["problems"] <= 3 and filtered[1]["problems"] == filtered[0]["problems"]
+    # pick std_per_token brings its control: cost-random, the loop's draw by expected cost alone, trusting nothing
+    calls.clear()
+    args.selection = '{"calibrate_trusted_share": 0.5, "pick": "std_per_token"}'
+    points = e2e.active_points(shards, recipe, 0, args, base)
+    assert sorted({p["arm"] for p in points}) == ["actprm", "cost-random", "random"]
+    out = next((tmp_path / "active").glob("*-cost-random-*"))
+    rounds = loop_module.read_rounds(out)
+    assert rounds[1]["how"] == "uncertainty (inverse_cost draw)" and rounds[1]["confident"] == 0
 
 
 def test_the_active_arms_selection_is_the_flags_else_the_configs_else_the_papers(e2e):

@@ -235,6 +235,9 @@ def test_draw_by_std_per_token_prefers_the_cheaper_of_equally_unsure_trajectorie
     even = [draw_uncertain(ids, unsure, CODE, 1, seed=s, weight="std_per_token", costs=[1600.0, 400.0]).selected[0]
             for s in range(800)]
     assert 0.75 < even.count("cheap") / even.count("dear") < 1.33
+    blind = [draw_uncertain(ids, unsure, CODE, 1, seed=s, weight="inverse_cost", costs=[1600.0, 400.0]).selected[0]
+             for s in range(800)]  # the control ignores the std: the cheap one first about 4:1 again
+    assert 3.0 < blind.count("dear") / blind.count("cheap") < 5.5
     with pytest.raises(ValueError, match="costs go with"):
         draw_uncertain(ids, scores, CODE, 1, seed=0, weight="std_per_token")
     with pytest.raises(ValueError, match="positive"):
