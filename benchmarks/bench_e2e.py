@@ -99,6 +99,8 @@ ACTIVE_ARMS = ("actprm", "random")  # runs of the product's active loop in round
 STREAM_ARMS = ("stream-actprm", "stream-random", "stream-all")  # its streaming schedule (one point per batch)
 # The streaming gate that labels everything: no trajectory is confident at a std of at most 0.
 LABEL_ALL = {"delta_pred": 0.999999, "delta_std": 0.0}
+# The labellers the streaming arms can replay (--stream-labellers), with the suffix of their arms' names.
+STREAM_LABELLERS = {"edu": "", "edu-hard": "@hard", "truth": "@truth", "edu-flat": "@flat"}
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -380,7 +382,7 @@ def streaming_points(shards_of: dict[str, list], recipe: Recipe, seed: int, args
     for labeller in args.stream_labellers.split(","):
         shards = ([(relabelled(rows, math.inf), rec) for rows, rec in shards_of["edu"]] if labeller == "edu-hard"
                   else shards_of[labeller])
-        suffix = {"edu": "", "edu-hard": "@hard", "truth": "@truth", "edu-flat": "@flat"}[labeller]
+        suffix = STREAM_LABELLERS[labeller]
         for arm, selector, selection in (("stream-actprm", "uncertainty", gate), ("stream-random", "random", gate),
                                          ("stream-all", "uncertainty", LABEL_ALL)):
             active = {"schedule": "streaming", "batch_size": args.stream_batch, "selector": selector,
@@ -840,11 +842,11 @@ def run_world(world: str, base: dict[str, Any], args: argparse.Namespace, engine
     PROFILE["references"] += time.perf_counter() - t0
     points: list[dict[str, Any]] = []
     datasets: dict[str, dict[str, str]] = {}
+    ms_built = args.ms_list if args.ms_independent or not args.ms_list else [max(args.ms_list)]
+    flat = ["edu-flat"] if "streaming" in args.arm_list and "edu-flat" in args.stream_labellers.split(",") else []
     for s in args.seed_list:
         recipe.forget()
         shards_of: dict[str, list] = {}
-        ms_built = args.ms_list if args.ms_independent or not args.ms_list else [max(args.ms_list)]
-        flat = ["edu-flat"] if "streaming" in args.arm_list and "edu-flat" in args.stream_labellers.split(",") else []
         for labeller in ["truth", *[f"ms-{n}" for n in ms_built], "edu", *flat]:
             cfg = parse_config(labeller_config(base, world, labeller, s, args.problems), f"bench_e2e {labeller}")
             dataset = build_dataset(cfg, args.cache, engines.factory(world, cfg))
@@ -909,7 +911,7 @@ def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float],
              ("stream-actprm", "stream-random"), ("stream-actprm", "edu"),
              ("stream-actprm", "stream-all"), ("stream-random", "edu")]
     pairs += [("stream-actprm@flat", "edu"), ("stream-all@flat", "edu")]  # the flat labeller against EDU's trees
-    for suffix in ("@hard", "@truth", "@flat"):  # the other labellers' streaming arms, against their own labeller's
+    for suffix in list(STREAM_LABELLERS.values())[1:]:  # the other labellers' streaming arms, against their own
         pairs += [(f"stream-actprm{suffix}", f"stream-random{suffix}"),
                   (f"stream-actprm{suffix}", f"stream-all{suffix}")]
     present = {p["arm"] for p in points}
@@ -1013,7 +1015,7 @@ def main() -> None:
     args.eta_list = [float(e) for e in args.etas.split(",")]
     args.arm_list = args.arms.split(",")
     bad_arms = set(args.arm_list) - {"static", "rounds", "filter", "streaming"}
-    bad_labellers = set(args.stream_labellers.split(",")) - {"edu", "edu-hard", "truth", "edu-flat"}
+    bad_labellers = set(args.stream_labellers.split(",")) - set(STREAM_LABELLERS)
     if bad_arms or bad_labellers:
         raise SystemExit(f"unknown --arms {sorted(bad_arms)} or --stream-labellers {sorted(bad_labellers)}")
     worlds = args.worlds.split(",")
