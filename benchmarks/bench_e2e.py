@@ -911,7 +911,7 @@ def summarize(points: list[dict[str, Any]], seeds: list[int], etas: list[float],
              ("stream-actprm", "stream-random"), ("stream-actprm", "edu"),
              ("stream-actprm", "stream-all"), ("stream-random", "edu")]
     pairs += [("stream-actprm@flat", "edu"), ("stream-all@flat", "edu")]  # the flat labeller against EDU's trees
-    for suffix in list(STREAM_LABELLERS.values())[1:]:  # the other labellers' streaming arms, against their own
+    for suffix in [s for s in STREAM_LABELLERS.values() if s]:  # the other labellers' streaming arms, against theirs
         pairs += [(f"stream-actprm{suffix}", f"stream-random{suffix}"),
                   (f"stream-actprm{suffix}", f"stream-all{suffix}")]
     present = {p["arm"] for p in points}
